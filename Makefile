@@ -1,0 +1,35 @@
+# giftstream: every entry point a developer or CI needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+
+.PHONY: install install-dev run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(STAMP)
+
+$(DEVSTAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEVSTAMP)
+
+install: $(STAMP)
+
+install-dev: $(DEVSTAMP)
+
+run: $(STAMP)
+	$(BIN)/giftstream serve --demo
+
+test: $(DEVSTAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(DEVSTAMP)
+	$(BIN)/ruff check server protocol loadtest tests
+	$(BIN)/mypy protocol server
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

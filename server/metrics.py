@@ -1,0 +1,59 @@
+"""Prometheus metrics of one server, in a registry of its own (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
+
+_LUA_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """Every counter the server exports; one instance per server, handed to the parts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "giftstream_connections", "Open WebSocket connections", registry=r
+        )
+        self.rooms_live = Gauge("giftstream_rooms_live", "Live rooms on this node", registry=r)
+        self.gifts_settled = Counter(
+            "giftstream_gifts_settled", "Gifts debited and credited (replays excluded)", registry=r
+        )
+        self.coins_settled = Counter(
+            "giftstream_coins_settled", "Coins spent on settled gifts", registry=r
+        )
+        self.gift_replays = Counter(
+            "giftstream_gift_replays", "Gift requests answered from their idempotency key",
+            registry=r,
+        )
+        self.lua_seconds = Histogram(
+            "giftstream_lua_seconds", "Round trip of one money script call",
+            ["script"], buckets=_LUA_BUCKETS, registry=r,
+        )
+        self.broadcast_frames = Counter(
+            "giftstream_broadcast_frames", "Room frames encoded once and sent to every viewer",
+            registry=r,
+        )
+        self.broadcast_deliveries = Counter(
+            "giftstream_broadcast_deliveries", "Room frames written to a viewer", registry=r
+        )
+        self.slow_consumer_closes = Counter(
+            "giftstream_slow_consumer_closes", "Connections closed 4008 for unsent backlog",
+            registry=r,
+        )
+        self.errors = Counter(
+            "giftstream_errors", "Error replies sent, by protocol error code", ["code"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "giftstream_http_requests", "Internal API requests, by route and status",
+            ["route", "status"], registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

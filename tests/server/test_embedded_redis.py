@@ -1,0 +1,22 @@
+"""The embedded Redis starts on a free port, keeps its AOF in the data dir, and restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from server.embedded_redis import EmbeddedRedis
+
+
+def test_data_survives_a_clean_restart(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path) as first:
+        client = redis.Redis.from_url(first.url)
+        client.set("coins", 42)
+        client.close()
+    assert any(tmp_path.glob("appendonly*")), "AOF files live in the data dir"
+    with EmbeddedRedis(tmp_path) as second:
+        client = redis.Redis.from_url(second.url)
+        assert client.get("coins") == b"42"
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        client.close()
