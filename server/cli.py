@@ -1,0 +1,190 @@
+"""`giftstream serve | token | audit`: the command line, and nothing but turning arguments
+into settings and a clear one-line error when they are wrong."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from server.auth import Role, mint_token
+from server.catalog import CatalogError, load_catalog
+from server.config import (
+    ConfigError,
+    Settings,
+    add_options,
+    build_settings,
+    load_or_create_secret,
+    resolve,
+)
+from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError, running_embedded_url
+
+log = logging.getLogger("giftstream")
+
+DEMO_USERS = (
+    ("ann", "Ann", Role.VIEWER),
+    ("cara", "Cara", Role.CREATOR),
+    ("otto", "Otto (ops)", Role.OPS),
+)
+DEMO_PACKAGE = "coins_17500"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="giftstream", description="Real-time live-stream gifting server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    add_options(serve)
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="print ready-to-paste demo tokens and give the demo viewer coins",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("GIFTSTREAM_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+
+    token = commands.add_parser("token", help="print a client token signed with the server secret")
+    token.add_argument("--user", required=True, help="user id (the token's sub)")
+    token.add_argument("--name", help="display name (default: the user id)")
+    token.add_argument("--role", choices=[r.value for r in Role], default=Role.VIEWER.value)
+    token.add_argument("--minor", action="store_true", help="the user is not a verified adult")
+    token.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
+    add_options(token, only=("--data-dir", "--jwt-secret"))
+
+    audit = commands.add_parser("audit", help="replay the ledger and compare every wallet")
+    add_options(audit, only=("--data-dir", "--redis-url"))
+    audit.add_argument("--ledger-key", default="giftstream:ledger")
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        values = resolve(args)
+        if args.command == "serve":
+            return _serve(args, values)
+        if args.command == "token":
+            return _token(args, values)
+        return _audit(args, values)
+    except (ConfigError, CatalogError) as exc:
+        print(f"giftstream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    from server.app import StartupError, serve_until_signalled
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    catalog = load_catalog(values.get("catalog"))
+    settings = build_settings(values)
+    on_ready = _print_demo if args.demo else None
+    try:
+        uvloop.run(serve_until_signalled(settings, catalog, on_ready))
+    except StartupError as exc:
+        print(f"giftstream: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _print_demo(app: Any) -> None:
+    """Tokens for a viewer, a creator and an ops user, and coins for the viewer."""
+    from server.session import now_ms
+
+    settings: Settings = app.settings
+    package = app.catalog.packages.get(DEMO_PACKAGE) or next(iter(app.catalog.packages.values()))
+    await app.wallet.purchase(
+        receipt="demo-welcome-ann", user="ann", package=package, adult=True, now_ms=now_ms()
+    )
+    lines = [
+        "",
+        f"  giftstream is running. WebSocket: {app.ws_url}   admin API: {app.admin_url}",
+        "  Demo tokens (valid 24 h; `giftstream token --help` makes more):",
+    ]
+    for user, name, role in DEMO_USERS:
+        token = mint_token(settings.jwt_secret, user, name=name, role=role)
+        lines.append(f"    {role.value:8} {user:5} {token}")
+    lines += [
+        "  Connect (e.g. `python -m websockets " + app.ws_url + "`) and send:",
+        '    {"type":"hello","token":"<token>"}',
+        '    creator: {"type":"go_live","title":"Hello"}   viewer: {"type":"join","room":"cara"}',
+        '    viewer:  {"type":"gift","room":"cara","gift":"rose","count":1,"key":"my-first-rose"}',
+        "  Ctrl-C stops the server and its Redis.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    data_dir: Path = values["data_dir"]
+    secret = values.get("jwt_secret") or load_or_create_secret(data_dir, "jwt_secret")
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    try:
+        token = mint_token(
+            secret, args.user, name=args.name, role=Role(args.role),
+            adult=not args.minor, ttl_s=args.ttl,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(f"--user: {exc}") from exc
+    print(token)
+    return 0
+
+
+def _audit(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    """Audit the configured Redis; with none configured, the embedded one of the data dir
+    (the running server's, or started just for the audit when the server is down)."""
+    url = values.get("redis_url")
+    if url is not None:
+        return uvloop.run(_run_audit(url, args.ledger_key))
+    redis_dir = values["data_dir"] / "redis"
+    running = running_embedded_url(redis_dir)
+    if running is not None:
+        return uvloop.run(_run_audit(running, args.ledger_key))
+    if not redis_dir.is_dir():
+        raise ConfigError(f"no Redis configured and no embedded Redis data in {redis_dir}")
+    try:
+        with EmbeddedRedis(redis_dir) as embedded:
+            return uvloop.run(_run_audit(embedded.url, args.ledger_key))
+    except EmbeddedRedisError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+async def _run_audit(url: str, ledger_key: str) -> int:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from server.ledger import audit
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        report = await audit(client, ledger_key=ledger_key)
+    except (RedisError, OSError) as exc:
+        print(f"giftstream: error: cannot audit Redis at {url}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await client.aclose()
+    print(report.summary())
+    for breach in report.breaches:
+        print(f"BREACH: {breach}")
+    print("audit PASSED" if report.ok else f"audit FAILED: {len(report.breaches)} breaches")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Every setting of the server, read once at start from flags and environment and validated.
+
+A flag wins over its environment variable, which wins over the default. A bad value fails
+start-up with a `ConfigError` that names the option, never later at the first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the flag and the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection and per-room bounds; defaults suit a phone client on a real network."""
+
+    hello_timeout_s: float = 10.0
+    max_frame_bytes: int = 4096
+    messages_per_s: float = 30.0  # sustained request rate per connection
+    messages_burst: int = 60
+    gifts_per_s: float = 20.0  # sustained gift rate per connection
+    gifts_burst: int = 40
+    flood_strikes: int = 20  # refused/bad frames allowed in a burst before 4429
+    flood_strikes_per_s: float = 2.0  # how fast strikes are forgiven
+    max_backlog_bytes: int = 1 << 20  # unsent bytes before 4008
+    history_size: int = 1024  # room events kept for `since`
+    tick_s: float = 0.02  # fan-out batching window
+    viewers_interval_s: float = 1.0
+    stats_interval_s: float = 1.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    admin_port: int = 8766
+    redis_url: str | None = None  # None: start the embedded Redis
+    data_dir: Path = Path("data")
+    jwt_secret: str = ""
+    webhook_secret: str = ""
+    catalog: Path | None = None  # None: the bundled demo catalog
+    allowed_origins: tuple[str, ...] | None = None  # None: any origin
+    ledger_key: str = "giftstream:ledger"
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One `serve` option: its flag, environment variable, default and parser."""
+
+    flag: str
+    env: str
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return port
+
+
+def _redis_url(text: str) -> str:
+    if urlparse(text).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _secret(text: str) -> str:
+    if len(text) < 16:
+        raise ValueError("must be at least 16 characters")
+    return text
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    for origin in origins:
+        if urlparse(origin).scheme not in ("http", "https") or not urlparse(origin).netloc:
+            raise ValueError(f"{origin!r} is not an origin like https://example.com")
+    return origins
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text}")
+    return path
+
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("--host", "GIFTSTREAM_HOST", "127.0.0.1", str, "address to listen on"),
+    Option("--port", "GIFTSTREAM_PORT", "8765", _port, "WebSocket port (plus public GET pages)"),
+    Option("--admin-port", "GIFTSTREAM_ADMIN_PORT", "8766", _port, "internal HTTP API port"),
+    Option("--redis-url", "GIFTSTREAM_REDIS_URL", None, _redis_url,
+           "Redis to use (default: start an embedded redis-server in the data dir)"),
+    Option("--data-dir", "GIFTSTREAM_DATA_DIR", "./data", Path,
+           "embedded Redis files and generated secrets"),
+    Option("--jwt-secret", "GIFTSTREAM_JWT_SECRET", None, _secret,
+           "HS256 secret for client tokens (default: generated once into the data dir)"),
+    Option("--webhook-secret", "GIFTSTREAM_WEBHOOK_SECRET", None, _secret,
+           "HMAC secret of the internal API (default: generated once into the data dir)"),
+    Option("--catalog", "GIFTSTREAM_CATALOG", None, _existing_file,
+           "gift catalog TOML (default: the bundled demo catalog)"),
+    Option("--allowed-origins", "GIFTSTREAM_ALLOWED_ORIGINS", None, _origins,
+           "comma-separated Origin allow-list (default: any origin, with a warning)"),
+)  # fmt: skip
+
+
+def add_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add the options (all, or those named in `only`) to a sub-command's parser."""
+    for opt in SERVE_OPTIONS:
+        if only is None or opt.flag in only:
+            default = f" (env {opt.env}; default {opt.default or 'see above'})"
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, help=opt.help + default)
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Each option's value: the flag if given, else its variable, else its default, parsed."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for opt in SERVE_OPTIONS:
+        if not hasattr(args, opt.dest):
+            continue
+        raw = getattr(args, opt.dest)
+        source = opt.flag
+        if raw is None and env.get(opt.env):
+            raw, source = env[opt.env], opt.env
+        if raw is None:
+            raw, source = opt.default, "default"
+        if raw is None:
+            values[opt.dest] = None
+            continue
+        try:
+            values[opt.dest] = opt.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.flag} / {opt.env} = {raw!r} ({source}): {exc}") from exc
+    return values
+
+
+def load_or_create_secret(data_dir: Path, name: str) -> str:
+    """A secret kept in the data dir, created on first use, readable by its owner only."""
+    path = data_dir / name
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+        if secret:
+            return secret
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        secret = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secret + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+    return secret
+
+
+def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> Settings:
+    """Settings from resolved option values, generating secrets the user did not give."""
+    data_dir: Path = values.get("data_dir") or Path("data")
+    jwt_secret = values.get("jwt_secret") or load_or_create_secret(data_dir, "jwt_secret")
+    webhook_secret = values.get("webhook_secret") or load_or_create_secret(
+        data_dir, "webhook_secret"
+    )
+    return Settings(
+        host=values.get("host") or "127.0.0.1",
+        port=values.get("port", 8765) if values.get("port") is not None else 8765,
+        admin_port=values["admin_port"] if values.get("admin_port") is not None else 8766,
+        redis_url=values.get("redis_url"),
+        data_dir=data_dir,
+        jwt_secret=jwt_secret,
+        webhook_secret=webhook_secret,
+        catalog=values.get("catalog"),
+        allowed_origins=values.get("allowed_origins"),
+        limits=limits or Limits(),
+    )

@@ -1,0 +1,321 @@
+"""One WebSocket connection: its state machine, its limits, and one handler per request.
+
+    AWAITING_HELLO --valid hello--> READY --close/error--> CLOSED
+    AWAITING_HELLO --bad token / other first message--> CLOSED (4401)
+    AWAITING_HELLO --10 s pass--> CLOSED (4408)
+
+Every reply and event is written through the fan-out, never awaited, so a client's replies
+and its rooms' events reach it in the order they were produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from protocol.codec import decode_frame, encode_error, encode_reply
+from protocol.events import (
+    BalanceReply,
+    Ended,
+    GiftEvent,
+    GiftOk,
+    Left,
+    Live,
+    Pong,
+    Watching,
+    Welcome,
+)
+from protocol.messages import (
+    ClientMessage,
+    EndLive,
+    GetBalance,
+    GoLive,
+    Hello,
+    Join,
+    Leave,
+    Ping,
+    SendGift,
+    Watch,
+)
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from protocol.errors import CloseCode, ErrorCode, ProtocolError
+from server.auth import AuthError, Identity, verify_token
+from server.catalog import Catalog, Gift
+from server.config import Limits
+from server.fanout import Fanout
+from server.inflight import InFlight
+from server.metrics import Metrics
+from server.ops import OpsFeed
+from server.ratelimit import TokenBucket
+from server.rooms import Hub, Room
+from server.wallet import SettledGift, Wallet
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class Services:
+    """What a session needs from the server; built once by the app."""
+
+    limits: Limits
+    jwt_secret: str
+    catalog: Catalog
+    wallet: Wallet
+    hub: Hub
+    ops: OpsFeed
+    fanout: Fanout
+    metrics: Metrics
+    money: InFlight
+    draining: bool = False
+    connections: int = 0
+
+
+class State(Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class Session:
+    """Serves one connection from upgrade to close."""
+
+    def __init__(self, conn: ServerConnection, services: Services) -> None:
+        self.conn = conn
+        self.s = services
+        self.state = State.AWAITING_HELLO
+        self.identity: Identity | None = None
+        clock = time.monotonic()
+        limits = services.limits
+        self._messages = TokenBucket(limits.messages_per_s, limits.messages_burst, clock)
+        self._gifts = TokenBucket(limits.gifts_per_s, limits.gifts_burst, clock)
+        self._strikes = TokenBucket(limits.flood_strikes_per_s, limits.flood_strikes, clock)
+        self._handlers: dict[type[Any], Callable[[Any], Awaitable[Any]]] = {
+            Join: self.on_join,
+            Leave: self.on_leave,
+            SendGift: self.on_gift,
+            GetBalance: self.on_balance,
+            GoLive: self.on_go_live,
+            EndLive: self.on_end_live,
+            Watch: self.on_watch,
+            Ping: self.on_ping,
+            Hello: self.on_hello_again,
+        }
+
+    async def run(self) -> None:
+        metrics = self.s.metrics
+        metrics.connections.inc()
+        self.s.connections += 1
+        try:
+            if await self._authenticate():
+                async for frame in self.conn:
+                    await self._serve(frame)
+                    if self.state is State.CLOSED:
+                        break
+        except ConnectionClosed:
+            pass
+        finally:
+            self.state = State.CLOSED
+            self.s.hub.leave_all(self.conn)
+            self.s.ops.unwatch(self.conn)
+            metrics.connections.dec()
+            self.s.connections -= 1
+
+    # ---- hello ----------------------------------------------------------------------------
+
+    async def _authenticate(self) -> bool:
+        """Wait for a valid hello; on success send `welcome` and enter READY."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.s.limits.hello_timeout_s
+        while self.state is State.AWAITING_HELLO:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    frame = await self.conn.recv()
+            except TimeoutError:
+                await self._close(CloseCode.HELLO_TIMEOUT, "no hello in time")
+                return False
+            if not self._admit():
+                return False
+            try:
+                message = decode_frame(frame)
+            except ProtocolError as error:
+                self._refuse(error)
+                continue
+            if not isinstance(message, Hello):
+                await self._close(CloseCode.BAD_TOKEN, "the first message must be hello")
+                return False
+            try:
+                self.identity = verify_token(self.s.jwt_secret, message.token)
+            except AuthError as error:
+                await self._close(CloseCode.BAD_TOKEN, str(error)[:100])
+                return False
+            coins, diamonds = await self.s.wallet.balance(self.identity.user)
+            self.state = State.READY
+            welcome = Welcome(
+                user=self.identity.user,
+                name=self.identity.name,
+                coins=coins,
+                diamonds=diamonds,
+                ts=now_ms(),
+            )
+            self._write(encode_reply(welcome, message.id))
+        return self.state is State.READY
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def _serve(self, frame: str | bytes) -> None:
+        if not self._admit():
+            return
+        request_id = None
+        try:
+            message: ClientMessage = decode_frame(frame)
+            request_id = message.id
+            reply = await self._handlers[type(message)](message)
+            if reply is not None:  # None: the handler wrote its own reply
+                self._write(encode_reply(reply, request_id))
+        except ProtocolError as error:
+            self._refuse(error.with_request_id(request_id) if request_id is not None else error)
+        except ConnectionClosed:
+            raise
+        except Exception:
+            log.exception("request failed on %s", self.conn.remote_address)
+            self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error", request_id))
+
+    def _admit(self) -> bool:
+        """Take one message from the rate budget; over budget is refused, a flood closed."""
+        if self._messages.take(time.monotonic()):
+            return True
+        self._refuse(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down"))
+        return False
+
+    def _refuse(self, error: ProtocolError) -> None:
+        """Answer with the error; bad frames and rate-limited requests count as strikes."""
+        self.s.metrics.errors.labels(error.code.value).inc()
+        self._write(encode_error(error))
+        if error.code in (ErrorCode.BAD_REQUEST, ErrorCode.RATE_LIMITED):
+            if not self._strikes.take(time.monotonic()):
+                self.state = State.CLOSED
+                self._spawn_close(CloseCode.FLOOD, "too many bad or excess messages")
+
+    def _write(self, frame: bytes) -> None:
+        self.s.fanout.write(self.conn, frame)
+
+    async def _close(self, code: CloseCode, reason: str) -> None:
+        self.state = State.CLOSED
+        await self.conn.close(code, reason)
+
+    def _spawn_close(self, code: CloseCode, reason: str) -> None:
+        # closing waits for the peer's close frame; the handler must not block on it
+        asyncio.get_running_loop().create_task(self.conn.close(code, reason))
+
+    @property
+    def user(self) -> Identity:
+        assert self.identity is not None, "requests are served only after hello"
+        return self.identity
+
+    async def on_hello_again(self, message: Hello) -> Any:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "already authenticated")
+
+    async def on_ping(self, message: Ping) -> Pong:
+        return Pong(ts=now_ms())
+
+    async def on_balance(self, message: GetBalance) -> BalanceReply:
+        coins, diamonds = await self.s.wallet.balance(self.user.user)
+        return BalanceReply(coins=coins, diamonds=diamonds)
+
+    async def on_join(self, message: Join) -> None:
+        hub = self.s.hub
+        room = hub.rooms.get(message.room) or await hub.live_room(message.room)
+        joined, missed = hub.join(self.conn, room, message.since)
+        # written here, before any await, so no room flush can slip between them
+        self._write(encode_reply(joined, message.id))
+        if missed is not None:
+            self._write(missed)
+
+    async def on_leave(self, message: Leave) -> Left:
+        if not self.s.hub.leave(self.conn, message.room):
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"you have not joined room {message.room}")
+        return Left(room=message.room)
+
+    async def on_go_live(self, message: GoLive) -> Live:
+        if not self.user.can_go_live:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only creators can go live")
+        room = await self.s.hub.go_live(self.user.user, message.title, now_ms())
+        return Live(room=room.id)
+
+    async def on_end_live(self, message: EndLive) -> Ended:
+        if not self.user.can_go_live:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only creators can end a live")
+        room = await self.s.hub.end_live(self.user.user)
+        return Ended(room=room.id)
+
+    async def on_watch(self, message: Watch) -> Watching:
+        if not self.user.can_watch:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "only ops users can watch the ops feed")
+        self.s.ops.watch(self.conn, message.rooms)
+        return Watching(rooms=message.rooms)
+
+    async def on_gift(self, message: SendGift) -> GiftOk:
+        if not self._gifts.take(time.monotonic()):
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many gifts; slow down")
+        gift = self.s.catalog.gifts.get(message.gift)
+        if gift is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {message.gift} in the catalog")
+        hub = self.s.hub
+        room = hub.rooms.get(message.room) or await hub.live_room(message.room)
+        if not hub.is_member(self.conn, room.id):
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room.id} before gifting")
+        if room.creator == self.user.user:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "creators cannot gift their own room")
+        if self.s.draining:
+            raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down; retry the key")
+        settled = await self.s.money.run(self._settle(room, gift, message))
+        return GiftOk(
+            key=message.key, event=settled.event, coins=settled.coins, combo=settled.combo
+        )
+
+    async def _settle(self, room: Room, gift: Gift, message: SendGift) -> SettledGift:
+        """Debit and credit in one script, then queue the room's event: one unit of work that
+        a dropped connection cannot cut between the two."""
+        sender = self.user
+        settled = await self.s.wallet.send_gift(
+            sender=sender.user,
+            adult=sender.adult,
+            creator=room.creator,
+            room=room.id,
+            gift=gift,
+            count=message.count,
+            key=message.key,
+            now_ms=now_ms(),
+        )
+        if not settled.replayed:
+            self.s.ops.record_gift(gift.coins * message.count)
+            if self.s.hub.rooms.get(room.id) is room:
+                self.s.hub.publish(
+                    room,
+                    lambda seq: GiftEvent(
+                        room=room.id,
+                        seq=seq,
+                        event=settled.event,
+                        sender_id=sender.user,
+                        sender_name=sender.name,
+                        gift_id=gift.id,
+                        gift_name=gift.name,
+                        gift_coins=gift.coins,
+                        animation=gift.animation,
+                        count=message.count,
+                        combo=settled.combo,
+                        ts=settled.ts,
+                    ).as_dict(),
+                )
+        return settled
