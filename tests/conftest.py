@@ -3,13 +3,18 @@ port in a temp dir, and flushed before each test that asks for it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from server.app import App
+from server.catalog import Catalog, load_catalog
+from server.config import Limits, Settings
 from server.embedded_redis import EmbeddedRedis
+from tests.helpers import AdminClient, TokenMaker
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +48,57 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+# ---- a real server on free ports -------------------------------------------------------
+
+JWT_SECRET = "test-jwt-secret-0123456789abcdef"
+WEBHOOK_SECRET = "test-webhook-secret-0123456789ab"
+
+
+def make_settings(redis_url: str, data_dir: Path, **limits: Any) -> Settings:
+    """Settings for a test node: OS-chosen ports, fixed secrets, quick ticks."""
+    base = {"tick_s": 0.01, "viewers_interval_s": 0.2, "stats_interval_s": 0.2}
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        admin_port=0,
+        redis_url=redis_url,
+        data_dir=data_dir,
+        jwt_secret=JWT_SECRET,
+        webhook_secret=WEBHOOK_SECRET,
+        limits=Limits(**{**base, **limits}),
+    )
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return load_catalog()
+
+
+@pytest.fixture
+def make_app(redis_url: str, data_dir: Path, catalog: Catalog) -> Callable[..., App]:
+    """`async with make_app(**limits) as node`: a node with some limits changed."""
+
+    def factory(**limits: Any) -> App:
+        return App(make_settings(redis_url, data_dir, **limits), catalog)
+
+    return factory
+
+
+@pytest.fixture
+async def app(make_app: Callable[..., App]) -> AsyncIterator[App]:
+    """A running node on a flushed Redis; shut down in order after the test."""
+    async with make_app() as node:
+        yield node
+
+
+@pytest.fixture
+def tokens() -> TokenMaker:
+    return TokenMaker(JWT_SECRET)
+
+
+@pytest.fixture
+async def admin(app: App) -> AsyncIterator[AdminClient]:
+    async with AdminClient(app.admin_url, WEBHOOK_SECRET) as client:
+        yield client

@@ -1,0 +1,169 @@
+"""`giftstream serve | token | audit` as an operator runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+import redis
+
+from server.embedded_redis import free_port
+from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
+
+GIFTSTREAM = [sys.executable, "-m", "server.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GIFTSTREAM, *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+class ServerProcess:
+    """`giftstream serve` in a child process, ready when it logs its ready line."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.args = [
+            "serve", "--port", str(self.port), "--admin-port", str(self.admin_port),
+            "--data-dir", str(data_dir), "--jwt-secret", JWT_SECRET,
+            "--webhook-secret", WEBHOOK_SECRET, *extra,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+
+    def start(self, timeout: float = 20) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            [*GIFTSTREAM, *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise AssertionError("server exited at start:\n" + "".join(self.log))
+            self.log.append(line)
+            if "giftstream ready" in line:
+                return self
+        raise AssertionError("server not ready in time:\n" + "".join(self.log))
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.log.append(out)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server_proc(tmp_path: Path, redis_url: str) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "data", "--redis-url", redis_url).start()
+    yield proc
+    if proc.proc is not None and proc.proc.poll() is None:
+        proc.stop(signal.SIGKILL)
+
+
+def test_sigterm_closes_sockets_1001_and_exits_0(server_proc: ServerProcess) -> None:
+    from websockets.sync.client import connect
+
+    token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 60}, JWT_SECRET)
+    with connect(server_proc.ws_url) as ws:
+        ws.send('{"type":"hello","token":"%s"}' % token)
+        assert '"welcome"' in ws.recv(timeout=5)
+        assert server_proc.stop() == 0
+        with pytest.raises(Exception):
+            ws.recv(timeout=5)
+        assert ws.close_code == 1001
+    assert "giftstream stopped" in "".join(server_proc.log)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--port", "nope"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        ([], {"GIFTSTREAM_PORT": "x"}, "GIFTSTREAM_PORT"),
+        (["--redis-url", "http://localhost"], {}, "--redis-url"),
+        (["--jwt-secret", "short"], {}, "--jwt-secret"),
+        (["--catalog", "/nonexistent.toml"], {}, "--catalog"),
+        (["--allowed-origins", "not an origin"], {}, "--allowed-origins"),
+        (["--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach Redis"),
+    ],
+)
+def test_bad_start_is_one_clear_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    result = run_cli("serve", "--data-dir", str(tmp_path), "--port", "0", "--admin-port", "0",
+                     *args, env=env)  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and says in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_catalog_stops_start(tmp_path: Path) -> None:
+    catalog = tmp_path / "bad.toml"
+    catalog.write_text('[[gifts]]\nid = "rose"\nname = "Rose"\ncoins = 1.5\nanimation = "a"\n')
+    result = run_cli("serve", "--data-dir", str(tmp_path), "--catalog", str(catalog))
+    assert result.returncode != 0
+    assert "gifts[0].coins must be an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_flag_wins_over_environment(tmp_path: Path) -> None:
+    result = run_cli("serve", "--data-dir", str(tmp_path), "--port", "nope",
+                     env={"GIFTSTREAM_PORT": "8765"})  # fmt: skip
+    assert "--port" in result.stderr
+
+
+def test_token_command(tmp_path: Path) -> None:
+    result = run_cli("token", "--user", "kid", "--name", "Kid", "--role", "creator", "--minor",
+                     "--ttl", "60", "--jwt-secret", JWT_SECRET)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "kid" and claims["role"] == "creator" and claims["adult"] is False
+    assert claims["exp"] - claims["iat"] == 60
+    # without a secret it uses (and creates) the one in the data dir, as the server does
+    first = run_cli("token", "--user", "ann", "--data-dir", str(tmp_path))
+    secret = (tmp_path / "jwt_secret").read_text().strip()
+    assert jwt.decode(first.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "ann"
+    assert oct((tmp_path / "jwt_secret").stat().st_mode & 0o777) == "0o600"
+    bad = run_cli("token", "--user", "not valid!", "--data-dir", str(tmp_path))
+    assert bad.returncode != 0 and "--user" in bad.stderr
+
+
+def test_audit_passes_then_names_a_tampered_wallet(redis_url: str, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.server.workload import run_mixed_workload
+
+    asyncio.run(run_mixed_workload(redis_url, tmp_path / "data"))
+    passed = run_cli("audit", "--redis-url", redis_url)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "audit PASSED" in passed.stdout
+    client = redis.Redis.from_url(redis_url)
+    wallet_keys = sorted(client.scan_iter(match="giftstream:wallet:*"))
+    assert wallet_keys
+    client.hincrby(wallet_keys[0], "coins", 5)
+    client.close()
+    failed = run_cli("audit", "--redis-url", redis_url)
+    assert failed.returncode == 1
+    user = wallet_keys[0].decode().rsplit(":", 1)[-1]
+    assert user in failed.stdout and "BREACH" in failed.stdout
