@@ -1,0 +1,68 @@
+-- Settles one gift. Checks in the contract's order: the key (a replay answers with the first
+-- result, even at balance 0), debt, age, daily limit, balance. Then, and only then: ledger
+-- entry, debit, credit, key record (24 h), the day's spend, the combo.
+-- Reply: {'ok', event, sender coins after, combo, diamonds, ts} -- the first result on a
+-- replay -- or {refusal code, message}.
+local sender_wallet, creator_wallet, key_record = KEYS[1], KEYS[2], KEYS[3]
+local spent_key, combo_key, ledger = KEYS[4], KEYS[5], KEYS[6]
+local event, sender, creator, room, gift, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local count = int_arg(7, 1, 99)
+local coins = int_arg(8, 1, 99e9)  -- gift price (at most 1e9) times count
+local diamonds = int_arg(9, 0, coins)
+local adult = int_arg(10, 0, 1)
+local now = int_arg(11, 0, 2^50)
+local key_ttl, spent_ttl = int_arg(12, 1, 2^40), int_arg(13, 1, 2^40)
+local combo_gap, combo_ttl = int_arg(14, 1, 2^40), int_arg(15, 1, 2^40)
+
+local first = redis.call('HMGET', key_record, 'room', 'gift', 'count', 'event', 'coins', 'combo',
+  'diamonds', 'ts')
+if first[1] then
+  if first[1] ~= room or first[2] ~= gift or tonumber(first[3]) ~= count then
+    return {'key_reused', 'key ' .. key .. ' was already used for ' .. first[3] .. ' x ' ..
+      first[2] .. ' in room ' .. first[1]}
+  end
+  return {'ok', first[4], tonumber(first[5]), tonumber(first[6]), tonumber(first[7]),
+    tonumber(first[8])}
+end
+
+local debt = stored_int(sender_wallet, 'debt')
+if debt > 0 then
+  return {'debt', string.format('you owe %d coins from a refunded purchase; ' ..
+    'buy coins to settle it before gifting', debt)}
+end
+if adult ~= 1 then
+  return {'underage', 'paid gifts need a verified adult account'}
+end
+local spent = stored_int(spent_key)
+if redis.call('HEXISTS', sender_wallet, 'daily_limit') == 1 then
+  local limit = stored_int(sender_wallet, 'daily_limit')
+  if spent + coins > limit then
+    return {'spending_limit', string.format('this gift of %d coins would take today\'s spend ' ..
+      'to %d, past your daily limit of %d', coins, spent + coins, limit)}
+  end
+end
+local balance = stored_int(sender_wallet, 'coins')
+if balance < coins then
+  return {'insufficient_coins', string.format('this gift costs %d coins; you have %d',
+    coins, balance)}
+end
+stored_int(creator_wallet, 'diamonds')  -- a corrupt balance stops the script here, not midway
+local streak = redis.call('HMGET', combo_key, 'gift', 'combo', 'at')
+local combo = 1
+if streak[1] == gift and now - tonumber(streak[3]) < combo_gap then
+  combo = tonumber(streak[2]) + 1
+end
+
+append_ledger(ledger, 'event', event, 'kind', 'gift', 'ts', now, 'sender', sender,
+  'creator', creator, 'room', room, 'gift', gift, 'count', count, 'coins', coins,
+  'diamonds', diamonds, 'platform', coins - diamonds, 'key', key, 'combo', combo)
+local after = redis.call('HINCRBY', sender_wallet, 'coins', -coins)
+redis.call('HINCRBY', creator_wallet, 'diamonds', diamonds)
+redis.call('HSET', key_record, 'room', room, 'gift', gift, 'count', count, 'event', event,
+  'coins', after, 'combo', combo, 'diamonds', diamonds, 'ts', now)
+redis.call('PEXPIRE', key_record, key_ttl)
+redis.call('INCRBY', spent_key, coins)
+redis.call('PEXPIRE', spent_key, spent_ttl)
+redis.call('HSET', combo_key, 'gift', gift, 'combo', combo, 'at', now)
+redis.call('PEXPIRE', combo_key, combo_ttl)
+return {'ok', event, after, combo, diamonds, now}
