@@ -61,7 +61,10 @@ class App:
         settings = self.settings
         if self.redis_url is None:
             self.redis_url = await asyncio.to_thread(self._start_embedded_redis)
-        self.redis = aioredis.Redis.from_url(self.redis_url)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=settings.redis_pool_size, timeout=10
+        )
+        self.redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         self._stack.push_async_callback(self.redis.aclose)
         try:
             await self.redis.ping()

@@ -54,6 +54,7 @@ class Settings:
     catalog: Path | None = None  # None: the bundled demo catalog
     allowed_origins: tuple[str, ...] | None = None  # None: any origin
     ledger_key: str = "giftstream:ledger"
+    redis_pool_size: int = 64  # concurrent Redis calls; more wait for a free connection
     limits: Limits = field(default_factory=Limits)
 
 

@@ -271,18 +271,36 @@ class Session:
         gift = self.s.catalog.gifts.get(message.gift)
         if gift is None:
             raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {message.gift} in the catalog")
-        hub = self.s.hub
-        room = hub.rooms.get(message.room) or await hub.live_room(message.room)
-        if not hub.is_member(self.conn, room.id):
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room.id} before gifting")
-        if room.creator == self.user.user:
-            raise ProtocolError(ErrorCode.FORBIDDEN, "creators cannot gift their own room")
-        if self.s.draining:
-            raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down; retry the key")
-        settled = await self.s.money.run(self._settle(room, gift, message))
+        try:
+            room = self._giftable_room(message.room) or await self.s.hub.live_room(message.room)
+        except ProtocolError:
+            # A retry of a key settled before the room ended, or on a connection that has
+            # not joined yet, still gets its first `gift_ok` (one Redis read, refusals only).
+            settled = await self.s.wallet.settled_gift(
+                sender=self.user.user, key=message.key, room=message.room,
+                gift=message.gift, count=message.count,
+            )  # fmt: skip
+            if settled is None:
+                raise
+        else:
+            if self.s.draining:
+                raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down; retry")
+            settled = await self.s.money.run(self._settle(room, gift, message))
         return GiftOk(
             key=message.key, event=settled.event, coins=settled.coins, combo=settled.combo
         )
+
+    def _giftable_room(self, room_id: str) -> Room | None:
+        """The live room the sender may gift in; None when it is not live here; the
+        refusal when the sender has not joined it or is its creator."""
+        room = self.s.hub.rooms.get(room_id)
+        if room is None:
+            return None
+        if not self.s.hub.is_member(self.conn, room.id):
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"join room {room.id} before gifting")
+        if room.creator == self.user.user:
+            raise ProtocolError(ErrorCode.FORBIDDEN, "creators cannot gift their own room")
+        return room
 
     async def _settle(self, room: Room, gift: Gift, message: SendGift) -> SettledGift:
         """Debit and credit in one script, then queue the room's event: one unit of work that

@@ -256,6 +256,30 @@ class Wallet:
             settled,
         )  # fmt: skip
 
+    async def settled_gift(
+        self, *, sender: str, key: str, room: str, gift: str, count: int
+    ) -> SettledGift | None:
+        """The first result of a gift key already settled, or None. For the refusal path:
+        a retry must get its `gift_ok` even after the room has ended or been left."""
+        stored = await self._redis.hmget(
+            keys.gift_key(sender, key),
+            ["room", "gift", "count", "event", "coins", "combo", "diamonds", "ts"],
+        )
+        if stored[0] is None:
+            return None
+        if (_text(stored[0]), _text(stored[1]), _int(stored[2])) != (room, gift, count):
+            raise ProtocolError(ErrorCode.KEY_REUSED, f"key {key} was used for another gift")
+        if self._metrics is not None:
+            self._metrics.gift_replays.inc()
+        return SettledGift(
+            event=_text(stored[3]),
+            coins=_int(stored[4]),
+            combo=_int(stored[5]),
+            diamonds=_int(stored[6]),
+            ts=_int(stored[7]),
+            replayed=True,
+        )
+
     async def balance(self, user: str) -> tuple[int, int]:
         """(coins, diamonds); an unknown user has (0, 0)."""
         coins, diamonds = await self._redis.hmget(keys.wallet(user), ["coins", "diamonds"])

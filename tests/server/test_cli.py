@@ -165,5 +165,5 @@ def test_audit_passes_then_names_a_tampered_wallet(redis_url: str, tmp_path: Pat
     client.close()
     failed = run_cli("audit", "--redis-url", redis_url)
     assert failed.returncode == 1
-    user = wallet_keys[0].decode().rsplit(":", 1)[-1]
+    user = wallet_keys[0].decode().removeprefix("giftstream:wallet:")
     assert user in failed.stdout and "BREACH" in failed.stdout

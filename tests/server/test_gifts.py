@@ -216,3 +216,14 @@ async def test_200_concurrent_gifts_end_at_the_exact_balance(
             assert len({r["event"] for r in accepted}) == 140
             for client in [*clients, creator]:
                 await client.close()
+
+
+async def test_key_replayed_after_room_ended_still_answers(stage: Any) -> None:
+    ann = stage["ann"]
+    ok = await ann.request(gift("ended-replay-key"))
+    assert ok["type"] == "gift_ok"
+    await stage["creator"].request({"type": "end_live"})
+    assert await ann.request(gift("ended-replay-key")) == ok
+    assert (await ann.request(gift("ended-replay-key", count=2)))["code"] == "key_reused"
+    assert (await ann.request(gift("ended-fresh-key")))["code"] == "room_not_live"
+    assert (await ann.request({"type": "balance"}))["coins"] == 699
