@@ -95,6 +95,7 @@ class Session:
         self.s = services
         self.state = State.AWAITING_HELLO
         self.identity: Identity | None = None
+        self._close_with: tuple[CloseCode, str] | None = None  # set when a flood ends us
         clock = time.monotonic()
         limits = services.limits
         self._messages = TokenBucket(limits.messages_per_s, limits.messages_burst, clock)
@@ -122,6 +123,8 @@ class Session:
                     await self._serve(frame)
                     if self.state is State.CLOSED:
                         break
+            if self._close_with is not None:
+                await self.conn.close(*self._close_with)
         except ConnectionClosed:
             pass
         finally:
@@ -145,10 +148,13 @@ class Session:
                 await self._close(CloseCode.HELLO_TIMEOUT, "no hello in time")
                 return False
             if not self._admit():
-                return False
+                continue
             try:
                 message = decode_frame(frame)
             except ProtocolError as error:
+                if error.code is ErrorCode.UNAUTHORIZED:  # a hello without a usable token
+                    await self._close(CloseCode.BAD_TOKEN, error.message)
+                    return False
                 self._refuse(error)
                 continue
             if not isinstance(message, Hello):
@@ -205,7 +211,7 @@ class Session:
         if error.code in (ErrorCode.BAD_REQUEST, ErrorCode.RATE_LIMITED):
             if not self._strikes.take(time.monotonic()):
                 self.state = State.CLOSED
-                self._spawn_close(CloseCode.FLOOD, "too many bad or excess messages")
+                self._close_with = (CloseCode.FLOOD, "too many bad or excess messages")
 
     def _write(self, frame: bytes) -> None:
         self.s.fanout.write(self.conn, frame)
@@ -213,10 +219,6 @@ class Session:
     async def _close(self, code: CloseCode, reason: str) -> None:
         self.state = State.CLOSED
         await self.conn.close(code, reason)
-
-    def _spawn_close(self, code: CloseCode, reason: str) -> None:
-        # closing waits for the peer's close frame; the handler must not block on it
-        asyncio.get_running_loop().create_task(self.conn.close(code, reason))
 
     @property
     def user(self) -> Identity:

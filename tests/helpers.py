@@ -6,16 +6,19 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from server.auth import Role, mint_token
 
 Frame = dict[str, Any]
+T = TypeVar("T")
 ROOM_EVENT_TYPES = frozenset({"gift", "viewers", "room_ended"})
 
 
@@ -31,14 +34,18 @@ class TokenMaker:
 
 
 class WsClient:
-    """One client connection; keeps every frame it reads so tests can look back."""
+    """One client connection. A reader task files every frame as it arrives: room events
+    (batches unpacked) into `room_events`, everything else into `unread`, so that several
+    requests may wait on one connection at once."""
 
     _ids = itertools.count(1)
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
-        self.unread: list[Frame] = []  # frames read while waiting for something else
-        self.room_events: list[Frame] = []  # every room event seen, batches unpacked
+        self.unread: list[Frame] = []
+        self.room_events: list[Frame] = []
+        self._arrived = asyncio.Condition()
+        self._reader = asyncio.get_running_loop().create_task(self._read_all())
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> WsClient:
@@ -51,8 +58,47 @@ class WsClient:
         assert welcome["type"] == "welcome", welcome
         return client, welcome
 
+    async def _read_all(self) -> None:
+        try:
+            async for raw in self.conn:
+                frame: Frame = orjson.loads(raw)
+                kind = frame.get("type")
+                if kind == "batch":
+                    self.room_events.extend(frame["events"])
+                elif kind in ROOM_EVENT_TYPES:
+                    self.room_events.append(frame)
+                else:
+                    self.unread.append(frame)
+                async with self._arrived:
+                    self._arrived.notify_all()
+        except ConnectionClosed:
+            pass
+        finally:
+            async with self._arrived:
+                self._arrived.notify_all()
+
+    async def _wait_for(self, pick: Callable[[], T | None], timeout: float, what: str) -> T:
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                while True:
+                    found = pick()
+                    if found is not None:
+                        return found
+                    if self._reader.done():
+                        raise AssertionError(f"connection closed while waiting for {what}")
+                    await self._arrived.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {timeout}s; unread: {self.unread}") from None
+
+    def _take(self, match: Callable[[Frame], bool]) -> Frame | None:
+        for i, frame in enumerate(self.unread):
+            if match(frame):
+                return self.unread.pop(i)
+        return None
+
     async def close(self) -> None:
         await self.conn.close()
+        await self._reader
 
     async def send(self, message: Frame | str | bytes) -> None:
         if isinstance(message, dict):
@@ -60,75 +106,42 @@ class WsClient:
         else:
             await self.conn.send(message)
 
-    async def _read(self, timeout: float) -> Frame:
-        raw = await asyncio.wait_for(self.conn.recv(), timeout)
-        frame: Frame = orjson.loads(raw)
-        if frame.get("type") == "batch":
-            self.room_events.extend(frame["events"])
-        elif frame.get("type") in ROOM_EVENT_TYPES:
-            self.room_events.append(frame)
-        return frame
-
     async def next(self, timeout: float = 5.0) -> Frame:
-        """The next frame, unread ones first."""
-        if self.unread:
-            return self.unread.pop(0)
-        return await self._read(timeout)
+        """The oldest frame not yet taken (room events aside)."""
+        return await self._wait_for(lambda: self._take(lambda f: True), timeout, "frame")
 
     async def expect(self, kind: str, timeout: float = 5.0, **fields: Any) -> Frame:
         """The first frame of type `kind` (matching `fields`); others stay unread."""
-        for i, frame in enumerate(self.unread):
-            if frame.get("type") == kind and all(frame.get(k) == v for k, v in fields.items()):
-                return self.unread.pop(i)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            frame = await self._read(max(deadline - loop.time(), 0.001))
-            if frame.get("type") == kind and all(frame.get(k) == v for k, v in fields.items()):
-                return frame
-            self.unread.append(frame)
+
+        def match(frame: Frame) -> bool:
+            return frame.get("type") == kind and all(frame.get(k) == v for k, v in fields.items())
+
+        return await self._wait_for(lambda: self._take(match), timeout, f"{kind} {fields}")
 
     async def request(self, message: Frame, timeout: float = 5.0) -> Frame:
-        """Send with a fresh id and return the reply that echoes it."""
+        """Send with a fresh id and return the reply that echoes it (without the id)."""
         request_id = f"r{next(self._ids)}"
         await self.send({**message, "id": request_id})
-        for i, frame in enumerate(self.unread):
-            if frame.get("id") == request_id:
-                return self.unread.pop(i)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            frame = await self._read(max(deadline - loop.time(), 0.001))
-            if frame.get("id") == request_id:
-                frame.pop("id")
-                return frame
-            self.unread.append(frame)
+        reply = await self._wait_for(
+            lambda: self._take(lambda f: f.get("id") == request_id), timeout, f"reply to {message}"
+        )
+        reply.pop("id")
+        return reply
 
     async def wait_for_room_events(
         self, count: int, timeout: float = 5.0, kind: str | None = None
     ) -> list[Frame]:
-        """Read until `count` room events (of `kind`, if given) have been seen."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        """Every room event seen (of `kind`, if given), once there are at least `count`."""
 
-        def seen() -> list[Frame]:
-            return [e for e in self.room_events if kind is None or e["type"] == kind]
+        def seen() -> list[Frame] | None:
+            events = [e for e in self.room_events if kind is None or e["type"] == kind]
+            return events if len(events) >= count else None
 
-        while len(seen()) < count:
-            frame = await self._read(max(deadline - loop.time(), 0.001))
-            if frame.get("type") not in ROOM_EVENT_TYPES | {"batch"}:
-                self.unread.append(frame)
-        return seen()
+        return await self._wait_for(seen, timeout, f"{count} {kind or 'room'} events")
 
     async def closed_with(self, timeout: float = 5.0) -> int | None:
-        """Read until the server closes; the close code it sent."""
-        try:
-            async with asyncio.timeout(timeout):
-                async for _ in self.conn:
-                    pass
-        except Exception:  # noqa: BLE001 - ConnectionClosedError carries the code too
-            pass
-        await self.conn.wait_closed()
+        """Wait until the server closes; the close code it sent."""
+        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
         return self.conn.close_code
 
 

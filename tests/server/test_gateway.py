@@ -200,7 +200,7 @@ async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> Non
         creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
         await creator.request({"type": "go_live", "title": "t"})
         # a viewer whose socket never reads: tiny receive buffer, and we never call recv
-        slow = await WsClient.open(node.ws_url, max_queue=1, read_limit=1024)
+        slow = await WsClient.open(node.ws_url, max_queue=1)
         slow.conn.transport.pause_reading()
         await slow.send({"type": "hello", "token": tokens("sid")})
         await slow.send({"type": "join", "room": "cara"})

@@ -1,0 +1,197 @@
+"""Server events as typed values; `as_dict` gives the exact wire object, keys in the
+documented order. Room events become dicts once, when published, and stay dicts in the
+room's history so a tick encodes them together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.errors import ErrorCode
+
+PROTOCOL_VERSION = 1
+Wire = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    user: str
+    name: str
+    coins: int
+    diamonds: int
+    ts: int
+
+    def as_dict(self) -> Wire:
+        return {"type": "welcome", "user": self.user, "name": self.name, "coins": self.coins,
+                "diamonds": self.diamonds, "protocol": PROTOCOL_VERSION, "ts": self.ts}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    room: str
+    creator: str
+    title: str
+    viewers: int
+    seq: int
+    recovered: bool | None = None  # only for a join with `since`
+
+    def as_dict(self) -> Wire:
+        wire: Wire = {"type": "joined", "room": self.room, "creator": self.creator,
+                      "title": self.title, "viewers": self.viewers, "seq": self.seq}  # fmt: skip
+        if self.recovered is not None:
+            wire["recovered"] = self.recovered
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    room: str
+
+    def as_dict(self) -> Wire:
+        return {"type": "left", "room": self.room}
+
+
+@dataclass(frozen=True, slots=True)
+class GiftOk:
+    key: str
+    event: str
+    coins: int
+    combo: int
+
+    def as_dict(self) -> Wire:
+        return {"type": "gift_ok", "key": self.key, "event": self.event, "coins": self.coins,
+                "combo": self.combo}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceReply:
+    coins: int
+    diamonds: int
+
+    def as_dict(self) -> Wire:
+        return {"type": "balance", "coins": self.coins, "diamonds": self.diamonds}
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    room: str
+
+    def as_dict(self) -> Wire:
+        return {"type": "live", "room": self.room}
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    room: str
+
+    def as_dict(self) -> Wire:
+        return {"type": "ended", "room": self.room}
+
+
+@dataclass(frozen=True, slots=True)
+class Watching:
+    rooms: tuple[str, ...]
+
+    def as_dict(self) -> Wire:
+        return {"type": "watching", "rooms": list(self.rooms)}
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    ts: int
+
+    def as_dict(self) -> Wire:
+        return {"type": "pong", "ts": self.ts}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """`retryable` is an additive field: whether the same request may succeed later."""
+
+    code: ErrorCode
+    message: str
+
+    def as_dict(self) -> Wire:
+        return {"type": "error", "code": self.code.value, "message": self.message,
+                "retryable": self.code.retryable}  # fmt: skip
+
+
+# ---- room events (every viewer of the room) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GiftEvent:
+    room: str
+    seq: int
+    event: str
+    sender_id: str
+    sender_name: str
+    gift_id: str
+    gift_name: str
+    gift_coins: int
+    animation: str
+    count: int
+    combo: int
+    ts: int
+
+    def as_dict(self) -> Wire:
+        return {
+            "type": "gift", "room": self.room, "seq": self.seq, "event": self.event,
+            "sender": {"id": self.sender_id, "name": self.sender_name},
+            "gift": {"id": self.gift_id, "name": self.gift_name, "coins": self.gift_coins,
+                     "animation": self.animation},
+            "count": self.count, "combo": self.combo, "ts": self.ts,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ViewersEvent:
+    room: str
+    seq: int
+    count: int
+
+    def as_dict(self) -> Wire:
+        return {"type": "viewers", "room": self.room, "seq": self.seq, "count": self.count}
+
+
+@dataclass(frozen=True, slots=True)
+class RoomEnded:
+    room: str
+    seq: int
+
+    def as_dict(self) -> Wire:
+        return {"type": "room_ended", "room": self.room, "seq": self.seq}
+
+
+# ---- ops feed -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomOpened:
+    room: str
+    creator: str
+    title: str
+
+    def as_dict(self) -> Wire:
+        return {"type": "room_opened", "room": self.room, "creator": self.creator,
+                "title": self.title}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    ts: int
+    rooms: int
+    connections: int
+    gifts_per_s: float
+    coins_per_s: float
+
+    def as_dict(self) -> Wire:
+        return {"type": "stats", "ts": self.ts, "rooms": self.rooms,
+                "connections": self.connections, "gifts_per_s": self.gifts_per_s,
+                "coins_per_s": self.coins_per_s}  # fmt: skip
+
+
+ServerEvent = (
+    Welcome | Joined | Left | GiftOk | BalanceReply | Live | Ended | Watching | Pong
+    | ErrorReply | GiftEvent | ViewersEvent | RoomEnded | RoomOpened | Stats
+)  # fmt: skip

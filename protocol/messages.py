@@ -1,0 +1,249 @@
+"""Client requests as typed values, parsed and validated from a decoded JSON object.
+
+`parse_message` is the only way a request enters the server: every field is checked here
+and a failure is a `ProtocolError` with the code the client must see.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, TypeGuard
+
+from protocol.errors import ErrorCode, ProtocolError
+
+RequestId = str | int | None
+
+MAX_ID_CHARS = 64
+MAX_COUNT = 99
+MAX_TITLE_CHARS = 200
+MAX_TOKEN_CHARS = 4096
+MAX_WATCHED_ROOMS = 1000
+MAX_SINCE = 2**53
+ALL_ROOMS = "*"
+
+_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+class MessageType(StrEnum):
+    HELLO = "hello"
+    JOIN = "join"
+    LEAVE = "leave"
+    GIFT = "gift"
+    BALANCE = "balance"
+    GO_LIVE = "go_live"
+    END_LIVE = "end_live"
+    WATCH = "watch"
+    PING = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    type: ClassVar[MessageType] = MessageType.HELLO
+    token: str
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    type: ClassVar[MessageType] = MessageType.JOIN
+    room: str
+    since: int | None = None
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    type: ClassVar[MessageType] = MessageType.LEAVE
+    room: str
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendGift:
+    type: ClassVar[MessageType] = MessageType.GIFT
+    room: str
+    gift: str
+    count: int
+    key: str
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetBalance:
+    type: ClassVar[MessageType] = MessageType.BALANCE
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class GoLive:
+    type: ClassVar[MessageType] = MessageType.GO_LIVE
+    title: str = ""
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndLive:
+    type: ClassVar[MessageType] = MessageType.END_LIVE
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    type: ClassVar[MessageType] = MessageType.WATCH
+    rooms: tuple[str, ...]
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    type: ClassVar[MessageType] = MessageType.PING
+    id: RequestId = None
+
+
+ClientMessage = Hello | Join | Leave | SendGift | GetBalance | GoLive | EndLive | Watch | Ping
+
+
+def is_id(value: object) -> TypeGuard[str]:
+    """A user, room or gift id: 1-64 characters of [A-Za-z0-9_.:-]."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def is_integer(value: object) -> TypeGuard[int]:
+    """A JSON integer: not a bool, not a float (1.0 is refused), not a numeric string."""
+    return type(value) is int
+
+
+def parse_message(obj: dict[str, Any]) -> ClientMessage:
+    """The typed request `obj` carries, or the ProtocolError that refuses it."""
+    request_id = _request_id(obj.get("id"))
+    kind = obj.get("type")
+    parse = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parse is None:
+        if kind is None:
+            raise _bad("every message needs a string field `type`", request_id)
+        raise _bad(f"unknown message type {str(kind)[:64]!r}", request_id)
+    return parse(obj, request_id)
+
+
+def _request_id(value: object) -> RequestId:
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) <= MAX_ID_CHARS:
+        return value
+    if is_integer(value) and len(str(value)) <= MAX_ID_CHARS:
+        return value
+    raise _bad("`id` must be a string or an integer of at most 64 characters", None)
+
+
+def _bad(message: str, request_id: RequestId) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message, request_id)
+
+
+def _room(obj: dict[str, Any], request_id: RequestId) -> str:
+    room = obj.get("room")
+    if not is_id(room):
+        raise _bad("`room` must be 1-64 characters of [A-Za-z0-9_.:-]", request_id)
+    return room
+
+
+def _hello(obj: dict[str, Any], request_id: RequestId) -> Hello:
+    token = obj.get("token")
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "`token` must be a JWT string", request_id)
+    return Hello(token=token, id=request_id)
+
+
+def _join(obj: dict[str, Any], request_id: RequestId) -> Join:
+    room = _room(obj, request_id)
+    since = obj.get("since")
+    if since is not None and (not is_integer(since) or not 0 <= since <= MAX_SINCE):
+        raise _bad("`since` must be a non-negative integer seq", request_id)
+    return Join(room=room, since=since, id=request_id)
+
+
+def _leave(obj: dict[str, Any], request_id: RequestId) -> Leave:
+    return Leave(room=_room(obj, request_id), id=request_id)
+
+
+def _gift(obj: dict[str, Any], request_id: RequestId) -> SendGift:
+    room = _room(obj, request_id)
+    gift = obj.get("gift")
+    if not isinstance(gift, str):
+        raise _bad("`gift` must be a gift id string", request_id)
+    if not is_id(gift):
+        raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {gift[:64]!r}", request_id)
+    count = obj.get("count")
+    if not is_integer(count) or not 1 <= count <= MAX_COUNT:
+        raise ProtocolError(
+            ErrorCode.BAD_COUNT, f"`count` must be an integer from 1 to {MAX_COUNT}", request_id
+        )
+    key = obj.get("key")
+    if not isinstance(key, str) or _KEY.fullmatch(key) is None:
+        raise _bad("`key` must be 8-64 characters of [A-Za-z0-9_-]", request_id)
+    return SendGift(room=room, gift=gift, count=count, key=key, id=request_id)
+
+
+def _balance(obj: dict[str, Any], request_id: RequestId) -> GetBalance:
+    return GetBalance(id=request_id)
+
+
+def _go_live(obj: dict[str, Any], request_id: RequestId) -> GoLive:
+    title = obj.get("title", "")
+    if not isinstance(title, str) or len(title.strip()) > MAX_TITLE_CHARS:
+        raise _bad(f"`title` must be a string of at most {MAX_TITLE_CHARS} characters", request_id)
+    return GoLive(title=title.strip(), id=request_id)
+
+
+def _end_live(obj: dict[str, Any], request_id: RequestId) -> EndLive:
+    return EndLive(id=request_id)
+
+
+def _watch(obj: dict[str, Any], request_id: RequestId) -> Watch:
+    rooms = obj.get("rooms")
+    if (
+        not isinstance(rooms, list)
+        or not 1 <= len(rooms) <= MAX_WATCHED_ROOMS
+        or not all(room == ALL_ROOMS or is_id(room) for room in rooms)
+    ):
+        raise _bad('`rooms` must be a non-empty list of room ids or ["*"]', request_id)
+    return Watch(rooms=tuple(dict.fromkeys(rooms)), id=request_id)
+
+
+def _ping(obj: dict[str, Any], request_id: RequestId) -> Ping:
+    return Ping(id=request_id)
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
+    MessageType.HELLO: _hello,
+    MessageType.JOIN: _join,
+    MessageType.LEAVE: _leave,
+    MessageType.GIFT: _gift,
+    MessageType.BALANCE: _balance,
+    MessageType.GO_LIVE: _go_live,
+    MessageType.END_LIVE: _end_live,
+    MessageType.WATCH: _watch,
+    MessageType.PING: _ping,
+}
+
+__all__ = [
+    "ALL_ROOMS",
+    "ClientMessage",
+    "EndLive",
+    "GetBalance",
+    "GoLive",
+    "Hello",
+    "Join",
+    "Leave",
+    "MessageType",
+    "Ping",
+    "RequestId",
+    "SendGift",
+    "Watch",
+    "is_id",
+    "is_integer",
+    "parse_message",
+]
