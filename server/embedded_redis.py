@@ -86,7 +86,7 @@ class EmbeddedRedis:
         appendfsync: str = "everysec",
         binary: str | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server resolves paths after its chdir
         self.host = host
         self.port = port or free_port(host)
         self.appendfsync = appendfsync

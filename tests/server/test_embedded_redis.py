@@ -20,3 +20,12 @@ def test_data_survives_a_clean_restart(tmp_path: Path) -> None:
         assert client.get("coins") == b"42"
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
         client.close()
+
+
+def test_relative_data_dir_works(tmp_path: Path, monkeypatch) -> None:
+    """`make run` passes ./data; redis-server resolves paths after changing directory."""
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRedis(Path("data") / "redis") as embedded:
+        assert (tmp_path / "data" / "redis" / "redis.log").is_file()
+        assert (tmp_path / "data" / "redis" / "redis.url").read_text().strip() == embedded.url
+    assert not (tmp_path / "data" / "redis" / "redis.url").exists()
