@@ -228,9 +228,7 @@ class AdminServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.requested_port)
         await site.start()
-        server = site._server  # the bound socket tells the port when 0 was asked
-        if server is not None and getattr(server, "sockets", None):
-            self.port = int(server.sockets[0].getsockname()[1])
+        self.port = int(self.runner.addresses[0][1])  # the bound port, when 0 was asked
         return self
 
     async def __aexit__(

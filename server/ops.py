@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 
-from protocol.codec import encode
-from protocol.events import RoomOpened, Stats
 from websockets.asyncio.server import ServerConnection
 
+from protocol.codec import encode
+from protocol.events import RoomOpened, Stats
 from server.fanout import Fanout
 
 ALL_ROOMS = "*"

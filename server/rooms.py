@@ -14,6 +14,7 @@ server resumes from that bound, so a client's `since` is either recovered or ans
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from protocol.codec import encode_room_frame
-from protocol.events import Joined, RoomEnded, ViewersEvent
 from websockets.asyncio.server import ServerConnection
 
+from protocol.codec import encode_room_frame
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.events import Joined, RoomEnded, ViewersEvent
 from server.fanout import Fanout
 from server.metrics import Metrics
 from server.ops import OpsFeed
@@ -39,6 +40,14 @@ Event = dict[str, Any]
 
 def room_key(room_id: str) -> str:
     return f"giftstream:room:{room_id}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _viewers_event(room_id: str, count: int, seq: int) -> Event:
+    return ViewersEvent(room=room_id, seq=seq, count=count).as_dict()
 
 
 @dataclass(eq=False, slots=True)
@@ -81,13 +90,13 @@ class Hub:
 
     async def restore(self) -> int:
         """Load the rooms Redis says are live (after a restart); returns how many."""
-        room_ids = sorted(m.decode() for m in await self.redis.smembers(LIVE_ROOMS_KEY))
+        room_ids = sorted(_text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
                 pipe.hgetall(room_key(room_id))
             records = await pipe.execute()
         for room_id, raw in zip(room_ids, records, strict=True):
-            record = {k.decode(): v.decode() for k, v in raw.items()}
+            record = {_text(k): _text(v) for k, v in raw.items()}
             if record.get("live") != "1":
                 continue
             reserved = int(record.get("seq_reserved", "0"))
@@ -240,12 +249,7 @@ class Hub:
             count = len(room.viewers)
             if count != room.viewers_announced:
                 room.viewers_announced = count
-                self.publish(
-                    room,
-                    lambda seq, r=room, n=count: ViewersEvent(
-                        room=r.id, seq=seq, count=n
-                    ).as_dict(),
-                )
+                self.publish(room, functools.partial(_viewers_event, room.id, count))
 
     async def flush(self) -> None:
         """Send every room's queued events, one frame per room."""

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
 from protocol.codec import decode_frame, encode_error, encode_reply
+from protocol.errors import CloseCode, ErrorCode, ProtocolError
 from protocol.events import (
     BalanceReply,
     Ended,
@@ -42,10 +46,6 @@ from protocol.messages import (
     SendGift,
     Watch,
 )
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-
-from protocol.errors import CloseCode, ErrorCode, ProtocolError
 from server.auth import AuthError, Identity, verify_token
 from server.catalog import Catalog, Gift
 from server.config import Limits

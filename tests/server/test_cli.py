@@ -13,6 +13,7 @@ from pathlib import Path
 import jwt
 import pytest
 import redis
+from websockets.exceptions import ConnectionClosed
 
 from server.embedded_redis import free_port
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
@@ -20,7 +21,9 @@ from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 GIFTSTREAM = [sys.executable, "-m", "server.cli"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*GIFTSTREAM, *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
@@ -85,10 +88,10 @@ def test_sigterm_closes_sockets_1001_and_exits_0(server_proc: ServerProcess) -> 
 
     token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 60}, JWT_SECRET)
     with connect(server_proc.ws_url) as ws:
-        ws.send('{"type":"hello","token":"%s"}' % token)
+        ws.send(f'{{"type":"hello","token":"{token}"}}')
         assert '"welcome"' in ws.recv(timeout=5)
         assert server_proc.stop() == 0
-        with pytest.raises(Exception):
+        with pytest.raises(ConnectionClosed):
             ws.recv(timeout=5)
         assert ws.close_code == 1001
     assert "giftstream stopped" in "".join(server_proc.log)

@@ -211,8 +211,9 @@ async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> Non
         for round_ in range(400):
             room = node.hub.rooms["cara"]
             for _ in range(20):
-                node.hub.publish(room, lambda seq: {"type": "viewers", "room": "cara",
-                                                    "seq": seq, "count": round_, "pad": "x" * 2000})
+                node.hub.publish(room, lambda seq, n=round_: {"type": "viewers", "room": "cara",
+                                                              "seq": seq, "count": n,
+                                                              "pad": "x" * 2000})
             await node.hub.flush()
             if node.metrics.slow_consumer_closes._value.get() > closes_before:
                 break

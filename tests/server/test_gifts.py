@@ -209,9 +209,9 @@ async def test_200_concurrent_gifts_end_at_the_exact_balance(
             refused = [r for r in replies if r["type"] == "error"]
             assert {r["code"] for r in refused} <= {"insufficient_coins"}
             assert len(accepted) == 140  # 700 coins / 5 per heart
-            status, wallet = await admin.call("GET", "/v1/wallets/ann")
+            _, wallet = await admin.call("GET", "/v1/wallets/ann")
             assert wallet["coins"] == 0
-            status, wallet = await admin.call("GET", "/v1/wallets/cara")
+            _, wallet = await admin.call("GET", "/v1/wallets/cara")
             assert wallet["diamonds"] == sum(5 * 5000 // 10000 for _ in accepted)
             assert len({r["event"] for r in accepted}) == 140
             for client in [*clients, creator]:
