@@ -39,6 +39,7 @@ class Limits:
     stats_interval_s: float = 1.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
+    close_timeout_s: float = 5.0  # a peer that does not answer our close frame is cut off
     shutdown_grace_s: float = 10.0
 
 

@@ -53,6 +53,7 @@ class Gateway:
             compression=None,  # frames are encoded once and sent as-is to every viewer
             ping_interval=limits.ping_interval_s,
             ping_timeout=limits.ping_timeout_s,
+            close_timeout=limits.close_timeout_s,
             server_header="giftstream",
         )
         return self

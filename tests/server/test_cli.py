@@ -171,3 +171,30 @@ def test_audit_passes_then_names_a_tampered_wallet(redis_url: str, tmp_path: Pat
     assert failed.returncode == 1
     user = wallet_keys[0].decode().removeprefix("giftstream:wallet:")
     assert user in failed.stdout and "BREACH" in failed.stdout
+
+
+def test_audit_of_the_embedded_redis_running_or_not(tmp_path: Path) -> None:
+    """No --redis-url: audit the data dir's own Redis, the server's while it runs, else one
+    started just for the audit."""
+    import asyncio
+
+    from tests.helpers import AdminClient
+
+    data_dir = tmp_path / "data"
+    proc = ServerProcess(data_dir).start()
+    try:
+
+        async def buy() -> None:
+            async with AdminClient(proc.admin_url, WEBHOOK_SECRET) as admin:
+                await admin.buy("ann", "coins_70", receipt="audit-embedded-1")
+
+        asyncio.run(buy())
+        running = run_cli("audit", "--data-dir", str(data_dir))
+        assert running.returncode == 0 and "audit PASSED" in running.stdout, running.stderr
+    finally:
+        assert proc.stop() == 0
+    stopped = run_cli("audit", "--data-dir", str(data_dir))
+    assert stopped.returncode == 0 and "audit PASSED" in stopped.stdout, stopped.stderr
+    assert stopped.stdout.startswith("1 ledger entries")
+    empty = run_cli("audit", "--data-dir", str(tmp_path / "nothing-here"))
+    assert empty.returncode == 2 and "no embedded Redis data" in empty.stderr

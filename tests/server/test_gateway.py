@@ -233,3 +233,18 @@ async def test_shutdown_closes_sockets_1001(make_app: Callable[..., App]) -> Non
     client, _ = await WsClient.login(node.ws_url, TokenMaker(JWT_SECRET)("ann"))
     await node.shutdown()
     assert await client.closed_with() == 1001
+
+
+async def test_keepalive_pings_drop_a_dead_peer(make_app: Callable[..., App]) -> None:
+    async with make_app(ping_interval_s=0.2, ping_timeout_s=0.3, close_timeout_s=0.3) as node:
+        tokens = TokenMaker(JWT_SECRET)
+        alive, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        dead, _ = await WsClient.login(node.ws_url, tokens("bob"))
+        dead.conn.transport.pause_reading()  # a phone gone out of coverage: no pong
+        for _ in range(50):
+            if node.services.connections == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert node.services.connections == 1
+        assert (await alive.request({"type": "ping"}))["type"] == "pong"
+        await alive.close()
