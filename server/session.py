@@ -87,6 +87,14 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# The only moves a connection makes; any other is a bug and fails loudly.
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.AWAITING_HELLO: frozenset({State.READY, State.CLOSED}),
+    State.READY: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset({State.CLOSED}),
+}
+
+
 class Session:
     """Serves one connection from upgrade to close."""
 
@@ -128,7 +136,7 @@ class Session:
         except ConnectionClosed:
             pass
         finally:
-            self.state = State.CLOSED
+            self._enter(State.CLOSED)
             self.s.hub.leave_all(self.conn)
             self.s.ops.unwatch(self.conn)
             metrics.connections.dec()
@@ -166,7 +174,7 @@ class Session:
                 await self._close(CloseCode.BAD_TOKEN, str(error)[:100])
                 return False
             coins, diamonds = await self.s.wallet.balance(self.identity.user)
-            self.state = State.READY
+            self._enter(State.READY)
             welcome = Welcome(
                 user=self.identity.user,
                 name=self.identity.name,
@@ -210,14 +218,19 @@ class Session:
         self._write(encode_error(error))
         if error.code in (ErrorCode.BAD_REQUEST, ErrorCode.RATE_LIMITED):
             if not self._strikes.take(time.monotonic()):
-                self.state = State.CLOSED
+                self._enter(State.CLOSED)
                 self._close_with = (CloseCode.FLOOD, "too many bad or excess messages")
 
     def _write(self, frame: bytes) -> None:
         self.s.fanout.write(self.conn, frame)
 
+    def _enter(self, state: State) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"connection cannot go from {self.state.name} to {state.name}")
+        self.state = state
+
     async def _close(self, code: CloseCode, reason: str) -> None:
-        self.state = State.CLOSED
+        self._enter(State.CLOSED)
         await self.conn.close(code, reason)
 
     @property
