@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,72 +11,15 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from server.embedded_redis import free_port
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
-
-GIFTSTREAM = [sys.executable, "-m", "server.cli"]
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*GIFTSTREAM, *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
-
-
-class ServerProcess:
-    """`giftstream serve` in a child process, ready when it logs its ready line."""
-
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.args = [
-            "serve", "--port", str(self.port), "--admin-port", str(self.admin_port),
-            "--data-dir", str(data_dir), "--jwt-secret", JWT_SECRET,
-            "--webhook-secret", WEBHOOK_SECRET, *extra,
-        ]  # fmt: skip
-        self.proc: subprocess.Popen[str] | None = None
-        self.log: list[str] = []
-
-    def start(self, timeout: float = 20) -> ServerProcess:
-        self.proc = subprocess.Popen(
-            [*GIFTSTREAM, *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise AssertionError("server exited at start:\n" + "".join(self.log))
-            self.log.append(line)
-            if "giftstream ready" in line:
-                return self
-        raise AssertionError("server not ready in time:\n" + "".join(self.log))
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.log.append(out)
-        return self.proc.returncode
+from tests.processes import ServerProcess, run_cli
 
 
 @pytest.fixture
 def server_proc(tmp_path: Path, redis_url: str) -> Iterator[ServerProcess]:
     proc = ServerProcess(tmp_path / "data", "--redis-url", redis_url).start()
     yield proc
-    if proc.proc is not None and proc.proc.poll() is None:
-        proc.stop(signal.SIGKILL)
+    proc.kill()
 
 
 def test_sigterm_closes_sockets_1001_and_exits_0(server_proc: ServerProcess) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from server.app import App
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.helpers import AdminClient, TokenMaker, WsClient
-from tests.server.test_cli import ServerProcess
+from tests.processes import ServerProcess
 
 
 async def test_restart_keeps_rooms_live_and_seq_moving_forward(
