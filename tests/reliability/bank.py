@@ -194,7 +194,7 @@ async def verify(redis_url: str, record: BankRecord, coins_bought: int) -> Verdi
     events = {(e.data["sender"], e.data["key"]): e.event for e in gifts}
     breaches = list(report.breaches)
     if report.coins_purchased != coins_bought:
-        breaches.append(f"ledger has {report.coins_purchased} coins purchased, {coins_bought} bought")
+        breaches.append(f"ledger: {report.coins_purchased} coins purchased; {coins_bought} bought")
     held_and_spent = report.coins_held + report.coins_spent + report.coins_refunded
     if report.coins_purchased - report.debt_repaid != held_and_spent:
         breaches.append(

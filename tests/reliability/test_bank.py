@@ -44,7 +44,8 @@ async def bank_run(
     senders = [Sender(f"rich{i}", lambda: server.ws_url, tokens, CREATORS, record,
                       random.Random(rng.random())) for i in range(RICH)]  # fmt: skip
     senders += [Sender(f"poor{i}", lambda: server.ws_url, tokens, CREATORS, record,
-                       random.Random(rng.random()), connections=3) for i in range(POOR)]  # fmt: skip
+                       random.Random(rng.random()), connections=3)
+                for i in range(POOR)]  # fmt: skip
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + seconds
     work = [asyncio.create_task(s.run(stop_at, stop_at + 30, max_bursts=10_000)) for s in senders]
