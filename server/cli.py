@@ -62,6 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
     add_options(token, only=("--data-dir", "--jwt-secret"))
 
+    relay = commands.add_parser("relay", help="forward the ledger to NATS JetStream")
+    relay.add_argument(
+        "--nats",
+        default=os.environ.get("GIFTSTREAM_NATS_URL"),
+        help="NATS URL, e.g. nats://127.0.0.1:4222 (env GIFTSTREAM_NATS_URL)",
+    )
+    relay.add_argument("--stream", default="GIFTSTREAM_LEDGER", help="JetStream stream name")
+    relay.add_argument(
+        "--subject-prefix", default="giftstream.ledger", help="subjects are PREFIX.<kind>"
+    )
+    relay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    relay.add_argument("--status", action="store_true", help="print the relay's lag and exit")
+    relay.add_argument("--ledger-key", default="giftstream:ledger")
+    relay.add_argument(
+        "--log-level",
+        default=os.environ.get("GIFTSTREAM_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    add_options(relay, only=("--data-dir", "--redis-url"))
+
     audit = commands.add_parser("audit", help="replay the ledger and compare every wallet")
     add_options(audit, only=("--data-dir", "--redis-url"))
     audit.add_argument("--ledger-key", default="giftstream:ledger")
@@ -77,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, values)
         if args.command == "token":
             return _token(args, values)
+        if args.command == "relay":
+            return _relay(args, values)
         return _audit(args, values)
     except (ConfigError, CatalogError) as exc:
         print(f"giftstream: error: {exc}", file=sys.stderr)
@@ -144,6 +166,24 @@ def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
         raise ConfigError(f"--user: {exc}") from exc
     print(token)
     return 0
+
+
+def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    from server.relay import RelayConfig, print_status, run_relay
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url = values.get("redis_url") or running_embedded_url(values["data_dir"] / "redis")
+    if url is None:
+        raise ConfigError("no --redis-url, and no embedded Redis running in the data dir")
+    if args.status:
+        return uvloop.run(print_status(url, args.ledger_key))
+    if not args.nats:
+        raise ConfigError("--nats / GIFTSTREAM_NATS_URL is required, e.g. nats://127.0.0.1:4222")
+    config = RelayConfig(nats_url=args.nats, ledger_key=args.ledger_key, stream=args.stream,
+                         subject_prefix=args.subject_prefix)  # fmt: skip
+    return uvloop.run(run_relay(url, config, args.metrics_port))
 
 
 def _audit(args: argparse.Namespace, values: dict[str, Any]) -> int:
