@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import pytest
 import redis.asyncio as aioredis
@@ -249,7 +250,9 @@ def test_kill_9_relay_process_many_times(
         kills += 1
     status = run_cli("relay", "--status", "--redis-url", redis_url)
     assert status.returncode == 0 and '"entries"' in status.stdout
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics_port = free_port()
+    proc = subprocess.Popen([*command, "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
 
         async def check() -> None:
@@ -257,6 +260,13 @@ def test_kill_9_relay_process_many_times(
             await wait_until_relayed(client, 60)
             assert_exactly_once(await ledger_events(client), await jetstream_messages(relay_config))
             await client.aclose()
+            await asyncio.sleep(0.5)  # the lag gauge is refreshed when the relay is idle
+            async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{metrics_port}/metrics"
+            ) as response:
+                text = await response.text()
+            assert "giftstream_relay_lag_entries 0.0" in text
+            assert "giftstream_relay_oldest_age_seconds 0.0" in text
 
         asyncio.run(check())
     finally:
