@@ -27,7 +27,7 @@ from websockets.asyncio.server import ServerConnection
 from protocol.codec import encode_room_frame
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.events import Joined, RoomEnded, ViewersEvent
-from server.fanout import Fanout
+from server.fanout import Fanout, text_frame
 from server.metrics import Metrics
 from server.ops import OpsFeed
 
@@ -270,14 +270,14 @@ class Hub:
             if not room.outbox:
                 continue
             events, room.outbox = room.outbox, []
-            frame = encode_room_frame(events)
+            frame = text_frame(encode_room_frame(events))  # encoded and framed once
             for event in events:
                 room.history.append((event["seq"], event))
             room.flushed_seq = events[-1]["seq"]
-            self.fanout.deliver(room.viewers, frame)
+            self.fanout.send(room.viewers, frame)
             if self.ops.has_watchers:
                 watchers = [w for w in self.ops.watchers_of(room.id) if w not in room.viewers]
-                self.fanout.deliver(watchers, frame)
+                self.fanout.send(watchers, frame)
             self.metrics.broadcast_frames.inc()
 
     async def _reserve_seqs(self, rooms: list[Room]) -> None:
