@@ -1,4 +1,8 @@
-"""Frames to requests and events to frames: the only place JSON meets the wire."""
+"""Frames to requests and events to frames: the only place JSON meets the wire.
+
+These run once per message, so they stay lean: one size check, one `orjson` call, no
+copies beyond the reply's `id`.
+"""
 
 from __future__ import annotations
 
@@ -12,44 +16,72 @@ from protocol.events import ErrorReply, ServerEvent
 from protocol.messages import ClientMessage, RequestId, parse_message
 
 MAX_FRAME_BYTES = 4096
+BATCH = "batch"
+
+# A str's UTF-8 size is at least its length and at most 4x: below this many characters
+# no frame can be over the limit, so the common small frame is never encoded to measure.
+_ALWAYS_FITS_CHARS = MAX_FRAME_BYTES // 4
 
 
 def decode_frame(frame: str | bytes) -> ClientMessage:
-    """The request a text frame carries; `ProtocolError(bad_request)` for anything else."""
+    """The request a text frame carries; `ProtocolError(bad_request)` for anything else.
+
+    Nothing but a `ProtocolError` escapes, whatever the client sends.
+    """
     if not isinstance(frame, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "binary frames are not accepted; send text")
-    # a str's UTF-8 size is at least its length and at most 4x: check cheaply first
-    if len(frame) > MAX_FRAME_BYTES or (
-        len(frame) * 4 > MAX_FRAME_BYTES and len(frame.encode()) > MAX_FRAME_BYTES
-    ):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame is over {MAX_FRAME_BYTES} bytes")
+    if len(frame) > _ALWAYS_FITS_CHARS:
+        if len(frame) > MAX_FRAME_BYTES:
+            raise _too_large()
+        try:
+            size = len(frame.encode())
+        except UnicodeEncodeError:  # lone surrogates: no UTF-8 client could have sent it
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8") from None
+        if size > MAX_FRAME_BYTES:
+            raise _too_large()
     try:
         obj = orjson.loads(frame)
-    except (orjson.JSONDecodeError, UnicodeError, ValueError, TypeError):
+    except (ValueError, TypeError):  # orjson.JSONDecodeError is a ValueError
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
     return parse_message(obj)
 
 
+def _too_large() -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.BAD_REQUEST, f"frame is larger than {MAX_FRAME_BYTES} bytes of UTF-8"
+    )
+
+
 def encode(event: ServerEvent) -> bytes:
+    """An event as one frame's JSON, for events that answer no request."""
     return orjson.dumps(event.as_dict())
 
 
 def encode_reply(event: ServerEvent, request_id: RequestId) -> bytes:
     """The reply to a request: the event with the request's `id` echoed after `type`."""
-    if request_id is None:
-        return orjson.dumps(event.as_dict())
     wire = event.as_dict()
-    return orjson.dumps({"type": wire.pop("type"), "id": request_id, **wire})
+    if request_id is None:
+        return orjson.dumps(wire)
+    # a duplicate key in a dict display keeps its first position: type, id, then the rest
+    return orjson.dumps({"type": wire["type"], "id": request_id, **wire})
 
 
 def encode_error(error: ProtocolError) -> bytes:
+    """The `error` reply for `error`, echoing the id of the request it refuses."""
     return encode_reply(ErrorReply(code=error.code, message=error.message), error.request_id)
 
 
 def encode_room_frame(events: Sequence[dict[str, Any]]) -> bytes:
-    """One frame for a tick's room events: the event alone, or a `batch` in order."""
+    """One frame for a tick's room events: the event alone, or a `batch` in order.
+
+    An empty tick has no frame; asking for one is a bug in the caller, so it fails loudly.
+    """
     if len(events) == 1:
         return orjson.dumps(events[0])
-    return orjson.dumps({"type": "batch", "events": events})
+    if not events:
+        raise ValueError("a room frame needs at least one event")
+    if not isinstance(events, list | tuple):  # orjson serializes only these sequences
+        events = list(events)
+    return orjson.dumps({"type": BATCH, "events": events})

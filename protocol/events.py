@@ -1,6 +1,9 @@
 """Server events as typed values; `as_dict` gives the exact wire object, keys in the
-documented order. Room events become dicts once, when published, and stay dicts in the
-room's history so a tick encodes them together."""
+documented order (PROTOCOL.md §2).
+
+Room events become dicts once, when published, and stay dicts in the room's history so a
+tick encodes them together (`codec.encode_room_frame`).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ from typing import Any
 
 from protocol.errors import ErrorCode
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1  # the `protocol` field of `welcome`
 Wire = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """The reply to `hello`: who the token says the client is, and its balances."""
+
     user: str
     name: str
     coins: int
@@ -28,6 +33,8 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Joined:
+    """The reply to `join`; `recovered` only answers a join with `since` (else omitted)."""
+
     room: str
     creator: str
     title: str
@@ -53,6 +60,8 @@ class Left:
 
 @dataclass(frozen=True, slots=True)
 class GiftOk:
+    """The sender's reply to `gift`; a replayed key returns the first one unchanged."""
+
     key: str
     event: str
     coins: int
@@ -65,6 +74,8 @@ class GiftOk:
 
 @dataclass(frozen=True, slots=True)
 class BalanceReply:
+    """The reply to `balance` (its wire type is also `balance`)."""
+
     coins: int
     diamonds: int
 
@@ -90,6 +101,8 @@ class Ended:
 
 @dataclass(frozen=True, slots=True)
 class Watching:
+    """The reply to `watch`: the rooms now followed, as parsed (deduplicated)."""
+
     rooms: tuple[str, ...]
 
     def as_dict(self) -> Wire:
@@ -121,6 +134,8 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True)
 class GiftEvent:
+    """A gift as every viewer of the room sees it; the sender and gift are nested objects."""
+
     room: str
     seq: int
     event: str
@@ -146,6 +161,8 @@ class GiftEvent:
 
 @dataclass(frozen=True, slots=True)
 class ViewersEvent:
+    """The room's viewer count, sent on change and at most once a second."""
+
     room: str
     seq: int
     count: int
@@ -156,6 +173,8 @@ class ViewersEvent:
 
 @dataclass(frozen=True, slots=True)
 class RoomEnded:
+    """The creator ended the live: the last event of the room."""
+
     room: str
     seq: int
 
@@ -168,6 +187,8 @@ class RoomEnded:
 
 @dataclass(frozen=True, slots=True)
 class RoomOpened:
+    """Ops feed: a creator went live."""
+
     room: str
     creator: str
     title: str
@@ -179,6 +200,8 @@ class RoomOpened:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """Ops feed, once a second; the rates are the only floats on the wire (never money)."""
+
     ts: int
     rooms: int
     connections: int
@@ -195,3 +218,27 @@ ServerEvent = (
     Welcome | Joined | Left | GiftOk | BalanceReply | Live | Ended | Watching | Pong
     | ErrorReply | GiftEvent | ViewersEvent | RoomEnded | RoomOpened | Stats
 )  # fmt: skip
+
+RoomEvent = GiftEvent | ViewersEvent | RoomEnded
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BalanceReply",
+    "Ended",
+    "ErrorReply",
+    "GiftEvent",
+    "GiftOk",
+    "Joined",
+    "Left",
+    "Live",
+    "Pong",
+    "RoomEnded",
+    "RoomEvent",
+    "RoomOpened",
+    "ServerEvent",
+    "Stats",
+    "ViewersEvent",
+    "Watching",
+    "Welcome",
+    "Wire",
+]

@@ -1,7 +1,8 @@
 """Client requests as typed values, parsed and validated from a decoded JSON object.
 
 `parse_message` is the only way a request enters the server: every field is checked here
-and a failure is a `ProtocolError` with the code the client must see.
+and a failure is a `ProtocolError` with the code the client must see, so handlers never
+see a malformed value.
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ MAX_WATCHED_ROOMS = 1000
 MAX_SINCE = 2**53
 ALL_ROOMS = "*"
 
+# fullmatch, never `match(...$)`: `$` also matches before a trailing newline.
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+# An integer request id's decimal form (with its sign) is at most 64 characters.
+_MIN_INT_ID = -(10**63) + 1
+_MAX_INT_ID = 10**64 - 1
 
 
 class MessageType(StrEnum):
+    """The `type` of a client request (PROTOCOL.md §2.1-2.2)."""
+
     HELLO = "hello"
     JOIN = "join"
     LEAVE = "leave"
@@ -42,6 +49,8 @@ class MessageType(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """The first message of a connection; the token alone says who the client is."""
+
     type: ClassVar[MessageType] = MessageType.HELLO
     token: str
     id: RequestId = None
@@ -49,6 +58,8 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Join:
+    """Join a room; `since` asks for the room's events after that seq (recovery)."""
+
     type: ClassVar[MessageType] = MessageType.JOIN
     room: str
     since: int | None = None
@@ -64,6 +75,8 @@ class Leave:
 
 @dataclass(frozen=True, slots=True)
 class SendGift:
+    """`count` of `gift` to the room's creator; `key` makes a retry return the first result."""
+
     type: ClassVar[MessageType] = MessageType.GIFT
     room: str
     gift: str
@@ -80,6 +93,8 @@ class GetBalance:
 
 @dataclass(frozen=True, slots=True)
 class GoLive:
+    """A creator opens their room (its id is their user id); `title` is already stripped."""
+
     type: ClassVar[MessageType] = MessageType.GO_LIVE
     title: str = ""
     id: RequestId = None
@@ -93,6 +108,8 @@ class EndLive:
 
 @dataclass(frozen=True, slots=True)
 class Watch:
+    """Ops: follow these rooms, or every room with `("*",)`; deduplicated, in order."""
+
     type: ClassVar[MessageType] = MessageType.WATCH
     rooms: tuple[str, ...]
     id: RequestId = None
@@ -118,23 +135,29 @@ def is_integer(value: object) -> TypeGuard[int]:
 
 
 def parse_message(obj: dict[str, Any]) -> ClientMessage:
-    """The typed request `obj` carries, or the ProtocolError that refuses it."""
+    """The typed request `obj` carries, or the ProtocolError that refuses it.
+
+    The error echoes the request's `id` when the id itself is valid, so a client can tell
+    which request failed. Unknown fields are ignored, so newer clients stay compatible.
+    """
     request_id = _request_id(obj.get("id"))
     kind = obj.get("type")
-    parse = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if not isinstance(kind, str):
+        raise _bad("every message needs a string field `type`", request_id)
+    parse = _PARSERS.get(kind)
     if parse is None:
-        if kind is None:
-            raise _bad("every message needs a string field `type`", request_id)
-        raise _bad(f"unknown message type {str(kind)[:64]!r}", request_id)
+        raise _bad(f"unknown message type {kind[:MAX_ID_CHARS]!r}", request_id)
     return parse(obj, request_id)
 
 
 def _request_id(value: object) -> RequestId:
+    # Compare integers by value: str() of a huge int is slow, and refused past 4300 digits.
     if value is None:
         return None
-    if isinstance(value, str) and len(value) <= MAX_ID_CHARS:
-        return value
-    if is_integer(value) and len(str(value)) <= MAX_ID_CHARS:
+    if isinstance(value, str):
+        if len(value) <= MAX_ID_CHARS:
+            return value
+    elif is_integer(value) and _MIN_INT_ID <= value <= _MAX_INT_ID:
         return value
     raise _bad("`id` must be a string or an integer of at most 64 characters", None)
 
@@ -146,14 +169,21 @@ def _bad(message: str, request_id: RequestId) -> ProtocolError:
 def _room(obj: dict[str, Any], request_id: RequestId) -> str:
     room = obj.get("room")
     if not is_id(room):
-        raise _bad("`room` must be 1-64 characters of [A-Za-z0-9_.:-]", request_id)
+        raise _bad("`room` must be a room id: 1-64 characters of [A-Za-z0-9_.:-]", request_id)
     return room
 
 
 def _hello(obj: dict[str, Any], request_id: RequestId) -> Hello:
     token = obj.get("token")
-    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "`token` must be a JWT string", request_id)
+    if not isinstance(token, str):
+        raise _bad("`hello` needs a string field `token` (a JWT)", request_id)
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        # well-formed hello, unusable token: the session closes 4401 on this code
+        raise ProtocolError(
+            ErrorCode.UNAUTHORIZED,
+            f"`token` must be a JWT of 1 to {MAX_TOKEN_CHARS} characters",
+            request_id,
+        )
     return Hello(token=token, id=request_id)
 
 
@@ -161,7 +191,7 @@ def _join(obj: dict[str, Any], request_id: RequestId) -> Join:
     room = _room(obj, request_id)
     since = obj.get("since")
     if since is not None and (not is_integer(since) or not 0 <= since <= MAX_SINCE):
-        raise _bad("`since` must be a non-negative integer seq", request_id)
+        raise _bad(f"`since` must be an integer seq from 0 to {MAX_SINCE}", request_id)
     return Join(room=room, since=since, id=request_id)
 
 
@@ -175,7 +205,10 @@ def _gift(obj: dict[str, Any], request_id: RequestId) -> SendGift:
     if not isinstance(gift, str):
         raise _bad("`gift` must be a gift id string", request_id)
     if not is_id(gift):
-        raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {gift[:64]!r}", request_id)
+        # A string that cannot be an id cannot be in the catalog either: same answer.
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_GIFT, f"no gift {gift[:MAX_ID_CHARS]!r}", request_id
+        )
     count = obj.get("count")
     if not is_integer(count) or not 1 <= count <= MAX_COUNT:
         raise ProtocolError(
@@ -192,10 +225,15 @@ def _balance(obj: dict[str, Any], request_id: RequestId) -> GetBalance:
 
 
 def _go_live(obj: dict[str, Any], request_id: RequestId) -> GoLive:
-    title = obj.get("title", "")
-    if not isinstance(title, str) or len(title.strip()) > MAX_TITLE_CHARS:
-        raise _bad(f"`title` must be a string of at most {MAX_TITLE_CHARS} characters", request_id)
-    return GoLive(title=title.strip(), id=request_id)
+    title = obj.get("title")
+    if title is None:  # absent or null: no title
+        return GoLive(id=request_id)
+    if not isinstance(title, str):
+        raise _bad("`title` must be a string", request_id)
+    title = title.strip()
+    if len(title) > MAX_TITLE_CHARS:
+        raise _bad(f"`title` must be at most {MAX_TITLE_CHARS} characters", request_id)
+    return GoLive(title=title, id=request_id)
 
 
 def _end_live(obj: dict[str, Any], request_id: RequestId) -> EndLive:
@@ -204,12 +242,13 @@ def _end_live(obj: dict[str, Any], request_id: RequestId) -> EndLive:
 
 def _watch(obj: dict[str, Any], request_id: RequestId) -> Watch:
     rooms = obj.get("rooms")
-    if (
-        not isinstance(rooms, list)
-        or not 1 <= len(rooms) <= MAX_WATCHED_ROOMS
-        or not all(room == ALL_ROOMS or is_id(room) for room in rooms)
-    ):
-        raise _bad('`rooms` must be a non-empty list of room ids or ["*"]', request_id)
+    if not isinstance(rooms, list) or not rooms:
+        raise _bad('`rooms` must be a non-empty list of room ids, or ["*"]', request_id)
+    if len(rooms) > MAX_WATCHED_ROOMS:
+        raise _bad(f"`rooms` may list at most {MAX_WATCHED_ROOMS} rooms", request_id)
+    for room in rooms:
+        if room != ALL_ROOMS and not is_id(room):
+            raise _bad('each of `rooms` must be a room id or "*"', request_id)
     return Watch(rooms=tuple(dict.fromkeys(rooms)), id=request_id)
 
 
@@ -231,6 +270,12 @@ _PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
 
 __all__ = [
     "ALL_ROOMS",
+    "MAX_COUNT",
+    "MAX_ID_CHARS",
+    "MAX_SINCE",
+    "MAX_TITLE_CHARS",
+    "MAX_TOKEN_CHARS",
+    "MAX_WATCHED_ROOMS",
     "ClientMessage",
     "EndLive",
     "GetBalance",
