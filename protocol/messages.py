@@ -175,13 +175,12 @@ def _room(obj: dict[str, Any], request_id: RequestId) -> str:
 
 def _hello(obj: dict[str, Any], request_id: RequestId) -> Hello:
     token = obj.get("token")
-    if not isinstance(token, str):
-        raise _bad("`hello` needs a string field `token` (a JWT)", request_id)
-    if not token or len(token) > MAX_TOKEN_CHARS:
-        # well-formed hello, unusable token: the session closes 4401 on this code
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+        # a missing or unusable token closes the connection 4401 (PROTOCOL.md §2.1): the
+        # session does that on this code
         raise ProtocolError(
             ErrorCode.UNAUTHORIZED,
-            f"`token` must be a JWT of 1 to {MAX_TOKEN_CHARS} characters",
+            f"`hello` needs `token`: a JWT string of 1 to {MAX_TOKEN_CHARS} characters",
             request_id,
         )
     return Hello(token=token, id=request_id)

@@ -190,7 +190,7 @@ class AdminClient:
             return response.status, payload
 
     async def buy(self, user: str, package: str = "coins_700", receipt: str | None = None) -> Any:
-        receipt = receipt or f"rc-{user}-{next(WsClient._ids)}"
+        receipt = receipt or f"receipt-{user}-{next(WsClient._ids)}"
         status, body = await self.call(
             "POST", "/v1/purchases", {"receipt": receipt, "user": user, "package": package}
         )

@@ -363,13 +363,14 @@ def test_bad_since_is_bad_request(since: Any) -> None:
 
 
 @pytest.mark.parametrize("token", [None, 1, True, ["a.b.c"], {"jwt": "a.b.c"}])
-def test_malformed_hello_is_bad_request(token: Any) -> None:
+def test_malformed_token_is_unauthorized(token: Any) -> None:
+    # "bad, expired or missing token" closes 4401: the session closes on this code
     error = refused({"type": "hello", "token": token, "id": "h"})
-    assert (error.code, error.request_id) == (ErrorCode.BAD_REQUEST, "h")
+    assert (error.code, error.request_id) == (ErrorCode.UNAUTHORIZED, "h")
 
 
-def test_hello_without_token_is_bad_request() -> None:
-    assert refused({"type": "hello"}).code is ErrorCode.BAD_REQUEST
+def test_hello_without_token_is_unauthorized() -> None:
+    assert refused({"type": "hello"}).code is ErrorCode.UNAUTHORIZED
 
 
 def test_empty_token_is_unauthorized() -> None:

@@ -248,3 +248,10 @@ async def test_keepalive_pings_drop_a_dead_peer(make_app: Callable[..., App]) ->
         assert node.services.connections == 1
         assert (await alive.request({"type": "ping"}))["type"] == "pong"
         await alive.close()
+
+
+@pytest.mark.parametrize("hello", [{"type": "hello"}, {"type": "hello", "token": 7}])
+async def test_hello_without_a_token_string_closes_4401(app: App, hello: dict) -> None:
+    client = await WsClient.open(app.ws_url)
+    await client.send(hello)
+    assert await client.closed_with() == 4401

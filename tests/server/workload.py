@@ -30,7 +30,7 @@ async def run_mixed_workload(redis_url: str, data_dir: Path) -> dict[str, int]:
         viewers = []
         for i in range(6):
             user = f"viewer{i}"
-            await admin.buy(user, "coins_3500" if i % 2 else "coins_70", receipt=f"wl-rc-{i}")
+            await admin.buy(user, "coins_3500" if i % 2 else "coins_70", receipt=f"wl-rc-{i:04d}")
             client, _ = await WsClient.login(node.ws_url, tokens(user))
             for room in ("cara", "dan"):
                 await client.request({"type": "join", "room": room})
@@ -52,7 +52,7 @@ async def run_mixed_workload(redis_url: str, data_dir: Path) -> dict[str, int]:
                     accepted += 1
                 else:
                     refused += 1
-        status, _ = await admin.call("POST", "/v1/refunds", {"receipt": "wl-rc-3"})
+        status, _ = await admin.call("POST", "/v1/refunds", {"receipt": "wl-rc-0003"})
         assert status == 200
         await admin.buy("viewer3", "coins_70", receipt="wl-rc-3b")
         await admin.buy("cara", "coins_17500", receipt="wl-rc-cara")
