@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import itertools
 from collections.abc import Callable
 from types import TracebackType
@@ -15,6 +13,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from server.admin import sign
 from server.auth import Role, mint_token
 
 Frame = dict[str, Any]
@@ -143,10 +142,6 @@ class WsClient:
         """Wait until the server closes; the close code it sent."""
         await asyncio.wait_for(asyncio.shield(self._reader), timeout)
         return self.conn.close_code
-
-
-def sign(secret: str, payload: bytes) -> str:
-    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
 
 
 class AdminClient:
