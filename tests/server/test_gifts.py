@@ -189,9 +189,7 @@ async def test_same_key_at_once_on_many_connections_debits_once(
         await client.close()
 
 
-async def test_200_concurrent_gifts_end_at_the_exact_balance(
-    make_app, tokens: TokenMaker
-) -> None:
+async def test_200_concurrent_gifts_end_at_the_exact_balance(make_app, tokens: TokenMaker) -> None:
     async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
         async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
             await admin.buy("ann", "coins_700")
@@ -227,3 +225,84 @@ async def test_key_replayed_after_room_ended_still_answers(stage: Any) -> None:
     assert (await ann.request(gift("ended-replay-key", count=2)))["code"] == "key_reused"
     assert (await ann.request(gift("ended-fresh-key")))["code"] == "room_not_live"
     assert (await ann.request({"type": "balance"}))["coins"] == 699
+
+
+async def test_gift_rate_limit(make_app, tokens: TokenMaker) -> None:
+    async with make_app(gifts_per_s=0.01, gifts_burst=2) as node:
+        async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
+            await admin.buy("ann", "coins_70")
+        creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
+        await creator.request({"type": "go_live", "title": "x"})
+        ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        await ann.request({"type": "join", "room": "cara"})
+        replies = [await ann.request(gift(f"rate-limit-{i}")) for i in range(3)]
+        assert [r["type"] for r in replies] == ["gift_ok", "gift_ok", "error"]
+        assert replies[2]["code"] == "rate_limited" and replies[2]["retryable"] is True
+        assert (await ann.request({"type": "balance"}))["coins"] == 68
+        for client in (ann, creator):
+            await client.close()
+
+
+async def test_redis_down_is_internal_and_the_key_retry_settles_once(
+    tmp_path, catalog, tokens: TokenMaker
+) -> None:
+    from server.app import App
+    from server.embedded_redis import EmbeddedRedis
+    from tests.conftest import WEBHOOK_SECRET, make_settings
+
+    redis = EmbeddedRedis(tmp_path / "redis", appendfsync="always").start()
+    try:
+        async with App(make_settings(redis.url, tmp_path / "data"), catalog) as node:
+            async with AdminClient(node.admin_url, WEBHOOK_SECRET) as admin:
+                await admin.buy("ann", "coins_70")
+            creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
+            await creator.request({"type": "go_live", "title": "x"})
+            ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
+            await ann.request({"type": "join", "room": "cara"})
+            redis.kill()
+            down = await ann.request(gift("while-redis-down", "heart"), timeout=15)
+            assert down["type"] == "error" and down["code"] == "internal"
+            assert down["retryable"] is True
+            redis.start()
+            ok = await ann.request(gift("while-redis-down", "heart"), timeout=15)
+            assert ok["type"] == "gift_ok" and ok["coins"] == 65
+            assert await ann.request(gift("while-redis-down", "heart")) == ok
+            for client in (ann, creator):
+                await client.close()
+    finally:
+        redis.stop()
+
+
+async def test_shutdown_finishes_money_in_flight(make_app, tokens: TokenMaker) -> None:
+    node = make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000)
+    await node.__aenter__()
+    async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
+        await admin.buy("ann", "coins_700")
+    creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
+    await creator.request({"type": "go_live", "title": "x"})
+    clients = []
+    for _ in range(5):
+        client, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        await client.request({"type": "join", "room": "cara"})
+        clients.append(client)
+    for i in range(100):
+        await clients[i % 5].send({**gift(f"in-flight-{i:03d}"), "id": f"g{i}"})
+    await asyncio.sleep(0.01)  # some are being settled right now
+    await node.shutdown()
+    assert len(node.services.money) == 0  # nothing was left running
+    for client in clients:
+        assert await client.closed_with() == 1001
+    answered = [f for c in clients for f in c.unread if f.get("id", "").startswith("g")]
+    assert {f["type"] for f in answered} <= {"gift_ok", "error"}
+    assert {f["code"] for f in answered if f["type"] == "error"} <= {"overloaded"}
+    ok_events = {f["event"] for f in answered if f["type"] == "gift_ok"}
+    import redis.asyncio as aioredis
+
+    from server.ledger import read_entries
+
+    check = aioredis.Redis.from_url(node.redis_url)
+    ledger = {e.event async for e in read_entries(check) if e.kind == "gift"}
+    coins = int(await check.hget("giftstream:wallet:ann", "coins"))
+    await check.aclose()
+    assert ok_events <= ledger  # every acknowledged gift settled
+    assert coins == 700 - len(ledger)  # and nothing else moved
