@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 
 from protocol.errors import ErrorCode, ProtocolError
 from server import keys
+from server.batcher import ScriptBatcher
 from server.catalog import Economics, Gift, Package
 from server.metrics import Metrics
 
@@ -186,6 +187,7 @@ class Wallet:
             name: redis.register_script(script_source(name)) for name in SCRIPTS
         }
         self._running: set[asyncio.Task[Any]] = set()  # strong refs to shielded script calls
+        self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
 
     async def load_scripts(self) -> None:
         """Load every script up front; a later NOSCRIPT (Redis restarted or flushed) reloads it."""
@@ -427,7 +429,7 @@ class Wallet:
     ) -> T:
         started = time.perf_counter()
         try:
-            reply = await self._scripts[name](keys=script_keys, args=args)
+            reply = await self._batcher.call(self._scripts[name], script_keys, args)
         finally:
             if self._metrics is not None:
                 self._metrics.lua_seconds.labels(script=name).observe(time.perf_counter() - started)
