@@ -1,8 +1,9 @@
 """Concurrent Lua script calls share round trips to Redis.
 
-A call joins the queue; if fewer than `max_inflight` pipelines are on the wire, one leaves
-with everything queued so far (at most `max_batch` calls), otherwise the call rides with
-the next one. Under light load a call goes out alone at once; under heavy load hundreds of
+A call joins the queue. At the end of the event loop's current turn (so every call made
+in that turn is there), if fewer than `max_inflight` pipelines are on the wire, one leaves
+with everything queued (at most `max_batch` calls); otherwise the calls ride with the next
+one, sent as soon as a pipeline comes back. Under light load a call goes out alone at once; under heavy load hundreds of
 gifts cost a handful of round trips and syscalls instead of one each. Each script still runs
 atomically in Redis: a pipeline only batches the network, never the scripts' effects.
 """
@@ -33,16 +34,21 @@ class ScriptBatcher:
         self.max_inflight = max_inflight
         self._queue: deque[_Call] = deque()
         self._inflight = 0
+        self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's reply, or the error Redis raised for it."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, future))
-        self._maybe_send()
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._maybe_send)
         return await future
 
     def _maybe_send(self) -> None:
+        self._scheduled = False
         while self._queue and self._inflight < self.max_inflight:
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             self._inflight += 1
