@@ -3,8 +3,9 @@
 A call joins the queue. At the end of the event loop's current turn (so every call made
 in that turn is there), if fewer than `max_inflight` pipelines are on the wire, one leaves
 with everything queued (at most `max_batch` calls); otherwise the calls ride with the next
-one, sent as soon as a pipeline comes back. Under light load a call goes out alone at once; under heavy load hundreds of
-gifts cost a handful of round trips and syscalls instead of one each. Each script still runs
+one, sent as soon as a pipeline comes back. Under light load a call goes out alone at
+once; under heavy load hundreds of gifts cost a handful of round trips and syscalls
+instead of one each. Each script still runs
 atomically in Redis: a pipeline only batches the network, never the scripts' effects.
 """
 
