@@ -1,5 +1,7 @@
-"""The ledger stream: reading its entries, and the audit that replays them from empty and
-compares the result with every wallet in Redis (DESIGN.md §2, the money invariants)."""
+"""The ledger stream: reading its entries, and the audit that replays them and compares the
+result with every wallet in Redis (DESIGN.md §2, the money invariants). The replay starts
+from the checkpoint (server/checkpoint.py) when there is one, so a trimmed ledger still audits
+as if it were whole."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from server import keys
 
@@ -78,12 +81,29 @@ def parse_entry(stream_id: str, fields: dict[Any, Any]) -> LedgerEntry:
     return LedgerEntry(stream_id, data)
 
 
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair: "1764000000000-3" -> (1764000000000, 3)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_stream_id(stream_id: str) -> str:
+    """The smallest stream id after `stream_id` (XTRIM MINID keeps it and all after)."""
+    ms, seq = stream_id_key(stream_id)
+    return f"{ms}-{seq + 1}" if seq < 2**64 - 1 else f"{ms + 1}-0"
+
+
 async def read_raw(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, start: str = "-", count: int = 1000
+    redis: aioredis.Redis,
+    ledger_key: str = keys.LEDGER,
+    start: str = "-",
+    count: int = 1000,
+    end: str = "+",
 ) -> AsyncIterator[tuple[str, dict[Any, Any]]]:
-    """Every (stream id, fields) from `start` (inclusive) on, read in pages of `count`."""
+    """Every (stream id, fields) from `start` to `end` (both inclusive; "(" excludes), read in
+    pages of `count`."""
     while True:
-        page = await redis.xrange(ledger_key, min=start, max="+", count=count) or []
+        page = await redis.xrange(ledger_key, min=start, max=end, count=count) or []
         for stream_id, fields in page:
             yield _text(stream_id), fields or {}
         if len(page) < count:
@@ -106,9 +126,35 @@ class Balances:
     debt: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What Redis says of the stream itself: the audit replays up to `last_id`, and counts
+    entries against `entries_added` (XADDs ever, trims and deletions included)."""
+
+    last_id: str | None  # last-generated-id; None: no stream
+    entries_added: int | None  # None: a Redis before 7.0, which does not count
+
+    @classmethod
+    def of(cls, info: Any) -> StreamState:
+        """From an XINFO STREAM reply, or the error it gave for a missing stream."""
+        if isinstance(info, Exception):
+            if "no such key" not in str(info).lower():
+                raise info
+            return cls(None, 0)
+        added = info.get("entries-added")
+        return cls(_text(info["last-generated-id"]), None if added is None else int(added))
+
+
+async def stream_state(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> StreamState:
+    try:
+        return StreamState.of(await redis.xinfo_stream(ledger_key))
+    except ResponseError as exc:
+        return StreamState.of(exc)
+
+
 @dataclass(slots=True)
 class AuditReport:
-    entries: int = 0
+    entries: int = 0  # ever in the ledger: folded into the checkpoint, plus replayed
     wallets: int = 0
     breaches: list[str] = field(default_factory=list)
     coins_purchased: int = 0  # package coins of every purchase
@@ -123,6 +169,8 @@ class AuditReport:
     coins_held: int = 0  # in Redis wallets now
     diamonds_held: int = 0
     debt: int = 0  # owed in Redis wallets now
+    checkpoint: str | None = None  # the last entry the checkpoint had folded; None: no checkpoint
+    replayed: int = 0  # entries read from the stream by this audit
 
     @property
     def ok(self) -> bool:
@@ -136,23 +184,77 @@ class AuditReport:
             f"diamonds: {self.diamonds_credited} credited, {self.diamonds_paid_out} paid out "
             f"({self.cents_paid_out} cents), {self.diamonds_held} held; "
             f"platform share {self.platform_share} coins; debt {self.debt}"
+            + (
+                f"; from the checkpoint at {self.checkpoint}, {self.replayed} entries replayed"
+                if self.checkpoint is not None
+                else ""
+            )
         )
 
 
-async def audit(redis: aioredis.Redis, *, ledger_key: str = keys.LEDGER) -> AuditReport:
-    """Replay the whole ledger from empty and compare every wallet (coins, diamonds, debt)."""
-    replay = _Replay(AuditReport())
-    async for stream_id, fields in read_raw(redis, ledger_key):
-        replay.report.entries += 1
-        try:
-            entry = parse_entry(stream_id, fields)
-        except LedgerError as exc:
-            replay.report.breaches.append(str(exc))
-            continue
-        replay.apply(entry)
-    stored = await _stored_wallets(redis, replay.report)
-    replay.compare(stored)
+AUDIT_ATTEMPTS = 3  # a trim racing the audit (see below) is retried this often
+
+
+async def audit(
+    redis: aioredis.Redis, *, ledger_key: str = keys.LEDGER, from_checkpoint: bool = True
+) -> AuditReport:
+    """Replay the ledger and compare every wallet (coins, diamonds, debt).
+
+    With a checkpoint (and `from_checkpoint`), the replay starts from its folded state and
+    reads only the entries after it, which trimming never removes; it also counts entries
+    against the stream's `entries-added`, so an entry deleted or trimmed before it was
+    folded is named even when no wallet shows it. `from_checkpoint=False` replays from empty:
+    the checkpoint itself can be checked against that while nothing has been trimmed."""
+    from server.checkpoint import checkpoint_last_id  # it builds on Replay, below
+
+    for attempt in range(1, AUDIT_ATTEMPTS + 1):
+        replay, gap = await _replay(redis, ledger_key, from_checkpoint)
+        # A gap may also be the checkpoint folding on, and a trim removing entries past the
+        # state we loaded, while we read: then the count is wrong, not the ledger. Look again.
+        if gap is None or attempt == AUDIT_ATTEMPTS:
+            break
+        if await checkpoint_last_id(redis, ledger_key) == replay.report.checkpoint:
+            break
+    if gap is not None:
+        replay.report.breaches.append(gap)
+    replay.compare(await _stored_wallets(redis, replay.report))
     return replay.report
+
+
+async def _replay(
+    redis: aioredis.Redis, ledger_key: str, from_checkpoint: bool
+) -> tuple[Replay, str | None]:
+    """One replay (from the checkpoint when asked and there is one) up to the stream's last
+    id when it started, and the breach its entry count shows, if any."""
+    from server.checkpoint import snapshot
+
+    if from_checkpoint:
+        saved, stream = await snapshot(redis, ledger_key)
+    else:
+        saved, stream = None, await stream_state(redis, ledger_key)
+    replay = Replay(AuditReport()) if saved is None else saved.replay
+    report = replay.report
+    folded = report.entries
+    if stream.last_id is not None:
+        start = "-" if saved is None else "(" + saved.last_id
+        async for stream_id, fields in read_raw(redis, ledger_key, start, end=stream.last_id):
+            replay.feed(stream_id, fields)
+    report.replayed = report.entries - folded
+    if saved is None:
+        return replay, None
+    report.checkpoint = saved.last_id
+    added = stream.entries_added
+    if added is None or added == report.entries:
+        return replay, None
+    if added > report.entries:
+        return replay, (
+            f"{added - report.entries} of the {added} entries ever added to the ledger are "
+            f"gone unfolded: deleted, or trimmed past the checkpoint at {saved.last_id}"
+        )
+    return replay, (
+        f"the ledger counts {added} entries ever added, fewer than the {report.entries} "
+        "folded and replayed: was the stream deleted and made again?"
+    )
 
 
 async def _stored_wallets(redis: aioredis.Redis, report: AuditReport) -> dict[str, Balances]:
@@ -167,8 +269,9 @@ async def _stored_wallets(redis: aioredis.Redis, report: AuditReport) -> dict[st
     return wallets
 
 
-class _Replay:
-    """Wallets as the ledger alone says they are, with a breach for each broken rule."""
+class Replay:
+    """Wallets as the ledger alone says they are, with a breach for each broken rule. The
+    audit runs one over the stream; the checkpoint folds one forward and saves its state."""
 
     def __init__(self, report: AuditReport) -> None:
         self.report = report
@@ -181,6 +284,16 @@ class _Replay:
 
     def wallet(self, user: str) -> Balances:
         return self.wallets.setdefault(user, Balances())
+
+    def feed(self, stream_id: str, fields: dict[Any, Any]) -> None:
+        """Count and apply one raw entry; one that does not parse is a breach."""
+        self.report.entries += 1
+        try:
+            entry = parse_entry(stream_id, fields)
+        except LedgerError as exc:
+            self.report.breaches.append(str(exc))
+            return
+        self.apply(entry)
 
     def breach(self, entry: LedgerEntry, problem: str) -> None:
         self.report.breaches.append(f"event {entry.event} ({entry.kind}, {entry.id}): {problem}")
