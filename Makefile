@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev run test lint clean
+.PHONY: install install-dev run test lint clean loadtest
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ install-dev: $(DEVSTAMP)
 
 run: $(STAMP)
 	$(BIN)/giftstream serve --demo
+
+LTSTAMP := $(VENV)/.installed-loadtest
+LOADTEST_ARGS ?=
+
+$(LTSTAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[loadtest]'
+	touch $(LTSTAMP)
+
+# Load-test the server `make run` started (another terminal), then check its money:
+#   make loadtest LOADTEST_ARGS="--viewers 2000 --gift-rate 300 --report run.json --plot run.png"
+loadtest: $(LTSTAMP)
+	$(BIN)/giftstream loadtest $(LOADTEST_ARGS)
 
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q
