@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="replay the ledger and compare every wallet")
     add_options(audit, only=("--data-dir", "--redis-url"))
     audit.add_argument("--ledger-key", default="giftstream:ledger")
+
+    from loadtest.cli import add_loadtest_parser  # light: the load generator loads on use
+
+    add_loadtest_parser(commands)
     return parser  # fmt: skip
 
 
@@ -99,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args, values)
         if args.command == "relay":
             return _relay(args, values)
+        if args.command == "loadtest":
+            from loadtest.cli import run_loadtest
+
+            return run_loadtest(args, values)
         return _audit(args, values)
     except (ConfigError, CatalogError) as exc:
         print(f"giftstream: error: {exc}", file=sys.stderr)

@@ -1,0 +1,433 @@
+"""The coordinator: prepares the server (catalog, coins, live rooms), starts the worker
+processes, follows their ticks with the live display, ends the run, and holds the result to
+the money and delivery checks.
+
+    setup ─> workers connect ─> go (one start time for all) ─> run ─> drain + resolve
+          ─> every worker drained ─> quiet ─> finish ─> finals ─> rooms ended ─> checks
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from rich.console import Console
+from websockets.asyncio.client import connect
+
+from loadtest.api import Api, ApiError, bounded
+from loadtest.check import (
+    Check,
+    Outcome,
+    check_answers,
+    check_deliveries,
+    check_redis,
+    check_wallets,
+)
+from loadtest.collect import Tally
+from loadtest.live import Progress
+from loadtest.plan import Plan, make_plan
+from loadtest.scenario import SERVER_GIFTS_PER_S, Scenario
+from loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
+from loadtest.worker import Control, client_record, worker_main
+from server.auth import Role, mint_token
+
+START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then
+QUIET_S = 1.0  # after every worker drained, for the last room frames to reach every viewer
+SAMPLE_S = 1.0
+
+
+class RunError(RuntimeError):
+    """The run could not go on (server unreachable, a worker died); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    jwt: str
+    webhook: str
+
+
+@dataclass(slots=True)
+class RunInfo:
+    """What a `before_check` hook gets: enough to find this run's users and wallets."""
+
+    scenario: Scenario
+    plan: Plan
+    bought: dict[str, int]
+
+
+@dataclass(slots=True)
+class Finals:
+    """The workers' final messages merged, with the run's own figures."""
+
+    outcome: Outcome = field(default_factory=Outcome)
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    closes: dict[str, int] = field(default_factory=dict)
+    ack_hist: list[bytes] = field(default_factory=list)
+    lag_hist: list[bytes] = field(default_factory=list)
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def add(self, final: dict[str, Any]) -> None:
+        for name, value in final["counts"].items():
+            self.counts[name] = self.counts.get(name, 0) + value
+        for source, into in ((final["errors"], self.errors), (final["closes"], self.closes)):
+            for name, value in source.items():
+                into[name] = into.get(name, 0) + value
+        for name in ("gifts_resolved_late", "storm_dropped", "unrecovered", "connect_failed"):
+            self.extra[name] = self.extra.get(name, 0) + final[name]
+        self.ack_hist.append(final["ack_hist"])
+        self.lag_hist.append(final["lag_hist"])
+        outcome = self.outcome
+        outcome.acks.extend(final["acks"])
+        outcome.unresolved.extend(final["unresolved"])
+        outcome.clients.extend(client_record(row) for row in final["clients"])
+        outcome.add_room_seqs(final["room_seqs"])
+        outcome.conflicts.extend(final["conflicts"])
+
+
+@dataclass(slots=True)
+class RunResult:
+    passed: bool
+    report: dict[str, Any]
+
+
+BeforeCheck = Callable[[RunInfo], Awaitable[None]]
+
+
+async def run(
+    s: Scenario,
+    keys: Secrets,
+    console: Console,
+    *,
+    before_check: BeforeCheck | None = None,
+    command: list[str] | None = None,
+) -> RunResult:
+    """One whole run against the server of `s.url`; the report and whether every check
+    passed."""
+    from loadtest.report import build_report, print_summary, write_plot, write_report
+
+    started = time.time()
+    run_id = "lt" + secrets.token_hex(3)
+    nofile = raise_nofile_limit()
+    async with Api(s.admin, keys.webhook) as api:
+        try:
+            catalog = await api.catalog()
+        except ApiError as exc:
+            raise RunError(f"cannot read the catalog from {s.admin}: {exc}") from exc
+        plan = make_plan(s, catalog, run_id)
+        _warn(s, console)
+        ledger_from = await _ledger_position(s.redis_url, s.ledger_key)
+        console.print(
+            f"[bold]giftstream loadtest[/] run {run_id}: {s.viewers} viewers ({s.gifters} "
+            f"gifting) in {s.rooms} rooms over {s.workers} workers, {s.duration:g} s, "
+            + ("closed loop" if s.closed_loop else f"open loop at {s.gift_rate:g} gifts/s")
+            + f" -> {s.url}"
+        )
+        console.print(
+            f"buying {plan.purchases_per_gifter} x {plan.package['id']} for each of "
+            f"{len(plan.gifters)} gifters; {s.rooms} creators going live"
+        )
+        bought = await _fund(api, plan)
+        await _set_live(s.url, keys.jwt, plan.creators, live=True)
+        try:
+            tally, finals, aborted, watch = await _drive(s, plan, keys, console)
+        finally:
+            with contextlib.suppress(Exception):
+                await _set_live(s.url, keys.jwt, plan.creators, live=False)
+        if before_check is not None:
+            await before_check(RunInfo(s, plan, bought))
+        console.print("checking the money and the deliveries ...")
+        outcome = finals.outcome
+        checks: list[Check] = [check_answers(outcome)]
+        wallet_check, money = await check_wallets(api, bought, outcome, plan.creators)
+        checks.append(wallet_check)
+        checks += await check_redis(
+            s.redis_url, s.ledger_key, ledger_from, outcome, set(plan.gifters), bought
+        )
+        delivery_check, delivery = check_deliveries(outcome)
+        checks.append(delivery_check)
+    passed = all(c.status != "fail" for c in checks)
+    report = build_report(
+        s, plan, tally, finals, checks, money, delivery, watch, passed=passed, aborted=aborted,
+        started=started, nofile=nofile, command=command,
+    )  # fmt: skip
+    print_summary(console, report)
+    if s.report is not None:
+        write_report(s.report, report)
+        console.print(f"report written to {s.report}")
+    if s.plot is not None:
+        write_plot(s.plot, report)
+        console.print(f"plot written to {s.plot}")
+    console.print("[bold green]PASS[/]" if passed else "[bold red]FAIL[/]")
+    return RunResult(passed, report)
+
+
+def _warn(s: Scenario, console: Console) -> None:
+    if s.gifters and s.per_gifter_rate > SERVER_GIFTS_PER_S * 0.9:
+        console.print(
+            f"[yellow]warning:[/] {s.per_gifter_rate:.1f} gifts/s per gifter is near or over "
+            f"the server's default {SERVER_GIFTS_PER_S:g}/s per connection: expect "
+            "rate_limited; add --gifters"
+        )
+
+
+async def _ledger_position(redis_url: str | None, ledger_key: str) -> str | None:
+    """The ledger's last entry id before the run: the ledger check reads only after it."""
+    if redis_url is None:
+        return None
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        last = await client.xrevrange(ledger_key, count=1)
+    except (RedisError, OSError) as exc:
+        raise RunError(f"cannot read the ledger at {redis_url}: {exc}") from exc
+    finally:
+        await client.aclose()
+    if not last:
+        return None
+    entry_id = last[0][0]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def _fund(api: Api, plan: Plan) -> dict[str, int]:
+    """Buy each gifter's coins through the real signed purchase API, once per receipt."""
+    package = plan.package
+    jobs = [(u, i) for u in plan.gifters for i in range(plan.purchases_per_gifter)]
+
+    async def buy(job: tuple[str, int]) -> tuple[str, int]:
+        user, i = job
+        answer = await api.purchase(f"{user}-r{i}", user, str(package["id"]))
+        if answer.get("credited") is not True:
+            raise RunError(f"purchase {user}-r{i} was not credited: {answer}")
+        return user, int(package["coins"])
+
+    bought = dict.fromkeys(plan.gifters, 0)
+    try:
+        for user, coins in await bounded(buy, jobs):
+            bought[user] += coins
+    except ApiError as exc:
+        raise RunError(f"cannot buy coins: {exc}") from exc
+    return bought
+
+
+async def _set_live(url: str, jwt_secret: str, creators: list[str], *, live: bool) -> None:
+    """Each creator goes live (or ends the live) over its own short connection."""
+
+    async def one(creator: str) -> None:
+        token = mint_token(jwt_secret, creator, role=Role.CREATOR, ttl_s=600)
+        async with connect(url, proxy=None, compression=None, open_timeout=30) as conn:
+            await conn.send(orjson.dumps({"type": "hello", "token": token}), text=True)
+            welcome = orjson.loads(await conn.recv(decode=False))
+            if welcome.get("type") != "welcome":
+                raise RunError(f"creator {creator}: hello answered {welcome}")
+            request = {"type": "go_live", "title": f"load test {creator}"} if live else {
+                "type": "end_live"}  # fmt: skip
+            await conn.send(orjson.dumps(request), text=True)
+            answer = orjson.loads(await conn.recv(decode=False))
+            if live and answer.get("type") != "live":
+                raise RunError(f"creator {creator}: go_live answered {answer}")
+
+    try:
+        await bounded(one, creators)
+    except (OSError, TimeoutError) as exc:
+        raise RunError(f"cannot reach the server at {url}: {exc}") from exc
+    except Exception as exc:
+        if isinstance(exc, RunError):
+            raise
+        raise RunError(f"creators at {url}: {exc!r}") from exc
+
+
+async def _drive(
+    s: Scenario, plan: Plan, keys: Secrets, console: Console
+) -> tuple[Tally, Finals, bool, ServerWatch]:
+    """Start the workers, follow them to the end, and merge what they report."""
+    ctx = multiprocessing.get_context("spawn")
+    control = Control(
+        out=ctx.Queue(), go=ctx.Event(), finish=ctx.Event(), abort=ctx.Event(),
+        start_ns=ctx.Value("q", 0),
+    )  # fmt: skip
+    procs = [
+        ctx.Process(
+            target=worker_main, args=(plan.for_worker(i, s.workers, s, keys.jwt), control),
+            name=f"giftstream-loadtest-{i}", daemon=True,
+        )
+        for i in range(s.workers)
+    ]
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def pump() -> None:
+        while True:
+            message = control.out.get()
+            if message is None:
+                return
+            loop.call_soon_threadsafe(inbox.put_nowait, message)
+
+    reader = threading.Thread(target=pump, name="loadtest-inbox", daemon=True)
+    reader.start()
+    aborted = False
+
+    def interrupt() -> None:
+        nonlocal aborted
+        aborted = True
+        control.abort.set()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    for proc in procs:
+        proc.start()
+    try:
+        return await _follow(s, plan, control, procs, inbox, console, lambda: aborted)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        control.abort.set()  # a worker still waiting for go or finish stops now
+        for proc in procs:
+            await asyncio.to_thread(proc.join, 10)
+            if proc.is_alive():
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5)
+        control.out.put(None)
+        reader.join(5)
+
+
+async def _follow(
+    s: Scenario,
+    plan: Plan,
+    control: Control,
+    procs: list[Any],
+    inbox: asyncio.Queue[tuple[Any, ...]],
+    console: Console,
+    interrupted: Callable[[], bool],
+) -> tuple[Tally, Finals, bool, ServerWatch]:
+    workers = len(procs)
+    connect_budget = 120 + s.viewers / max(1, workers) / 20
+    ready: dict[int, tuple[int, int]] = {}
+    deadline = time.monotonic() + connect_budget
+    console.print(f"connecting {s.viewers} viewers ...")
+    while len(ready) < workers:
+        message = await _next(inbox, procs, deadline, "connecting")
+        if message[0] == "ready":
+            ready[message[1]] = (message[2], message[3])
+        elif message[0] == "failed":
+            raise RunError(f"worker {message[1]} failed:\n{message[2]}")
+        if interrupted():
+            raise RunError("interrupted while connecting")
+    connected = sum(c for c, _ in ready.values())
+    failed = sum(f for _, f in ready.values())
+    console.print(f"{connected} viewers connected" + (f", {failed} failed" if failed else ""))
+    if connected == 0:
+        raise RunError("no viewer could connect")
+    start_ns = (time.time_ns() + int(START_DELAY_S * 1e9)) // 1_000_000 * 1_000_000
+    control.start_ns.value = start_ns
+    control.go.set()
+    tally = Tally(start_ns, workers)
+    finals = Finals()
+    done: set[int] = set()
+    dead_since: dict[int, float] = {}
+    drained: set[int] = set()
+    finish_at: float | None = None
+    phase = "running"
+    end_ns = start_ns + int(s.duration * 1e9)
+    hard_deadline = time.monotonic() + START_DELAY_S + s.duration + s.drain + 120
+    latest = ServerSample()
+    pid = s.server_pid
+    async with ServerWatch(pid, s.admin) as watch:
+
+        async def sample() -> None:
+            nonlocal latest
+            before: tuple[float, dict[str, float]] | None = None
+            while True:
+                latest = await watch.sample()
+                now = time.monotonic()
+                figures: dict[str, Any] = {
+                    "server_cpu_percent": latest.cpu_percent, "server_rss_mb": latest.rss_mb}
+                if "connections" in latest.metrics:
+                    figures["server_connections"] = latest.metrics["connections"]
+                if before is not None and latest.metrics:
+                    for name in ("gifts_settled", "broadcast_deliveries", "slow_consumer_closes"):
+                        if name in latest.metrics and name in before[1]:
+                            rate = (latest.metrics[name] - before[1][name]) / (now - before[0])
+                            figures[f"server_{name}_per_s"] = round(rate, 1)
+                if latest.metrics:
+                    before = (now, latest.metrics)
+                tally.add_server(time.time_ns(), figures)
+                await asyncio.sleep(SAMPLE_S)
+
+        sampler = asyncio.get_running_loop().create_task(sample())
+        with Progress(console, s.duration) as progress:
+            try:
+                while len(done) < workers:
+                    message = await _next(inbox, procs, time.monotonic() + 0.5, None)
+                    kind = message[0] if message else None
+                    if kind == "tick":
+                        tally.add_tick(message[1], message[2])
+                    elif kind == "drained":
+                        drained.add(message[1])
+                        phase = "draining"
+                        if len(drained) == workers:
+                            finish_at = time.monotonic() + QUIET_S
+                    elif kind == "final":
+                        finals.add(message[2])
+                        done.add(message[1])
+                    elif kind == "failed":
+                        control.abort.set()
+                        raise RunError(f"worker {message[1]} failed:\n{message[2]}")
+                    if time.time_ns() >= end_ns and phase == "running":
+                        phase = "draining"
+                    if finish_at is not None and time.monotonic() >= finish_at:
+                        control.finish.set()
+                        phase = "closing"
+                    if interrupted():
+                        phase = "stopping (Ctrl-C)"
+                    _check_alive(procs, done, dead_since)
+                    if time.monotonic() > hard_deadline:
+                        control.abort.set()
+                        raise RunError("the run did not end in time; workers stopped")
+                    elapsed = max(0.0, (time.time_ns() - start_ns) / 1e9)
+                    progress.update(phase, elapsed, tally.now_view(), latest)
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+    return tally, finals, interrupted(), watch
+
+
+async def _next(
+    inbox: asyncio.Queue[tuple[Any, ...]], procs: list[Any], deadline: float, waiting: str | None
+) -> tuple[Any, ...]:
+    """The next worker message; () when none came by `deadline` (an error while `waiting`
+    for something), and an error when a worker process died without saying why."""
+    try:
+        return await asyncio.wait_for(inbox.get(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        for index, proc in enumerate(procs):
+            if proc.exitcode is not None and proc.exitcode != 0:
+                await asyncio.sleep(0.2)  # its "failed" message may be on its way
+                if not inbox.empty():
+                    return inbox.get_nowait()
+                raise RunError(f"worker {index} exited with code {proc.exitcode}") from None
+        if waiting is not None:
+            raise RunError(f"timed out {waiting}") from None
+        return ()
+
+
+def _check_alive(procs: list[Any], done: set[int], dead_since: dict[int, float]) -> None:
+    """A worker that exited without its final message (after a grace for messages still on
+    their way) ends the run with an error rather than a wait."""
+    now = time.monotonic()
+    for index, proc in enumerate(procs):
+        if index in done or proc.exitcode is None:
+            continue
+        first = dead_since.setdefault(index, now)
+        if now - first > 3.0:
+            raise RunError(f"worker {index} exited (code {proc.exitcode}) without its results")
