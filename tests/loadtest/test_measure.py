@@ -1,0 +1,123 @@
+"""How latencies are measured: histograms merged exactly across workers, send-to-screen
+joined across processes whichever half arrives first, and open-loop gifts timed from when
+they were due, so a stalled generator cannot hide its stall (coordinated omission)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from array import array
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+from websockets.asyncio.server import ServerConnection, serve
+
+from loadtest import hist
+from loadtest.collect import Tally
+from loadtest.plan import ClientSpec, GiftMix, WorkerPlan
+from loadtest.worker import Control, Worker
+from server.catalog import load_catalog
+
+MS = 1_000_000
+
+
+def test_histograms_merge_exactly_across_workers() -> None:
+    values = [1 + (i * 7919) % 250_000 for i in range(20_000)]
+    whole = hist.new()
+    parts = [hist.new(), hist.new(), hist.new()]
+    for i, value in enumerate(values):
+        hist.record(whole, value)
+        hist.record(parts[i % 3], value)
+    merged = hist.merge(hist.encode(p) for p in parts)
+    assert merged.get_total_count() == len(values)
+    assert hist.summary_ms(merged) == hist.summary_ms(whole)
+
+
+def test_values_past_the_range_are_clamped_not_lost() -> None:
+    h = hist.new()
+    hist.record(h, 10**12)
+    hist.record(h, -5)
+    assert h.get_total_count() == 2
+    assert hist.summary_ms(h)["max"] >= hist.HIGHEST_US / 1000 * 0.99
+
+
+def _tick(t_ns: int, acks: list[tuple[str, int]], receipts: dict[str, list[int]]) -> dict[str, Any]:
+    return {
+        "t_ns": t_ns, "counts": {}, "ack_hist": hist.encode(hist.new()), "acks": acks,
+        "receipts": {e: array("q", times).tobytes() for e, times in receipts.items()},
+        "connections": 1, "errors": 0, "pending": 0,
+    }  # fmt: skip
+
+
+def test_send_to_screen_joins_whichever_half_arrives_first() -> None:
+    start = 1_764_000_000_000_000_000
+    tally = Tally(start, workers=2)
+    sent_a, sent_b = start + 100 * MS, start + 200 * MS
+    # worker 1's viewers saw event a before worker 0 reported a's send time...
+    tally.add_tick(1, _tick(start + 500 * MS, [], {"a": [sent_a + 5 * MS, sent_a + 9 * MS]}))
+    assert tally.screen.get_total_count() == 0 and tally.unmatched_receipts == 2
+    tally.add_tick(0, _tick(start + 500 * MS, [("a", sent_a), ("b", sent_b)], {}))
+    # ...and saw b after; c was never acknowledged in the timed run
+    tally.add_tick(1, _tick(start + 1000 * MS, [], {"b": [sent_b + 7 * MS], "c": [start]}))
+    summary = hist.summary_ms(tally.screen)
+    assert summary["count"] == 3
+    assert 6.9 < summary["p50"] < 7.1 and 8.9 < summary["max"] < 9.1
+    assert tally.unmatched_receipts == 1  # c: counted, not guessed
+
+
+async def _instant_server(conn: ServerConnection) -> None:
+    """Answers hello, join and every gift at once, like a server that is never slow."""
+    events = itertools.count()
+    async for raw in conn:
+        msg = orjson.loads(raw)
+        if msg["type"] == "hello":
+            reply = {"type": "welcome", "user": "u", "coins": 10**9}
+        elif msg["type"] == "join":
+            reply = {"type": "joined", "room": msg["room"], "seq": 0}
+        else:
+            reply = {"type": "gift_ok", "key": msg["key"], "event": f"e{next(events)}",
+                     "coins": 1, "combo": 1}  # fmt: skip
+        await conn.send(orjson.dumps(reply).decode())
+
+
+async def test_open_loop_times_gifts_from_when_they_were_due() -> None:
+    """The generator's own loop stalls 300 ms mid-run; the server answers instantly. The
+    gifts due during the stall go late but still go, and their latency includes the wait."""
+    async with serve(_instant_server, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        plan = WorkerPlan(
+            index=0, run_id="lttest01", ws_url=f"ws://127.0.0.1:{port}/ws", jwt_secret="x" * 32,
+            clients=(ClientSpec(user="u", room="r", gifter=0, seed=1),),
+            mix=GiftMix.from_catalog(load_catalog().as_wire()), duration=1.2,
+            closed_loop=False, interval=0.02, think_time=0.0, storm_at=None, drain=2.0,
+            connect_concurrency=1, token_ttl_s=60,
+        )  # fmt: skip
+        out: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        events = [threading.Event() for _ in range(3)]
+        events[0].set()  # go
+        events[1].set()  # finish as soon as drained
+        start_ns = time.time_ns() + 300 * MS
+        control = Control(out, events[0], events[1], events[2], SimpleNamespace(value=start_ns))
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3 + 0.5, time.sleep, 0.3)  # the generator stalls 0.5 s into the run
+        await Worker(plan, control).main()
+    messages = []
+    while not out.empty():
+        messages.append(out.get())
+    final = next(m[2] for m in messages if m[0] == "final")
+    assert final["counts"]["gifts_sent"] == 60  # every gift due in 1.2 s at 50/s went
+    ack = hist.merge([final["ack_hist"]])
+    lag = hist.merge([final["lag_hist"]])
+    assert ack.get_total_count() == 60
+    assert hist.summary_ms(lag)["max"] >= 250  # sent late because the generator stalled
+    assert hist.summary_ms(ack)["max"] >= 250  # and the latency shows the stall
+    late = sum(
+        v.count_added_in_this_iter_step
+        for v in ack.get_recorded_iterator()
+        if v.value_iterated_to >= 100_000
+    )
+    assert late >= 5  # several gifts, not one: the whole backlog of the stall is counted
