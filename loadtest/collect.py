@@ -77,12 +77,13 @@ class Tally:
             if waiting is not None:
                 for blob in waiting:
                     self._screen(sent, blob)
-        for event, blob in body["receipts"].items():
-            sent = self.send_ns.get(event)
-            if sent is None:
-                self.waiting.setdefault(event, []).append(blob)
-            else:
-                self._screen(sent, blob)
+        for events, blob in body["receipts"]:  # the gift events of one frame, and its times
+            for event in events:
+                sent = self.send_ns.get(event)
+                if sent is None:
+                    self.waiting.setdefault(event, []).append(blob)
+                else:
+                    self._screen(sent, blob)
 
     def add_server(self, t_ns: int, figures: dict[str, Any]) -> None:
         """A server sample (CPU, RSS, its own counters) into the second it was taken in."""

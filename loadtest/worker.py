@@ -8,7 +8,8 @@ coordinator joins the two (see loadtest/collect.py).
 
 The worker speaks to the coordinator through one queue of small messages:
   ("ready", index, connected, failed)     once every client has tried to connect
-  ("tick", index, {...})                  every TICK_S from the start, and once at the end
+  ("tick", index, {...})                  every TICK_S from the start, and once at the end;
+                                          receipts as [(gift event ids of a frame, times)]
   ("drained", index)                      gifting over, every gift answered or given up on
   ("final", index, {...})                 after `finish`, with everything the checks need
   ("failed", index, traceback)
@@ -57,7 +58,6 @@ ROOM_FRAME_PREFIXES = (
     b'{"type":"viewers"',
     b'{"type":"room_ended"',
 )
-ROOM_EVENTS = frozenset({"gift", "viewers", "room_ended"})
 _CONNECT_ERRORS = (OSError, InvalidHandshake, ConnectionClosed, TimeoutError)
 
 # Counters sent as deltas in every tick, summed over a run in the final message.
@@ -65,6 +65,31 @@ COUNTERS = (
     "gifts_sent", "gifts_acked", "gifts_refused", "gifts_skipped_offline", "out_of_coins",
     "frames", "events", "gift_events", "reconnects", "duplicate_answers",
 )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RoomFrame:
+    """A room frame (one event or a batch) digested once per worker: every viewer of the room
+    gets the same bytes, so what each viewer must do with it is worked out once."""
+
+    events: tuple[dict[str, Any], ...]
+    first_seq: int
+    last_seq: int
+    contiguous: bool  # seqs one apart: a viewer at first_seq - 1 takes it whole
+    gift_ids: tuple[str, ...]
+
+    @classmethod
+    def of(cls, parsed: dict[str, Any]) -> RoomFrame:
+        raw = parsed.get("events", ()) if parsed.get("type") == "batch" else (parsed,)
+        events = tuple(e for e in raw if isinstance(e, dict) and type(e.get("seq")) is int)
+        seqs = [e["seq"] for e in events]
+        return cls(
+            events=events,
+            first_seq=seqs[0] if seqs else 0,
+            last_seq=seqs[-1] if seqs else 0,
+            contiguous=bool(seqs) and all(b == a + 1 for a, b in itertools.pairwise(seqs)),
+            gift_ids=tuple(e["event"] for e in events if e.get("type") == "gift"),
+        )
 
 
 class Refused(Exception):
@@ -168,13 +193,11 @@ class Client:
                 now = now_ns()
                 w.frames += 1
                 msg = decode(raw)
+                if type(msg) is RoomFrame:
+                    self.on_frame(msg, now)
+                    continue
                 kind = msg.get("type")
-                if kind == "batch":
-                    for event in msg["events"]:
-                        self.on_event(event, now)
-                elif kind in ROOM_EVENTS:
-                    self.on_event(msg, now)
-                elif kind == "gift_ok":
+                if kind == "gift_ok":
                     self.on_gift_ok(msg, now)
                 elif kind == "error":
                     self.on_error(msg)
@@ -223,19 +246,40 @@ class Client:
 
     # ---- what arrives -------------------------------------------------------------------
 
+    def on_frame(self, frame: RoomFrame, now: int) -> None:
+        """The common case in O(1): the frame follows on from the last seq seen. Anything
+        else (a gap, an overlap after a rejoin) goes event by event."""
+        rec = self.rec
+        last = rec.last_seq
+        if not frame.contiguous or (last is not None and frame.first_seq != last + 1):
+            for event in frame.events:
+                self.on_event(event, now)
+            return
+        w = self.w
+        rec.last_seq = frame.last_seq
+        w.events += len(frame.events)
+        gifts = len(frame.gift_ids)
+        if gifts:
+            w.gift_events += gifts
+            rec.gift_events += gifts
+            times = w.frame_receipts.get(frame)
+            if times is None:
+                times = w.frame_receipts[frame] = array("q")
+            times.append(now)
+
     def on_event(self, event: dict[str, Any], now: int) -> None:
         w = self.w
-        w.events += 1
         rec = self.rec
         seq = event["seq"]
         last = rec.last_seq
         if last is not None and seq != last + 1:
             if seq <= last:
-                rec.disorder += 1
+                rec.disorder += 1  # a duplicate or a step back: counted here, not delivered
                 return
             rec.gaps += 1
             rec.missing += seq - last - 1
         rec.last_seq = seq
+        w.events += 1
         if event["type"] == "gift":
             w.gift_events += 1
             rec.gift_events += 1
@@ -244,10 +288,6 @@ class Client:
             if times is None:
                 times = w.receipts[event_id] = array("q")
             times.append(now)
-            seqs = w.room_seqs[self.spec.room]
-            known = seqs.setdefault(seq, event_id)
-            if known != event_id and len(w.conflicts) < 20:
-                w.conflicts.append(f"room {self.spec.room} seq {seq}: {known} and {event_id}")
 
     def on_gift_ok(self, msg: dict[str, Any], now: int) -> None:
         key = msg["key"]
@@ -408,7 +448,8 @@ class Worker:
     plan: WorkerPlan
     control: Control
     clients: list[Client] = field(default_factory=list)
-    receipts: dict[str, array[int]] = field(default_factory=dict)
+    receipts: dict[str, array[int]] = field(default_factory=dict)  # event -> receipt times
+    frame_receipts: dict[RoomFrame, array[int]] = field(default_factory=dict)
     room_seqs: dict[str, dict[int, str]] = field(default_factory=dict)
     acks: list[tuple[Any, ...]] = field(default_factory=list)
     new_acks: list[tuple[str, int]] = field(default_factory=list)
@@ -452,16 +493,25 @@ class Worker:
     # ---- helpers used by clients --------------------------------------------------------
 
     def decode(self, raw: bytes) -> Any:
-        """Parse a frame; room frames are the same bytes for every viewer of the room, so
-        each is parsed once per worker and the (read-only) result shared."""
-        if raw.startswith(ROOM_FRAME_PREFIXES):
-            parsed = self.cache.get(raw)
-            if parsed is None:
-                if len(self.cache) >= 512:
-                    self.cache.clear()
-                parsed = self.cache[raw] = orjson.loads(raw)
-            return parsed
-        return orjson.loads(raw)
+        """Parse a frame. A room frame is the same bytes for every viewer of the room, so it
+        is parsed and digested once per worker (a RoomFrame, read-only, shared), and its
+        gift events' seqs are noted once for the delivery check."""
+        if not raw.startswith(ROOM_FRAME_PREFIXES):
+            return orjson.loads(raw)
+        frame = self.cache.get(raw)
+        if frame is None:
+            if len(self.cache) >= 512:
+                self.cache.clear()
+            frame = self.cache[raw] = RoomFrame.of(orjson.loads(raw))
+            for event in frame.events:
+                if event.get("type") == "gift":
+                    self.note_seq(event["room"], event["seq"], event["event"])
+        return frame
+
+    def note_seq(self, room: str, seq: int, event_id: str) -> None:
+        known = self.room_seqs.setdefault(room, {}).setdefault(seq, event_id)
+        if known != event_id and len(self.conflicts) < 20:
+            self.conflicts.append(f"room {room} seq {seq}: {known} and {event_id}")
 
     def acked(self, client: Client, pending: Pending, event: str, now: int) -> None:
         self.gifts_acked += 1
@@ -617,8 +667,11 @@ class Worker:
         counts = {name: getattr(self, name) - self._last.get(name, 0) for name in COUNTERS}
         for name in COUNTERS:
             self._last[name] = getattr(self, name)
-        receipts = {event: times.tobytes() for event, times in self.receipts.items()}
+        receipts: list[tuple[tuple[str, ...], bytes]]
+        receipts = [((event,), times.tobytes()) for event, times in self.receipts.items()]
+        receipts += [(f.gift_ids, times.tobytes()) for f, times in self.frame_receipts.items()]
         self.receipts = {}
+        self.frame_receipts = {}
         body = {
             "t_ns": time.time_ns(),
             "counts": counts,

@@ -48,7 +48,7 @@ def test_values_past_the_range_are_clamped_not_lost() -> None:
 def _tick(t_ns: int, acks: list[tuple[str, int]], receipts: dict[str, list[int]]) -> dict[str, Any]:
     return {
         "t_ns": t_ns, "counts": {}, "ack_hist": hist.encode(hist.new()), "acks": acks,
-        "receipts": {e: array("q", times).tobytes() for e, times in receipts.items()},
+        "receipts": [((e,), array("q", times).tobytes()) for e, times in receipts.items()],
         "connections": 1, "errors": 0, "pending": 0,
     }  # fmt: skip
 
@@ -121,3 +121,37 @@ async def test_open_loop_times_gifts_from_when_they_were_due() -> None:
         if v.value_iterated_to >= 100_000
     )
     assert late >= 5  # several gifts, not one: the whole backlog of the stall is counted
+
+
+def _frame(*events: tuple[int, str | None]) -> bytes:
+    """A room frame as the server encodes it: (seq, gift event id or None for viewers)."""
+    wire = [
+        {"type": "gift", "room": "r", "seq": seq, "event": eid, "sender": {"id": "u"}}
+        if eid else {"type": "viewers", "room": "r", "seq": seq, "count": 3}
+        for seq, eid in events
+    ]
+    return orjson.dumps(wire[0] if len(wire) == 1 else {"type": "batch", "events": wire})
+
+
+def test_viewers_take_shared_frames_whole_and_fall_back_on_gaps_and_overlaps() -> None:
+    plan = WorkerPlan(
+        index=0, run_id="lttest01", ws_url="ws://127.0.0.1:1/ws", jwt_secret="x" * 32,
+        clients=(ClientSpec(user="a", room="r"), ClientSpec(user="b", room="r")),
+        mix=GiftMix.from_catalog(load_catalog().as_wire()), duration=1, closed_loop=True,
+        interval=1, think_time=0, storm_at=None, drain=0, connect_concurrency=1, token_ttl_s=60,
+    )  # fmt: skip
+    worker = Worker(plan, Control(None, None, None, None, None))
+    a, b = worker.clients
+    a.rec.last_seq = b.rec.last_seq = 0
+    batch = _frame((1, "e1"), (2, None), (3, "e3"))
+    for client in (a, b):  # the same bytes: parsed once, taken whole by both
+        client.on_frame(worker.decode(batch), now=10)
+    assert len(worker.cache) == 1 and worker.room_seqs == {"r": {1: "e1", 3: "e3"}}
+    a.on_frame(worker.decode(_frame((5, "e5"))), now=20)  # seq 4 never came: a gap
+    b.on_frame(worker.decode(_frame((2, None), (3, "e3"), (4, "e4"))), now=20)  # overlap
+    assert (a.rec.gaps, a.rec.missing, a.rec.disorder, a.rec.gift_events) == (1, 1, 0, 3)
+    assert (b.rec.gaps, b.rec.disorder, b.rec.gift_events, b.rec.last_seq) == (0, 2, 3, 4)
+    assert worker.events == 3 + 3 + 1 + 1 and worker.gift_events == 2 + 2 + 1 + 1
+    receipts = dict(worker.frame_receipts.items())
+    assert [list(t) for f, t in receipts.items() if f.gift_ids == ("e1", "e3")] == [[10, 10]]
+    assert {e: list(t) for e, t in worker.receipts.items()} == {"e5": [20], "e4": [20]}
