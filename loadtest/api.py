@@ -55,7 +55,7 @@ class Api:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ApiError(f"{method} {self.base_url}{path}: {exc!r}") from exc
+            raise ApiError(f"{method} {self.base_url}{path}: {exc or type(exc).__name__}") from exc
         try:
             answer = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:

@@ -212,7 +212,7 @@ def check_deliveries(outcome: Outcome) -> tuple[Check, dict[str, Any]]:
             check.breach(f"room {room}: acknowledged gift {event} reached no viewer")
     excluded = {k: v for k, v in statuses.items() if k != "intact"}
     check.detail = (
-        f"{checked} viewers checked in {len(checked_rooms)} rooms"
+        f"{checked} viewers checked in {len(checked_rooms)} room(s)"
         + (f"; excluded: {dict(excluded)}" if excluded else "")
     )
     return check, {

@@ -121,6 +121,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _slow_readers(report: dict[str, Any]) -> str:
+    """How the slow readers ended: closed by the server (4008, or cut off with 1006 when the
+    close frame itself sat behind the unread backlog) or still open."""
+    outcomes: dict[str, int] = report["viewers"].get("slow_readers") or {}
+    if not outcomes:
+        return "-"
+    closed = sum(n for k, n in outcomes.items() if k.startswith("closed"))
+    parts = [f"{closed} of {sum(outcomes.values())} closed by the server"]
+    parts += [f"{k.removeprefix('closed_')}: {n}" for k, n in outcomes.items() if k != "open"]
+    server_closes = (report["server"].get("metrics_delta") or {}).get("slow_consumer_closes")
+    if server_closes is not None:
+        parts.append(f"server counted {server_closes:g} slow-consumer closes")
+    return "; ".join(parts)
+
+
 def print_summary(console: Console, report: dict[str, Any]) -> None:
     """The end-of-run tables: throughput, latency, errors, server, checks."""
     t = report["totals"]
@@ -147,7 +162,7 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
         ("reconnects", t.get("reconnects")),
         ("storm: dropped / rejoined unrecovered",
          f"{report['storm']['dropped']} / {report['storm']['rejoined_unrecovered']}"),
-        ("slow readers (outcome)", report["viewers"].get("slow_readers") or "-"),
+        ("slow readers", _slow_readers(report)),
     ]  # fmt: skip
     for label, value in rows:
         run.add_row(label, _fmt(value))

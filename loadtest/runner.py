@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from rich.console import Console
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from loadtest.api import Api, ApiError, bounded
 from loadtest.check import (
@@ -240,6 +241,10 @@ async def _set_live(url: str, jwt_secret: str, creators: list[str], *, live: boo
 
     try:
         await bounded(one, creators)
+    except ConnectionClosed as exc:
+        code = exc.rcvd.code if exc.rcvd is not None else None
+        hint = " (the token was refused: is --jwt-secret the server's?)" if code == 4401 else ""
+        raise RunError(f"the server at {url} closed a creator's connection: {exc}{hint}") from exc
     except (OSError, TimeoutError) as exc:
         raise RunError(f"cannot reach the server at {url}: {exc}") from exc
     except Exception as exc:
