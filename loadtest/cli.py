@@ -79,7 +79,7 @@ def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from rich.console import Console
 
     from loadtest import runner
-    from loadtest.scenario import ScenarioError, build, load_toml
+    from loadtest.scenario import ScenarioError, build, load_toml, redact_argv
 
     # A file or pipe (CI) gets 120 columns rather than rich's 80, so tables stay readable.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -90,7 +90,8 @@ def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:
         scenario = build(file_values, flags)
         scenario = _locate(scenario, values)
         keys = resolve_secrets(scenario, values)
-        result = uvloop.run(runner.run(scenario, keys, console, command=sys.argv[1:]))
+        command = redact_argv(sys.argv[1:])
+        result = uvloop.run(runner.run(scenario, keys, console, command=command))
     except (ScenarioError, ConfigError, runner.RunError) as exc:
         print(f"giftstream: error: {exc}", file=sys.stderr)
         return 2

@@ -101,6 +101,14 @@ def build_report(
         "viewers": delivery,
         "money": money,
         "server": watch.summary(),
+        "load_generator": {
+            "workers_cpu_s": round(sum(finals.cpu_s), 2),
+            "coordinator_cpu_s": round(finals.coordinator_cpu_s, 2),
+            "wall_s": round(finals.wall_s, 2),
+            "cpu_percent_mean": round(
+                100 * (sum(finals.cpu_s) + finals.coordinator_cpu_s) / max(finals.wall_s, 1e-9), 1
+            ),
+        },
         "checks": [c.as_dict() for c in checks],
         "series": series,
     }
@@ -129,7 +137,10 @@ def _slow_readers(report: dict[str, Any]) -> str:
         return "-"
     closed = sum(n for k, n in outcomes.items() if k.startswith("closed"))
     parts = [f"{closed} of {sum(outcomes.values())} closed by the server"]
-    parts += [f"{k.removeprefix('closed_')}: {n}" for k, n in outcomes.items() if k != "open"]
+    parts += [f"close {k.removeprefix('closed_')}: {n}" for k, n in outcomes.items()
+              if k.startswith("closed")]  # fmt: skip
+    if outcomes.get("open"):
+        parts.append(f"{outcomes['open']} still open (backlog under the server's bound)")
     server_closes = (report["server"].get("metrics_delta") or {}).get("slow_consumer_closes")
     if server_closes is not None:
         parts.append(f"server counted {server_closes:g} slow-consumer closes")
@@ -163,6 +174,8 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
         ("storm: dropped / rejoined unrecovered",
          f"{report['storm']['dropped']} / {report['storm']['rejoined_unrecovered']}"),
         ("slow readers", _slow_readers(report)),
+        ("load generator CPU (all its processes)",
+         f"{report['load_generator']['cpu_percent_mean']:g}% of one core"),
     ]  # fmt: skip
     for label, value in rows:
         run.add_row(label, _fmt(value))

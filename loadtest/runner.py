@@ -76,6 +76,9 @@ class Finals:
     ack_hist: list[bytes] = field(default_factory=list)
     lag_hist: list[bytes] = field(default_factory=list)
     extra: dict[str, int] = field(default_factory=dict)
+    cpu_s: list[float] = field(default_factory=list)  # each worker's, from go to its final
+    coordinator_cpu_s: float = 0.0
+    wall_s: float = 0.0  # from go to the last final
 
     def add(self, final: dict[str, Any]) -> None:
         for name, value in final["counts"].items():
@@ -85,6 +88,7 @@ class Finals:
                 into[name] = into.get(name, 0) + value
         for name in ("gifts_resolved_late", "storm_dropped", "unrecovered", "connect_failed"):
             self.extra[name] = self.extra.get(name, 0) + final[name]
+        self.cpu_s.append(final["cpu_s"])
         self.ack_hist.append(final["ack_hist"])
         self.lag_hist.append(final["lag_hist"])
         outcome = self.outcome
@@ -335,6 +339,7 @@ async def _follow(
     start_ns = (time.time_ns() + int(START_DELAY_S * 1e9)) // 1_000_000 * 1_000_000
     control.start_ns.value = start_ns
     control.go.set()
+    cpu_at_go = time.process_time()
     tally = Tally(start_ns, workers)
     finals = Finals()
     done: set[int] = set()
@@ -404,6 +409,8 @@ async def _follow(
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
+    finals.coordinator_cpu_s = time.process_time() - cpu_at_go
+    finals.wall_s = (time.time_ns() - start_ns) / 1e9
     return tally, finals, interrupted(), watch
 
 

@@ -94,7 +94,39 @@ class Scenario:
                 value = {"share": value.share, "at_s": value.at_s, "spread_s": value.spread_s}
             out[f.name] = value
         out["admin_url"] = self.admin
+        if self.redis_url is not None:
+            out["redis_url"] = redact_url(self.redis_url)
         return out
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for a report file."""
+    parts = urlparse(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+SECRET_FLAGS = ("--jwt-secret", "--webhook-secret")
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line as the report records it: secrets and Redis passwords replaced."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if hide_next:
+            out.append("***")
+        elif eq and flag in SECRET_FLAGS:
+            out.append(f"{flag}=***")
+        elif eq and flag == "--redis-url":
+            out.append(f"{flag}={redact_url(value)}")
+        else:
+            out.append(redact_url(arg) if "://" in arg else arg)
+        hide_next = arg in SECRET_FLAGS
+    return out
 
 
 def _bracket(host: str) -> str:

@@ -468,6 +468,7 @@ class Worker:
     finishing: bool = False
     resolving: bool = False
     start_ns: int = 0
+    cpu_at_start: float = 0.0
     gifts_sent: int = 0
     gifts_acked: int = 0
     gifts_refused: int = 0
@@ -564,6 +565,7 @@ class Worker:
         if not await self.wait_event(self.control.go, 600):
             return
         self.start_ns = int(self.control.start_ns.value)
+        self.cpu_at_start = time.process_time()
         end_ns = self.start_ns + int(self.plan.duration * 1e9)
         ticker = asyncio.get_running_loop().create_task(self.ticker())
         gifting = [self.gifter_task(c, end_ns) for c in self.clients if c.spec.gifter >= 0]
@@ -761,6 +763,7 @@ class Worker:
             "storm_dropped": self.storm_dropped,
             "unrecovered": self.unrecovered,
             "connect_failed": self.connect_failed,
+            "cpu_s": time.process_time() - self.cpu_at_start,  # this process, go to final
             "acks": self.acks,
             "unresolved": unresolved,
             "clients": [c.summary() for c in self.clients],

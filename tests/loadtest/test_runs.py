@@ -60,6 +60,7 @@ def test_a_short_closed_loop_run_passes_with_report_and_plot(
         "--server-pid", str(server.proc.pid),
     )  # fmt: skip
     assert report["result"] == "PASS" and not report["aborted"]
+    assert JWT_SECRET not in json.dumps(report) and WEBHOOK_SECRET not in json.dumps(report)
     assert statuses(report) == dict.fromkeys(
         ("answers", "wallets", "audit", "ledger", "deliveries"), "pass"
     )
@@ -79,6 +80,7 @@ def test_a_short_closed_loop_run_passes_with_report_and_plot(
     assert len(report["series"]) >= 3 and report["series"][0]["gifts_acked"] > 0
     assert report["server"]["pid"] == server.proc.pid and report["server"]["rss_mb_max"] > 0
     assert report["server"]["metrics_delta"]["gifts_settled"] == totals["gifts_acked"]
+    assert report["load_generator"]["workers_cpu_s"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 

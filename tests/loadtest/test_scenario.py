@@ -63,3 +63,16 @@ def test_unknown_or_mistyped_keys_in_a_file_are_errors(tmp_path: Path) -> None:
     path.write_text('viewers = "many"\n')
     with pytest.raises(ScenarioError, match="viewers"):
         load_toml(path)
+
+
+def test_reports_never_carry_secrets() -> None:
+    from loadtest.scenario import redact_argv
+
+    argv = ["loadtest", "--jwt-secret", "s3cret-jwt", "--webhook-secret=s3cret-hook",
+            "--redis-url", "redis://:pw@10.0.0.5:6379/0", "--viewers", "5"]  # fmt: skip
+    assert redact_argv(argv) == [
+        "loadtest", "--jwt-secret", "***", "--webhook-secret=***",
+        "--redis-url", "redis://:***@10.0.0.5:6379/0", "--viewers", "5",
+    ]  # fmt: skip
+    s = build({}, {"redis_url": "redis://user:pw@127.0.0.1:6379/0"})
+    assert s.as_dict()["redis_url"] == "redis://user:***@127.0.0.1:6379/0"
