@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loadtest.scenario import Scenario, Secrets
 from server.config import ConfigError
 
 EXTRA_HINT = "giftstream loadtest needs its extra: pip install 'giftstream[loadtest]'"
@@ -98,7 +99,7 @@ def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:
     return 0 if result.passed else 1
 
 
-def _locate(scenario: Any, values: dict[str, Any]) -> Any:
+def _locate(scenario: Scenario, values: dict[str, Any]) -> Scenario:
     """On a loopback target, find what the server's own data dir and process tell: its
     embedded Redis (as `giftstream audit` does) and its pid (for CPU and RSS)."""
     from dataclasses import replace
@@ -119,11 +120,10 @@ def _locate(scenario: Any, values: dict[str, Any]) -> Any:
     return scenario
 
 
-def resolve_secrets(scenario: Any, values: dict[str, Any]) -> Any:
+def resolve_secrets(scenario: Scenario, values: dict[str, Any]) -> Secrets:
     """The JWT and webhook secrets: flags or environment first, else the data dir, as the
     server reads them. A loopback server's secrets are created there if missing (as the
     server would); a remote server's never are: a missing one is an error."""
-    from loadtest.runner import Secrets
     from server.config import load_or_create_secret
 
     data_dir: Path = values["data_dir"]

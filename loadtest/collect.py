@@ -33,14 +33,12 @@ class Second:
     ack: HdrHistogram = field(default_factory=hist.new)
     screen: HdrHistogram = field(default_factory=hist.new)
     connections: dict[int, int] = field(default_factory=dict)  # worker -> open at its tick
-    errors: dict[int, int] = field(default_factory=dict)  # worker -> errors so far
     server: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Tally:
     start_ns: int
-    workers: int
     seconds: dict[int, Second] = field(default_factory=dict)
     totals: Counter[str] = field(default_factory=Counter)
     screen: HdrHistogram = field(default_factory=hist.new)
@@ -66,7 +64,6 @@ class Tally:
         self.totals.update(counts)
         sec.ack = hist.merge([body["ack_hist"]], into=sec.ack)
         sec.connections[worker] = body["connections"]
-        sec.errors[worker] = body["errors"]
         self.connections[worker] = body["connections"]
         self.errors[worker] = body["errors"]
         self.pending[worker] = body["pending"]

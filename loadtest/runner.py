@@ -36,7 +36,7 @@ from loadtest.check import (
 from loadtest.collect import Tally
 from loadtest.live import Progress
 from loadtest.plan import Plan, make_plan
-from loadtest.scenario import SERVER_GIFTS_PER_S, Scenario
+from loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
 from loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
 from loadtest.worker import Control, client_record, worker_main
 from server.auth import Role, mint_token
@@ -48,12 +48,6 @@ SAMPLE_S = 1.0
 
 class RunError(RuntimeError):
     """The run could not go on (server unreachable, a worker died); the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Secrets:
-    jwt: str
-    webhook: str
 
 
 @dataclass(slots=True)
@@ -340,7 +334,7 @@ async def _follow(
     control.start_ns.value = start_ns
     control.go.set()
     cpu_at_go = time.process_time()
-    tally = Tally(start_ns, workers)
+    tally = Tally(start_ns)
     finals = Finals()
     done: set[int] = set()
     dead_since: dict[int, float] = {}

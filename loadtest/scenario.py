@@ -24,6 +24,14 @@ class ScenarioError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Secrets:
+    """The server's two secrets: client tokens (JWT) and the internal API's signatures."""
+
+    jwt: str
+    webhook: str
+
+
+@dataclass(frozen=True, slots=True)
 class Storm:
     """At `at_s` into the run, `share` of the viewers drop at once and rejoin with `since`
     spread over `spread_s` seconds."""

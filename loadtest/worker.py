@@ -466,7 +466,6 @@ class Worker:
     stopping: bool = False  # gifting is over
     aborted: bool = False  # the coordinator cut the run short
     finishing: bool = False
-    resolving: bool = False
     start_ns: int = 0
     cpu_at_start: float = 0.0
     gifts_sent: int = 0
@@ -696,7 +695,6 @@ class Worker:
         """Learn the fate of every gift still unanswered (dropped line, `internal`): re-send
         the same key, which the server answers with the first result or settles now. Their
         answers are not timed: they are there to make the money check exact."""
-        self.resolving = True
         for _ in range(RESOLVE_ROUNDS):
             todo = [c for c in self.clients if c.pending or c.uncertain]
             if not todo:

@@ -55,7 +55,7 @@ def _tick(t_ns: int, acks: list[tuple[str, int]], receipts: dict[str, list[int]]
 
 def test_send_to_screen_joins_whichever_half_arrives_first() -> None:
     start = 1_764_000_000_000_000_000
-    tally = Tally(start, workers=2)
+    tally = Tally(start)
     sent_a, sent_b = start + 100 * MS, start + 200 * MS
     # worker 1's viewers saw event a before worker 0 reported a's send time...
     tally.add_tick(1, _tick(start + 500 * MS, [], {"a": [sent_a + 5 * MS, sent_a + 9 * MS]}))
