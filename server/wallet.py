@@ -7,11 +7,11 @@ stored state. Amounts stay far below 2**53, where Lua's doubles stop being exact
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -186,8 +186,12 @@ class Wallet:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(script_source(name)) for name in SCRIPTS
         }
-        self._running: set[asyncio.Task[Any]] = set()  # strong refs to shielded script calls
         self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
+        self._lua_seconds = (
+            {name: metrics.lua_seconds.labels(script=name) for name in SCRIPTS}
+            if metrics is not None
+            else {}
+        )
 
     async def load_scripts(self) -> None:
         """Load every script up front; a later NOSCRIPT (Redis restarted or flushed) reloads it."""
@@ -195,9 +199,8 @@ class Wallet:
             script.sha = await self._redis.script_load(script.script)
 
     async def drain(self) -> None:
-        """Wait for script calls whose callers were cancelled (shutdown, tests)."""
-        if self._running:
-            await asyncio.wait(set(self._running))
+        """Wait for every script call made so far, callers cancelled or not (shutdown, tests)."""
+        await self._batcher.drain()
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
@@ -413,37 +416,20 @@ class Wallet:
         args: Sequence[Any],
         result: Callable[[list[Any]], T],
     ) -> T:
-        """Run a script and read its reply to the end even if the caller is cancelled (a
-        retry is then answered by its key); a refusal becomes its exception."""
-        task = asyncio.create_task(self._run(name, script_keys, args, result), name=name)
-        self._running.add(task)
-        task.add_done_callback(self._forget)
-        return await asyncio.shield(task)
-
-    async def _run(
-        self,
-        name: str,
-        script_keys: Sequence[str],
-        args: Sequence[Any],
-        result: Callable[[list[Any]], T],
-    ) -> T:
+        """Run a script; a refusal becomes its exception. A cancelled caller does not stop it:
+        the reply is still read and `result` still runs (a retry is answered by its key)."""
         started = time.perf_counter()
-        try:
-            reply = await self._batcher.call(self._scripts[name], script_keys, args)
-        finally:
-            if self._metrics is not None:
-                self._metrics.lua_seconds.labels(script=name).observe(time.perf_counter() - started)
-        status = _text(reply[0])
-        if status != "ok":
-            raise refusal(name, status, _text(reply[1]))
-        return result(list(reply[1:]))
+        latency = self._lua_seconds.get(name)
 
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        self._running.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if error is not None and not isinstance(error, ProtocolError | MoneyError):
-            # A waiting caller gets the error too; this keeps a cancelled caller's from vanishing.
-            log.debug("money script %s call failed", task.get_name(), exc_info=error)
+        def on_reply(reply: list[Any]) -> T:
+            if latency is not None:
+                latency.observe(time.perf_counter() - started)
+            status = _text(reply[0])
+            if status != "ok":
+                raise refusal(name, status, _text(reply[1]))
+            return result(reply[1:])
+
+        return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
 
 
 def _read_view(pipe: Any, user: str, now_ms: int) -> None:
@@ -463,8 +449,14 @@ def _view(user: str, results: Sequence[Any]) -> WalletView:
     )
 
 
+_ids = random.Random()  # seeded from os.urandom; reseeded in a forked child
+os.register_at_fork(after_in_child=_ids.seed)
+
+
 def _new_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, random like a uuid4 (unique with overwhelming odds, never a secret:
+    event ids are broadcast), without a urandom syscall per gift."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def _text(value: Any) -> str:
