@@ -17,6 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -367,54 +368,95 @@ async def replay_dead_letters(
 # ---- trimming -------------------------------------------------------------------------
 
 
-async def safe_trim_point(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
-    """The oldest stream id some consumer group still needs: over every group, its oldest
-    pending entry, or (nothing pending) the id right after its last delivered one. None when
-    the stream has no group: nothing may go, since a consumer may come later."""
+async def group_trim_points(
+    redis: aioredis.Redis, ledger_key: str = keys.LEDGER
+) -> dict[str, str] | None:
+    """Per consumer group, the oldest stream id it still needs: its oldest pending entry, or
+    (nothing pending) the id right after its last delivered one. None when there is no
+    stream; {} when it has no group."""
     try:
         groups = await redis.xinfo_groups(ledger_key)
     except ResponseError:  # no stream
         return None
-    points: list[str] = []
+    points: dict[str, str] = {}
     for info in groups:
         after_delivered = next_stream_id(_text(info["last-delivered-id"]))
         if int(info["pending"]):
             oldest = (await redis.xpending(ledger_key, info["name"]))["min"]
             # acked meanwhile: all it had pending was at or below its last delivered id
-            points.append(after_delivered if oldest is None else _text(oldest))
+            points[_text(info["name"])] = after_delivered if oldest is None else _text(oldest)
         else:
-            points.append(after_delivered)
-    return min(points, key=stream_id_key) if points else None
+            points[_text(info["name"])] = after_delivered
+    return points
+
+
+async def safe_trim_point(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
+    """The oldest stream id some consumer group still needs (see group_trim_points). None
+    when the stream has no group: nothing may go, since a consumer may come later."""
+    points = await group_trim_points(redis, ledger_key)
+    return min(points.values(), key=stream_id_key) if points else None
+
+
+@dataclass(frozen=True, slots=True)
+class Trim:
+    """What one trim did: `removed` entries below `min_id` (None: nothing could go), held
+    there by `held_by` (a group, the checkpoint, or the entries kept), `left` entries left."""
+
+    removed: int
+    min_id: str | None
+    held_by: str
+    left: int
+
+    def summary(self, ledger_key: str) -> str:
+        if self.min_id is None:
+            return f"trimmed nothing from {ledger_key}: {self.held_by}; {self.left} entries left"
+        return (f"trimmed {self.removed} entries of {ledger_key} below {self.min_id} (held "
+                f"there by {self.held_by}); {self.left} entries left")  # fmt: skip
+
+
+async def trim(
+    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
+) -> Trim:
+    """Remove the entries every consumer group has acked and the checkpoint has folded,
+    keeping at least the last `keep_min_entries`. XTRIM MINID, exact: never MAXLEN, which
+    cuts by count whoever still needs the entries. No groups, or no checkpoint yet (the
+    audit replays what is not folded): nothing goes."""
+    if type(keep_min_entries) is not int or keep_min_entries < 0:
+        raise ValueError(f"keep_min_entries must be an integer >= 0, not {keep_min_entries!r}")
+
+    async def nothing(why: str) -> Trim:
+        return Trim(0, None, why, int(await redis.xlen(ledger_key)))
+
+    points = await group_trim_points(redis, ledger_key)
+    if points is None:
+        return Trim(0, None, "no such stream", 0)
+    if not points:
+        return await nothing("no consumer group (one may come later)")
+    folded = await checkpoint_last_id(redis, ledger_key)
+    if folded is None:
+        return await nothing("no checkpoint yet (run the checkpoint consumer)")
+    bounds = {f"group {name}": point for name, point in points.items()}
+    bounds["the checkpoint"] = next_stream_id(folded)
+    if keep_min_entries:
+        tail = await redis.xrevrange(ledger_key, count=keep_min_entries) or []
+        if len(tail) < keep_min_entries:
+            return await nothing(f"it holds fewer than the {keep_min_entries} entries kept")
+        bounds[f"the last {keep_min_entries} entries kept"] = _text(tail[-1][0])
+    held_by, min_id = min(bounds.items(), key=lambda bound: stream_id_key(bound[1]))
+    removed = int(await redis.xtrim(ledger_key, minid=min_id, approximate=False))
+    return Trim(removed, min_id, held_by, int(await redis.xlen(ledger_key)))
 
 
 async def trim_ledger(
     redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
 ) -> int:
-    """Remove the entries every consumer group has acked and the checkpoint has folded,
-    keeping at least the last `keep_min_entries`; how many went. XTRIM MINID, exact: never
-    MAXLEN, which cuts by count whoever still needs the entries. No groups, or no
-    checkpoint yet (the audit replays what is not folded): nothing goes."""
-    if type(keep_min_entries) is not int or keep_min_entries < 0:
-        raise ValueError(f"keep_min_entries must be an integer >= 0, not {keep_min_entries!r}")
-    needed = await safe_trim_point(redis, ledger_key)
-    if needed is None:
-        return 0
-    folded = await checkpoint_last_id(redis, ledger_key)
-    if folded is None:
-        log.warning("%s has no checkpoint yet: nothing trimmed (run the checkpoint consumer)",
-                    ledger_key)  # fmt: skip
-        return 0
-    bounds = [needed, next_stream_id(folded)]
-    if keep_min_entries:
-        tail = await redis.xrevrange(ledger_key, count=keep_min_entries) or []
-        if len(tail) < keep_min_entries:
-            return 0
-        bounds.append(_text(tail[-1][0]))
-    min_id = min(bounds, key=stream_id_key)
-    removed = int(await redis.xtrim(ledger_key, minid=min_id, approximate=False))
-    if removed:
-        log.info("trimmed %d entries of %s below %s", removed, ledger_key, min_id)
-    return removed
+    """trim(), logged; how many entries went."""
+    done = await trim(redis, ledger_key, keep_min_entries=keep_min_entries)
+    if done.min_id is None and done.held_by.startswith("no checkpoint"):
+        log.warning("%s", done.summary(ledger_key))
+    elif done.removed:
+        log.info("%s", done.summary(ledger_key))
+    return done.removed
 
 
 # ---- `giftstream consume` -------------------------------------------------------------
@@ -462,7 +504,11 @@ async def run_consumer(
             log.error("cannot reach Redis at %s: %s", redis_url, exc)
             return 1
         if metrics_port is not None:
-            start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+            try:
+                start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+            except OSError as exc:
+                log.error("cannot serve metrics on 127.0.0.1:%d: %s", metrics_port, exc)
+                return 2
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
