@@ -48,6 +48,7 @@ class _Call:
     script: AsyncScript
     keys: Sequence[str]
     args: Sequence[Any]
+    packed: bytes
     on_reply: Callable[[Any], Any]
     future: asyncio.Future[Any]
     sent_at: float = 0.0
@@ -167,10 +168,13 @@ class ScriptBatcher:
         on_reply: Callable[[Any], T],
     ) -> asyncio.Future[T]:
         """Queue a call; the future gets `on_reply(reply)`, or the error Redis or `on_reply`
-        raised. `on_reply` runs even when the future was cancelled."""
+        raised. `on_reply` runs even when the future was cancelled. An argument that is not
+        str, int or bytes raises TypeError here, to this caller alone, and nothing is queued:
+        packed later, it would strand every call of the turn."""
+        packed = pack("EVALSHA", script.sha, len(keys), *keys, *args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.append(_Call(script, keys, args, on_reply, future))
+        self._queue.append(_Call(script, keys, args, packed, on_reply, future))
         self._outstanding += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -202,10 +206,7 @@ class ScriptBatcher:
         now = time.perf_counter()
         for call in calls:
             call.sent_at = now
-        self._pipe.write(
-            b"".join(pack("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls),
-            calls,
-        )
+        self._pipe.write(b"".join(c.packed for c in calls), calls)
         self._arm_watchdog()
 
     async def _connect(self) -> None:

@@ -109,6 +109,21 @@ def test_only_str_int_and_bytes_are_packed() -> None:
             pack("SET", "k", bad)  # type: ignore[arg-type]
 
 
+async def test_a_bad_argument_fails_its_own_call_only(redis_client: aioredis.Redis) -> None:
+    """Refused at submit, to its caller: packed at flush time, a float stranded every call
+    of the turn (their futures never resolved, drain() never returned)."""
+    batcher = ScriptBatcher(redis_client)
+    incr = redis_client.register_script(INCR)
+    before = asyncio.ensure_future(batcher.call(incr, ["counter"], []))
+    for bad in (1.5, True, None):
+        with pytest.raises(TypeError):
+            batcher.submit(incr, ["counter"], [bad], lambda reply: reply)
+    after = asyncio.ensure_future(batcher.call(incr, ["counter"], []))
+    assert await asyncio.wait_for(asyncio.gather(before, after), 5) == [1, 2]
+    await asyncio.wait_for(batcher.drain(), 5)
+    assert batcher.writes == 1
+
+
 async def test_password_and_database_come_from_the_client(own_redis: EmbeddedRedis) -> None:
     admin = aioredis.Redis.from_url(own_redis.url)
     await admin.config_set("requirepass", "s3cret")
