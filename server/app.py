@@ -20,7 +20,6 @@ from server.config import Settings
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.fanout import Fanout
 from server.gateway import WS_PATH, Gateway
-from server.inflight import InFlight
 from server.metrics import Metrics
 from server.ops import OpsFeed
 from server.rooms import Hub
@@ -90,7 +89,6 @@ class App:
             ops=self.ops,
             fanout=self.fanout,
             metrics=self.metrics,
-            money=InFlight(),
         )
         self.gateway = Gateway(
             self.services, settings.host, settings.port, settings.allowed_origins
@@ -162,7 +160,7 @@ class App:
         log.info("shutting down: no new connections")
         self.gateway.stop_accepting()
         self.services.draining = True
-        left = await self.services.money.drain(self.settings.limits.shutdown_grace_s)
+        left = await self.wallet.drain(self.settings.limits.shutdown_grace_s)
         if left:
             log.warning("%d money movements still running at shutdown", left)
         with contextlib.suppress(Exception):

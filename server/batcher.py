@@ -185,11 +185,22 @@ class ScriptBatcher:
         """The script's raw reply, or the error Redis raised for it."""
         return await self.submit(script, keys, args, _same)
 
-    async def drain(self) -> None:
-        """Wait until every call submitted so far has its reply (or its error)."""
-        while self._outstanding:
-            self._idle = self._idle or asyncio.Event()
-            await self._idle.wait()
+    @property
+    def in_flight(self) -> int:
+        """Calls submitted whose reply has not been handled yet."""
+        return self._outstanding
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Wait until every call submitted so far has its reply (or its error), for at most
+        `timeout_s`; returns how many were still waiting (they still finish later)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._outstanding:
+                    self._idle = self._idle or asyncio.Event()
+                    await self._idle.wait()
+        except TimeoutError:
+            pass
+        return self._outstanding
 
     # ---- sending ------------------------------------------------------------------------
 

@@ -50,7 +50,6 @@ from server.auth import AuthError, Identity, verify_token
 from server.catalog import Catalog, Gift
 from server.config import Limits
 from server.fanout import Fanout
-from server.inflight import InFlight
 from server.metrics import Metrics
 from server.ops import OpsFeed
 from server.ratelimit import TokenBucket
@@ -76,7 +75,6 @@ class Services:
     ops: OpsFeed
     fanout: Fanout
     metrics: Metrics
-    money: InFlight
     draining: bool = False
     connections: int = 0
 
@@ -300,7 +298,7 @@ class Session:
         else:
             if self.s.draining:
                 raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down; retry")
-            settled = await self.s.money.run(self._settle(room, gift, message))
+            settled = await self._settle(room, gift, message)
         return GiftOk(
             key=message.key, event=settled.event, coins=settled.coins, combo=settled.combo
         )
@@ -318,23 +316,17 @@ class Session:
         return room
 
     async def _settle(self, room: Room, gift: Gift, message: SendGift) -> SettledGift:
-        """Debit and credit in one script, then queue the room's event: one unit of work that
-        a dropped connection cannot cut between the two."""
+        """Debit and credit in one script; the room's event is queued as Redis answers, even
+        if this connection drops meanwhile, so a gift is never settled unseen."""
         sender = self.user
-        settled = await self.s.wallet.send_gift(
-            sender=sender.user,
-            adult=sender.adult,
-            creator=room.creator,
-            room=room.id,
-            gift=gift,
-            count=message.count,
-            key=message.key,
-            now_ms=now_ms(),
-        )
-        if not settled.replayed:
-            self.s.ops.record_gift(gift.coins * message.count)
-            if self.s.hub.rooms.get(room.id) is room:
-                self.s.hub.publish(
+        hub, ops = self.s.hub, self.s.ops
+
+        def publish(settled: SettledGift) -> None:
+            if settled.replayed:
+                return
+            ops.record_gift(gift.coins * message.count)
+            if hub.rooms.get(room.id) is room:
+                hub.publish(
                     room,
                     lambda seq: GiftEvent(
                         room=room.id,
@@ -351,4 +343,15 @@ class Session:
                         ts=settled.ts,
                     ).as_dict(),
                 )
-        return settled
+
+        return await self.s.wallet.send_gift(
+            sender=sender.user,
+            adult=sender.adult,
+            creator=room.creator,
+            room=room.id,
+            gift=gift,
+            count=message.count,
+            key=message.key,
+            now_ms=now_ms(),
+            on_settled=publish,
+        )

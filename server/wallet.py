@@ -198,9 +198,15 @@ class Wallet:
         for script in self._scripts.values():
             script.sha = await self._redis.script_load(script.script)
 
-    async def drain(self) -> None:
-        """Wait for every script call made so far, callers cancelled or not (shutdown, tests)."""
-        await self._batcher.drain()
+    @property
+    def in_flight(self) -> int:
+        """Money movements sent to Redis whose outcome is not handled yet."""
+        return self._batcher.in_flight
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Wait for every movement in progress, callers cancelled or not (SIGTERM, tests);
+        returns how many were still running after `timeout_s` (their keys answer retries)."""
+        return await self._batcher.drain(timeout_s)
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
@@ -215,8 +221,11 @@ class Wallet:
         count: int,
         key: str,
         now_ms: int,
+        on_settled: Callable[[SettledGift], object] | None = None,
     ) -> SettledGift:
-        """Debit the sender and credit the creator once per (sender, key)."""
+        """Debit the sender and credit the creator once per (sender, key). `on_settled` runs
+        as soon as Redis answers, even if the caller was cancelled meanwhile: what must follow
+        a debit (the room's event) cannot be cut from it by a dropped connection."""
         now_ms = _ms(now_ms)
         if type(count) is not int or not 1 <= count <= MAX_COUNT:
             raise ProtocolError(ErrorCode.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
@@ -243,6 +252,8 @@ class Wallet:
                 else:
                     self._metrics.gifts_settled.inc()
                     self._metrics.coins_settled.inc(coins)
+            if on_settled is not None:
+                on_settled(result)
             return result
 
         return await self._call(

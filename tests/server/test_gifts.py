@@ -289,7 +289,7 @@ async def test_shutdown_finishes_money_in_flight(make_app, tokens: TokenMaker) -
         await clients[i % 5].send({**gift(f"in-flight-{i:03d}"), "id": f"g{i}"})
     await asyncio.sleep(0.01)  # some are being settled right now
     await node.shutdown()
-    assert len(node.services.money) == 0  # nothing was left running
+    assert node.wallet.in_flight == 0  # nothing was left running
     for client in clients:
         assert await client.closed_with() == 1001
     answered = [f for c in clients for f in c.unread if f.get("id", "").startswith("g")]
