@@ -1,13 +1,14 @@
-"""`giftstream serve | token | audit`: the command line, and nothing but turning arguments
-into settings and a clear one-line error when they are wrong."""
+"""`giftstream serve | token | relay | consume | trim | audit`: the command line, and nothing
+but turning arguments into settings and a clear one-line error when they are wrong."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,13 @@ DEMO_USERS = (
     ("otto", "Otto (ops)", Role.OPS),
 )
 DEMO_PACKAGE = "coins_17500"
+DEFAULT_TRIM_KEEP = 10_000  # entries `giftstream trim` keeps whatever the groups say
+CONSUME_NUMBERS = (  # flag, default, lowest, help; as run_consumer's keyword arguments
+    ("--batch", 100, 1, "entries per read, acked together"),
+    ("--block-ms", 1000, 1, "how long a read waits for new entries"),
+    ("--claim-idle-ms", 30_000, 1, "reclaim an entry left pending this long"),
+    ("--max-deliveries", 5, 1, "deliveries before a failing entry is dead-lettered"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +90,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(relay, only=("--data-dir", "--redis-url"))
 
+    consume = commands.add_parser(
+        "consume", help="run a ledger consumer (a handler in a consumer group) until signalled"
+    )
+    consume.add_argument(
+        "--group", help="consumer group; each group sees every entry (env GIFTSTREAM_GROUP)"
+    )
+    consume.add_argument(
+        "--consumer",
+        help="this consumer's name in its group, stable across restarts "
+        "(env GIFTSTREAM_CONSUMER; default the host name)",
+    )
+    consume.add_argument(
+        "--handler", help="earnings or checkpoint (env GIFTSTREAM_HANDLER; default earnings)"
+    )
+    for flag, default, low, what in CONSUME_NUMBERS:
+        consume.add_argument(flag, type=_at_least(low), default=default,
+                             help=f"{what} (default {default})")  # fmt: skip
+    consume.add_argument("--dead-letter-key", help="dead-letter stream (default LEDGER_KEY:dead)")
+    consume.add_argument("--metrics-port", type=_at_least(1),
+                         help="serve Prometheus metrics on 127.0.0.1:PORT")  # fmt: skip
+    consume.add_argument("--ledger-key", default="giftstream:ledger")
+    consume.add_argument(
+        "--log-level",
+        default=os.environ.get("GIFTSTREAM_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    add_options(consume, only=("--data-dir", "--redis-url"))
+
+    trim = commands.add_parser(
+        "trim", help="trim the ledger below what every consumer group and the checkpoint need"
+    )
+    trim.add_argument(
+        "--keep",
+        help="always keep the last KEEP entries, whatever the groups say "
+        f"(env GIFTSTREAM_TRIM_KEEP; default {DEFAULT_TRIM_KEEP})",
+    )
+    trim.add_argument("--ledger-key", default="giftstream:ledger")
+    add_options(trim, only=("--data-dir", "--redis-url"))
+
     audit = commands.add_parser("audit", help="replay the ledger and compare every wallet")
     add_options(audit, only=("--data-dir", "--redis-url"))
     audit.add_argument("--ledger-key", default="giftstream:ledger")
@@ -90,6 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_loadtest_parser(commands)
     return parser  # fmt: skip
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {low}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _flag_or_env(value: str | None, flag: str, env: str, default: str | None) -> tuple[Any, str]:
+    """A flag's value if given, else its environment variable's, else the default; with
+    the name of where it came from, for error messages."""
+    if value is not None:
+        return value, flag
+    if os.environ.get(env):
+        return os.environ[env], env
+    return default, flag
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args, values)
         if args.command == "relay":
             return _relay(args, values)
+        if args.command == "consume":
+            return _consume(args, values)
+        if args.command == "trim":
+            return _trim(args, values)
         if args.command == "loadtest":
             from loadtest.cli import run_loadtest
 
@@ -176,15 +250,22 @@ def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
     return 0
 
 
+def _running_redis(values: dict[str, Any]) -> str:
+    """--redis-url, else the data dir's embedded Redis if it runs (a relay, consumer or trim
+    never starts one: the server owns it)."""
+    url = values.get("redis_url") or running_embedded_url(values["data_dir"] / "redis")
+    if url is None:
+        raise ConfigError("no --redis-url, and no embedded Redis running in the data dir")
+    return str(url)
+
+
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from server.relay import RelayConfig, print_status, run_relay
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    url = values.get("redis_url") or running_embedded_url(values["data_dir"] / "redis")
-    if url is None:
-        raise ConfigError("no --redis-url, and no embedded Redis running in the data dir")
+    url = _running_redis(values)
     if args.status:
         return uvloop.run(print_status(url, args.ledger_key))
     if not args.nats:
@@ -192,6 +273,70 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
     config = RelayConfig(nats_url=args.nats, ledger_key=args.ledger_key, stream=args.stream,
                          subject_prefix=args.subject_prefix)  # fmt: skip
     return uvloop.run(run_relay(url, config, args.metrics_port))
+
+
+def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    from server.consumers import HANDLERS, run_consumer
+    from server.relay import GROUP as RELAY_GROUP
+
+    group, group_from = _flag_or_env(args.group, "--group", "GIFTSTREAM_GROUP", None)
+    if not group:
+        raise ConfigError("--group / GIFTSTREAM_GROUP is required, e.g. --group earnings")
+    if group == RELAY_GROUP:
+        raise ConfigError(
+            f"{group_from} {group!r}: that group is the JetStream relay's; consuming in it "
+            "would ack entries the relay never published"
+        )
+    consumer, _ = _flag_or_env(args.consumer, "--consumer", "GIFTSTREAM_CONSUMER",
+                               socket.gethostname())  # fmt: skip
+    handler, handler_from = _flag_or_env(args.handler, "--handler", "GIFTSTREAM_HANDLER",
+                                         "earnings")  # fmt: skip
+    if handler not in HANDLERS:
+        raise ConfigError(f"{handler_from} {handler!r}: no such handler; one of "
+                          + ", ".join(sorted(HANDLERS)))  # fmt: skip
+    url = _running_redis(values)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    consumer_run = run_consumer(
+        url, group, consumer, handler, ledger_key=args.ledger_key,
+        dead_letter_key=args.dead_letter_key, batch=args.batch, block_ms=args.block_ms,
+        claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
+        metrics_port=args.metrics_port,
+    )  # fmt: skip
+    return uvloop.run(consumer_run)
+
+
+def _trim(args: argparse.Namespace, values: dict[str, Any]) -> int:
+    raw, source = _flag_or_env(args.keep, "--keep", "GIFTSTREAM_TRIM_KEEP", None)
+    keep = DEFAULT_TRIM_KEEP
+    if raw is not None:
+        try:
+            keep = _at_least(0)(raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    return uvloop.run(_run_trim(_running_redis(values), args.ledger_key, keep))
+
+
+async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from server.consumers import trim
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        done = await trim(client, ledger_key, keep_min_entries=keep)
+    except (RedisError, OSError) as exc:
+        from loadtest.scenario import redact_url
+
+        where = redact_url(url)
+        print(f"giftstream: error: cannot trim in Redis at {where}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await client.aclose()
+    print(done.summary(ledger_key))
+    return 0
 
 
 def _audit(args: argparse.Namespace, values: dict[str, Any]) -> int:
