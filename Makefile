@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev run test lint clean loadtest
+.PHONY: install install-dev run test lint clean loadtest bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ $(LTSTAMP): $(STAMP) pyproject.toml
 #   make loadtest LOADTEST_ARGS="--viewers 2000 --gift-rate 300 --report run.json --plot run.png"
 loadtest: $(LTSTAMP)
 	$(BIN)/giftstream loadtest $(LOADTEST_ARGS)
+
+# Start our own Redis and servers, run the scenarios of issue 5 against giftstream and the
+# peers (installed into bench/.peers/, gitignored), write docs/benchmarks.md (~25 min).
+# Subsets: BENCH_SCENARIOS=fanout,settle BENCH_RUNS=3 make bench; BENCH_SMOKE=1 make bench.
+bench: $(LTSTAMP)
+	$(BIN)/python -m bench.run
 
 test: $(DEVSTAMP)
 	$(BIN)/python -m pytest -q
