@@ -32,6 +32,7 @@ T = TypeVar("T")
 MAX_COUNT = 99
 MAX_GIFT_COINS = 10**9
 MAX_PACKAGE_COINS = 10**9
+MAX_PRICE_CENTS = 10**12
 MAX_BALANCE = 10**15  # a purchase past this is refused: balances stay exact in Lua
 MAX_DAILY_LIMIT = 10**12
 MAX_PAYOUT_DIAMONDS = 10**12
@@ -310,6 +311,7 @@ class Wallet:
         now_ms = _ms(now_ms)
         _check_receipt(receipt)
         _check_int("package coins", package.coins, 1, MAX_PACKAGE_COINS)
+        _check_int("package price_cents", package.price_cents, 0, MAX_PRICE_CENTS)
         event = _new_id()
 
         def purchased(reply: list[Any]) -> PurchaseResult:
