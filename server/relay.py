@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from redis.exceptions import RedisError, ResponseError
 
 from server import keys
+from server.ledger import stream_id_key
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ CONSUMER = "relay"  # one relay at a time: it re-reads its own pending entries o
 STREAM_ID_HEADER = "Giftstream-Stream-Id"
 DEFAULT_STREAM = "GIFTSTREAM_LEDGER"
 DEFAULT_SUBJECT_PREFIX = "giftstream.ledger"
-
-
-def stream_id_key(stream_id: str) -> tuple[int, int]:
-    """A Redis stream id as a sortable pair: "1764000000000-3" -> (1764000000000, 3)."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +70,17 @@ class Lag:
 async def relay_lag(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> Lag:
     """Entries not yet relayed and the age of the oldest, from the stream and the group."""
     now_ms = time.time() * 1000
-    try:
-        groups = await redis.xinfo_groups(ledger_key)
-    except ResponseError:  # no stream yet
+    # The group's counts and its pending summary in one MULTI, so both describe one moment:
+    # read apart, a relay acking its batch in between leaves XINFO saying "pending 3" and
+    # XPENDING saying "nothing pending, oldest None".
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xinfo_groups(ledger_key)
+        pipe.xpending(ledger_key, GROUP)
+        groups, summary = await pipe.execute(raise_on_error=False)
+    if isinstance(groups, ResponseError):  # no stream yet
         return Lag(0, 0.0, None)
     group = next((g for g in groups if _text(g["name"]) == GROUP), None)
-    if group is None:  # the relay never ran: everything is waiting
+    if group is None:  # the relay never ran: everything is waiting (XPENDING said NOGROUP)
         length = int(await redis.xlen(ledger_key))
         first = await redis.xrange(ledger_key, count=1)
         oldest = _age_s(_text(first[0][0]), now_ms) if first else 0.0
@@ -90,9 +90,10 @@ async def relay_lag(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> Lag
     lag = group.get("lag")
     if lag is None:  # Redis cannot tell (entries deleted); count what follows
         lag = len(await redis.xrange(ledger_key, min="(" + last_delivered, count=100_000) or [])
+    if isinstance(summary, Exception):
+        raise summary
     oldest = 0.0
-    if pending:
-        summary = await redis.xpending(ledger_key, GROUP)
+    if pending and summary["min"] is not None:  # None only if pending is 0 in this snapshot
         oldest = _age_s(_text(summary["min"]), now_ms)
     elif lag:
         after = await redis.xrange(ledger_key, min="(" + last_delivered, count=1)
@@ -272,10 +273,15 @@ def _text(value: Any) -> str:
 
 
 async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | None) -> int:
-    """`giftstream relay`: relay until SIGTERM or SIGINT; the exit code."""
+    """`giftstream relay`: relay until SIGTERM or SIGINT. Exit code: 0 stopped by a signal,
+    1 Redis unreachable, 2 the metrics port taken."""
     metrics = RelayMetrics()
     if metrics_port is not None:
-        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        try:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        except OSError as exc:
+            log.error("cannot serve metrics on 127.0.0.1:%d: %s", metrics_port, exc)
+            return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
