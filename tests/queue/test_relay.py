@@ -4,6 +4,7 @@ through kill -9 between publish and ack, NATS going away, and restarts."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import shutil
 import signal
@@ -13,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,12 @@ from redis.asyncio.connection import Connection
 
 from server import keys
 from server.catalog import load_catalog
+from server.checkpoint import GROUP as CHECKPOINT_GROUP
+from server.checkpoint import CheckpointFolder
+from server.consumers import LedgerConsumer, trim_ledger
+from server.earnings import EarningsConsumer
 from server.embedded_redis import free_port
-from server.ledger import read_entries
+from server.ledger import audit, read_entries
 from server.relay import GROUP, STREAM_ID_HEADER, Lag, Relay, RelayConfig, relay_lag
 from server.wallet import Wallet
 from tests.processes import GIFTSTREAM, run_cli
@@ -136,7 +141,7 @@ async def jetstream_messages(config: RelayConfig) -> list[tuple[str, str, str]]:
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await jsm.get_msg(config.stream, seq=seq)
             headers = msg.headers or {}
-            messages.append((headers["Nats-Msg-Id"], headers[STREAM_ID_HEADER], msg.subject))
+            messages.append((headers["Nats-Msg-Id"], headers[STREAM_ID_HEADER], str(msg.subject)))
         return messages
     finally:
         await nc.close()
@@ -202,8 +207,6 @@ async def test_crash_between_publish_and_ack_never_publishes_twice(
     redis_client: aioredis.Redis, wallet: Wallet, relay_config: RelayConfig
 ) -> None:
     """Even past JetStream's duplicate window, a restarted relay skips what it published."""
-    from dataclasses import replace
-
     config = replace(relay_config, duplicate_window_s=0.5, batch=16)
     await settle(wallet, 120)
     rng = random.Random(7)
@@ -212,7 +215,7 @@ async def test_crash_between_publish_and_ack_never_publishes_twice(
         with pytest.raises(_Crash):
             await relay._ensure_group()
             await relay._open()
-            while True:
+            for _ in range(50):  # it crashes within its first 20 publishes
                 await relay.relay_once()
         await relay._close_nats()
         await asyncio.sleep(0.6)  # past the duplicate window: dedupe cannot save us
@@ -226,16 +229,31 @@ async def test_crash_between_publish_and_ack_never_publishes_twice(
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))
 
 
+async def lag_below(redis_url: str, entries: int, timeout: float) -> int:
+    """Poll until the relay has relayed something more: its lag below `entries`; the lag."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while (lag := (await relay_lag(client)).entries) >= entries:
+            assert time.monotonic() < deadline, f"the relay did not get below {entries}"
+            await asyncio.sleep(0.005)
+        return lag
+    finally:
+        await client.aclose()
+
+
 def test_kill_9_relay_process_many_times(
     redis_url: str, relay_config: RelayConfig, tmp_path: Path
 ) -> None:
-    """The real `giftstream relay` process, killed -9 at random moments while relaying."""
+    """The real `giftstream relay` process, killed -9 twelve times while it relays: each
+    time once it has relayed something, at a random moment of its publish-then-ack cycle."""
+    total = 3000
 
     async def fill() -> None:
         client = aioredis.Redis.from_url(redis_url)
         wallet = Wallet(client, load_catalog().economics)
         await wallet.load_scripts()
-        await settle(wallet, 3000)
+        await settle(wallet, total)
         await client.aclose()
 
     asyncio.run(fill())
@@ -243,15 +261,20 @@ def test_kill_9_relay_process_many_times(
                "--stream", relay_config.stream, "--subject-prefix", relay_config.subject_prefix,
                "--log-level", "WARNING"]  # fmt: skip
     rng = random.Random(11)
-    kills = 0
+    left = [total]  # the relay's lag after each kill
     for _ in range(12):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 0.9))
-        proc.kill()
-        proc.wait()
-        kills += 1
+        try:
+            asyncio.run(lag_below(redis_url, left[-1], timeout=30))  # it is relaying
+            time.sleep(rng.uniform(0, 0.05))  # a relay moves an entry every ms or so
+        finally:
+            proc.kill()
+            proc.wait()
+        left.append(asyncio.run(relay_lag_of(redis_url)))
+    # every kill landed while the relay was under way: it moved on, and had more to do
+    assert all(a > b > 0 for a, b in itertools.pairwise(left)), left
     status = run_cli("relay", "--status", "--redis-url", redis_url)
-    assert status.returncode == 0 and '"entries"' in status.stdout
+    assert status.returncode == 0 and status.stdout.startswith(f'{{"entries":{left[-1]},')
     metrics_port = free_port()
     proc = subprocess.Popen([*command, "--metrics-port", str(metrics_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -262,19 +285,39 @@ def test_kill_9_relay_process_many_times(
             await wait_until_relayed(client, 60)
             assert_exactly_once(await ledger_events(client), await jetstream_messages(relay_config))
             await client.aclose()
-            await asyncio.sleep(0.5)  # the lag gauge is refreshed when the relay is idle
-            async with aiohttp.ClientSession() as http, http.get(
-                f"http://127.0.0.1:{metrics_port}/metrics"
-            ) as response:
-                text = await response.text()
-            assert "giftstream_relay_lag_entries 0.0" in text
-            assert "giftstream_relay_oldest_age_seconds 0.0" in text
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            deadline = time.monotonic() + 10
+            async with aiohttp.ClientSession() as http:
+                while True:  # the gauges are refreshed once the relay finds nothing new
+                    async with http.get(url) as response:
+                        metrics = await response.text()
+                    if "giftstream_relay_lag_entries 0.0" in metrics:
+                        break
+                    assert time.monotonic() < deadline, metrics
+                    await asyncio.sleep(0.05)
+            assert "giftstream_relay_oldest_age_seconds 0.0" in metrics
+            # what the kills left: each entry published, or found in JetStream and acked
+            published = _sample(metrics, "giftstream_relay_published_total")
+            skipped = _sample(metrics, "giftstream_relay_already_published_total")
+            assert published + skipped == left[-1]
 
         asyncio.run(check())
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    assert kills == 12
+
+
+async def relay_lag_of(redis_url: str) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return (await relay_lag(client)).entries
+    finally:
+        await client.aclose()
+
+
+def _sample(metrics: str, name: str) -> int:
+    line = next(line for line in metrics.splitlines() if line.startswith(name + " "))
+    return int(float(line.split()[1]))
 
 
 async def test_nats_away_then_back_relay_catches_up(
@@ -290,9 +333,12 @@ async def test_nats_away_then_back_relay_catches_up(
     await wait_until_relayed(redis_client, 20)
     nats_server.stop()
     await settle(wallet, 100, prefix="b")  # gifts go on while NATS is away
-    await asyncio.sleep(1.5)
-    lag = await relay_lag(redis_client)
-    assert lag.entries >= 100 and lag.oldest_age_s > 1.0
+    deadline = time.monotonic() + 10
+    while (lag := await relay_lag(redis_client)).oldest_age_s <= 1.0:  # waiting, and ageing
+        assert lag.entries >= 100, lag  # nothing is relayed meanwhile
+        assert time.monotonic() < deadline, lag
+        await asyncio.sleep(0.05)
+    assert lag.entries >= 100
     nats_server.start()
     await wait_until_relayed(redis_client, 30)
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(relay_config))
@@ -396,3 +442,83 @@ async def test_relay_lag_while_the_relay_acks_its_last_pending_entries(
     assert acks == 2  # the ack did land while relay_lag was reading
     assert (lag.entries, lag.last_delivered) == (1, batch[1].decode())  # one left unread
     assert 0 <= lag.oldest_age_s < 5
+
+
+# ---- a stopped relay, and trimming meanwhile ---------------------------------------------
+
+
+async def _caught_up(consumer: LedgerConsumer) -> None:
+    for _ in range(100):
+        if not await consumer.run_once():
+            return
+    raise AssertionError(f"group {consumer.group} never caught up")
+
+
+async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
+    redis_url: str, redis_client: aioredis.Redis, wallet: Wallet, relay_config: RelayConfig
+) -> None:
+    """The relay runs, stops, and dies once mid-batch (published part of it, acked none);
+    meanwhile five times more entries than the trim keeps are settled, the other groups keep
+    up, and the ledger is trimmed. The restarted relay still delivers every entry once;
+    once it has caught up, trimming removes everything but what it keeps."""
+    keep = 20
+    config = replace(relay_config, batch=16)
+    other_groups = [
+        LedgerConsumer(redis_client, CHECKPOINT_GROUP, "c1", CheckpointFolder(redis_client),
+                       block_ms=10),
+        LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client),
+                       block_ms=10),
+    ]  # fmt: skip
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(Relay(redis_client, config).run(stop))
+    await settle(wallet, 30, prefix="a")
+    await wait_until_relayed(redis_client, 20)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+    await settle(wallet, 5 * keep, prefix="b")  # the relay is down
+    # it read a batch of 16, published and acked 4, published the 5th and died
+    crashing = CrashAfterPublish(redis_client, config, crash_after=5)
+    with pytest.raises(_Crash):
+        await crashing._open()
+        for _ in range(10):
+            await crashing.relay_once()
+    await crashing._close_nats()
+    for consumer in other_groups:
+        await _caught_up(consumer)
+    settled = await ledger_events(redis_client)  # every entry, before any trim
+    assert len(settled) == 30 + 5 * keep
+    summary: Any = await redis_client.xpending(keys.LEDGER, GROUP)
+    assert summary["pending"] == 12 and summary["min"].decode() == settled[34][0]
+    assert (await relay_lag(redis_client)).entries == 5 * keep - 4
+
+    # trimming now removes only what the relay acked before it stopped
+    trimmed = await asyncio.to_thread(run_cli, "trim", "--keep", str(keep), "--redis-url",
+                                      redis_url)  # fmt: skip
+    assert trimmed.returncode == 0, trimmed.stderr
+    assert trimmed.stdout.strip() == (
+        f"trimmed 34 entries of {keys.LEDGER} below {settled[34][0]} (held there by group "
+        f"{GROUP}); {5 * keep - 4} entries left"
+    )
+    assert await trim_ledger(redis_client, keep_min_entries=0) == 0  # keep 0: still held
+    assert await ledger_events(redis_client) == settled[34:]
+
+    finisher = Relay(redis_client, config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(finisher.run(stop))
+    await wait_until_relayed(redis_client, 20)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert finisher.metrics.skipped._value.get() == 1  # published before the crash
+    assert_exactly_once(settled, await jetstream_messages(config))
+
+    # every group has acked everything: the trim keeps only the last `keep`
+    trimmed = await asyncio.to_thread(run_cli, "trim", "--keep", str(keep), "--redis-url",
+                                      redis_url)  # fmt: skip
+    assert trimmed.returncode == 0, trimmed.stderr
+    assert trimmed.stdout.startswith(f"trimmed {5 * keep - 4 - keep} entries of {keys.LEDGER}")
+    assert f"(held there by the last {keep} entries kept); {keep} entries left" in trimmed.stdout
+    assert await ledger_events(redis_client) == settled[-keep:]
+    report = await audit(redis_client)
+    assert report.ok and report.entries == len(settled), report.breaches
