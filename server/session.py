@@ -94,7 +94,11 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
 
 
 class Session:
-    """Serves one connection from upgrade to close."""
+    """Serves one connection from upgrade to close. Thousands live at once: slotted, and the
+    request handlers are looked up on the class, not bound per connection."""
+
+    __slots__ = ("_close_with", "_gifts", "_messages", "_strikes", "conn", "identity", "s",
+                 "state")  # fmt: skip
 
     def __init__(self, conn: ServerConnection, services: Services) -> None:
         self.conn = conn
@@ -107,17 +111,6 @@ class Session:
         self._messages = TokenBucket(limits.messages_per_s, limits.messages_burst, clock)
         self._gifts = TokenBucket(limits.gifts_per_s, limits.gifts_burst, clock)
         self._strikes = TokenBucket(limits.flood_strikes_per_s, limits.flood_strikes, clock)
-        self._handlers: dict[type[Any], Callable[[Any], Awaitable[Any]]] = {
-            Join: self.on_join,
-            Leave: self.on_leave,
-            SendGift: self.on_gift,
-            GetBalance: self.on_balance,
-            GoLive: self.on_go_live,
-            EndLive: self.on_end_live,
-            Watch: self.on_watch,
-            Ping: self.on_ping,
-            Hello: self.on_hello_again,
-        }
 
     async def run(self) -> None:
         metrics = self.s.metrics
@@ -192,7 +185,7 @@ class Session:
         try:
             message: ClientMessage = decode_frame(frame)
             request_id = message.id
-            reply = await self._handlers[type(message)](message)
+            reply = await _HANDLERS[type(message)](self, message)
             if reply is not None:  # None: the handler wrote its own reply
                 self._write(encode_reply(reply, request_id))
         except ProtocolError as error:
@@ -355,3 +348,17 @@ class Session:
             now_ms=now_ms(),
             on_settled=publish,
         )
+
+
+# Each request type's handler, shared by every session.
+_HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[Any]]] = {
+    Join: Session.on_join,
+    Leave: Session.on_leave,
+    SendGift: Session.on_gift,
+    GetBalance: Session.on_balance,
+    GoLive: Session.on_go_live,
+    EndLive: Session.on_end_live,
+    Watch: Session.on_watch,
+    Ping: Session.on_ping,
+    Hello: Session.on_hello_again,
+}
