@@ -330,6 +330,9 @@ async def ladder(
                 elif last_ok is not None and not retried:
                     retried = True
                     continue
+                elif last_ok is None and not coarse:
+                    dps /= 1.3  # a later run that starts too high: step down to a good step
+                    continue
                 elif not (last_ok is None and phase_factor is coarse and s.keeps_up):
                     break
                 dps *= phase_factor

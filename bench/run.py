@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -590,6 +591,10 @@ def write_doc(b: Bench, elapsed: float, argv: str) -> None:
 
 async def main() -> int:
     raise_nofile()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop in order: every child is stopped
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     t0 = time.monotonic()
     log(f"make bench: scenarios {','.join(SCENARIOS)}, {RUNS} run(s) each"
         f"{' (smoke)' if SMOKE else ''}; load average {loadavg()}")  # fmt: skip
