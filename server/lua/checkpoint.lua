@@ -40,6 +40,18 @@ local counts = {}
 for i = 1, 6 do
   counts[i] = int_arg(2 + i, 0, 2^31)
 end
+local items = 2 * (counts[1] + counts[2] + counts[3]) + counts[4] + counts[5] + counts[6]
+if #ARGV ~= 8 + items then
+  error(string.format('giftstream: %d arguments for %d items', #ARGV, items))
+end
+-- Keys only written are never read first, so their type is checked here: HSET, SADD or
+-- RPUSH failing on one would leave the keys before it written.
+for k, kind in ipairs({'hash', 'hash', 'hash', 'set', 'set', 'list'}) do
+  local found = redis.call('TYPE', KEYS[k]).ok
+  if found ~= kind and found ~= 'none' then
+    error('giftstream: ' .. KEYS[k] .. ' is a ' .. found .. ', not a ' .. kind)
+  end
+end
 parts(new_last)
 local stored = redis.call('HGET', main, 'last_id')
 if stored and not later(new_last, stored) then

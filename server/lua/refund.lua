@@ -19,7 +19,11 @@ if purchase[4] then
   return {'ok', purchase[4], tonumber(purchase[5]), tonumber(purchase[6]),
     stored_int(wallet, 'coins'), stored_int(wallet, 'debt')}
 end
-local coins = tonumber(purchase[2])
+local coins = exact_int(purchase[2])  -- corrupt, it would fail HINCRBY after the XADD
+if not coins or coins < 1 then
+  error('giftstream: receipt ' .. receipt .. ' coins is not an exact integer: ' ..
+    tostring(purchase[2]))
+end
 local balance, debt = stored_int(wallet, 'coins'), stored_int(wallet, 'debt')
 local taken = math.min(balance, coins)
 local owed = coins - taken
