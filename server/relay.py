@@ -40,6 +40,7 @@ CONSUMER = "relay"  # one relay at a time: it re-reads its own pending entries o
 STREAM_ID_HEADER = "Giftstream-Stream-Id"
 DEFAULT_STREAM = "GIFTSTREAM_LEDGER"
 DEFAULT_SUBJECT_PREFIX = "giftstream.ledger"
+LAG_REFRESH_S = 1.0  # the lag gauges are set at least this often: idle, busy or retrying
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,7 @@ class Relay:
         self._nc: Any = None
         self._js: JetStreamContext | None = None
         self._last_relayed: tuple[int, int] = (0, 0)
+        self._lag_set_at = float("-inf")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; NATS or Redis being away only delays, with backoff."""
@@ -151,17 +153,19 @@ class Relay:
                     await self._open()
                 moved = await self.relay_once()
                 backoff = 0.1
-                if not moved:
-                    await self._refresh_lag()
             except (NatsError, JetStreamError, OSError, TimeoutError) as exc:
                 self.metrics.errors.labels("nats").inc()
                 log.warning("JetStream unavailable (%s); retrying in %.1fs", exc, backoff)
                 await self._close_nats()
+                await self._refresh_lag(LAG_REFRESH_S)  # the backlog grows meanwhile: show it
                 backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
+                continue
             except RedisError as exc:
                 self.metrics.errors.labels("redis").inc()
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
+                continue
+            await self._refresh_lag(LAG_REFRESH_S if moved else 0.0)  # idle: every pass
         await self._close_nats()
 
     async def relay_once(self) -> int:
@@ -226,11 +230,18 @@ class Relay:
                 )
             )
             log.info("created JetStream stream %s", name)
-        if info.state.last_seq:
-            last = await jsm.get_msg(name, seq=info.state.last_seq)
-            stream_id = (last.headers or {}).get(STREAM_ID_HEADER)
+        if info.state.messages:  # an emptied stream (purged, aged out) keeps a last_seq
+            try:
+                last = await jsm.get_msg(name, seq=info.state.last_seq)
+            except NotFoundError:  # that very message deleted since
+                last = None
+            stream_id = (last.headers or {}).get(STREAM_ID_HEADER) if last else None
             if stream_id:
                 self._last_relayed = max(self._last_relayed, stream_id_key(stream_id))
+            else:
+                log.warning("the last message of JetStream stream %s is gone or has no %s "
+                            "header: only the duplicate window guards against publishing an "
+                            "entry twice", name, STREAM_ID_HEADER)  # fmt: skip
         log.info("relaying %s to JetStream stream %s", self.config.ledger_key, name)
 
     async def _close_nats(self) -> None:
@@ -246,16 +257,28 @@ class Relay:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _refresh_lag(self) -> None:
-        lag = await relay_lag(self.redis, self.config.ledger_key)
+    async def _refresh_lag(self, every_s: float) -> None:
+        """Set the lag gauges, unless they were set less than `every_s` ago; Redis being
+        away leaves them as they were."""
+        now = time.monotonic()
+        if now - self._lag_set_at < every_s:
+            return
+        try:
+            lag = await relay_lag(self.redis, self.config.ledger_key)
+        except (RedisError, OSError):
+            return
+        self._lag_set_at = now
         self.metrics.lag_entries.set(lag.entries)
         self.metrics.oldest_age.set(lag.oldest_age_s)
 
 
 async def _connect_nats(url: str) -> Any:
-    # no endless reconnecting inside nats-py: the relay's own loop retries with backoff
-    return await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0,
-                              allow_reconnect=False)  # fmt: skip
+    # No endless reconnecting inside nats-py: the relay's own loop retries, with backoff,
+    # counting errors, keeping its lag gauges current and seeing a stop. In nats-py 2.x
+    # max_reconnect_attempts=0 means "no limit" even for the first connect (a refused
+    # connection is retried inside nats.connect for ever); 1 gives up after two attempts.
+    return await nats.connect(url, connect_timeout=2, allow_reconnect=False,
+                              max_reconnect_attempts=1, reconnect_time_wait=0.1)  # fmt: skip
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> float:

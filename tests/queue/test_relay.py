@@ -164,10 +164,11 @@ def assert_exactly_once(ledger: list[tuple[str, str]], sent: list[tuple[str, str
 @pytest.fixture
 async def running_relay(
     redis_client: aioredis.Redis, relay_config: RelayConfig
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[Relay]:
     stop = asyncio.Event()
-    task = asyncio.create_task(Relay(redis_client, relay_config).run(stop))
-    yield task
+    relay = Relay(redis_client, relay_config)
+    task = asyncio.create_task(relay.run(stop))
+    yield relay
     stop.set()
     await asyncio.wait_for(task, 10)
 
@@ -315,9 +316,13 @@ async def relay_lag_of(redis_url: str) -> int:
         await client.aclose()
 
 
-def _sample(metrics: str, name: str) -> int:
-    line = next(line for line in metrics.splitlines() if line.startswith(name + " "))
-    return int(float(line.split()[1]))
+def _sample(metrics: str, name: str, missing: int | None = None) -> int:
+    """A sample's value from a Prometheus text page; `missing` if it is not there (yet)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    assert missing is not None, f"no {name} in:\n{metrics}"
+    return missing
 
 
 async def test_nats_away_then_back_relay_catches_up(
@@ -325,7 +330,7 @@ async def test_nats_away_then_back_relay_catches_up(
     wallet: Wallet,
     relay_config: RelayConfig,
     nats_server: NatsServer,
-    running_relay: Any,
+    running_relay: Relay,
 ) -> None:
     if nats_server.process is None:
         pytest.skip("needs a nats-server of our own to stop and start (none on PATH)")
@@ -334,11 +339,15 @@ async def test_nats_away_then_back_relay_catches_up(
     nats_server.stop()
     await settle(wallet, 100, prefix="b")  # gifts go on while NATS is away
     deadline = time.monotonic() + 10
-    while (lag := await relay_lag(redis_client)).oldest_age_s <= 1.0:  # waiting, and ageing
-        assert lag.entries >= 100, lag  # nothing is relayed meanwhile
-        assert time.monotonic() < deadline, lag
+    gauges = running_relay.metrics
+    # the relay's own gauges show the backlog while it retries, as relay_lag does
+    while gauges.lag_entries._value.get() < 100 or gauges.oldest_age._value.get() <= 1.0:
+        assert time.monotonic() < deadline, (gauges.lag_entries._value.get(),
+                                             gauges.oldest_age._value.get())  # fmt: skip
         await asyncio.sleep(0.05)
-    assert lag.entries >= 100
+    lag = await relay_lag(redis_client)
+    assert lag.entries == 100 and lag.oldest_age_s > 1.0  # nothing relayed meanwhile
+    assert gauges.errors.labels("nats")._value.get() >= 1
     nats_server.start()
     await wait_until_relayed(redis_client, 30)
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(relay_config))
@@ -522,3 +531,88 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     assert await ledger_events(redis_client) == settled[-keep:]
     report = await audit(redis_client)
     assert report.ok and report.entries == len(settled), report.breaches
+
+
+async def test_an_emptied_jetstream_stream_does_not_stall_the_relay(
+    redis_client: aioredis.Redis, wallet: Wallet, relay_config: RelayConfig
+) -> None:
+    """Purged (or aged out by max_age while the relay was down): the stream keeps its last
+    sequence number but no message; the relay must carry on with the new entries."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(Relay(redis_client, relay_config).run(stop))
+    await settle(wallet, 10, prefix="a")
+    await wait_until_relayed(redis_client, 20)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    nc = await nats.connect(relay_config.nats_url)
+    try:
+        await nc.jsm().purge_stream(relay_config.stream)
+    finally:
+        await nc.close()
+
+    await settle(wallet, 10, prefix="b")
+    relay = Relay(redis_client, relay_config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_until_relayed(redis_client, 20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert relay.metrics.errors.labels("nats")._value.get() == 0
+    assert_exactly_once((await ledger_events(redis_client))[10:],
+                        await jetstream_messages(relay_config))  # fmt: skip
+
+
+def test_relay_process_retries_while_nats_is_unreachable_and_stops_on_sigterm(
+    redis_url: str,
+) -> None:
+    """No NATS at all: the relay retries with its own backoff (errors counted, its lag
+    gauges showing the backlog) and SIGTERM still stops it at once. nats.connect used to
+    retry inside itself for ever, so none of that happened and SIGTERM hung."""
+
+    async def fill() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        wallet = Wallet(client, load_catalog().economics)
+        await wallet.load_scripts()
+        await settle(wallet, 6)
+        await client.aclose()
+
+    asyncio.run(fill())
+    metrics_port = free_port()
+    proc = subprocess.Popen(
+        [*GIFTSTREAM, "relay", "--nats", f"nats://127.0.0.1:{free_port()}", "--redis-url",
+         redis_url, "--metrics-port", str(metrics_port), "--log-level", "ERROR"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        async def retrying() -> str:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            nats_errors = 'giftstream_relay_errors_total{cause="nats"}'
+            deadline = time.monotonic() + 20
+            metrics = ""
+            async with aiohttp.ClientSession() as http:
+                while time.monotonic() < deadline:
+                    try:
+                        async with http.get(url) as response:
+                            metrics = await response.text()
+                    except aiohttp.ClientError:  # not listening yet
+                        metrics = ""
+                    if _sample(metrics, nats_errors, missing=0) >= 3:
+                        return metrics
+                    await asyncio.sleep(0.1)
+            raise AssertionError(f"the relay did not retry three times:\n{metrics}")
+
+        metrics = asyncio.run(retrying())
+        assert _sample(metrics, "giftstream_relay_lag_entries") == 6
+        assert _sample(metrics, "giftstream_relay_published_total") == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0
