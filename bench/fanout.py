@@ -61,6 +61,7 @@ class Step:
     fleet_cpu: float
     errors: dict[str, int]
     ok: bool
+    frames_per_s: float = 0.0  # room frames read by the viewers
     slack_dps: float = 0.0  # two gifts' worth of deliveries over the window: rounding at low rates
 
     @property
@@ -290,6 +291,7 @@ async def ladder(
                 unmatched=unmatched,
                 server_cpu=100 * (cpu_s1 - cpu_s0) / wall, fleet_cpu=100 * (cpu_f1 - cpu_f0) / wall,
                 errors=sent.get("errors") or {}, ok=False, slack_dps=2 * viewers / window_s,
+                frames_per_s=sum(a.get("frames", 0) for a in answers) / window_s,
             )  # fmt: skip
             s.ok = s.p99_ms <= P99_LIMIT_MS and s.keeps_up
             result.steps.append(s)

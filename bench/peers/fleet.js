@@ -129,13 +129,14 @@ const MAX_BUCKET = 100000;
 function stats(cmd) {
   const sends = cmd.sends || {};
   const hist = new Map();
-  let deliveries = 0, unmatched = 0, maxMs = 0;
+  let deliveries = 0, unmatched = 0, maxMs = 0, framesIn = 0;
   const { t0, t1 } = cmd;
   for (const [seq, f] of frames) {
     let last = 0;
     for (const t of f.times) {
       if (t > last) last = t;
       if (t < t0 || t >= t1) continue;
+      framesIn += 1;
       deliveries += f.n;
       for (const k of f.keys) {
         const sent = MODE === "gs" ? sends[k] : k;
@@ -149,7 +150,7 @@ function stats(cmd) {
     if (last < t1) frames.delete(seq); // no more receipts expected for it in later windows
   }
   const cpu = process.cpuUsage();
-  out({ deliveries, unmatched, max_ms: maxMs, hist: Object.fromEntries(hist), received,
+  out({ deliveries, frames: framesIn, unmatched, max_ms: maxMs, hist: Object.fromEntries(hist), received,
         cpu_s: (cpu.user + cpu.system) / 1e6, closes });
 }
 
