@@ -7,6 +7,7 @@ start-up with a `ConfigError` that names the option, never later at the first re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -101,6 +102,13 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
+def _rate(text: str) -> float:
+    rate = float(text)
+    if not 0 < rate <= 100_000:
+        raise ValueError("must be a rate per second above 0 and at most 100000")
+    return rate
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -124,6 +132,10 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            "gift catalog TOML (default: the bundled demo catalog)"),
     Option("--allowed-origins", "GIFTSTREAM_ALLOWED_ORIGINS", None, _origins,
            "comma-separated Origin allow-list (default: any origin, with a warning)"),
+    Option("--gifts-per-s", "GIFTSTREAM_GIFTS_PER_S", "20", _rate,
+           "sustained gifts per second one connection may send (bursts of twice that)"),
+    Option("--messages-per-s", "GIFTSTREAM_MESSAGES_PER_S", "30", _rate,
+           "sustained messages per second one connection may send (bursts of twice that)"),
 )  # fmt: skip
 
 
@@ -187,6 +199,12 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
     webhook_secret = values.get("webhook_secret") or load_or_create_secret(
         data_dir, "webhook_secret"
     )
+    limits = limits or Limits()
+    rates: dict[str, Any] = {}  # a flag or variable given: the rate, and bursts of twice it
+    for name in ("gifts", "messages"):
+        rate = values.get(f"{name}_per_s")
+        if rate is not None:
+            rates[f"{name}_per_s"], rates[f"{name}_burst"] = rate, int(2 * rate)
     return Settings(
         host=values.get("host") or "127.0.0.1",
         port=values.get("port", 8765) if values.get("port") is not None else 8765,
@@ -197,5 +215,5 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         webhook_secret=webhook_secret,
         catalog=values.get("catalog"),
         allowed_origins=values.get("allowed_origins"),
-        limits=limits or Limits(),
+        limits=dataclasses.replace(limits, **rates),
     )

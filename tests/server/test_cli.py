@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
+from server.config import Limits, add_options, build_settings, resolve
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.processes import ServerProcess, run_cli
 
@@ -46,6 +48,9 @@ def test_sigterm_closes_sockets_1001_and_exits_0(server_proc: ServerProcess) -> 
         (["--jwt-secret", "short"], {}, "--jwt-secret"),
         (["--catalog", "/nonexistent.toml"], {}, "--catalog"),
         (["--allowed-origins", "not an origin"], {}, "--allowed-origins"),
+        (["--gifts-per-s", "0"], {}, "--gifts-per-s"),
+        (["--gifts-per-s", "nan"], {}, "--gifts-per-s"),
+        ([], {"GIFTSTREAM_MESSAGES_PER_S": "-5"}, "GIFTSTREAM_MESSAGES_PER_S"),
         (["--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach Redis"),
     ],
 )
@@ -74,6 +79,18 @@ def test_flag_wins_over_environment(tmp_path: Path) -> None:
     result = run_cli("serve", "--data-dir", str(tmp_path), "--port", "nope",
                      env={"GIFTSTREAM_PORT": "8765"})  # fmt: skip
     assert "--port" in result.stderr
+
+
+def test_rate_limits_come_from_flags_and_environment(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    args = parser.parse_args(["--gifts-per-s", "50", "--data-dir", str(tmp_path)])
+    settings = build_settings(resolve(args, {"GIFTSTREAM_MESSAGES_PER_S": "7.5"}))
+    limits = settings.limits
+    assert (limits.gifts_per_s, limits.gifts_burst) == (50.0, 100)
+    assert (limits.messages_per_s, limits.messages_burst) == (7.5, 15)
+    defaults = build_settings(resolve(parser.parse_args(["--data-dir", str(tmp_path)]), {}))
+    assert defaults.limits == Limits()
 
 
 def test_token_command(tmp_path: Path) -> None:
