@@ -16,6 +16,7 @@ back unambiguously; the combo key joins two ids that may both hold ':' with '/'.
 
 from __future__ import annotations
 
+import functools
 import time
 
 PREFIX = "giftstream:"
@@ -60,4 +61,13 @@ def payout(key: str) -> str:
 
 
 def utc_day(now_ms: int) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(now_ms // 1000))
+    """YYYY-MM-DD in UTC. Asked once per gift, so the last few days' names are kept."""
+    return _day_name(now_ms // DAY_MS)
+
+
+DAY_MS = 86_400_000
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
