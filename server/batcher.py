@@ -149,7 +149,7 @@ class _Pipe(asyncio.Protocol):
 class ScriptBatcher:
     """Pipelines `AsyncScript` calls on a connection of its own; see the module docstring."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, eager_batch: int = 32) -> None:
         self._endpoint = _Endpoint(redis)
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Task[None] | None = None
@@ -159,6 +159,9 @@ class ScriptBatcher:
         self._outstanding = 0  # calls whose reply is not handled yet
         self._idle: asyncio.Event | None = None
         self.writes = 0  # writes to Redis so far: how many round trips the calls shared
+        # A turn that queues this many calls sends them at once rather than at its end, so
+        # Redis works on a burst of gifts while the server is still parsing the rest of it.
+        self.eager_batch = eager_batch
 
     def submit(
         self,
@@ -176,7 +179,9 @@ class ScriptBatcher:
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(_Call(script, keys, args, packed, on_reply, future))
         self._outstanding += 1
-        if not self._flush_scheduled:
+        if len(self._queue) >= self.eager_batch and self._pipe is not None:
+            self._write_queued()  # Redis starts on these while this turn parses the rest
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future
@@ -205,7 +210,11 @@ class ScriptBatcher:
     # ---- sending ------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """The end of a turn of the loop: what the turn queued leaves now."""
         self._flush_scheduled = False
+        self._write_queued()
+
+    def _write_queued(self) -> None:
         if not self._queue:
             return
         if self._pipe is None:

@@ -34,11 +34,22 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
 
 
 async def test_concurrent_calls_share_round_trips(redis_client: aioredis.Redis) -> None:
-    batcher = ScriptBatcher(redis_client)
+    batcher = ScriptBatcher(redis_client, eager_batch=1000)
     echo = redis_client.register_script(ECHO)
+    await batcher.call(echo, ["first"], [0])  # connected
     replies = await asyncio.gather(*(batcher.call(echo, [f"k{i}"], [i]) for i in range(300)))
     assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(300)]
-    assert batcher.writes == 1  # all 300 were made in one turn of the loop
+    assert batcher.writes == 2  # all 300 were made in one turn of the loop
+
+
+async def test_a_big_turn_is_sent_in_eager_chunks(redis_client: aioredis.Redis) -> None:
+    """Redis starts on the first calls of a burst while the rest are still being made."""
+    batcher = ScriptBatcher(redis_client, eager_batch=32)
+    echo = redis_client.register_script(ECHO)
+    await batcher.call(echo, ["first"], [0])
+    replies = await asyncio.gather(*(batcher.call(echo, [f"k{i}"], [i]) for i in range(300)))
+    assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(300)]
+    assert batcher.writes == 1 + 300 // 32 + 1  # nine chunks of 32 as they fill, then the rest
 
 
 async def test_calls_made_while_replies_are_pending_go_out_at_once(
