@@ -102,6 +102,16 @@ class RunResult:
 BeforeCheck = Callable[[RunInfo], Awaitable[None]]
 
 
+CHECKS_BUDGET_S = 600  # buying coins before, the audit and ledger checks after
+
+
+def time_budget(s: Scenario) -> float:
+    """The longest a whole run may take: each phase's own deadline plus room for the setup
+    and the checks. Past it the run is stopped as hung, whatever it was waiting for."""
+    connect = 120 + s.viewers / max(1, s.workers) / 20
+    return connect + START_DELAY_S + s.duration + s.drain + 120 + CHECKS_BUDGET_S
+
+
 async def run(
     s: Scenario,
     keys: Secrets,
@@ -109,9 +119,30 @@ async def run(
     *,
     before_check: BeforeCheck | None = None,
     command: list[str] | None = None,
+    budget_s: float | None = None,
 ) -> RunResult:
     """One whole run against the server of `s.url`; the report and whether every check
-    passed."""
+    passed. Bounded by `time_budget(s)` (or `budget_s`): a run that hangs ends with a
+    RunError."""
+    budget = time_budget(s) if budget_s is None else budget_s
+    bound = asyncio.timeout(budget)
+    try:
+        async with bound:
+            return await _run(s, keys, console, before_check=before_check, command=command)
+    except TimeoutError:
+        if bound.expired():
+            raise RunError(f"the run did not finish within {budget:.0f}s; stopped") from None
+        raise
+
+
+async def _run(
+    s: Scenario,
+    keys: Secrets,
+    console: Console,
+    *,
+    before_check: BeforeCheck | None,
+    command: list[str] | None,
+) -> RunResult:
     from loadtest.report import build_report, print_summary, write_plot, write_report
 
     started = time.time()
@@ -262,8 +293,10 @@ async def _drive(
     )  # fmt: skip
     procs = [
         ctx.Process(
-            target=worker_main, args=(plan.for_worker(i, s.workers, s, keys.jwt), control),
-            name=f"giftstream-loadtest-{i}", daemon=True,
+            target=worker_main,
+            args=(plan.for_worker(i, s.workers, s, keys.jwt), control),
+            name=f"giftstream-loadtest-{i}",
+            daemon=True,
         )
         for i in range(s.workers)
     ]
@@ -354,7 +387,9 @@ async def _follow(
                 latest = await watch.sample()
                 now = time.monotonic()
                 figures: dict[str, Any] = {
-                    "server_cpu_percent": latest.cpu_percent, "server_rss_mb": latest.rss_mb}
+                    "server_cpu_percent": latest.cpu_percent,
+                    "server_rss_mb": latest.rss_mb,
+                }
                 if "connections" in latest.metrics:
                     figures["server_connections"] = latest.metrics["connections"]
                 if before is not None and latest.metrics:

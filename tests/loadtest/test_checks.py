@@ -111,5 +111,34 @@ def test_the_cli_wires_every_documented_flag() -> None:
         "--plot", "p.png", "--seed", "4", "--workers", "1", "--gifters", "2",
     ])  # fmt: skip
     assert isinstance(args, argparse.Namespace)
-    assert (args.viewers, args.closed_loop, args.reconnect_storm, args.seed) == (5, True,
-                                                                                 "0.5@1", 4)
+    assert (args.viewers, args.closed_loop, args.reconnect_storm, args.seed) == (
+        5,
+        True,
+        "0.5@1",
+        4,
+    )
+
+
+async def test_a_run_that_hangs_is_stopped_at_its_budget(tmp_path: Path) -> None:
+    """A server that takes the connection and never answers: the run ends by itself."""
+    import asyncio
+    import time
+
+    from rich.console import Console
+
+    from loadtest import runner
+
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    scenario = build({}, {"url": f"ws://127.0.0.1:{port}/ws",
+                          "admin_url": f"http://127.0.0.1:{port}", "viewers": 2,
+                          "gifters": 1, "rooms": 1, "workers": 1})  # fmt: skip
+    keys = resolve_secrets(scenario, _values(tmp_path))
+    started = time.monotonic()
+    try:
+        with pytest.raises(runner.RunError, match="did not finish within 2s"):
+            await runner.run(scenario, keys, Console(quiet=True), budget_s=2)
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 10
+    assert runner.time_budget(scenario) > scenario.duration
