@@ -53,18 +53,28 @@ async def test_a_big_turn_is_sent_in_eager_chunks(redis_client: aioredis.Redis) 
 
 
 async def test_calls_made_while_replies_are_pending_go_out_at_once(
-    redis_client: aioredis.Redis,
+    own_redis: EmbeddedRedis,
 ) -> None:
-    batcher = ScriptBatcher(redis_client)
-    incr = redis_client.register_script(INCR)
-
-    async def caller(n: int) -> list[int]:
-        return [await batcher.call(incr, ["counter"], []) for _ in range(n)]
-
-    results = await asyncio.gather(*(caller(20) for _ in range(10)))
-    seen = sorted(v for r in results for v in r)
-    assert seen == list(range(1, 201))  # every call ran exactly once
-    assert batcher.writes <= 21  # one per round of the ten callers (+ the first)
+    """A second wave is written without waiting for the first wave's replies: Redis is
+    stopped (SIGSTOP) so the first replies are surely pending when the second wave is made."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    batcher = ScriptBatcher(client)
+    incr = client.register_script(INCR)
+    assert await batcher.call(incr, ["counter"], []) == 1  # connected, script loaded
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        first = [asyncio.ensure_future(batcher.call(incr, ["counter"], [])) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        second = [asyncio.ensure_future(batcher.call(incr, ["counter"], [])) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        assert batcher.in_flight == 20 and batcher.writes == 3  # one write per wave
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    results = await asyncio.gather(*first, *second)
+    assert results == list(range(2, 22))  # every call ran once, in the order made
+    assert batcher.writes == 3
+    await client.aclose()
 
 
 async def test_each_call_gets_its_own_error(redis_client: aioredis.Redis) -> None:
