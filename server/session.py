@@ -179,12 +179,15 @@ class Session:
     # ---- requests -------------------------------------------------------------------------
 
     async def _serve(self, frame: str | bytes) -> None:
-        if not self._admit():
-            return
+        # The budget is taken first, so bad frames spend it too; the refusal comes after the
+        # decode, so that it echoes the request's id like every other error reply.
+        admitted = self._messages.take(time.monotonic())
         request_id = None
         try:
             message: ClientMessage = decode_frame(frame)
             request_id = message.id
+            if not admitted:
+                raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down")
             reply = await _HANDLERS[type(message)](self, message)
             if reply is not None:  # None: the handler wrote its own reply
                 self._write(encode_reply(reply, request_id))
@@ -197,7 +200,7 @@ class Session:
             self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error", request_id))
 
     def _admit(self) -> bool:
-        """Take one message from the rate budget; over budget is refused, a flood closed."""
+        """Take one message from the rate budget before hello; over budget is refused."""
         if self._messages.take(time.monotonic()):
             return True
         self._refuse(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down"))

@@ -150,12 +150,14 @@ async def test_message_rate_limit_then_flood_close(make_app: Callable[..., App])
         for _ in range(4):
             await client.send({"type": "ping"})
         codes = []
-        for _ in range(3):
-            await client.send({"type": "ping"})
-        for _ in range(7):
-            codes.append((await client.next()).get("code"))
+        for n in range(3):
+            await client.send({"type": "ping", "id": f"over-{n}"})
+        replies = [await client.next() for _ in range(7)]
+        codes = [reply.get("code") for reply in replies]
         assert codes[:4] == [None] * 4
         assert codes[4:] == ["rate_limited"] * 3
+        # each refusal echoes its request's id, so a client knows which request to retry
+        assert [reply["id"] for reply in replies[4:]] == ["over-0", "over-1", "over-2"]
         await client.send({"type": "ping"})  # the fourth strike
         assert await client.closed_with() == 4429
 
