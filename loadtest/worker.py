@@ -51,6 +51,11 @@ ANSWER_TIMEOUT_S = 10.0  # closed loop: give up waiting for one answer (the gift
 SLOW_READER_RCVBUF = 4096  # a reader that stops reading fills a small window fast
 # Errors after which the gift may have settled: resolved by re-sending its key at the end.
 UNCERTAIN_CODES = frozenset({"internal"})
+# Refusals the money script gives after it has looked the key up: final even for a key sent
+# before (a settled key is answered gift_ok instead). Any other refusal of a re-sent key
+# (rate_limited above all, given before the key is looked at) leaves it uncertain: its first
+# send, on a line that then dropped, may have settled.
+SCRIPT_REFUSALS = frozenset({"insufficient_coins", "spending_limit", "underage", "key_reused"})
 # Server frames that are the same bytes for every viewer of a room: decoded once per worker.
 ROOM_FRAME_PREFIXES = (
     b'{"type":"batch"',
@@ -107,6 +112,7 @@ class Pending:
     intended_ns: int  # when it was meant to go: latency is measured from here
     payload: bytes
     late: bool = False  # re-sent after the run to learn its fate: not timed
+    sends: int = 0  # how many times it went out: after the first, a refusal may not be final
     waiter: asyncio.Future[None] | None = None
 
 
@@ -312,7 +318,7 @@ class Client:
         pending = self.pending.pop(key, None)
         if pending is None:
             return
-        if code in UNCERTAIN_CODES:
+        if code in UNCERTAIN_CODES or (pending.sends > 1 and code not in SCRIPT_REFUSALS):
             self.uncertain[key] = pending
         else:  # refused before any money moved
             self.balance += pending.cost
@@ -350,6 +356,7 @@ class Client:
         self.pending[pending.key] = pending
         if conn is None:
             return False
+        pending.sends += 1
         try:
             await conn.send(pending.payload, text=True)
         except ConnectionClosed:
@@ -363,6 +370,7 @@ class Client:
             if conn is None:
                 return
             self.pending[pending.key] = pending
+            pending.sends += 1
             try:
                 await conn.send(pending.payload, text=True)
             except ConnectionClosed:

@@ -155,3 +155,31 @@ def test_viewers_take_shared_frames_whole_and_fall_back_on_gaps_and_overlaps() -
     receipts = dict(worker.frame_receipts.items())
     assert [list(t) for f, t in receipts.items() if f.gift_ids == ("e1", "e3")] == [[10, 10]]
     assert {e: list(t) for e, t in worker.receipts.items()} == {"e5": [20], "e4": [20]}
+
+
+def test_a_refused_resend_leaves_its_gift_uncertain_not_refunded() -> None:
+    """A key sent again (after a drop, or to learn its fate at the end) and refused with
+    `rate_limited` may have settled on its first send: it stays to be resolved, and the
+    first send's late `gift_ok` still counts. A first send refused so is final."""
+    plan = WorkerPlan(
+        index=0, run_id="lttest02", ws_url="ws://127.0.0.1:1/ws", jwt_secret="x" * 32,
+        clients=(ClientSpec(user="g", room="r", gifter=0),),
+        mix=GiftMix.from_catalog(load_catalog().as_wire()), duration=1, closed_loop=True,
+        interval=1, think_time=0, storm_at=None, drain=0, connect_concurrency=1, token_ttl_s=60,
+    )  # fmt: skip
+    worker = Worker(plan, Control(None, None, None, None, None))
+    (client,) = worker.clients
+    client.balance = 1_000_000
+    first, again = client.next_gift(0, waiter=False), client.next_gift(0, waiter=False)
+    assert first is not None and again is not None
+    for pending in (first, again):
+        pending.sends = 1
+        client.pending[pending.key] = pending
+    again.sends = 2  # went out twice: the second copy is the one refused
+    client.on_error({"type": "error", "id": first.key, "code": "rate_limited"})
+    client.on_error({"type": "error", "id": again.key, "code": "rate_limited"})
+    assert worker.gifts_refused == 1 and first.key not in client.pending
+    assert client.balance == 1_000_000 - again.cost  # only the first send's coins came back
+    assert client.uncertain == {again.key: again}
+    client.on_gift_ok({"type": "gift_ok", "key": again.key, "event": "e1"}, now=5)
+    assert worker.gifts_acked == 1 and not client.uncertain and worker.duplicate_answers == 0
