@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
@@ -38,6 +37,7 @@ from server.ledger import (
     read_raw,
     stream_id_key,
 )
+from server.queue_runtime import LAG_REFRESH_S, redact_url, start_worker
 from server.wallet import script_source
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ class LedgerConsumer:
         self._claim_cursor = "0-0"  # XAUTOCLAIM's, kept across passes
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._lag_set_at = float("-inf")
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -190,10 +191,7 @@ class LedgerConsumer:
             try:
                 taken = await self.run_once()
                 backoff = 0.1
-                if not taken and self.metrics is not None:
-                    self.metrics.lag.labels(self.group).set(
-                        await group_lag(self.redis, self.ledger_key, self.group)
-                    )
+                await self._refresh_lag(LAG_REFRESH_S if taken else 0.0)  # idle: every pass
             except (RedisError, OSError) as exc:
                 if "NOGROUP" in str(exc):
                     self._group_ready = False
@@ -202,6 +200,17 @@ class LedgerConsumer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _refresh_lag(self, every_s: float) -> None:
+        """Set the lag gauge, unless it was set less than `every_s` ago: while busy too, so
+        a consumer falling behind shows it before it runs out of work."""
+        now = time.monotonic()
+        if self.metrics is None or now - self._lag_set_at < every_s:
+            return
+        self._lag_set_at = now
+        self.metrics.lag.labels(self.group).set(
+            await group_lag(self.redis, self.ledger_key, self.group)
+        )
 
     # ---- one pass -----------------------------------------------------------------------
 
@@ -501,18 +510,11 @@ async def run_consumer(
             await client.ping()
             await consumer_task.ensure_group()
         except (RedisError, OSError) as exc:
-            log.error("cannot reach Redis at %s: %s", redis_url, exc)
+            log.error("cannot reach Redis at %s: %s", redact_url(redis_url), exc)
             return 1
-        if metrics_port is not None:
-            try:
-                start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
-            except OSError as exc:
-                log.error("cannot serve metrics on 127.0.0.1:%d: %s", metrics_port, exc)
-                return 2
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = start_worker(metrics.registry, metrics_port)
+        if stop is None:
+            return 2
         log.info("consumer ready: group %s, consumer %s, handler %s, ledger %s", group,
                  consumer, handler_name, ledger_key)  # fmt: skip
         started = time.monotonic()

@@ -361,3 +361,41 @@ async def test_run_consumer_process_consumes_until_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_lag_gauge_is_set_while_the_consumer_is_busy(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A consumer that always has work still sets its lag gauge (at least once a second),
+    not only once it runs out of entries: falling behind shows while it happens."""
+    added = await settle(await new_wallet(redis_client), 150)
+    handled = 0
+
+    async def slow(entry: LedgerEntry) -> None:
+        nonlocal handled
+        await asyncio.sleep(0.005)
+        handled += 1
+
+    metrics = ConsumerMetrics()
+    consumer = LedgerConsumer(redis_client, "slow", "c1", slow, batch=5, block_ms=10,
+                              metrics=metrics)  # fmt: skip
+
+    def lag() -> float | None:
+        return metrics.registry.get_sample_value("giftstream_consumer_lag_entries",
+                                                 {"group": "slow"})  # fmt: skip
+
+    async with consumer:
+
+        async def gauge_set() -> bool:
+            return bool(lag())
+
+        await until(gauge_set, 10, "the lag gauge set")
+        busy_at = handled
+        assert busy_at < added  # set while entries were still waiting
+        assert added - busy_at <= (lag() or 0) <= added  # what was not acked when it was set
+
+        async def idle() -> bool:
+            return lag() == 0
+
+        await until(idle, 20, "the consumer catching up")
+    assert handled == added

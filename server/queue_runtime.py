@@ -1,0 +1,61 @@
+"""What `giftstream relay` and `giftstream consume` share as processes: a stop event set by
+SIGTERM or SIGINT, the Prometheus metrics port, and URLs fit for a log line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+log = logging.getLogger(__name__)
+
+LAG_REFRESH_S = 1.0  # a worker's lag gauges are set at least this often: idle, busy or retrying
+SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jwt"})
+
+
+def redact_url(url: str) -> str:
+    """The URL with its secrets replaced by ***: a password (redis://:***@host:6379/0), a NATS
+    token in the user part (nats://***@host:4222) and password-like query parameters. A
+    comma-separated list of URLs (NATS servers) is redacted URL by URL."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in url.split(","))
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"  # unparseable: it may hold anything
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at:
+        name, colon, _ = user.partition(":")
+        if colon:
+            user = f"{name}:***"
+        elif parts.scheme.startswith("nats") or parts.scheme in ("tls", "ws", "wss"):
+            user = "***"  # nats://TOKEN@host: the user part alone is the token
+        netloc = f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in SECRET_QUERY for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in pairs],
+                              safe="*")  # fmt: skip
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def start_worker(registry: CollectorRegistry, metrics_port: int | None) -> asyncio.Event | None:
+    """Serve `registry` on 127.0.0.1:metrics_port (if given) and return the stop event that
+    SIGTERM or SIGINT sets (the worker finishes its step, then exits 0). None, logged, when
+    the port cannot be had: the caller exits 2."""
+    if metrics_port is not None:
+        try:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+        except OSError as exc:
+            log.error("cannot serve metrics on 127.0.0.1:%d: %s", metrics_port, exc)
+            return None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
