@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import signal
 import socket
-import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +21,7 @@ from server.cli import CONSUME_NUMBERS, DEFAULT_TRIM_KEEP
 from server.consumers import group_lag, run_consumer
 from server.embedded_redis import free_port
 from server.ledger import audit
-from tests.processes import GIFTSTREAM, run_cli
+from tests.processes import run_cli
 from tests.queue.ledger_workload import (
     expected_earnings,
     ledger,
@@ -36,45 +31,17 @@ from tests.queue.ledger_workload import (
     text,
     until,
 )
+from tests.queue.worker_process import WorkerProcess
 
 
-class Consume:
-    """`giftstream consume …` in a child process; its stderr read to the end by a thread
-    (so the pipe never fills), ready when it logs "consumer ready"."""
+class Consume(WorkerProcess):
+    """`giftstream consume …` in a child process, ready when it logs "consumer ready"."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [*GIFTSTREAM, "consume", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            text=True, env={**os.environ, **(env or {})},
-        )  # fmt: skip
-        self.log: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "consumer ready" in line:
-                self._ready.set()
+        super().__init__(["consume", *args], env)
 
     def wait_ready(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not self._ready.wait(0.05):
-            assert self.proc.poll() is None, "consume exited at start:\n" + "".join(self.log)
-            assert time.monotonic() < deadline, "consume not ready:\n" + "".join(self.log)
-
-    def stop(self, timeout: float = 10) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.wait_for_log("consumer ready", timeout)
 
 
 def error_lines(stderr: str) -> list[str]:
