@@ -81,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--subject-prefix", default="giftstream.ledger", help="subjects are PREFIX.<kind>"
     )
     relay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    relay.add_argument("--status", action="store_true", help="print the relay's lag and exit")
+    relay.add_argument("--status", action="store_true",
+                       help="print the relay's lag and the lease holder, and exit")  # fmt: skip
+    relay.add_argument(
+        "--lease-ttl-ms", type=_at_least(100), default=10_000,
+        help="the relay lease's TTL: a standby relay takes over this long after the holder "
+        "dies (renewed every third of it)",
+    )  # fmt: skip
     relay.add_argument("--ledger-key", default="giftstream:ledger")
     relay.add_argument(
         "--log-level",
@@ -271,7 +277,8 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
     if not args.nats:
         raise ConfigError("--nats / GIFTSTREAM_NATS_URL is required, e.g. nats://127.0.0.1:4222")
     config = RelayConfig(nats_url=args.nats, ledger_key=args.ledger_key, stream=args.stream,
-                         subject_prefix=args.subject_prefix)  # fmt: skip
+                         subject_prefix=args.subject_prefix,
+                         lease_ttl_ms=args.lease_ttl_ms)  # fmt: skip
     return uvloop.run(run_relay(url, config, args.metrics_port))
 
 

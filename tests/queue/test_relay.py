@@ -20,8 +20,11 @@ from typing import Any
 
 import aiohttp
 import nats
+import orjson
 import pytest
 import redis.asyncio as aioredis
+from nats.js import api
+from nats.js.errors import APIError
 from redis.asyncio.connection import Connection
 
 from server import keys
@@ -31,10 +34,14 @@ from server.checkpoint import CheckpointFolder
 from server.consumers import LedgerConsumer, trim_ledger
 from server.earnings import EarningsConsumer
 from server.embedded_redis import free_port
+from server.lease import Lease, lease_holder
 from server.ledger import audit, read_entries
-from server.relay import GROUP, STREAM_ID_HEADER, Lag, Relay, RelayConfig, relay_lag
+from server.relay import GROUP, STREAM_ID_HEADER, Lag, Relay, RelayConfig, lease_key, relay_lag
 from server.wallet import Wallet
 from tests.processes import GIFTSTREAM, run_cli
+from tests.queue.ledger_workload import until
+from tests.queue.relay_throughput import add_gift_entries, gift_entry
+from tests.queue.worker_process import WorkerProcess
 
 
 @dataclass
@@ -154,6 +161,17 @@ async def wait_until_relayed(redis_client: aioredis.Redis, timeout: float) -> No
         await asyncio.sleep(0.1)
 
 
+async def relay_until_caught_up(redis_client: aioredis.Redis, relay: Relay) -> None:
+    """Run `relay` until it has nothing left to relay (20 s at most), then stop it."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await wait_until_relayed(redis_client, 20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
 def assert_exactly_once(ledger: list[tuple[str, str]], sent: list[tuple[str, str, str]]) -> None:
     counts = Counter(msg_id for msg_id, _, _ in sent)
     assert [m for m, n in counts.items() if n > 1] == []
@@ -187,17 +205,31 @@ async def test_every_entry_once_in_order_by_kind(
 
 
 class CrashAfterPublish(Relay):
-    """A relay that dies after JetStream stored an entry and before Redis heard of it."""
+    """A relay that dies once JetStream has stored `crash_after` entries, before Redis heard
+    of the last batch: the batch that reaches that count is published only up to it."""
 
     def __init__(self, *args: Any, crash_after: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.crash_after = crash_after
 
-    async def _publish(self, stream_id: str, fields: dict[Any, Any]) -> None:
-        await super()._publish(stream_id, fields)
-        self.crash_after -= 1
+    async def _publish_all(self, batch: list[Any]) -> tuple[int, Exception | None]:
+        stored, error = await super()._publish_all(batch[: self.crash_after])
+        assert error is None, error
+        self.crash_after -= stored
         if self.crash_after == 0:
             raise _Crash
+        return stored, error
+
+    async def start(self) -> None:
+        """What run() does before relaying: the group, the lease, JetStream's last message."""
+        await self._ensure_group()
+        assert await self.lease.acquire()
+        await self._open()
+
+    async def crashed(self) -> None:
+        """Dead: NATS gone, and the lease released (a dead process's would expire)."""
+        await self._close_nats()
+        await self.lease.release()
 
 
 class _Crash(Exception):
@@ -214,11 +246,10 @@ async def test_crash_between_publish_and_ack_never_publishes_twice(
     for _ in range(8):
         relay = CrashAfterPublish(redis_client, config, crash_after=rng.randint(1, 20))
         with pytest.raises(_Crash):
-            await relay._ensure_group()
-            await relay._open()
+            await relay.start()
             for _ in range(50):  # it crashes within its first 20 publishes
                 await relay.relay_once()
-        await relay._close_nats()
+        await relay.crashed()
         await asyncio.sleep(0.6)  # past the duplicate window: dedupe cannot save us
     stop = asyncio.Event()
     finisher = Relay(redis_client, config)
@@ -247,27 +278,27 @@ def test_kill_9_relay_process_many_times(
     redis_url: str, relay_config: RelayConfig, tmp_path: Path
 ) -> None:
     """The real `giftstream relay` process, killed -9 twelve times while it relays: each
-    time once it has relayed something, at a random moment of its publish-then-ack cycle."""
-    total = 3000
+    time once it has relayed something, at a random moment of its publish-then-ack cycle
+    (with a short lease, which each killed relay leaves behind for the next to wait out).
+    Entries shaped like gifts, added directly: the relay moves a few thousand per 0.1 s."""
+    total = 30_000
 
     async def fill() -> None:
         client = aioredis.Redis.from_url(redis_url)
-        wallet = Wallet(client, load_catalog().economics)
-        await wallet.load_scripts()
-        await settle(wallet, total)
+        await add_gift_entries(client, total)
         await client.aclose()
 
     asyncio.run(fill())
     command = [*GIFTSTREAM, "relay", "--nats", relay_config.nats_url, "--redis-url", redis_url,
                "--stream", relay_config.stream, "--subject-prefix", relay_config.subject_prefix,
-               "--log-level", "WARNING"]  # fmt: skip
+               "--log-level", "WARNING", "--lease-ttl-ms", "300"]  # fmt: skip
     rng = random.Random(11)
     left = [total]  # the relay's lag after each kill
     for _ in range(12):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             asyncio.run(lag_below(redis_url, left[-1], timeout=30))  # it is relaying
-            time.sleep(rng.uniform(0, 0.05))  # a relay moves an entry every ms or so
+            time.sleep(rng.uniform(0, 0.02))  # a relay moves a batch of 256 every ~15 ms
         finally:
             proc.kill()
             proc.wait()
@@ -487,31 +518,31 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     await asyncio.wait_for(task, 10)
 
     await settle(wallet, 5 * keep, prefix="b")  # the relay is down
-    # it read a batch of 16, published and acked 4, published the 5th and died
+    # it read a batch of 16, JetStream stored 5 of them, and it died before acking any
     crashing = CrashAfterPublish(redis_client, config, crash_after=5)
     with pytest.raises(_Crash):
-        await crashing._open()
+        await crashing.start()
         for _ in range(10):
             await crashing.relay_once()
-    await crashing._close_nats()
+    await crashing.crashed()
     for consumer in other_groups:
         await _caught_up(consumer)
     settled = await ledger_events(redis_client)  # every entry, before any trim
     assert len(settled) == 30 + 5 * keep
     summary: Any = await redis_client.xpending(keys.LEDGER, GROUP)
-    assert summary["pending"] == 12 and summary["min"].decode() == settled[34][0]
-    assert (await relay_lag(redis_client)).entries == 5 * keep - 4
+    assert summary["pending"] == 16 and summary["min"].decode() == settled[30][0]
+    assert (await relay_lag(redis_client)).entries == 5 * keep
 
     # trimming now removes only what the relay acked before it stopped
     trimmed = await asyncio.to_thread(run_cli, "trim", "--keep", str(keep), "--redis-url",
                                       redis_url)  # fmt: skip
     assert trimmed.returncode == 0, trimmed.stderr
     assert trimmed.stdout.strip() == (
-        f"trimmed 34 entries of {keys.LEDGER} below {settled[34][0]} (held there by group "
-        f"{GROUP}); {5 * keep - 4} entries left"
+        f"trimmed 30 entries of {keys.LEDGER} below {settled[30][0]} (held there by group "
+        f"{GROUP}); {5 * keep} entries left"
     )
     assert await trim_ledger(redis_client, keep_min_entries=0) == 0  # keep 0: still held
-    assert await ledger_events(redis_client) == settled[34:]
+    assert await ledger_events(redis_client) == settled[30:]
 
     finisher = Relay(redis_client, config)
     stop = asyncio.Event()
@@ -519,14 +550,14 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     await wait_until_relayed(redis_client, 20)
     stop.set()
     await asyncio.wait_for(task, 10)
-    assert finisher.metrics.skipped._value.get() == 1  # published before the crash
+    assert finisher.metrics.skipped._value.get() == 5  # published before the crash
     assert_exactly_once(settled, await jetstream_messages(config))
 
     # every group has acked everything: the trim keeps only the last `keep`
     trimmed = await asyncio.to_thread(run_cli, "trim", "--keep", str(keep), "--redis-url",
                                       redis_url)  # fmt: skip
     assert trimmed.returncode == 0, trimmed.stderr
-    assert trimmed.stdout.startswith(f"trimmed {5 * keep - 4 - keep} entries of {keys.LEDGER}")
+    assert trimmed.stdout.startswith(f"trimmed {5 * keep - keep} entries of {keys.LEDGER}")
     assert f"(held there by the last {keep} entries kept); {keep} entries left" in trimmed.stdout
     assert await ledger_events(redis_client) == settled[-keep:]
     report = await audit(redis_client)
@@ -552,13 +583,7 @@ async def test_an_emptied_jetstream_stream_does_not_stall_the_relay(
 
     await settle(wallet, 10, prefix="b")
     relay = Relay(redis_client, relay_config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
-    try:
-        await wait_until_relayed(redis_client, 20)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    await relay_until_caught_up(redis_client, relay)
     assert relay.metrics.errors.labels("nats")._value.get() == 0
     assert_exactly_once((await ledger_events(redis_client))[10:],
                         await jetstream_messages(relay_config))  # fmt: skip
@@ -616,3 +641,181 @@ def test_relay_process_retries_while_nats_is_unreachable_and_stops_on_sigterm(
             proc.wait()
             raise
     assert code == 0
+
+
+# ---- one relay per ledger: the lease ----------------------------------------------------
+
+
+async def test_lease_take_renew_release_and_expiry(redis_client: aioredis.Redis) -> None:
+    """SET NX PX takes it; only the holder's token renews or releases it; it expires."""
+    key = lease_key()
+    first = Lease(redis_client, key, 300, "host-a:1:x")
+    second = Lease(redis_client, key, 300, "host-b:2:y")
+    assert await first.acquire() and first.held()
+    assert not await second.acquire() and not second.held()
+    assert not await second.renew() and not await second.release()
+    holder = await lease_holder(redis_client, key)
+    assert holder is not None and holder.token == "host-a:1:x" and 0 < holder.ttl_ms <= 300
+    assert await first.renew() and await first.acquire()  # taking it again keeps it
+    await until(lambda: second.acquire(), 5, "the lease expiring")  # first stopped renewing
+    assert not first.held()  # past its TTL, less the margin, without a renewal
+    assert not await first.renew()  # and it cannot get it back while second holds it
+    assert await second.release() and await lease_holder(redis_client, key) is None
+    assert await first.acquire()
+
+
+async def test_two_relays_started_at_once_only_one_publishes(
+    redis_client: aioredis.Redis, wallet: Wallet, relay_config: RelayConfig
+) -> None:
+    config = replace(relay_config, lease_ttl_ms=1000, batch=16)
+    relays = [Relay(redis_client, config, lease_token=f"relay-{n}") for n in range(2)]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
+    try:
+        await settle(wallet, 300)  # while both run
+        await wait_until_relayed(redis_client, 30)
+        published = [int(relay.metrics.published._value.get()) for relay in relays]
+        held = [relay.metrics.lease_held._value.get() for relay in relays]
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert sorted(published) == [0, 300], published
+    assert sorted(held) == [0, 1]
+    assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))
+    assert await lease_holder(redis_client, lease_key()) is None  # released on stop
+
+
+def relay_status_of(redis_url: str) -> dict[str, Any]:
+    status = run_cli("relay", "--status", "--redis-url", redis_url)
+    assert status.returncode == 0, status.stderr
+    parsed: dict[str, Any] = orjson.loads(status.stdout)
+    return parsed
+
+
+def test_holder_killed_9_the_standby_takes_over(redis_url: str, relay_config: RelayConfig) -> None:
+    """Two relay processes: the second waits, saying so; the holder is killed -9 while it
+    relays; the second takes the lease once its TTL has run out and finishes. JetStream
+    holds every entry once, in order, and `--status` names the holder and its TTL."""
+    total = 40_000
+
+    async def fill() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        await add_gift_entries(client, total)
+        await client.aclose()
+
+    command = ["relay", "--nats", relay_config.nats_url, "--redis-url", redis_url,
+               "--stream", relay_config.stream, "--subject-prefix", relay_config.subject_prefix,
+               "--lease-ttl-ms", "1000"]  # fmt: skip
+    holder = WorkerProcess(command)
+    standby: WorkerProcess | None = None
+    try:
+        holder.wait_for_log("took the relay lease", 20)
+        status = relay_status_of(redis_url)
+        assert status["lease"]["holder"].startswith(f"{socket.gethostname()}:{holder.proc.pid}:")
+        assert 0 < status["lease"]["ttl_ms"] <= 1000
+        standby = WorkerProcess(command)
+        standby.wait_for_log("another relay holds the lease, waiting", 20)
+        asyncio.run(fill())  # faster than one relay moves them: the holder is still at it
+        assert asyncio.run(lag_below(redis_url, total, timeout=30)) > 0  # relaying, not done
+        holder.proc.kill()
+        holder.proc.wait()
+        left = asyncio.run(relay_lag_of(redis_url))
+        assert left > 0, "the holder finished before it was killed"
+        standby.wait_for_log("took the relay lease", 20)
+        assert relay_status_of(redis_url)["lease"]["holder"].split(":")[1] == str(standby.proc.pid)
+
+        async def check() -> None:
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                await wait_until_relayed(client, 60)
+                assert_exactly_once(await ledger_events(client),
+                                    await jetstream_messages(relay_config))  # fmt: skip
+            finally:
+                await client.aclose()
+
+        asyncio.run(check())
+        assert standby.stop() == 0
+        assert standby.said("released the relay lease"), "".join(standby.log)
+        assert relay_status_of(redis_url)["lease"] is None
+    finally:
+        holder.kill()
+        if standby is not None:
+            standby.kill()
+
+
+async def test_a_relay_whose_lease_is_stolen_stops_publishing(
+    redis_client: aioredis.Redis, wallet: Wallet, relay_config: RelayConfig
+) -> None:
+    """The lease deleted and taken by someone else: the relay's next renewal is refused,
+    and from then on it publishes nothing, however much is settled, until it can take the
+    lease again; then it goes on from where JetStream is."""
+    config = replace(relay_config, lease_ttl_ms=600)
+    relay = Relay(redis_client, config, lease_token="victim")
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await settle(wallet, 20, prefix="a")
+        await wait_until_relayed(redis_client, 20)
+        await redis_client.delete(lease_key())
+        await redis_client.set(lease_key(), "thief", px=60_000)
+
+        async def lost() -> bool:
+            return not relay.lease.held()
+
+        await until(lost, 5, "the relay seeing its lease gone")
+        published = relay.metrics.published._value.get()
+        await settle(wallet, 20, prefix="b")
+        await asyncio.sleep(1.0)  # several of its passes and renewals
+        assert relay.metrics.published._value.get() == published
+        assert relay.metrics.lease_held._value.get() == 0
+        assert (await relay_lag(redis_client)).entries == 20
+        assert len(await jetstream_messages(config)) == 20
+
+        await redis_client.delete(lease_key())  # the thief is gone: the relay takes it back
+        await wait_until_relayed(redis_client, 20)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert relay.metrics.published._value.get() == 40
+    assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))
+
+
+async def test_a_refused_message_mid_batch_stores_and_acks_only_the_prefix(
+    redis_client: aioredis.Redis, relay_config: RelayConfig
+) -> None:
+    """JetStream refuses the 6th message of a batch of 10 (too large for the stream): the
+    5 before it are stored and acked, none after it is stored (each expects the one before
+    it as the stream's last), so the stream stays in ledger order; once the stream takes
+    it, the relay goes on from there."""
+    config = replace(relay_config, batch=10)
+    now_ms = int(time.time() * 1000)
+    for i in range(12):
+        data = orjson.loads(gift_entry(i, now_ms))
+        if i == 5:
+            data["key"] = "x" * 2000
+        await redis_client.xadd(keys.LEDGER, {"data": orjson.dumps(data)})
+    nc = await nats.connect(config.nats_url)
+    stream = api.StreamConfig(name=config.stream, subjects=[f"{config.subject_prefix}.>"],
+                              storage=api.StorageType.FILE, duplicate_window=3600.0,
+                              max_msg_size=1024)  # fmt: skip
+    try:
+        await nc.jsm().add_stream(stream)
+        relay = Relay(redis_client, config)
+        await relay._ensure_group()
+        assert await relay.lease.acquire()
+        await relay._open()
+        with pytest.raises(APIError, match="exceeds maximum"):
+            await relay.relay_once()
+        await relay._close_nats()
+        ledger = await ledger_events(redis_client)
+        assert_exactly_once(ledger[:5], await jetstream_messages(config))
+        summary: Any = await redis_client.xpending(keys.LEDGER, GROUP)
+        assert summary["pending"] == 5 and summary["min"].decode() == ledger[5][0]
+        assert relay.metrics.published._value.get() == 5
+
+        await nc.jsm().update_stream(replace(stream, max_msg_size=-1))
+        await relay_until_caught_up(redis_client, relay)
+        assert_exactly_once(ledger, await jetstream_messages(config))
+        assert relay.metrics.published._value.get() == 12
+    finally:
+        await nc.close()
