@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from server.queue_runtime import redact_url
+
 MAX_DURATION_S = 3600.0  # a run is bounded; longer soaks are several runs
 MAX_CONNECTIONS_PER_WORKER = 19_000  # the machines cap a process at 20,000 descriptors
 SERVER_GIFTS_PER_S = 20.0  # the server's default per-connection gift budget (Limits)
@@ -105,15 +107,6 @@ class Scenario:
         if self.redis_url is not None:
             out["redis_url"] = redact_url(self.redis_url)
         return out
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for a report file."""
-    parts = urlparse(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 SECRET_FLAGS = ("--jwt-secret", "--webhook-secret")

@@ -335,7 +335,7 @@ async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
     try:
         done = await trim(client, ledger_key, keep_min_entries=keep)
     except (RedisError, OSError) as exc:
-        from loadtest.scenario import redact_url
+        from server.queue_runtime import redact_url
 
         where = redact_url(url)
         print(f"giftstream: error: cannot trim in Redis at {where}: {exc}", file=sys.stderr)
