@@ -158,6 +158,9 @@ class ScriptBatcher:
         self._watchdog: asyncio.TimerHandle | None = None
         self._outstanding = 0  # calls whose reply is not handled yet
         self._idle: asyncio.Event | None = None
+        # The loop of the first call; its connection lives there. Kept because Python 3.11's
+        # get_running_loop() makes a getpid() syscall on every call (1.4% of a busy server).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.writes = 0  # writes to Redis so far: how many round trips the calls shared
         # A turn that queues this many calls sends them at once rather than at its end, so
         # Redis works on a burst of gifts while the server is still parsing the rest of it.
@@ -175,7 +178,9 @@ class ScriptBatcher:
         str, int or bytes raises TypeError here, to this caller alone, and nothing is queued:
         packed later, it would strand every call of the turn."""
         packed = pack("EVALSHA", script.sha, len(keys), *keys, *args)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._bind_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(_Call(script, keys, args, packed, on_reply, future))
         self._outstanding += 1
@@ -185,6 +190,10 @@ class ScriptBatcher:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's raw reply, or the error Redis raised for it."""
