@@ -20,8 +20,9 @@ def redact_url(url: str) -> str:
     """The URL with its secrets replaced by ***: a password (redis://:***@host:6379/0), a NATS
     token in the user part (nats://***@host:4222) and password-like query parameters. A
     comma-separated list of URLs (NATS servers) is redacted URL by URL."""
-    if "," in url:
-        return ",".join(redact_url(part) for part in url.split(","))
+    parts_of_list = url.split(",")
+    if len(parts_of_list) > 1 and all("://" in part for part in parts_of_list):
+        return ",".join(redact_url(part) for part in parts_of_list)
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -183,7 +183,11 @@ class Relay:
         self._inbox = ""
         self._acks: dict[str, asyncio.Future[Any]] = {}
         self._tokens = itertools.count()
-        self._last_relayed: tuple[int, int] = (0, 0)
+        # The last entry JetStream holds, as learned when the connection opened. A pending
+        # entry at or below it is acked without publishing. Never raised by our own
+        # publishes: an entry another relay read during a lease handover can be pending
+        # below them, and it must still be published (see _relay_batch).
+        self._stored_upto: tuple[int, int] = (0, 0)
         self._lag_set_at = float("-inf")
         self._holding = False  # we took the lease and have not seen it go
         self._waiting_for: str | None = None  # the holder we last said we wait for
@@ -280,12 +284,13 @@ class Relay:
             await asyncio.sleep(every)
             if not self.lease.held():
                 continue
-            try:
-                if not await self.lease.renew():
+            try:  # bounded: a renewal hung on a dead socket must not stop the next ones
+                renewed = await asyncio.wait_for(self.lease.renew(), max(every, 0.1))
+                if not renewed:
                     log.error("relay lease %s is no longer ours (expired, or taken by "
                               "another relay): stopping publishing", self.lease.key)  # fmt: skip
-            except (RedisError, OSError) as exc:
-                log.warning("cannot renew the relay lease (%s); it lapses in %.1fs unless a "
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("cannot renew the relay lease (%r); it lapses in %.1fs unless a "
                             "renewal gets through", exc, self.lease.remaining_s())  # fmt: skip
 
     async def _let_go(self) -> None:
@@ -315,6 +320,8 @@ class Relay:
 
     async def _relay_batch(self, start: str) -> int:
         block = self.config.block_ms if start == ">" else None
+        if not self.lease.held():  # a lapsed holder must not even read: what it reads
+            raise LeaseLost("it lapsed before a renewal got through, or another relay has it")
         reply: Any = await self.redis.xreadgroup(
             GROUP, CONSUMER, {self.config.ledger_key: start}, count=self.config.batch, block=block
         )
@@ -324,14 +331,13 @@ class Relay:
         if not self.lease.held():  # read, not published: the next holder reads them again
             raise LeaseLost("it lapsed before a renewal got through, or another relay has it")
         batch = [self._message(stream_id, fields) for stream_id, fields in entries
-                 if fields and stream_id_key(stream_id) > self._last_relayed]  # fmt: skip
+                 if fields and stream_id_key(stream_id) > self._stored_upto]  # fmt: skip
         stored, error = await self._publish_all(batch) if batch else (0, None)
         # ack every entry before the first message JetStream did not store
         first_unstored = stream_id_key(batch[stored].stream_id) if stored < len(batch) else None
         done = [(i, f) for i, f in entries
                 if first_unstored is None or stream_id_key(i) < first_unstored]  # fmt: skip
         if stored:
-            self._last_relayed = stream_id_key(batch[stored - 1].stream_id)
             self.metrics.published.inc(stored)
         for stream_id, fields in done:
             if not fields:  # deleted while pending: only a trim that ignored our group does it
@@ -423,7 +429,7 @@ class Relay:
                 last = None
             stream_id = (last.headers or {}).get(STREAM_ID_HEADER) if last else None
             if stream_id:
-                self._last_relayed = max(self._last_relayed, stream_id_key(stream_id))
+                self._stored_upto = stream_id_key(stream_id)
             else:
                 log.warning("the last message of JetStream stream %s is gone or has no %s "
                             "header: only the duplicate window guards against publishing an "

@@ -21,6 +21,7 @@ from tests.processes import GIFTSTREAM, run_cli
         ("redis://app:hunter2@10.0.0.5:6379/2", "redis://app:***@10.0.0.5:6379/2"),
         ("rediss://:p%40ss%3Aw@host:6380/0", "rediss://:***@host:6380/0"),  # percent-encoded
         ("redis://:a@b@host:6379/0", "redis://:***@host:6379/0"),  # an unencoded @ in it
+        ("redis://:pa,ss@host:6379/0", "redis://:***@host:6379/0"),  # a comma: not a list
         ("redis://host:6379/0?password=hunter2&db=1", "redis://host:6379/0?password=***&db=1"),
         ("unix://:hunter2@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),  # nothing to hide

@@ -36,7 +36,16 @@ from server.earnings import EarningsConsumer
 from server.embedded_redis import free_port
 from server.lease import Lease, lease_holder
 from server.ledger import audit, read_entries
-from server.relay import GROUP, STREAM_ID_HEADER, Lag, Relay, RelayConfig, lease_key, relay_lag
+from server.relay import (
+    CONSUMER,
+    GROUP,
+    STREAM_ID_HEADER,
+    Lag,
+    Relay,
+    RelayConfig,
+    lease_key,
+    relay_lag,
+)
 from server.wallet import Wallet
 from tests.processes import GIFTSTREAM, run_cli
 from tests.queue.ledger_workload import until
@@ -819,3 +828,38 @@ async def test_a_refused_message_mid_batch_stores_and_acks_only_the_prefix(
         assert relay.metrics.published._value.get() == 12
     finally:
         await nc.close()
+
+
+async def test_an_entry_read_by_a_lapsed_relay_during_handover_is_still_published(
+    redis_client: aioredis.Redis, relay_config: RelayConfig
+) -> None:
+    """The handover race: the new holder's read of pending entries came back empty, then the
+    old holder (its lease lapsed) read a new entry and stopped without publishing it, then
+    the new holder read and published the next ones. The stolen entry is pending *below*
+    what the new holder published; it must still be published, not acked as if stored."""
+    now_ms = int(time.time() * 1000)
+
+    async def add(i: int) -> None:
+        await redis_client.xadd(keys.LEDGER, {"data": gift_entry(i, now_ms)})
+
+    relay = Relay(redis_client, relay_config)
+    await relay._ensure_group()
+    assert await relay.lease.acquire()
+    await relay._open()
+    try:
+        for i in range(3):
+            await add(i)
+        assert await relay.relay_once() == 3
+        assert await relay.relay_once() == 0  # nothing pending, nothing new
+        await add(3)  # what the lapsed holder reads (same group and consumer) and drops
+        stolen: Any = await redis_client.xreadgroup(GROUP, CONSUMER, {keys.LEDGER: ">"}, count=1)
+        assert len(stolen[0][1]) == 1
+        await add(4)
+        assert await relay._relay_batch(">") == 1  # the new holder's read of new entries
+        await relay_until_caught_up(redis_client, relay)  # its next pass finds entry 3
+    finally:
+        await relay._close_nats()
+    sent = await jetstream_messages(relay_config)
+    ledger = await ledger_events(redis_client)
+    assert sorted(msg_id for msg_id, _, _ in sent) == sorted(event for _, event in ledger)
+    assert len(sent) == 5  # every entry once: the stolen one late, but not lost
