@@ -330,8 +330,16 @@ class LedgerConsumer:
             self.metrics.dead_lettered.labels(self.group, cause).inc()
 
 
+UNREAD_COUNT_CAP = 10_000  # when Redis cannot say how many are unread, count at most this many
+
+
 async def group_lag(redis: aioredis.Redis, ledger_key: str, group: str) -> int:
-    """Entries the group has not acked: pending plus not yet read (0 without the group)."""
+    """Entries the group has not acked: pending plus not yet read (0 without the group).
+
+    When entries were deleted behind the group, Redis cannot say how many are unread; they
+    are then counted by reading them, at most UNREAD_COUNT_CAP: the gauge is refreshed every
+    second while a consumer is behind, on the Redis that also settles gifts, so that read
+    must stay small. Past the cap the figure is a floor."""
     try:
         groups = await redis.xinfo_groups(ledger_key)
     except ResponseError:
@@ -341,7 +349,9 @@ async def group_lag(redis: aioredis.Redis, ledger_key: str, group: str) -> int:
             unread = info.get("lag")
             if unread is None:  # Redis cannot tell (entries deleted): count what follows
                 after = "(" + _text(info["last-delivered-id"])
-                unread = len(await redis.xrange(ledger_key, min=after, count=1_000_000) or [])
+                unread = len(
+                    await redis.xrange(ledger_key, min=after, count=UNREAD_COUNT_CAP) or []
+                )
             return int(info["pending"]) + int(unread)
     return 0
 

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from server import keys
 from server.consumers import (
     HANDLERS,
+    UNREAD_COUNT_CAP,
     ConsumerMetrics,
     LedgerConsumer,
     group_lag,
@@ -399,3 +400,23 @@ async def test_the_lag_gauge_is_set_while_the_consumer_is_busy(
 
         await until(idle, 20, "the consumer catching up")
     assert handled == added
+
+
+async def test_group_lag_after_deletions_counts_a_bounded_number(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Entries deleted behind a group leave Redis unable to tell its lag; the count that
+    replaces it reads at most UNREAD_COUNT_CAP entries, exact below the cap, a floor above."""
+    stream = "lagtest:ledger"
+    await redis_client.xgroup_create(stream, "g", id="0", mkstream=True)
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(UNREAD_COUNT_CAP + 50):
+        pipe.xadd(stream, {"data": str(i)})
+    ids = await pipe.execute()
+    await redis_client.xreadgroup("g", "c", {stream: ">"}, count=3)  # 3 pending
+    await redis_client.xdel(stream, ids[10])  # a hole after what the group has read
+    (info,) = await redis_client.xinfo_groups(stream)
+    assert info.get("lag") is None  # Redis no longer knows
+    assert await group_lag(redis_client, stream, "g") == 3 + UNREAD_COUNT_CAP
+    await redis_client.xdel(stream, *ids[20:])  # 3 pending, 16 unread left (ids 3-19 but 10)
+    assert await group_lag(redis_client, stream, "g") == 3 + 16  # exact below the cap
