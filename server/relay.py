@@ -188,6 +188,10 @@ class Relay:
         # publishes: an entry another relay read during a lease handover can be pending
         # below them, and it must still be published (see _relay_batch).
         self._stored_upto: tuple[int, int] = (0, 0)
+        # JetStream's last sequence, as we know it: the first message of each batch expects
+        # it, so a relay that slept through losing its lease cannot add a stale batch after
+        # the new holder's messages (None: not known, e.g. after a duplicate; not fenced).
+        self._last_seq: int | None = None
         self._lag_set_at = float("-inf")
         self._holding = False  # we took the lease and have not seen it go
         self._waiting_for: str | None = None  # the holder we last said we wait for
@@ -381,6 +385,8 @@ class Relay:
                 headers = {"Nats-Msg-Id": message.msg_id, STREAM_ID_HEADER: message.stream_id}
                 if previous is not None:
                     headers[api.Header.EXPECTED_LAST_MSG_ID] = previous
+                elif self._last_seq is not None:
+                    headers[api.Header.EXPECTED_LAST_SEQUENCE] = str(self._last_seq)
                 previous = message.msg_id
                 await self._nc.publish(message.subject, message.payload,
                                        reply=f"{self._inbox}.{token}", headers=headers)  # fmt: skip
@@ -393,7 +399,11 @@ class Relay:
         for future in futures:
             error = _pub_ack_error(future)
             if error is not None:
+                self._last_seq = None  # the reconnect that follows learns it again
                 return stored, error
+            ack = orjson.loads(future.result().data)
+            # a duplicate's ack names the first copy's sequence, not the stream's last
+            self._last_seq = None if ack.get("duplicate") else int(ack["seq"])
             stored += 1
         return stored, None
 
@@ -422,6 +432,7 @@ class Relay:
                 )
             )
             log.info("created JetStream stream %s", name)
+        self._last_seq = info.state.last_seq or 0
         if info.state.messages:  # an emptied stream (purged, aged out) keeps a last_seq
             try:
                 last = await jsm.get_msg(name, seq=info.state.last_seq)

@@ -863,3 +863,36 @@ async def test_an_entry_read_by_a_lapsed_relay_during_handover_is_still_publishe
     ledger = await ledger_events(redis_client)
     assert sorted(msg_id for msg_id, _, _ in sent) == sorted(event for _, event in ledger)
     assert len(sent) == 5  # every entry once: the stolen one late, but not lost
+
+
+async def test_a_relay_that_slept_through_losing_its_lease_cannot_add_a_stale_batch(
+    redis_client: aioredis.Redis, relay_config: RelayConfig
+) -> None:
+    """A relay frozen past its lease (a suspended VM: its monotonic clock stood still, so it
+    still believes it holds the lease) wakes and publishes: its batch's first message
+    expects the stream's last sequence as it knew it, JetStream refuses it, nothing of its
+    is stored or acked, and the new holder relays everything once, in order."""
+    now_ms = int(time.time() * 1000)
+    config = replace(relay_config, lease_ttl_ms=60_000)
+    sleeper = Relay(redis_client, config, lease_token="sleeper")
+    await sleeper._ensure_group()
+    assert await sleeper.lease.acquire()
+    await sleeper._open()  # learns last sequence 0; then "freezes"
+    await redis_client.delete(lease_key())  # its lease expired meanwhile
+    holder = Relay(redis_client, config, lease_token="holder")
+    assert await holder.lease.acquire()
+    await holder._open()
+    try:
+        for i in range(3):
+            await redis_client.xadd(keys.LEDGER, {"data": gift_entry(i, now_ms)})
+        assert await holder.relay_once() == 3
+        await redis_client.xadd(keys.LEDGER, {"data": gift_entry(3, now_ms)})
+        assert sleeper.lease.held()  # by its own clock
+        with pytest.raises(APIError, match="wrong last sequence"):
+            await sleeper.relay_once()
+        assert len(await jetstream_messages(config)) == 3
+        await relay_until_caught_up(redis_client, holder)
+    finally:
+        await sleeper._close_nats()
+        await holder._close_nats()
+    assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))
