@@ -87,7 +87,7 @@ class Lease:
         """Take the lease if nobody holds it (or we already do); True if we hold it now."""
         sent = time.monotonic()
         if await self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms):
-            self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
+            self._held_since(sent)
             return True
         return await self.renew()  # ours already (a take that timed out, say): keep it
 
@@ -95,14 +95,15 @@ class Lease:
         """Extend the lease if it is still ours; False (and `held()` False) if it is not."""
         sent = time.monotonic()
         if await self._renew(keys=[self.key], args=[self.token, self.ttl_ms]):
-            self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
+            self._held_since(sent)
             return True
         self._valid_until = float("-inf")
         return False
 
-    def forget(self) -> None:
-        """Stop believing we hold it (a renewal failed and the lease may be gone)."""
-        self._valid_until = float("-inf")
+    def _held_since(self, sent: float) -> None:
+        """Redis (re)started the TTL after `sent`: counting from then, less the margin,
+        we always give up before Redis expires the key."""
+        self._valid_until = sent + self.ttl_ms / 1000 - self.margin_s
 
     async def release(self) -> bool:
         """Give the lease up at once if it is still ours, so a waiting process takes over

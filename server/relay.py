@@ -324,16 +324,14 @@ class Relay:
 
     async def _relay_batch(self, start: str) -> int:
         block = self.config.block_ms if start == ">" else None
-        if not self.lease.held():  # a lapsed holder must not even read: what it reads
-            raise LeaseLost("it lapsed before a renewal got through, or another relay has it")
+        self._check_lease()  # a lapsed holder must not even read: its reads hide entries
         reply: Any = await self.redis.xreadgroup(
             GROUP, CONSUMER, {self.config.ledger_key: start}, count=self.config.batch, block=block
         )
         entries = [(_text(raw_id), fields) for raw_id, fields in (reply[0][1] if reply else [])]
         if not entries:
             return 0
-        if not self.lease.held():  # read, not published: the next holder reads them again
-            raise LeaseLost("it lapsed before a renewal got through, or another relay has it")
+        self._check_lease()  # the read may have blocked: read, not published, still pending
         batch = [self._message(stream_id, fields) for stream_id, fields in entries
                  if fields and stream_id_key(stream_id) > self._stored_upto]  # fmt: skip
         stored, error = await self._publish_all(batch) if batch else (0, None)
@@ -354,6 +352,10 @@ class Relay:
         if error is not None:
             raise error
         return len(entries)
+
+    def _check_lease(self) -> None:
+        if not self.lease.held():
+            raise LeaseLost("it lapsed before a renewal got through, or another relay has it")
 
     def _message(self, stream_id: str, fields: dict[Any, Any]) -> _Message:
         data = fields.get(b"data") or fields.get("data")
@@ -397,11 +399,10 @@ class Relay:
             self._acks.clear()
         stored = 0
         for future in futures:
-            error = _pub_ack_error(future)
-            if error is not None:
+            ack = _pub_ack(future)
+            if isinstance(ack, Exception):
                 self._last_seq = None  # the reconnect that follows learns it again
-                return stored, error
-            ack = orjson.loads(future.result().data)
+                return stored, ack
             # a duplicate's ack names the first copy's sequence, not the stream's last
             self._last_seq = None if ack.get("duplicate") else int(ack["seq"])
             stored += 1
@@ -475,8 +476,9 @@ class Relay:
         self.metrics.oldest_age.set(lag.oldest_age_s)
 
 
-def _pub_ack_error(future: asyncio.Future[Any]) -> Exception | None:
-    """None if the reply in `future` is JetStream's acknowledgement, else why not."""
+def _pub_ack(future: asyncio.Future[Any]) -> dict[str, Any] | Exception:
+    """JetStream's acknowledgement in `future` (stream, seq, duplicate), or why there is
+    none."""
     if future.cancelled():
         return TimeoutError("JetStream did not acknowledge in time")
     msg = future.result()
@@ -487,7 +489,7 @@ def _pub_ack_error(future: asyncio.Future[Any]) -> Exception | None:
     except orjson.JSONDecodeError:
         return APIError(description=f"not a JetStream acknowledgement: {msg.data[:200]!r}")
     if "error" not in reply:
-        return None
+        return dict(reply)
     try:
         APIError.from_error(reply["error"])  # raises the error's own class
     except APIError as exc:
