@@ -187,7 +187,7 @@ class Session:
             message: ClientMessage = decode_frame(frame)
             request_id = message.id
             if not admitted:
-                raise ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down")
+                raise _over_message_budget()
             reply = await _HANDLERS[type(message)](self, message)
             if reply is not None:  # None: the handler wrote its own reply
                 self._write(encode_reply(reply, request_id))
@@ -203,7 +203,7 @@ class Session:
         """Take one message from the rate budget before hello; over budget is refused."""
         if self._messages.take(time.monotonic()):
             return True
-        self._refuse(ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down"))
+        self._refuse(_over_message_budget())
         return False
 
     def _refuse(self, error: ProtocolError) -> None:
@@ -351,6 +351,10 @@ class Session:
             now_ms=now_ms(),
             on_settled=publish,
         )
+
+
+def _over_message_budget() -> ProtocolError:
+    return ProtocolError(ErrorCode.RATE_LIMITED, "too many messages; slow down")
 
 
 # Each request type's handler, shared by every session.
