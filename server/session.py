@@ -58,6 +58,12 @@ from server.wallet import SettledGift, Wallet
 
 log = logging.getLogger(__name__)
 
+# Gifts one connection may have settling at once; past it, the next frame waits for them.
+MAX_GIFTS_IN_FLIGHT = 32
+# What a request comes to: its encoded reply, the error that refuses it, or None when its
+# handler wrote the reply itself.
+Outcome = bytes | ProtocolError | None
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -97,8 +103,8 @@ class Session:
     """Serves one connection from upgrade to close. Thousands live at once: slotted, and the
     request handlers are looked up on the class, not bound per connection."""
 
-    __slots__ = ("_close_with", "_gifts", "_messages", "_strikes", "conn", "identity", "s",
-                 "state")  # fmt: skip
+    __slots__ = ("_close_with", "_gifts", "_gifts_in_flight", "_last_gift", "_messages",
+                 "_strikes", "conn", "identity", "s", "state")  # fmt: skip
 
     def __init__(self, conn: ServerConnection, services: Services) -> None:
         self.conn = conn
@@ -111,6 +117,8 @@ class Session:
         self._messages = TokenBucket(limits.messages_per_s, limits.messages_burst, clock)
         self._gifts = TokenBucket(limits.gifts_per_s, limits.gifts_burst, clock)
         self._strikes = TokenBucket(limits.flood_strikes_per_s, limits.flood_strikes, clock)
+        self._last_gift: asyncio.Task[None] | None = None  # the newest gift still settling
+        self._gifts_in_flight = 0
 
     async def run(self) -> None:
         metrics = self.s.metrics
@@ -123,6 +131,7 @@ class Session:
                     if self.state is State.CLOSED:
                         break
             if self._close_with is not None:
+                await self._gifts_answered()  # their replies go before the close frame
                 await self.conn.close(*self._close_with)
         except ConnectionClosed:
             pass
@@ -182,22 +191,70 @@ class Session:
         # The budget is taken first, so bad frames spend it too; the refusal comes after the
         # decode, so that it echoes the request's id like every other error reply.
         admitted = self._messages.take(time.monotonic())
-        request_id = None
         try:
             message: ClientMessage = decode_frame(frame)
-            request_id = message.id
+        except ProtocolError as error:
+            await self._gifts_answered()  # replies stay in request order
+            self._refuse(error)
+            return
+        if admitted and type(message) is SendGift:
+            if self._gifts_in_flight >= MAX_GIFTS_IN_FLIGHT:
+                await self._gifts_answered()
+            self._start_gift(message)
+            return
+        await self._gifts_answered()
+        self._deliver(await self._outcome(message, admitted))
+
+    async def _outcome(self, message: ClientMessage, admitted: bool) -> Outcome:
+        """Run the request's handler; what it came to is written by `_deliver`."""
+        request_id = message.id
+        try:
             if not admitted:
                 raise _over_message_budget()
             reply = await _HANDLERS[type(message)](self, message)
-            if reply is not None:  # None: the handler wrote its own reply
-                self._write(encode_reply(reply, request_id))
+            return None if reply is None else encode_reply(reply, request_id)
         except ProtocolError as error:
-            self._refuse(error.with_request_id(request_id) if request_id is not None else error)
+            return error.with_request_id(request_id) if request_id is not None else error
         except ConnectionClosed:
             raise
         except Exception:
             log.exception("request failed on %s", self.conn.remote_address)
-            self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error", request_id))
+            return ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
+
+    def _deliver(self, outcome: Outcome) -> None:
+        if isinstance(outcome, ProtocolError):
+            self._refuse(outcome)
+        elif outcome is not None:
+            self._write(outcome)
+
+    # ---- gifts in flight ------------------------------------------------------------------
+    # A gift is settled while the connection reads on: gifts sent in a burst share Redis round
+    # trips instead of waiting one each. They still reach Redis in the order they came (the
+    # path to the batcher does not suspend when the room is live here, and tasks start in
+    # order), and their replies are written in that order: each waits for the one before.
+    # Any other request waits until every gift before it is answered.
+
+    def _start_gift(self, message: SendGift) -> None:
+        before = self._last_gift
+        self._gifts_in_flight += 1
+        self._last_gift = asyncio.get_running_loop().create_task(self._gift(message, before))
+
+    async def _gift(self, message: SendGift, before: asyncio.Task[None] | None) -> None:
+        try:
+            outcome = await self._outcome(message, admitted=True)
+            if before is not None and not before.done():
+                await asyncio.shield(before)
+            self._deliver(outcome)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._gifts_in_flight -= 1
+
+    async def _gifts_answered(self) -> None:
+        """Wait until every gift this connection sent so far has been answered."""
+        last = self._last_gift
+        if last is not None and not last.done():
+            await asyncio.shield(last)
 
     def _admit(self) -> bool:
         """Take one message from the rate budget before hello; over budget is refused."""

@@ -216,6 +216,32 @@ async def test_200_concurrent_gifts_end_at_the_exact_balance(make_app, tokens: T
                 await client.close()
 
 
+async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
+    make_app, tokens: TokenMaker
+) -> None:
+    """One connection's gifts settle while it reads on: a burst of 30 shares a few Redis
+    writes (one at a time took 30), the replies keep the request order, and a request after
+    them (balance) waits until every one is answered."""
+    async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
+        async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
+            await admin.buy("ann", "coins_700")
+        creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
+        await creator.request({"type": "go_live", "title": "x"})
+        ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        await ann.request({"type": "join", "room": "cara"})
+        writes_before = node.wallet._batcher.writes
+        for i in range(30):
+            await ann.send({**gift(f"burst-gift-{i:03d}", "heart"), "id": f"g{i}"})
+        await ann.send({"type": "balance", "id": "after"})
+        replies = [await ann.next(timeout=10) for _ in range(31)]
+        assert [r.get("id") for r in replies] == [f"g{i}" for i in range(30)] + ["after"]
+        assert [r["coins"] for r in replies[:30]] == [700 - 5 * (i + 1) for i in range(30)]
+        assert replies[30]["coins"] == 550
+        assert node.wallet._batcher.writes - writes_before < 15
+        for client in (ann, creator):
+            await client.close()
+
+
 async def test_key_replayed_after_room_ended_still_answers(stage: Any) -> None:
     ann = stage["ann"]
     ok = await ann.request(gift("ended-replay-key"))
