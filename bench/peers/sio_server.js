@@ -28,13 +28,17 @@ io.on("connection", (socket) => {
   });
 });
 
-setInterval(() => {
+// The same batching policy as giftstream (and the python-socketio peer): the next tick
+// is TICK_MS after this flush ends, so a long flush makes fewer, bigger frames.
+function tick() {
   for (const [id, r] of rooms) {
     if (r.outbox.length === 0) continue;
     io.to(id).emit("gifts", r.outbox);
     r.outbox = [];
   }
-}, TICK_MS);
+  setTimeout(tick, TICK_MS);
+}
+setTimeout(tick, TICK_MS);
 
 httpServer.listen(port(), "127.0.0.1", () =>
   console.log(`socket.io peer listening on ${httpServer.address().port}`));

@@ -39,7 +39,9 @@ wss.on("connection", (ws) => {
   ws.on("error", () => {});
 });
 
-setInterval(() => {
+// The same batching policy as giftstream (and the python-socketio peer): the next tick
+// is TICK_MS after this flush ends, so a long flush makes fewer, bigger frames.
+function tick() {
   for (const r of rooms.values()) {
     if (r.outbox.length === 0) continue;
     const frame = Buffer.from(JSON.stringify(r.outbox)); // encoded once for the whole room
@@ -48,7 +50,9 @@ setInterval(() => {
       if (ws.readyState === 1) ws.send(frame, { binary: false });
     }
   }
-}, TICK_MS);
+  setTimeout(tick, TICK_MS);
+}
+setTimeout(tick, TICK_MS);
 
 wss.on("listening", () => console.log(`ws peer listening on ${wss.address().port}`));
 process.on("SIGTERM", () => process.exit(0));
