@@ -447,7 +447,7 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
     dur = min(MIXED_S, 30.0) if storm else MIXED_S
     storm_at = max(2.0, dur / 2 - 2.5)
     args = ["--viewers", str(viewers), "--rooms", "50", "--gifters", str(gifters),
-            "--gift-rate", str(rate), "--duration", f"{dur:g}", "--workers", "2"]  # fmt: skip
+            "--gift-rate", str(rate), "--duration", f"{dur:g}", "--workers", "4"]  # fmt: skip
     if storm:
         args += ["--reconnect-storm", f"0.3@{storm_at:g}", "--storm-spread", "5"]
     reps = []
