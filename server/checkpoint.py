@@ -88,7 +88,7 @@ class Checkpoint:
 async def checkpoint_last_id(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
     """The last entry the checkpoint has folded; None when there is no checkpoint yet."""
     value = await redis.hget(CheckpointKeys.of(ledger_key).main, "last_id")
-    return None if value is None else _text(value)
+    return None if value is None else keys.text(value)
 
 
 async def snapshot(
@@ -115,8 +115,8 @@ async def snapshot(
     if "last_id" not in main:
         return None, stream
     replay = _restore(main, wallets, receipts, payouts, negative)
-    replay.report.breaches.extend(_text(b) for b in breaches)
-    return Checkpoint(_text(main["last_id"]), replay), stream
+    replay.report.breaches.extend(keys.text(b) for b in breaches)
+    return Checkpoint(keys.text(main["last_id"]), replay), stream
 
 
 class CheckpointFolder:
@@ -155,7 +155,7 @@ class CheckpointFolder:
             newest = await self.redis.xrevrange(self.ledger_key, count=1)
             if not newest:
                 return await checkpoint_last_id(self.redis, self.ledger_key)
-            through = _text(newest[0][0])
+            through = keys.text(newest[0][0])
         target = stream_id_key(through)
         conflicts = 0  # chunks in a row another folder landed first
         while True:
@@ -183,7 +183,7 @@ class CheckpointFolder:
         page = await self.redis.xrange(self.ledger_key, min=start, max="+", count=self.chunk)
         if not page:
             return "empty"
-        entries = [(_text(stream_id), fields or {}) for stream_id, fields in page]
+        entries = [(keys.text(stream_id), fields or {}) for stream_id, fields in page]
         users, receipts, payout_keys = _touched(entries)
         negatives = [f"{name}:{user}" for user in users for name in BALANCES]
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -206,7 +206,7 @@ class CheckpointFolder:
         for stream_id, fields in entries:
             replay.feed(stream_id, fields)
         new_last = entries[-1][0]
-        outcome = _text(
+        outcome = keys.text(
             await self._script(keys=k.all(), args=[last or "", new_last, *_dump(replay)])
         )
         if outcome == "ok":
@@ -260,16 +260,16 @@ def _restore(
     replay = Replay(report)
     for user, raw in wallets.items():
         saved = orjson.loads(raw)
-        replay.wallets[_text(user)] = Balances(*(int(saved[name]) for name in BALANCES))
+        replay.wallets[keys.text(user)] = Balances(*(int(saved[name]) for name in BALANCES))
     for receipt, raw in receipts.items():
         saved = orjson.loads(raw)
         if saved.get("user") is not None:
-            replay.receipts[_text(receipt)] = {"user": saved["user"], "coins": saved["coins"]}
+            replay.receipts[keys.text(receipt)] = {"user": saved["user"], "coins": saved["coins"]}
         if saved.get("refunded"):
-            replay.refunded.add(_text(receipt))
-    replay.payout_keys.update(_text(key) for key in payouts)
+            replay.refunded.add(keys.text(receipt))
+    replay.payout_keys.update(keys.text(key) for key in payouts)
     for member in negative:
-        name, _, user = _text(member).partition(":")
+        name, _, user = keys.text(member).partition(":")
         replay.negative.add((user, name))
     return replay
 
@@ -301,12 +301,8 @@ def _dump(replay: Replay) -> list[Any]:
 
 def _names(fields: dict[Any, Any]) -> dict[str, Any]:
     """A hash's fields by name, whether the client decodes replies or not."""
-    return {_text(name): value for name, value in fields.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return {keys.text(name): value for name, value in fields.items()}
 
 
 def _opt_text(value: Any) -> str | None:
-    return None if value is None else _text(value)
+    return None if value is None else keys.text(value)

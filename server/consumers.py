@@ -37,7 +37,7 @@ from server.ledger import (
     read_raw,
     stream_id_key,
 )
-from server.queue_runtime import LAG_REFRESH_S, redact_url, start_worker
+from server.queue_runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
 from server.wallet import script_source
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,9 @@ class LedgerConsumer:
         self._claim_cursor = "0-0"  # XAUTOCLAIM's, kept across passes
         self._stop: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._lag_set_at = float("-inf")
+        self._refresh_lag = LagRefresh(
+            lambda: group_lag(self.redis, self.ledger_key, self.group), self._show_lag
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -201,16 +203,9 @@ class LedgerConsumer:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _refresh_lag(self, every_s: float) -> None:
-        """Set the lag gauge, unless it was set less than `every_s` ago: while busy too, so
-        a consumer falling behind shows it before it runs out of work."""
-        now = time.monotonic()
-        if self.metrics is None or now - self._lag_set_at < every_s:
-            return
-        self._lag_set_at = now
-        self.metrics.lag.labels(self.group).set(
-            await group_lag(self.redis, self.ledger_key, self.group)
-        )
+    def _show_lag(self, lag: int) -> None:
+        if self.metrics is not None:
+            self.metrics.lag.labels(self.group).set(lag)
 
     # ---- one pass -----------------------------------------------------------------------
 
@@ -228,7 +223,7 @@ class LedgerConsumer:
             block=None if taken else self.block_ms,
         )
         entries = reply[0][1] if reply else []
-        await self._handle([(_text(i), f) for i, f in entries], {})
+        await self._handle([(keys.text(i), f) for i, f in entries], {})
         return taken + len(entries)
 
     async def _reclaim(self) -> int:
@@ -240,9 +235,9 @@ class LedgerConsumer:
                 self.ledger_key, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
                 start_id=self._claim_cursor, count=self.batch - taken,
             )  # fmt: skip
-            self._claim_cursor = _text(reply[0])
-            claimed = [(_text(i), f) for i, f in reply[1]]
-            gone = [_text(i) for i in (reply[2] if len(reply) > 2 else [])]
+            self._claim_cursor = keys.text(reply[0])
+            claimed = [(keys.text(i), f) for i, f in reply[1]]
+            gone = [keys.text(i) for i in (reply[2] if len(reply) > 2 else [])]
             gone += [i for i, f in claimed if not f]  # Redis 6.2 returns those as nil entries
             if gone:  # Redis 7 has already dropped them from the pending list
                 await self.redis.xack(self.ledger_key, self.group, *gone)
@@ -317,7 +312,7 @@ class LedgerConsumer:
     ) -> None:
         raw = fields.get(b"data", fields.get("data"))
         if raw is None:  # keep whatever the entry held instead
-            raw = orjson.dumps({_text(k): _text(v) for k, v in fields.items()})
+            raw = orjson.dumps({keys.text(k): keys.text(v) for k, v in fields.items()})
         buried = await self._bury(
             keys=[self.ledger_key, self.dead_letter_key],
             args=[self.group, stream_id, raw, reason, delivered, self.consumer],
@@ -345,10 +340,10 @@ async def group_lag(redis: aioredis.Redis, ledger_key: str, group: str) -> int:
     except ResponseError:
         return 0
     for info in groups:
-        if _text(info["name"]) == group:
+        if keys.text(info["name"]) == group:
             unread = info.get("lag")
             if unread is None:  # Redis cannot tell (entries deleted): count what follows
-                after = "(" + _text(info["last-delivered-id"])
+                after = "(" + keys.text(info["last-delivered-id"])
                 unread = len(
                     await redis.xrange(ledger_key, min=after, count=UNREAD_COUNT_CAP) or []
                 )
@@ -370,9 +365,9 @@ async def replay_dead_letters(
     dead_key = dead_letter_key or dead_letter_stream(ledger_key)
     handled = failing = 0
     async for dead_id, fields in read_raw(redis, dead_key):
-        if _text(fields.get(b"group", fields.get("group", ""))) != group:
+        if keys.text(fields.get(b"group", fields.get("group", ""))) != group:
             continue
-        stream_id = _text(fields.get(b"stream_id", fields.get("stream_id", "")))
+        stream_id = keys.text(fields.get(b"stream_id", fields.get("stream_id", "")))
         try:
             await handler(parse_entry(stream_id, {b"data": fields.get(b"data", b"")}))
         except Exception as exc:
@@ -399,13 +394,14 @@ async def group_trim_points(
         return None
     points: dict[str, str] = {}
     for info in groups:
-        after_delivered = next_stream_id(_text(info["last-delivered-id"]))
+        name = keys.text(info["name"])
+        after_delivered = next_stream_id(keys.text(info["last-delivered-id"]))
         if int(info["pending"]):
             oldest = (await redis.xpending(ledger_key, info["name"]))["min"]
             # acked meanwhile: all it had pending was at or below its last delivered id
-            points[_text(info["name"])] = after_delivered if oldest is None else _text(oldest)
+            points[name] = after_delivered if oldest is None else keys.text(oldest)
         else:
-            points[_text(info["name"])] = after_delivered
+            points[name] = after_delivered
     return points
 
 
@@ -460,7 +456,7 @@ async def trim(
         tail = await redis.xrevrange(ledger_key, count=keep_min_entries) or []
         if len(tail) < keep_min_entries:
             return await nothing(f"it holds fewer than the {keep_min_entries} entries kept")
-        bounds[f"the last {keep_min_entries} entries kept"] = _text(tail[-1][0])
+        bounds[f"the last {keep_min_entries} entries kept"] = keys.text(tail[-1][0])
     held_by, min_id = min(bounds.items(), key=lambda bound: stream_id_key(bound[1]))
     removed = int(await redis.xtrim(ledger_key, minid=min_id, approximate=False))
     return Trim(removed, min_id, held_by, int(await redis.xlen(ledger_key)))
@@ -534,7 +530,3 @@ async def run_consumer(
         return 0
     finally:
         await client.aclose()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

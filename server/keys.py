@@ -12,12 +12,16 @@ User, room and gift ids are 1-64 characters of [A-Za-z0-9_.:-] and idempotency k
 no ':', so `giftstream:wallet:*` matches wallets only and the last part of each key reads
 back unambiguously; the combo key joins two ids that may both hold ':' with '/'.
 `giftstream:room:*` and `giftstream:rooms:*` belong to server/rooms.py.
+
+What is read back comes as bytes (no client here decodes replies, so binary stays binary);
+`text` reads a key, id or field as str.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from typing import Any
 
 PREFIX = "giftstream:"
 LEDGER = PREFIX + "ledger"
@@ -28,6 +32,11 @@ GIFT_KEY_TTL_MS = 24 * 3600 * 1000  # the contract answers a gift key for at lea
 SPENT_TTL_MS = 48 * 3600 * 1000  # a day's counter outlives the day in every time zone
 COMBO_GAP_MS = 5000  # a streak grows while gaps stay under this
 COMBO_TTL_MS = 60_000  # only garbage collection: the gap is judged by the gift's now_ms
+
+
+def text(value: Any) -> str:
+    """A Redis reply's key, id or field as str."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def wallet(user: str) -> str:

@@ -105,10 +105,10 @@ async def read_raw(
     while True:
         page = await redis.xrange(ledger_key, min=start, max=end, count=count) or []
         for stream_id, fields in page:
-            yield _text(stream_id), fields or {}
+            yield keys.text(stream_id), fields or {}
         if len(page) < count:
             return
-        start = "(" + _text(page[-1][0])
+        start = "(" + keys.text(page[-1][0])
 
 
 async def read_entries(
@@ -142,7 +142,7 @@ class StreamState:
                 raise info
             return cls(None, 0)
         added = info.get("entries-added")
-        return cls(_text(info["last-generated-id"]), None if added is None else int(added))
+        return cls(keys.text(info["last-generated-id"]), None if added is None else int(added))
 
 
 async def stream_state(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> StreamState:
@@ -260,7 +260,7 @@ async def _replay(
 async def _stored_wallets(redis: aioredis.Redis, report: AuditReport) -> dict[str, Balances]:
     wallets: dict[str, Balances] = {}
     async for key in redis.scan_iter(match=keys.WALLET_MATCH, count=1000):
-        user = keys.user_of_wallet(_text(key))
+        user = keys.user_of_wallet(keys.text(key))
         values = await redis.hmget(key, ["coins", "diamonds", "debt"])
         try:
             wallets[user] = Balances(*(int(v) if v is not None else 0 for v in values))
@@ -383,7 +383,3 @@ class Replay:
 
 def _fields(balances: Balances) -> tuple[tuple[str, int], ...]:
     return (("coins", balances.coins), ("diamonds", balances.diamonds), ("debt", balances.debt))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,19 +1,48 @@
 """What `giftstream relay` and `giftstream consume` share as processes: a stop event set by
-SIGTERM or SIGINT, the Prometheus metrics port, and URLs fit for a log line."""
+SIGTERM or SIGINT, the Prometheus metrics port, their lag gauges' refresh, and URLs fit for
+a log line."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
 LAG_REFRESH_S = 1.0  # a worker's lag gauges are set at least this often: idle, busy or retrying
 SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jwt"})
+T = TypeVar("T")
+
+
+class LagRefresh(Generic[T]):
+    """Sets a worker's lag gauges from one Redis read, at most once every `every_s` (a worker
+    passes 0 when idle, LAG_REFRESH_S while busy, so a falling-behind shows before the work
+    runs out). Redis being away leaves the gauges as they were: a gauge is not worth failing
+    the worker's pass for."""
+
+    def __init__(self, read: Callable[[], Awaitable[T]], show: Callable[[T], None]) -> None:
+        self._read = read
+        self._show = show
+        self._set_at = float("-inf")
+
+    async def __call__(self, every_s: float) -> None:
+        now = time.monotonic()
+        if now - self._set_at < every_s:
+            return
+        try:
+            lag = await self._read()
+        except (RedisError, OSError):
+            return
+        self._set_at = now
+        self._show(lag)
 
 
 def redact_url(url: str) -> str:

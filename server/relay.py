@@ -46,7 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 from server import keys
 from server.lease import Holder, Lease, lease_holder
 from server.ledger import stream_id_key
-from server.queue_runtime import LAG_REFRESH_S, redact_url, start_worker
+from server.queue_runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,13 @@ async def relay_lag(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> Lag
         groups, summary = await pipe.execute(raise_on_error=False)
     if isinstance(groups, ResponseError):  # no stream yet
         return Lag(0, 0.0, None)
-    group = next((g for g in groups if _text(g["name"]) == GROUP), None)
+    group = next((g for g in groups if keys.text(g["name"]) == GROUP), None)
     if group is None:  # the relay never ran: everything is waiting (XPENDING said NOGROUP)
         length = int(await redis.xlen(ledger_key))
         first = await redis.xrange(ledger_key, count=1)
-        oldest = _age_s(_text(first[0][0]), now_ms) if first else 0.0
+        oldest = _age_s(keys.text(first[0][0]), now_ms) if first else 0.0
         return Lag(length, oldest, None)
-    last_delivered = _text(group["last-delivered-id"])
+    last_delivered = keys.text(group["last-delivered-id"])
     pending = int(group["pending"])
     lag = group.get("lag")
     if lag is None:  # Redis cannot tell (entries deleted); count what follows
@@ -121,10 +121,10 @@ async def relay_lag(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> Lag
         raise summary
     oldest = 0.0
     if pending and summary["min"] is not None:  # None only if pending is 0 in this snapshot
-        oldest = _age_s(_text(summary["min"]), now_ms)
+        oldest = _age_s(keys.text(summary["min"]), now_ms)
     elif lag:
         after = await redis.xrange(ledger_key, min="(" + last_delivered, count=1)
-        oldest = _age_s(_text(after[0][0]), now_ms) if after else 0.0
+        oldest = _age_s(keys.text(after[0][0]), now_ms) if after else 0.0
     return Lag(pending + int(lag), oldest, last_delivered)
 
 
@@ -192,7 +192,9 @@ class Relay:
         # it, so a relay that slept through losing its lease cannot add a stale batch after
         # the new holder's messages (None: not known, e.g. after a duplicate; not fenced).
         self._last_seq: int | None = None
-        self._lag_set_at = float("-inf")
+        self._refresh_lag = LagRefresh(
+            lambda: relay_lag(self.redis, self.config.ledger_key), self._show_lag
+        )
         self._holding = False  # we took the lease and have not seen it go
         self._waiting_for: str | None = None  # the holder we last said we wait for
 
@@ -328,7 +330,7 @@ class Relay:
         reply: Any = await self.redis.xreadgroup(
             GROUP, CONSUMER, {self.config.ledger_key: start}, count=self.config.batch, block=block
         )
-        entries = [(_text(raw_id), fields) for raw_id, fields in (reply[0][1] if reply else [])]
+        entries = [(keys.text(raw_id), fields) for raw_id, fields in (reply[0][1] if reply else [])]
         if not entries:
             return 0
         self._check_lease()  # the read may have blocked: read, not published, still pending
@@ -461,17 +463,7 @@ class Relay:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _refresh_lag(self, every_s: float) -> None:
-        """Set the lag gauges, unless they were set less than `every_s` ago; Redis being
-        away leaves them as they were."""
-        now = time.monotonic()
-        if now - self._lag_set_at < every_s:
-            return
-        try:
-            lag = await relay_lag(self.redis, self.config.ledger_key)
-        except (RedisError, OSError):
-            return
-        self._lag_set_at = now
+    def _show_lag(self, lag: Lag) -> None:
         self.metrics.lag_entries.set(lag.entries)
         self.metrics.oldest_age.set(lag.oldest_age_s)
 
@@ -514,10 +506,6 @@ async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> flo
 
 def _age_s(stream_id: str, now_ms: float) -> float:
     return max(0.0, (now_ms - stream_id_key(stream_id)[0]) / 1000)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | None) -> int:

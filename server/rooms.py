@@ -27,6 +27,7 @@ from websockets.asyncio.server import ServerConnection
 from protocol.codec import encode_room_frame
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.events import Joined, RoomEnded, ViewersEvent
+from server import keys
 from server.fanout import Fanout, text_frame
 from server.metrics import Metrics
 from server.ops import OpsFeed
@@ -40,10 +41,6 @@ Event = dict[str, Any]
 
 def room_key(room_id: str) -> str:
     return f"giftstream:room:{room_id}"
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _viewers_event(room_id: str, count: int, seq: int) -> Event:
@@ -90,13 +87,13 @@ class Hub:
 
     async def restore(self) -> int:
         """Load the rooms Redis says are live (after a restart); returns how many."""
-        room_ids = sorted(_text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
+        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
                 pipe.hgetall(room_key(room_id))
             records = await pipe.execute()
         for room_id, raw in zip(room_ids, records, strict=True):
-            record = {_text(k): _text(v) for k, v in raw.items()}
+            record = {keys.text(k): keys.text(v) for k, v in raw.items()}
             if record.get("live") != "1":
                 continue
             reserved = int(record.get("seq_reserved", "0"))

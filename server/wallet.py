@@ -238,7 +238,7 @@ class Wallet:
         event = _new_id()
 
         def settled(reply: list[Any]) -> SettledGift:
-            first_event = _text(reply[0])
+            first_event = keys.text(reply[0])
             result = SettledGift(
                 event=first_event,
                 coins=int(reply[1]),
@@ -284,12 +284,12 @@ class Wallet:
         )
         if stored[0] is None:
             return None
-        if (_text(stored[0]), _text(stored[1]), _int(stored[2])) != (room, gift, count):
+        if (keys.text(stored[0]), keys.text(stored[1]), _int(stored[2])) != (room, gift, count):
             raise ProtocolError(ErrorCode.KEY_REUSED, f"key {key} was used for another gift")
         if self._metrics is not None:
             self._metrics.gift_replays.inc()
         return SettledGift(
-            event=_text(stored[3]),
+            event=keys.text(stored[3]),
             coins=_int(stored[4]),
             combo=_int(stored[5]),
             diamonds=_int(stored[6]),
@@ -315,7 +315,7 @@ class Wallet:
         event = _new_id()
 
         def purchased(reply: list[Any]) -> PurchaseResult:
-            first_event = _text(reply[0])
+            first_event = keys.text(reply[0])
             return PurchaseResult(
                 user=user,
                 receipt=receipt,
@@ -342,11 +342,11 @@ class Wallet:
         owner = await self._redis.hget(keys.receipt(receipt), "user")  # never changes once set
         if owner is None:
             raise refusal("refund", "unknown_receipt", f"no purchase with receipt {receipt}")
-        user = _text(owner)
+        user = keys.text(owner)
         event = _new_id()
 
         def refunded(reply: list[Any]) -> RefundResult:
-            first_event = _text(reply[0])
+            first_event = keys.text(reply[0])
             return RefundResult(
                 user=user,
                 receipt=receipt,
@@ -402,9 +402,9 @@ class Wallet:
         event = _new_id()
 
         def paid(reply: list[Any]) -> PayoutResult:
-            first_event = _text(reply[0])
+            first_event = keys.text(reply[0])
             return PayoutResult(
-                payout=_text(reply[1]),
+                payout=keys.text(reply[1]),
                 creator=creator,
                 cents=int(reply[2]),
                 diamonds=int(reply[3]),
@@ -437,9 +437,9 @@ class Wallet:
         def on_reply(reply: list[Any]) -> T:
             if latency is not None:
                 latency.observe(time.perf_counter() - started)
-            status = _text(reply[0])
+            status = keys.text(reply[0])
             if status != "ok":
-                raise refusal(name, status, _text(reply[1]))
+                raise refusal(name, status, keys.text(reply[1]))
             return result(reply[1:])
 
         return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
@@ -470,10 +470,6 @@ def _new_id() -> str:
     """32 hex digits, random like a uuid4 (unique with overwhelming odds, never a secret:
     event ids are broadcast), without a urandom syscall per gift."""
     return f"{_ids.getrandbits(128):032x}"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: Any) -> int:
