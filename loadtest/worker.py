@@ -33,10 +33,10 @@ from typing import Any
 import orjson
 import uvloop
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from loadtest import hist
+from loadtest.link import Link, open_link
 from loadtest.plan import COUNT_WEIGHTS, COUNTS, ClientSpec, WorkerPlan
 from loadtest.system import raise_nofile_limit
 from server.auth import Role, mint_token
@@ -135,8 +135,7 @@ class Client:
     def __init__(self, spec: ClientSpec, worker: Worker) -> None:
         self.spec = spec
         self.w = worker
-        self.conn: ClientConnection | None = None
-        self.reader: asyncio.Task[None] | None = None
+        self.conn: Link | None = None
         self.rec = Record()
         self.pending: dict[str, Pending] = {}
         self.uncertain: dict[str, Pending] = {}
@@ -158,26 +157,22 @@ class Client:
         sock = None
         if self.spec.slow:
             sock = await w.small_window_socket()
-        conn = await connect(
-            w.plan.ws_url, proxy=None, compression=None, ping_interval=None, close_timeout=2,
-            open_timeout=30, max_queue=4 if self.spec.slow else 64, user_agent_header=None,
-            sock=sock,
-        )  # fmt: skip
+        conn = await open_link(w.plan.ws_url, sock=sock)
         try:
             async with asyncio.timeout(30):
-                await conn.send(orjson.dumps({"type": "hello", "token": self.token}), text=True)
-                welcome = orjson.loads(await conn.recv(decode=False))
+                conn.send_text(orjson.dumps({"type": "hello", "token": self.token}))
+                welcome = orjson.loads(await conn.recv())
                 if welcome.get("type") != "welcome":
                     raise Refused(f"hello answered {welcome.get('code') or welcome.get('type')}")
                 join: dict[str, Any] = {"type": "join", "room": self.spec.room}
                 if since is not None:
                     join["since"] = since
-                await conn.send(orjson.dumps(join), text=True)
-                joined = orjson.loads(await conn.recv(decode=False))
+                conn.send_text(orjson.dumps(join))
+                joined = orjson.loads(await conn.recv())
                 if joined.get("type") != "joined":
                     raise Refused(f"join answered {joined.get('code') or joined.get('type')}")
         except BaseException:
-            conn.transport.abort()
+            conn.abort()
             raise
         if since is None:
             self.rec.start_seq = self.rec.last_seq = int(joined["seq"])
@@ -186,32 +181,23 @@ class Client:
             self.rec.status = "unrecovered"  # history no longer reaches `since`: told, not hidden
             w.unrecovered += 1
         self.conn = conn
-        self.reader = asyncio.get_running_loop().create_task(self.read(conn))
+        conn.handle(self.on_message, self.on_closed)
 
-    async def read(self, conn: ClientConnection) -> None:
+    def on_message(self, raw: bytes) -> None:
+        now = time.time_ns()
         w = self.w
-        recv = conn.recv
-        decode = w.decode
-        now_ns = time.time_ns
-        try:
-            while True:
-                raw = await recv(decode=False)
-                now = now_ns()
-                w.frames += 1
-                msg = decode(raw)
-                if type(msg) is RoomFrame:
-                    self.on_frame(msg, now)
-                    continue
-                kind = msg.get("type")
-                if kind == "gift_ok":
-                    self.on_gift_ok(msg, now)
-                elif kind == "error":
-                    self.on_error(msg)
-        except ConnectionClosed:
-            pass
-        self.on_closed(conn)
+        w.frames += 1
+        msg = w.decode(raw)
+        if type(msg) is RoomFrame:
+            self.on_frame(msg, now)
+            return
+        kind = msg.get("type")
+        if kind == "gift_ok":
+            self.on_gift_ok(msg, now)
+        elif kind == "error":
+            self.on_error(msg)
 
-    def on_closed(self, conn: ClientConnection) -> None:
+    def on_closed(self, conn: Link) -> None:
         """A connection ended that we did not end: count its close code and rejoin with
         `since`, as the protocol tells a client to."""
         w = self.w
@@ -247,7 +233,7 @@ class Client:
         """Cut the connection as a lost network would: no close frame."""
         if self.conn is not None:
             self.dropping = True
-            self.conn.transport.abort()
+            self.conn.abort()
             self.conn = None
 
     # ---- what arrives -------------------------------------------------------------------
@@ -358,7 +344,7 @@ class Client:
             return False
         pending.sends += 1
         try:
-            await conn.send(pending.payload, text=True)
+            conn.send_text(pending.payload)
         except ConnectionClosed:
             return False
         self.w.gifts_sent += 1
@@ -372,7 +358,7 @@ class Client:
             self.pending[pending.key] = pending
             pending.sends += 1
             try:
-                await conn.send(pending.payload, text=True)
+                conn.send_text(pending.payload)
             except ConnectionClosed:
                 return
 
@@ -579,8 +565,9 @@ class Worker:
         gifters = asyncio.gather(*gifting)
         await self.sleep_until(self.start_ns)
         for client in self.clients:
-            if client.spec.slow and client.reader is not None:
-                client.reader.cancel()  # stops reading; the server sees its backlog grow
+            if client.spec.slow and client.conn is not None:
+                client.conn.on_close = None  # checked at the end, not rejoined
+                client.conn.pause_reading()  # the server sees its backlog grow
         if self.plan.storm_at is not None:
             self.spawn(self.storm(self.start_ns + int(self.plan.storm_at * 1e9)))
         await self.sleep_until(end_ns)
@@ -727,15 +714,16 @@ class Worker:
             if conn is None:
                 client.slow_outcome = "gone"
                 return
-            try:
-                async with asyncio.timeout(5):
-                    while True:
-                        await asyncio.wait_for(conn.recv(decode=False), 1.0)
-            except TimeoutError:
-                client.slow_outcome = "open"
-                return
-            except ConnectionClosed:
-                pass
+            heard = [time.monotonic()]
+            conn.handle(lambda raw: heard.__setitem__(0, time.monotonic()), lambda link: None)
+            conn.resume_reading()
+            deadline = heard[0] + 5
+            while not conn.closed.done():
+                now = time.monotonic()
+                if now >= deadline or now - heard[0] >= 1.0:  # quiet for a second: still open
+                    client.slow_outcome = "open"
+                    return
+                await asyncio.wait([conn.closed], timeout=0.1)
             code = conn.close_code if conn.close_code is not None else 1006
             client.slow_outcome = f"closed_{code}"
             client.conn = None
@@ -752,10 +740,7 @@ class Worker:
         except TimeoutError:
             pass
         for conn in conns:
-            conn.transport.abort()
-        for client in self.clients:
-            if client.reader is not None:
-                client.reader.cancel()
+            conn.abort()
 
     def final(self) -> dict[str, Any]:
         unresolved = [
