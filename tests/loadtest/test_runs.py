@@ -157,3 +157,19 @@ def test_a_wallet_changed_behind_its_back_fails_the_run(
     assert checks["audit"]["status"] == "fail"
     assert any(tampered in b for b in checks["audit"]["breaches"])
     assert checks["deliveries"]["status"] == "pass"  # only the money was touched
+
+
+def test_slow_readers_stop_reading_and_are_reported_apart(
+    server: ServerProcess, redis_url: str, tmp_path: Path
+) -> None:
+    """A quarter of the readers stop reading at the start; at the end each is read out and
+    reported (still open here: a 4 s run does not fill the server's 1 MiB backlog bound),
+    and left out of the delivery check, which the others pass."""
+    report = run(
+        server, redis_url, tmp_path, "--viewers", "40", "--rooms", "2", "--gifters", "8",
+        "--gift-rate", "80", "--duration", "3", "--slow-readers", "0.25",
+    )  # fmt: skip
+    viewers = report["viewers"]
+    assert viewers["statuses"] == {"intact": 32, "slow": 8}
+    assert viewers["slow_readers"] == {"open": 8}
+    assert viewers["checked"] == 32 and statuses(report)["deliveries"] == "pass"
