@@ -163,6 +163,9 @@ class App:
         left = await self.wallet.drain(self.settings.limits.shutdown_grace_s)
         if left:
             log.warning("%d money movements still running at shutdown", left)
+        gifts = self.services.gifts_in_flight
+        if gifts:  # settled: their replies go out before the sockets close
+            await asyncio.wait(set(gifts), timeout=self.settings.limits.close_timeout_s)
         with contextlib.suppress(Exception):
             await self.hub.flush()
         for task in self._tasks:

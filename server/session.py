@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -83,6 +83,8 @@ class Services:
     metrics: Metrics
     draining: bool = False
     connections: int = 0
+    # Gift tasks of every session, still settling or waiting to write their reply.
+    gifts_in_flight: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class State(Enum):
@@ -188,6 +190,9 @@ class Session:
     # ---- requests -------------------------------------------------------------------------
 
     async def _serve(self, frame: str | bytes) -> None:
+        # A gift in flight may have found the connection flooding: nothing more is served.
+        if self._closed:
+            return
         # The budget is taken first, so bad frames spend it too; the refusal comes after the
         # decode, so that it echoes the request's id like every other error reply.
         admitted = self._messages.take(time.monotonic())
@@ -195,7 +200,8 @@ class Session:
             message: ClientMessage = decode_frame(frame)
         except ProtocolError as error:
             await self._gifts_answered()  # replies stay in request order
-            self._refuse(error)
+            if not self._closed:
+                self._refuse(error)
             return
         if admitted and type(message) is SendGift:
             if self._gifts_in_flight >= MAX_GIFTS_IN_FLIGHT:
@@ -203,7 +209,8 @@ class Session:
             self._start_gift(message)
             return
         await self._gifts_answered()
-        self._deliver(await self._outcome(message, admitted))
+        if not self._closed:
+            self._deliver(await self._outcome(message, admitted))
 
     async def _outcome(self, message: ClientMessage, admitted: bool) -> Outcome:
         """Run the request's handler; what it came to is written by `_deliver`."""
@@ -232,19 +239,35 @@ class Session:
     # trips instead of waiting one each. They still reach Redis in the order they came (the
     # path to the batcher does not suspend when the room is live here, and tasks start in
     # order), and their replies are written in that order: each waits for the one before.
-    # Any other request waits until every gift before it is answered.
+    # Any other request waits until every gift before it is answered. A refusal is counted
+    # (strikes included) as soon as it is decided, so that a flood stops the gifts behind it
+    # as it stopped the frames behind it when gifts were served one at a time.
 
     def _start_gift(self, message: SendGift) -> None:
         before = self._last_gift
         self._gifts_in_flight += 1
-        self._last_gift = asyncio.get_running_loop().create_task(self._gift(message, before))
+        task = asyncio.get_running_loop().create_task(self._gift(message, before))
+        self._last_gift = task
+        in_flight = self.s.gifts_in_flight  # shutdown answers them before it closes sockets
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
 
     async def _gift(self, message: SendGift, before: asyncio.Task[None] | None) -> None:
         try:
-            outcome = await self._outcome(message, admitted=True)
+            outcome: Outcome = None  # found flooding meanwhile: not served, like later frames
+            if not self._closed:
+                outcome = await self._outcome(message, admitted=True)
+                if isinstance(outcome, ProtocolError):
+                    self._count_refusal(outcome)
             if before is not None and not before.done():
-                await asyncio.shield(before)
-            self._deliver(outcome)
+                await asyncio.wait((before,))
+            if isinstance(outcome, ProtocolError):
+                self._write(encode_error(outcome))
+            elif outcome is not None:
+                self._write(outcome)
+            if self._close_with is not None and self._last_gift is asyncio.current_task():
+                # the reader is waiting for a frame that may never come: close from here
+                await self.conn.close(*self._close_with)
         except ConnectionClosed:
             pass
         finally:
@@ -254,7 +277,7 @@ class Session:
         """Wait until every gift this connection sent so far has been answered."""
         last = self._last_gift
         if last is not None and not last.done():
-            await asyncio.shield(last)
+            await asyncio.wait((last,))
 
     def _admit(self) -> bool:
         """Take one message from the rate budget before hello; over budget is refused."""
@@ -264,9 +287,14 @@ class Session:
         return False
 
     def _refuse(self, error: ProtocolError) -> None:
-        """Answer with the error; bad frames and rate-limited requests count as strikes."""
-        self.s.metrics.errors.labels(error.code.value).inc()
+        """Answer with the error, and count it."""
         self._write(encode_error(error))
+        self._count_refusal(error)
+
+    def _count_refusal(self, error: ProtocolError) -> None:
+        """Bad frames and rate-limited requests are strikes: too many, and the connection is
+        closed with 4429 once what was sent before is answered."""
+        self.s.metrics.errors.labels(error.code.value).inc()
         if error.code in (ErrorCode.BAD_REQUEST, ErrorCode.RATE_LIMITED):
             if not self._strikes.take(time.monotonic()):
                 self._enter(State.CLOSED)
@@ -283,6 +311,11 @@ class Session:
     async def _close(self, code: CloseCode, reason: str) -> None:
         self._enter(State.CLOSED)
         await self.conn.close(code, reason)
+
+    @property
+    def _closed(self) -> bool:
+        """Read afresh after every await: a gift task may close the connection meanwhile."""
+        return self.state is State.CLOSED
 
     @property
     def user(self) -> Identity:
