@@ -133,7 +133,8 @@ class Link(asyncio.Protocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
         if not self.opened.done():
-            self.opened.set_exception(exc or ConnectionError("closed during the handshake"))
+            failure = self.protocol.handshake_exc or exc
+            self.opened.set_exception(failure or ConnectionError("closed during the handshake"))
         if not self.closed.done():
             self.closed.set_result(None)
         if self.on_close is not None:

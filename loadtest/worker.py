@@ -181,21 +181,25 @@ class Client:
             self.rec.status = "unrecovered"  # history no longer reaches `since`: told, not hidden
             w.unrecovered += 1
         self.conn = conn
+        self.dropping = False  # before handle(): a link already lost must count as a drop
         conn.handle(self.on_message, self.on_closed)
 
     def on_message(self, raw: bytes) -> None:
         now = time.time_ns()
         w = self.w
         w.frames += 1
-        msg = w.decode(raw)
-        if type(msg) is RoomFrame:
-            self.on_frame(msg, now)
-            return
-        kind = msg.get("type")
-        if kind == "gift_ok":
-            self.on_gift_ok(msg, now)
-        elif kind == "error":
-            self.on_error(msg)
+        try:
+            msg = w.decode(raw)
+            if type(msg) is RoomFrame:
+                self.on_frame(msg, now)
+                return
+            kind = msg.get("type")
+            if kind == "gift_ok":
+                self.on_gift_ok(msg, now)
+            elif kind == "error":
+                self.on_error(msg)
+        except Exception as exc:  # a generator bug: shown in the errors, not as a server drop
+            w.errors[f"generator:{type(exc).__name__}"] += 1
 
     def on_closed(self, conn: Link) -> None:
         """A connection ended that we did not end: count its close code and rejoin with
@@ -222,7 +226,6 @@ class Client:
                 await asyncio.sleep(0.2 * (attempt + 1) + self.rng.random() * 0.3)
                 continue
             w.reconnects += 1
-            self.dropping = False
             await self.resend(list(self.pending.values()))
             return True
         self.rec.status = "lost"
