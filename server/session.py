@@ -203,7 +203,7 @@ class Session:
             if not self._closed:
                 self._refuse(error)
             return
-        if admitted and type(message) is SendGift:
+        if admitted and type(message) is SendGift and self._joined_live(message.room):
             if self._gifts_in_flight >= MAX_GIFTS_IN_FLIGHT:
                 await self._gifts_answered()
             self._start_gift(message)
@@ -235,13 +235,22 @@ class Session:
             self._write(outcome)
 
     # ---- gifts in flight ------------------------------------------------------------------
-    # A gift is settled while the connection reads on: gifts sent in a burst share Redis round
-    # trips instead of waiting one each. They still reach Redis in the order they came (the
-    # path to the batcher does not suspend when the room is live here, and tasks start in
-    # order), and their replies are written in that order: each waits for the one before.
+    # A gift to a room live here and joined is settled while the connection reads on: gifts
+    # sent in a burst share Redis round trips instead of waiting one each. They still reach
+    # Redis in the order they came (their path to the batcher does not suspend, and tasks
+    # start in order), and their replies are written in that order: each waits for the one
+    # before.
     # Any other request waits until every gift before it is answered. A refusal is counted
     # (strikes included) as soon as it is decided, so that a flood stops the gifts behind it
     # as it stopped the frames behind it when gifts were served one at a time.
+
+    def _joined_live(self, room_id: str) -> bool:
+        """Whether a gift to `room_id` goes straight to the script (the room is live here and
+        joined). Any other takes the one-at-a-time path: its answer may need a Redis read
+        first (a retry after the room ended), which must not overtake the gifts before it,
+        nor hold one pooled Redis connection per gift of a burst."""
+        hub = self.s.hub
+        return room_id in hub.rooms and hub.is_member(self.conn, room_id)
 
     def _start_gift(self, message: SendGift) -> None:
         before = self._last_gift

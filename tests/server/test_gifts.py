@@ -293,6 +293,21 @@ async def test_no_gift_behind_the_flood_decision_is_served(make_app, tokens: Tok
         await creator.close()
 
 
+async def test_a_burst_of_retries_after_the_room_ended_is_answered_in_order(stage: Any) -> None:
+    """Retries that need a Redis read before their answer (the room has ended) go one at a
+    time behind the gifts before them: each gets its first result, in the order sent."""
+    ann = stage["ann"]
+    firsts = [await ann.request(gift(f"retry-burst-{i:03d}")) for i in range(10)]
+    await stage["creator"].request({"type": "end_live"})
+    for i in range(10):
+        await ann.send({**gift(f"retry-burst-{i:03d}"), "id": f"again{i}"})
+    await ann.send({**gift("retry-burst-new"), "id": "fresh"})
+    replies = [await ann.next() for _ in range(11)]
+    assert [r.get("id") for r in replies] == [f"again{i}" for i in range(10)] + ["fresh"]
+    assert [{k: v for k, v in r.items() if k != "id"} for r in replies[:10]] == firsts
+    assert replies[10]["code"] == "room_not_live"
+
+
 async def test_key_replayed_after_room_ended_still_answers(stage: Any) -> None:
     ann = stage["ann"]
     ok = await ann.request(gift("ended-replay-key"))
