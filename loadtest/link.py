@@ -76,10 +76,6 @@ class Link(asyncio.Protocol):
         self._write_out()
 
     @property
-    def is_open(self) -> bool:
-        return self.protocol.state is State.OPEN
-
-    @property
     def close_code(self) -> int | None:
         return self.protocol.close_code
 

@@ -213,7 +213,8 @@ class Session:
             self._deliver(await self._outcome(message, admitted))
 
     async def _outcome(self, message: ClientMessage, admitted: bool) -> Outcome:
-        """Run the request's handler; what it came to is written by `_deliver`."""
+        """Run the request's handler; what it came to is written by `_deliver`. A refusal is
+        counted here, as soon as it is decided (see "gifts in flight")."""
         request_id = message.id
         try:
             if not admitted:
@@ -221,16 +222,18 @@ class Session:
             reply = await _HANDLERS[type(message)](self, message)
             return None if reply is None else encode_reply(reply, request_id)
         except ProtocolError as error:
-            return error.with_request_id(request_id) if request_id is not None else error
+            refusal = error.with_request_id(request_id) if request_id is not None else error
         except ConnectionClosed:
             raise
         except Exception:
             log.exception("request failed on %s", self.conn.remote_address)
-            return ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
+            refusal = ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
+        self._count_refusal(refusal)
+        return refusal
 
     def _deliver(self, outcome: Outcome) -> None:
         if isinstance(outcome, ProtocolError):
-            self._refuse(outcome)
+            self._write(encode_error(outcome))
         elif outcome is not None:
             self._write(outcome)
 
@@ -266,14 +269,9 @@ class Session:
             outcome: Outcome = None  # found flooding meanwhile: not served, like later frames
             if not self._closed:
                 outcome = await self._outcome(message, admitted=True)
-                if isinstance(outcome, ProtocolError):
-                    self._count_refusal(outcome)
             if before is not None and not before.done():
                 await asyncio.wait((before,))
-            if isinstance(outcome, ProtocolError):
-                self._write(encode_error(outcome))
-            elif outcome is not None:
-                self._write(outcome)
+            self._deliver(outcome)
             if self._close_with is not None and self._last_gift is asyncio.current_task():
                 # the reader is waiting for a frame that may never come: close from here
                 await self.conn.close(*self._close_with)

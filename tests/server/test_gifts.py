@@ -218,6 +218,16 @@ async def test_200_concurrent_gifts_end_at_the_exact_balance(make_app, tokens: T
                 await client.close()
 
 
+async def _ann_in_caras_room(node: Any, tokens: TokenMaker) -> tuple[WsClient, WsClient]:
+    async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
+        await admin.buy("ann", "coins_700")
+    creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
+    await creator.request({"type": "go_live", "title": "x"})
+    ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
+    await ann.request({"type": "join", "room": "cara"})
+    return creator, ann
+
+
 async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
     make_app, tokens: TokenMaker
 ) -> None:
@@ -225,12 +235,7 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
     writes (one at a time took 30), the replies keep the request order, and a request after
     them (balance) waits until every one is answered."""
     async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
-        async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
-            await admin.buy("ann", "coins_700")
-        creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
-        await creator.request({"type": "go_live", "title": "x"})
-        ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
-        await ann.request({"type": "join", "room": "cara"})
+        creator, ann = await _ann_in_caras_room(node, tokens)
         writes_before = node.wallet._batcher.writes
         for i in range(30):
             await ann.send({**gift(f"burst-gift-{i:03d}", "heart"), "id": f"g{i}"})
@@ -242,16 +247,6 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
         assert node.wallet._batcher.writes - writes_before < 15
         for client in (ann, creator):
             await client.close()
-
-
-async def _ann_in_caras_room(node: Any, tokens: TokenMaker) -> tuple[WsClient, WsClient]:
-    async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
-        await admin.buy("ann", "coins_700")
-    creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
-    await creator.request({"type": "go_live", "title": "x"})
-    ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
-    await ann.request({"type": "join", "room": "cara"})
-    return creator, ann
 
 
 async def test_a_gift_flood_is_closed_4429_without_waiting_for_another_frame(
