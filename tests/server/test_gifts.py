@@ -218,9 +218,12 @@ async def test_200_concurrent_gifts_end_at_the_exact_balance(make_app, tokens: T
                 await client.close()
 
 
-async def _ann_in_caras_room(node: Any, tokens: TokenMaker) -> tuple[WsClient, WsClient]:
+async def _ann_in_caras_room(
+    node: Any, tokens: TokenMaker, package: str = "coins_700"
+) -> tuple[WsClient, WsClient]:
+    """Cara is live on `node`; Ann bought `package` and joined her room."""
     async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
-        await admin.buy("ann", "coins_700")
+        await admin.buy("ann", package)
     creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
     await creator.request({"type": "go_live", "title": "x"})
     ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
@@ -316,12 +319,7 @@ async def test_key_replayed_after_room_ended_still_answers(stage: Any) -> None:
 
 async def test_gift_rate_limit(make_app, tokens: TokenMaker) -> None:
     async with make_app(gifts_per_s=0.01, gifts_burst=2) as node:
-        async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
-            await admin.buy("ann", "coins_70")
-        creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
-        await creator.request({"type": "go_live", "title": "x"})
-        ann, _ = await WsClient.login(node.ws_url, tokens("ann"))
-        await ann.request({"type": "join", "room": "cara"})
+        creator, ann = await _ann_in_caras_room(node, tokens, "coins_70")
         replies = [await ann.request(gift(f"rate-limit-{i}")) for i in range(3)]
         assert [r["type"] for r in replies] == ["gift_ok", "gift_ok", "error"]
         assert replies[2]["code"] == "rate_limited" and replies[2]["retryable"] is True
