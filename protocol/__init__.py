@@ -10,8 +10,10 @@ from protocol.codec import (
     decode_frame,
     encode,
     encode_error,
+    encode_event,
     encode_reply,
     encode_room_frame,
+    join_room_frame,
 )
 from protocol.errors import CloseCode, ErrorCode, ProtocolError
 from protocol.events import (
@@ -107,9 +109,11 @@ __all__ = [
     "decode_frame",
     "encode",
     "encode_error",
+    "encode_event",
     "encode_reply",
     "encode_room_frame",
     "is_id",
     "is_integer",
+    "join_room_frame",
     "parse_message",
 ]

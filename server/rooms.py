@@ -3,7 +3,9 @@
 Nothing else touches a room's viewer set. Events are numbered when published, collected in
 the room's outbox, and once per tick encoded into one frame that goes to every viewer and
 ops watcher of the room (the same bytes, no per-viewer await). Only flushed events enter
-the history, so a `since` join never sees an event twice.
+the history, so a `since` join never sees an event twice; they enter it as their encoded
+bytes, which the garbage collector never scans (kept as dicts, a busy room's history was
+what made the full collections that stalled every room for tens of ms).
 
 A room's seq must never go backwards, even across a crash: the hub persists a reserved
 upper bound (`seq_reserved`, in blocks) before it sends any seq past it, and a restarted
@@ -24,7 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 
-from protocol.codec import encode_room_frame
+from protocol.codec import encode_event, join_room_frame
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.events import Joined, RoomEnded, ViewersEvent
 from server import keys
@@ -57,7 +59,7 @@ class Room:
     seq_reserved: int  # persisted bound: no seq above it has been sent
     flushed_seq: int = 0  # last seq sent to viewers
     viewers: dict[ServerConnection, None] = field(default_factory=dict)
-    history: deque[tuple[int, Event]] = field(default_factory=deque)
+    history: deque[tuple[int, bytes]] = field(default_factory=deque)  # (seq, encoded event)
     outbox: list[Event] = field(default_factory=list)
     viewers_announced: int = 0
 
@@ -194,11 +196,11 @@ class Hub:
         recovered: bool | None = None
         missed: bytes | None = None
         if since is not None:
-            events = [event for seq, event in room.history if seq > since]
+            encoded = [data for seq, data in room.history if seq > since]
             oldest = room.history[0][0] if room.history else room.flushed_seq + 1
             recovered = oldest <= since + 1 and since <= room.flushed_seq
-            if events:
-                missed = encode_room_frame(events)
+            if encoded:
+                missed = join_room_frame(encoded)
         joined = Joined(
             room=room.id,
             creator=room.creator,
@@ -267,9 +269,10 @@ class Hub:
             if not room.outbox:
                 continue
             events, room.outbox = room.outbox, []
-            frame = text_frame(encode_room_frame(events))  # encoded and framed once
-            for event in events:
-                room.history.append((event["seq"], event))
+            encoded = [encode_event(event) for event in events]
+            frame = text_frame(join_room_frame(encoded))  # encoded and framed once
+            for event, data in zip(events, encoded, strict=True):
+                room.history.append((event["seq"], data))
             room.flushed_seq = events[-1]["seq"]
             self.fanout.send(room.viewers, frame)
             if self.ops.has_watchers:

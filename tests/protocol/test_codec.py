@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from protocol import (
     MAX_FRAME_BYTES,
@@ -24,8 +26,10 @@ from protocol import (
     Welcome,
     decode_frame,
     encode_error,
+    encode_event,
     encode_reply,
     encode_room_frame,
+    join_room_frame,
 )
 
 
@@ -231,6 +235,38 @@ def test_room_frame_does_not_change_the_events() -> None:
     before = json.dumps(events)
     encode_room_frame(events)
     assert json.dumps(events) == before and events == [GIFT, VIEWERS]
+
+
+def test_joined_events_are_the_bytes_the_batch_dict_encodes_to() -> None:
+    """The hub encodes each event once and joins the bytes; a client must not see a
+    difference from encoding the whole batch at once."""
+    parts = [encode_event(event) for event in (GIFT, VIEWERS, ENDED)]
+    batch = {"type": "batch", "events": [GIFT, VIEWERS, ENDED]}
+    assert join_room_frame(parts) == orjson.dumps(batch)
+    assert join_room_frame(parts[1:2]) == encode_room_frame([VIEWERS]) == parts[1]
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.text(max_size=8),
+            st.one_of(st.text(max_size=12), st.integers(-(2**53), 2**53), st.booleans(),
+                      st.none(), st.dictionaries(st.text(max_size=4), st.text(max_size=4),
+                                                 max_size=3)),
+            max_size=5,
+        ),
+        min_size=2, max_size=6,
+    )
+)  # fmt: skip
+def test_any_joined_batch_equals_its_one_shot_encoding(events: list[dict[str, Any]]) -> None:
+    parts = [encode_event(event) for event in events]
+    assert join_room_frame(parts) == orjson.dumps({"type": "batch", "events": events})
+    assert orjson.loads(join_room_frame(parts))["events"] == events
+
+
+def test_joining_no_events_is_a_bug() -> None:
+    with pytest.raises(ValueError):
+        join_room_frame([])
 
 
 def test_decode_of_a_valid_gift_frame() -> None:
