@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from server.session import Services
 from server.wallet import Wallet
 
 log = logging.getLogger(__name__)
+
+# Objects allocated between young collections (CPython's default is 700); see `tune_gc`.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class StartupError(RuntimeError):
@@ -186,6 +190,7 @@ async def serve_until_signalled(
         loop.add_signal_handler(sig, stop.set)
     try:
         async with App(settings, catalog) as app:
+            tune_gc()
             if on_ready is not None:
                 result = on_ready(app)
                 if asyncio.iscoroutine(result):
@@ -194,3 +199,24 @@ async def serve_until_signalled(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def tune_gc() -> None:
+    """Keep full garbage collections, which stall every room, rare and short on a serving
+    node (called once it is up; tests leave the collector as it is).
+
+    A full collection walks every live object: 65-80 ms at 1,000 viewers on these machines,
+    150-300 ms at 5,000. CPython starts one when the old generation has grown by a quarter,
+    and at its default young threshold a gift's state in flight (its task, coroutines and
+    closures, alive for a Redis round trip) reached the old generation at every middle
+    collection: at 2,000 gifts/s, one full collection every ~5 s. Collected every 10,000
+    allocations instead, that state dies young. What start-up built (modules, classes, the
+    app) lives as long as the process, so it is frozen out of every later collection.
+    """
+    gc.collect()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+    gc.freeze()
+    log.info(
+        "garbage collector: young collections every %d allocations, %d start-up objects frozen",
+        GC_YOUNG_THRESHOLD, gc.get_freeze_count(),
+    )  # fmt: skip

@@ -1,9 +1,18 @@
-"""Prometheus metrics of one server, in a registry of its own (no process-global state)."""
+"""Prometheus metrics of one server, in a registry of its own (no process-global state),
+with its process's CPU, memory, open files and garbage collections beside them."""
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 __all__ = ["PROMETHEUS_CONTENT_TYPE", "Metrics"]
 
@@ -16,6 +25,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_open_fds, ...
+        GCCollector(registry=r)  # python_gc_collections_total{generation="2"}: full collections
         self.connections = Gauge("giftstream_connections", "Open WebSocket connections", registry=r)
         self.rooms_live = Gauge("giftstream_rooms_live", "Live rooms on this node", registry=r)
         self.gifts_settled = Counter(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
+from server.app import GC_YOUNG_THRESHOLD, tune_gc
 from server.config import Limits, add_options, build_settings, resolve
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.processes import ServerProcess, run_cli
@@ -36,6 +39,32 @@ def test_sigterm_closes_sockets_1001_and_exits_0(server_proc: ServerProcess) -> 
             ws.recv(timeout=5)
         assert ws.close_code == 1001
     assert "giftstream stopped" in "".join(server_proc.log)
+
+
+def test_the_served_process_tunes_its_collector_and_exports_it(
+    server_proc: ServerProcess,
+) -> None:
+    """Full collections stall every room, so a serving node makes them rare (app.tune_gc),
+    and its /metrics lets an operator count them."""
+    deadline = time.monotonic() + 10  # it is tuned just after the ready line
+    while "young collections every 10000" not in "".join(server_proc.log):
+        assert time.monotonic() < deadline, "".join(server_proc.log)
+        time.sleep(0.05)
+    with urllib.request.urlopen(server_proc.admin_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'python_gc_collections_total{generation="2"}' in text
+    assert "process_open_fds" in text
+
+
+def test_tune_gc_raises_the_young_threshold_and_freezes_start_up() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 @pytest.mark.parametrize(
