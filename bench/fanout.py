@@ -22,8 +22,8 @@ from typing import Any
 import psutil
 
 from bench.procs import NODE_DIR, PEERS_SRC, raise_nofile
-from loadtest.api import Api, bounded
-from server.auth import Role, mint_token
+from giftstream.loadtest.api import Api, bounded
+from giftstream.server.realtime.auth import Role, mint_token
 
 P99_LIMIT_MS = 100.0
 BUCKET_MS = 0.1

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from server.embedded_redis import EmbeddedRedis, free_port
+from giftstream.server.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -151,7 +151,7 @@ class Giftstream:
         ]  # fmt: skip
         self.server = Proc(name, self.cmd, tmp, port=self.port)
         wait_port(self.admin_port, self.server.popen)
-        from server.config import load_or_create_secret
+        from giftstream.server.config import load_or_create_secret
 
         self.jwt_secret = load_or_create_secret(self.data_dir, "jwt_secret")
         self.webhook_secret = load_or_create_secret(self.data_dir, "webhook_secret")

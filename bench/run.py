@@ -336,8 +336,8 @@ def redis_benchmark(gs: Giftstream, n: int) -> tuple[float, str]:
     same Redis, every call a real successful debit of one of 1,000 funded wallets."""
     import redis
 
-    from server.catalog import load_catalog
-    from server.wallet import script_source
+    from giftstream.server.money.catalog import load_catalog
+    from giftstream.server.money.wallet import script_source
 
     r = redis.Redis(host=gs.redis.host, port=gs.redis.port, db=1)
     sha = r.script_load(script_source("send_gift"))

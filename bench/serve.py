@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from server import cli
+from giftstream.server import cli
 
 RATE = os.environ.get("BENCH_CONN_GIFTS_PER_S", "5000")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvloop
 
-from server.catalog import load_catalog
-from server.embedded_redis import EmbeddedRedis
-from server.wallet import Wallet
+from giftstream.server.embedded_redis import EmbeddedRedis
+from giftstream.server.money.catalog import load_catalog
+from giftstream.server.money.wallet import Wallet
 
 
 async def run(url: str, senders: int, seconds: float) -> tuple[int, float]:

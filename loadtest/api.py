@@ -1,5 +1,5 @@
 """The server's signed internal API as the load test uses it: the catalog, purchases for the
-gifters, wallets for the money check. Each request is signed as server/admin.py checks it:
+gifters, wallets for the money check. Each request is signed as server/money/admin.py checks it:
 hex HMAC-SHA256 of the raw body, or of the path for a GET."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-from server.admin import SIGNATURE_HEADER, sign
+from giftstream.server.money.admin import SIGNATURE_HEADER, sign
 
 T = TypeVar("T")
 CONCURRENCY = 32  # requests in flight: enough to fund thousands of gifters in seconds

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.api import Api, bounded
+from giftstream.loadtest.api import Api, bounded
 
 MAX_LISTED = 10  # breaches named per check; the count says how many in all
 
@@ -122,7 +122,7 @@ async def check_redis(
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from server.ledger import LedgerError, audit, read_entries
+    from giftstream.server.ledger.audit import LedgerError, audit, read_entries
 
     client = aioredis.Redis.from_url(redis_url)
     audit_check = Check("audit")

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtest.scenario import Scenario, Secrets
-from server.config import ConfigError
+from giftstream.loadtest.scenario import Scenario, Secrets
+from giftstream.server.config import ConfigError
 
 EXTRA_HINT = "giftstream loadtest needs its extra: pip install 'giftstream[loadtest]'"
 
@@ -79,8 +79,8 @@ def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:
     import uvloop
     from rich.console import Console
 
-    from loadtest import runner
-    from loadtest.scenario import ScenarioError, build, load_toml, redact_argv
+    from giftstream.loadtest import runner
+    from giftstream.loadtest.scenario import ScenarioError, build, load_toml, redact_argv
 
     # A file or pipe (CI) gets 120 columns rather than rich's 80, so tables stay readable.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -105,14 +105,14 @@ def _locate(scenario: Scenario, values: dict[str, Any]) -> Scenario:
     from dataclasses import replace
     from urllib.parse import urlparse
 
-    from server.embedded_redis import running_embedded_url
+    from giftstream.server.embedded_redis import running_embedded_url
 
     if not scenario.is_local:
         return scenario
     if scenario.redis_url is None:
         scenario = replace(scenario, redis_url=running_embedded_url(values["data_dir"] / "redis"))
     if scenario.server_pid is None:
-        from loadtest.system import find_listener_pid
+        from giftstream.loadtest.system import find_listener_pid
 
         url = urlparse(scenario.url)
         port = url.port or (443 if url.scheme == "wss" else 80)
@@ -124,7 +124,7 @@ def resolve_secrets(scenario: Scenario, values: dict[str, Any]) -> Secrets:
     """The JWT and webhook secrets: flags or environment first, else the data dir, as the
     server reads them. A loopback server's secrets are created there if missing (as the
     server would); a remote server's never are: a missing one is an error."""
-    from server.config import load_or_create_secret
+    from giftstream.server.config import load_or_create_secret
 
     data_dir: Path = values["data_dir"]
     found: dict[str, str] = {}

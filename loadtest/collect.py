@@ -19,8 +19,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
-from loadtest import hist
-from loadtest.worker import COUNTERS, TICK_NS
+from giftstream.loadtest import hist
+from giftstream.loadtest.worker import COUNTERS, TICK_NS
 
 NS_PER_S = 1_000_000_000
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from loadtest.system import ServerSample
+from giftstream.loadtest.system import ServerSample
 
 REFRESH_S = 0.5
 PLAIN_EVERY_S = 5.0

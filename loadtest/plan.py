@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.scenario import Scenario, ScenarioError
+from giftstream.loadtest.scenario import Scenario, ScenarioError
 
 # How many of one gift a send carries, and how often: mostly one, sometimes a handful.
 COUNTS = (1, 2, 3, 5, 10)

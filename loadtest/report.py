@@ -13,15 +13,15 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from loadtest import hist
-from loadtest.check import Check
-from loadtest.collect import Tally
-from loadtest.plan import Plan
-from loadtest.scenario import Scenario
-from loadtest.system import ServerWatch
+from giftstream.loadtest import hist
+from giftstream.loadtest.check import Check
+from giftstream.loadtest.collect import Tally
+from giftstream.loadtest.plan import Plan
+from giftstream.loadtest.scenario import Scenario
+from giftstream.loadtest.system import ServerWatch
 
 if TYPE_CHECKING:
-    from loadtest.runner import Finals
+    from giftstream.loadtest.runner import Finals
 
 REPORT_VERSION = 1
 

@@ -24,8 +24,8 @@ from rich.console import Console
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from loadtest.api import Api, ApiError, bounded
-from loadtest.check import (
+from giftstream.loadtest.api import Api, ApiError, bounded
+from giftstream.loadtest.check import (
     Check,
     Outcome,
     check_answers,
@@ -33,13 +33,13 @@ from loadtest.check import (
     check_redis,
     check_wallets,
 )
-from loadtest.collect import Tally
-from loadtest.live import Progress
-from loadtest.plan import Plan, make_plan
-from loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
-from loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
-from loadtest.worker import Control, client_record, worker_main
-from server.auth import Role, mint_token
+from giftstream.loadtest.collect import Tally
+from giftstream.loadtest.live import Progress
+from giftstream.loadtest.plan import Plan, make_plan
+from giftstream.loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
+from giftstream.loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
+from giftstream.loadtest.worker import Control, client_record, worker_main
+from giftstream.server.realtime.auth import Role, mint_token
 
 START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then
 QUIET_S = 1.0  # after every worker drained, for the last room frames to reach every viewer
@@ -143,7 +143,7 @@ async def _run(
     before_check: BeforeCheck | None,
     command: list[str] | None,
 ) -> RunResult:
-    from loadtest.report import build_report, print_summary, write_plot, write_report
+    from giftstream.loadtest.report import build_report, print_summary, write_plot, write_report
 
     started = time.time()
     run_id = "lt" + secrets.token_hex(3)

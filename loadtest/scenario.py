@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from server.queue_runtime import redact_url
+from giftstream.server.ledger.runtime import redact_url
 
 MAX_DURATION_S = 3600.0  # a run is bounded; longer soaks are several runs
 MAX_CONNECTIONS_PER_WORKER = 19_000  # the machines cap a process at 20,000 descriptors

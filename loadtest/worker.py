@@ -35,11 +35,11 @@ import uvloop
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from loadtest import hist
-from loadtest.link import Link, open_link
-from loadtest.plan import COUNT_WEIGHTS, COUNTS, ClientSpec, WorkerPlan
-from loadtest.system import raise_nofile_limit
-from server.auth import Role, mint_token
+from giftstream.loadtest import hist
+from giftstream.loadtest.link import Link, open_link
+from giftstream.loadtest.plan import COUNT_WEIGHTS, COUNTS, ClientSpec, WorkerPlan
+from giftstream.loadtest.system import raise_nofile_limit
+from giftstream.server.realtime.auth import Role, mint_token
 
 TICK_S = 0.5
 TICK_NS = int(TICK_S * 1e9)

@@ -4,7 +4,7 @@ Everything a server or a test needs is importable from here: the request types a
 `parse_message`, the event types, the codec, and the error and close codes.
 """
 
-from protocol.codec import (
+from giftstream.protocol.codec import (
     BATCH,
     MAX_FRAME_BYTES,
     decode_frame,
@@ -15,8 +15,8 @@ from protocol.codec import (
     encode_room_frame,
     join_room_frame,
 )
-from protocol.errors import CloseCode, ErrorCode, ProtocolError
-from protocol.events import (
+from giftstream.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from giftstream.protocol.events import (
     PROTOCOL_VERSION,
     BalanceReply,
     Ended,
@@ -37,7 +37,7 @@ from protocol.events import (
     Welcome,
     Wire,
 )
-from protocol.messages import (
+from giftstream.protocol.messages import (
     ALL_ROOMS,
     MAX_COUNT,
     MAX_ID_CHARS,

@@ -11,9 +11,9 @@ from typing import Any
 
 import orjson
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.events import ErrorReply, ServerEvent
-from protocol.messages import ClientMessage, RequestId, parse_message
+from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.events import ErrorReply, ServerEvent
+from giftstream.protocol.messages import ClientMessage, RequestId, parse_message
 
 MAX_FRAME_BYTES = 4096
 BATCH = "batch"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.errors import ErrorCode
+from giftstream.protocol.errors import ErrorCode
 
 PROTOCOL_VERSION = 1  # the `protocol` field of `welcome`
 Wire = dict[str, Any]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, TypeGuard
 
-from protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.errors import ErrorCode, ProtocolError
 
 RequestId = str | int | None
 

@@ -1,0 +1,1 @@
+"""The giftstream server: wiring, command line and settings; realtime, money and ledger below."""

@@ -15,17 +15,17 @@ from types import TracebackType
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.admin import AdminServer, build_admin_app
-from server.catalog import Catalog
-from server.config import Settings
-from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from server.fanout import Fanout
-from server.gateway import WS_PATH, Gateway
-from server.metrics import Metrics
-from server.ops import OpsFeed
-from server.rooms import Hub
-from server.session import Services
-from server.wallet import Wallet
+from giftstream.server.config import Settings
+from giftstream.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from giftstream.server.metrics import Metrics
+from giftstream.server.money.admin import AdminServer, build_admin_app
+from giftstream.server.money.catalog import Catalog
+from giftstream.server.money.wallet import Wallet
+from giftstream.server.realtime.fanout import Fanout
+from giftstream.server.realtime.gateway import WS_PATH, Gateway
+from giftstream.server.realtime.hub import Hub
+from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.session import Services
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,7 @@ from typing import Any
 
 import uvloop
 
-from server.auth import Role, mint_token
-from server.catalog import CatalogError, load_catalog
-from server.config import (
+from giftstream.server.config import (
     ConfigError,
     Settings,
     add_options,
@@ -24,7 +22,9 @@ from server.config import (
     load_or_create_secret,
     resolve,
 )
-from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError, running_embedded_url
+from giftstream.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError, running_embedded_url
+from giftstream.server.money.catalog import CatalogError, load_catalog
+from giftstream.server.realtime.auth import Role, mint_token
 
 log = logging.getLogger("giftstream")
 
@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(audit, only=("--data-dir", "--redis-url"))
     audit.add_argument("--ledger-key", default="giftstream:ledger")
 
-    from loadtest.cli import add_loadtest_parser  # light: the load generator loads on use
+    from giftstream.loadtest.cli import (
+        add_loadtest_parser,  # light: the load generator loads on use
+    )
 
     add_loadtest_parser(commands)
     return parser  # fmt: skip
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "trim":
             return _trim(args, values)
         if args.command == "loadtest":
-            from loadtest.cli import run_loadtest
+            from giftstream.loadtest.cli import run_loadtest
 
             return run_loadtest(args, values)
         return _audit(args, values)
@@ -196,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
-    from server.app import StartupError, serve_until_signalled
+    from giftstream.server.app import StartupError, serve_until_signalled
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -214,7 +216,7 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
 
 async def _print_demo(app: Any) -> None:
     """Tokens for a viewer, a creator and an ops user, and coins for the viewer."""
-    from server.session import now_ms
+    from giftstream.server.realtime.session import now_ms
 
     settings: Settings = app.settings
     package = app.catalog.packages.get(DEMO_PACKAGE) or next(iter(app.catalog.packages.values()))
@@ -266,7 +268,7 @@ def _running_redis(values: dict[str, Any]) -> str:
 
 
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
-    from server.relay import RelayConfig, print_status, run_relay
+    from giftstream.server.ledger.relay import RelayConfig, print_status, run_relay
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -283,8 +285,8 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
 
 
 def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
-    from server.consumers import HANDLERS, run_consumer
-    from server.relay import GROUP as RELAY_GROUP
+    from giftstream.server.ledger.consumer import HANDLERS, run_consumer
+    from giftstream.server.ledger.relay import GROUP as RELAY_GROUP
 
     group, group_from = _flag_or_env(args.group, "--group", "GIFTSTREAM_GROUP", None)
     if not group:
@@ -329,13 +331,13 @@ async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from server.consumers import trim
+    from giftstream.server.ledger.consumer import trim
 
     client = aioredis.Redis.from_url(url)
     try:
         done = await trim(client, ledger_key, keep_min_entries=keep)
     except (RedisError, OSError) as exc:
-        from server.queue_runtime import redact_url
+        from giftstream.server.ledger.runtime import redact_url
 
         where = redact_url(url)
         print(f"giftstream: error: cannot trim in Redis at {where}: {exc}", file=sys.stderr)
@@ -369,7 +371,7 @@ async def _run_audit(url: str, ledger_key: str) -> int:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from server.ledger import audit
+    from giftstream.server.ledger.audit import audit
 
     client = aioredis.Redis.from_url(url)
     try:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.app import App
-from server.catalog import Catalog, load_catalog
-from server.config import Limits, Settings
-from server.embedded_redis import EmbeddedRedis
+from giftstream.server.app import App
+from giftstream.server.config import Limits, Settings
+from giftstream.server.embedded_redis import EmbeddedRedis
+from giftstream.server.money.catalog import Catalog, load_catalog
 from tests.helpers import AdminClient, TokenMaker
 
 

@@ -13,8 +13,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from server.admin import sign
-from server.auth import Role, mint_token
+from giftstream.server.money.admin import sign
+from giftstream.server.realtime.auth import Role, mint_token
 
 Frame = dict[str, Any]
 T = TypeVar("T")

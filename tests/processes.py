@@ -11,10 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-from server.embedded_redis import free_port
+from giftstream.server.embedded_redis import free_port
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 
-GIFTSTREAM = [sys.executable, "-m", "server.cli"]
+GIFTSTREAM = [sys.executable, "-m", "giftstream.server.cli"]
 
 
 def run_cli(

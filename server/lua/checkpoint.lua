@@ -1,6 +1,6 @@
 -- Saves one folded chunk of ledger entries into the checkpoint, only if the checkpoint is
 -- still where the caller read it (compare-and-set on last_id): the fold itself runs in
--- Python (server/checkpoint.py, the audit's own replay), this makes its result land whole.
+-- Python (server/ledger/checkpoint.py, the audit's own replay), this makes its result land whole.
 -- A chunk at or below the stored last_id was folded before: nothing is written (idempotent
 -- by stream id). Values are written as they are, so every check is made before the writes.
 -- KEYS: main hash, wallets hash, receipts hash, payout keys set, negatives set, breaches list.

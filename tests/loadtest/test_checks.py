@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from loadtest.check import Outcome, check_answers, check_deliveries
-from loadtest.cli import resolve_secrets
-from loadtest.scenario import build
-from server.config import ConfigError
+from giftstream.loadtest.check import Outcome, check_answers, check_deliveries
+from giftstream.loadtest.cli import resolve_secrets
+from giftstream.loadtest.scenario import build
+from giftstream.server.config import ConfigError
 
 
 def viewer(user: str, **fields: Any) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def test_a_local_server_reads_the_data_dir_as_the_server_does(tmp_path: Path) ->
 
 
 def test_the_cli_wires_every_documented_flag() -> None:
-    from server.cli import build_parser
+    from giftstream.server.cli import build_parser
 
     args = build_parser().parse_args([
         "loadtest", "--url", "ws://127.0.0.1:1/ws", "--viewers", "5", "--closed-loop",
@@ -126,7 +126,7 @@ async def test_a_run_that_hangs_is_stopped_at_its_budget(tmp_path: Path) -> None
 
     from rich.console import Console
 
-    from loadtest import runner
+    from giftstream.loadtest import runner
 
     silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]

@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 from websockets.asyncio.server import ServerConnection, serve
 
-from loadtest import hist
-from loadtest.collect import Tally
-from loadtest.plan import ClientSpec, GiftMix, WorkerPlan
-from loadtest.worker import Control, Worker
-from server.catalog import load_catalog
+from giftstream.loadtest import hist
+from giftstream.loadtest.collect import Tally
+from giftstream.loadtest.plan import ClientSpec, GiftMix, WorkerPlan
+from giftstream.loadtest.worker import Control, Worker
+from giftstream.server.money.catalog import load_catalog
 
 MS = 1_000_000
 

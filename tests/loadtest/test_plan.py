@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from loadtest.plan import GiftMix, make_plan, zipf_weights
-from loadtest.scenario import build
-from server.catalog import load_catalog
+from giftstream.loadtest.plan import GiftMix, make_plan, zipf_weights
+from giftstream.loadtest.scenario import build
+from giftstream.server.money.catalog import load_catalog
 
 CATALOG = load_catalog().as_wire()
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from loadtest import hist
+from giftstream.loadtest import hist
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.processes import GIFTSTREAM, ServerProcess, run_cli
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.scenario import Scenario, ScenarioError, Storm, build, load_toml, parse_storm
+from giftstream.loadtest.scenario import (
+    Scenario,
+    ScenarioError,
+    Storm,
+    build,
+    load_toml,
+    parse_storm,
+)
 
 
 def test_storm_is_share_at_seconds() -> None:
@@ -66,7 +73,7 @@ def test_unknown_or_mistyped_keys_in_a_file_are_errors(tmp_path: Path) -> None:
 
 
 def test_reports_never_carry_secrets() -> None:
-    from loadtest.scenario import redact_argv
+    from giftstream.loadtest.scenario import redact_argv
 
     argv = ["loadtest", "--jwt-secret", "s3cret-jwt", "--webhook-secret=s3cret-hook",
             "--redis-url", "redis://:pw@10.0.0.5:6379/0", "--viewers", "5"]  # fmt: skip

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.catalog import Economics, Package
-from server.wallet import PurchaseResult, Wallet, script_source
+from giftstream.server.money.catalog import Economics, Package
+from giftstream.server.money.wallet import PurchaseResult, Wallet, script_source
 from tests.model.keyspace import Snapshot, snapshot
 from tests.server.conftest import NOW_MS
 

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from server import keys
-from server.catalog import Economics
-from server.wallet import Wallet
+from giftstream.server.money import keys
+from giftstream.server.money.catalog import Economics
+from giftstream.server.money.wallet import Wallet
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 numeric string is refused, and nothing is written (the whole keyspace, consumer groups
 included, is compared before and after).
 
-  a. the Wallet API (server/wallet.py), for each value it takes;
+  a. the Wallet API (server/money/wallet.py), for each value it takes;
   b. the Lua scripts called raw with EVALSHA, as a caller bypassing wallet.py would: each
      numeric ARGV position of each script given each bad text, and the prelude's integer
      parsers on their own with a range wide enough that only exactness can refuse;
@@ -24,13 +24,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from protocol.errors import ErrorCode, ProtocolError
-from server import keys
-from server.app import App
-from server.catalog import Economics, Gift, Package
-from server.checkpoint import CheckpointKeys
-from server.earnings import earnings_key, seen_key
-from server.wallet import MAX_BALANCE, MoneyError, Wallet
+from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.server.app import App
+from giftstream.server.ledger.checkpoint import CheckpointKeys
+from giftstream.server.ledger.earnings import earnings_key, seen_key
+from giftstream.server.money import keys
+from giftstream.server.money.catalog import Economics, Gift, Package
+from giftstream.server.money.wallet import MAX_BALANCE, MoneyError, Wallet
 from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.model.conftest import Eval, Everything, fund
 from tests.model.keyspace import snapshot
@@ -79,7 +79,7 @@ async def gift(money: Wallet, *, count: Any = 1, gift: Gift = HEART, now_ms: Any
     )  # fmt: skip
 
 
-# tests/server/test_wallet.py::test_bad_count_is_refused_before_redis has -1 and True
+# tests/server/money/test_wallet.py::test_bad_count_is_refused_before_redis has -1 and True
 @pytest.mark.parametrize("count", bad("negative", "true"))
 async def test_gift_count(money: Wallet, state: Everything, count: Any) -> None:
     await fund(money, "ann", 1000)
@@ -319,7 +319,7 @@ async def test_raw_calls_mirror_what_wallet_py_sends(
 
 def with_prelude(body: str) -> str:
     """A script of the shared helpers and `body`, as wallet.py assembles its scripts."""
-    prelude = resources.files("server").joinpath("lua", "_prelude.lua").read_text("utf-8")
+    prelude = resources.files("giftstream.server").joinpath("lua", "_prelude.lua").read_text("utf-8")
     return "#!lua\n" + prelude + "\n" + body
 
 
@@ -350,7 +350,7 @@ async def test_prelude_int_arg_is_exact(
 async def test_prelude_stored_int_is_exact(
     redis_client: aioredis.Redis, text: str, expected: int | None
 ) -> None:
-    """The same parser reads stored balances (tests/server/test_wallet.py has corrupt values
+    """The same parser reads stored balances (tests/server/money/test_wallet.py has corrupt values
     stopping a whole gift)."""
     lua = with_prelude("return stored_int(KEYS[1], ARGV[1])")
     await redis_client.hset("h", "f", text)
@@ -434,7 +434,7 @@ def body(template: str, literal: str) -> bytes:
     return template.replace("$", literal).encode()
 
 
-# Raw JSON bodies, so values no encoder writes can be sent. tests/server/test_admin.py
+# Raw JSON bodies, so values no encoder writes can be sent. tests/server/money/test_admin.py
 # ::test_bad_daily_limit_is_400 and ::test_bad_input_is_400_and_changes_nothing send the rest
 # of the list (1.5, 1e3, "100", true, false, 2^53 + 1, 2^64, 1e309, NaN, Infinity, ...).
 ADMIN_BODIES = [

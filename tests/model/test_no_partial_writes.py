@@ -28,14 +28,14 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from protocol.errors import ProtocolError
-from server import keys
-from server.catalog import Economics, Gift, Package
-from server.checkpoint import CheckpointKeys
-from server.consumers import dead_letter_stream
-from server.earnings import EarningsConsumer, earnings_key, seen_key
-from server.ledger import LedgerEntry, read_entries
-from server.wallet import MAX_BALANCE, MoneyError, Wallet
+from giftstream.protocol.errors import ProtocolError
+from giftstream.server.ledger.audit import LedgerEntry, read_entries
+from giftstream.server.ledger.checkpoint import CheckpointKeys
+from giftstream.server.ledger.consumer import dead_letter_stream
+from giftstream.server.ledger.earnings import EarningsConsumer, earnings_key, seen_key
+from giftstream.server.money import keys
+from giftstream.server.money.catalog import Economics, Gift, Package
+from giftstream.server.money.wallet import MAX_BALANCE, MoneyError, Wallet
 from tests.model.conftest import SCRIPT_NAMES, Eval, everything, fund
 from tests.server.conftest import NOW_MS
 

@@ -27,11 +27,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from protocol.errors import ErrorCode, ProtocolError
-from server import keys
-from server.catalog import Economics, Gift, Package
-from server.ledger import audit
-from server.wallet import MAX_COUNT, MAX_PAYOUT_DIAMONDS, MoneyError
+from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.server.ledger.audit import audit
+from giftstream.server.money import keys
+from giftstream.server.money.catalog import Economics, Gift, Package
+from giftstream.server.money.wallet import MAX_COUNT, MAX_PAYOUT_DIAMONDS, MoneyError
 from tests.model.keyspace import LoopRedis, Snapshot
 from tests.model.wallet_model import Refusal, WalletModel, replay
 from tests.server.conftest import NOW_MS

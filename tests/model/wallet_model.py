@@ -1,4 +1,4 @@
-"""A reference model of the money path in plain Python, no Redis: what server/wallet.py and the
+"""A reference model of the money path in plain Python, no Redis: what server/money/wallet.py and the
 Lua scripts in server/lua/ must do, written out as simply as possible so a state machine can
 compare the real thing against it after every step.
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server import keys
-from server.catalog import Economics, Gift, Package
-from server.wallet import (
+from giftstream.server.money import keys
+from giftstream.server.money.catalog import Economics, Gift, Package
+from giftstream.server.money.wallet import (
     MAX_BALANCE,
     MAX_COUNT,
     MAX_DAILY_LIMIT,
@@ -104,7 +104,7 @@ Expected = dict[str, tuple[str, Any, int | None]]
 
 
 def utc_day(now_ms: int) -> str:
-    """YYYY-MM-DD of now_ms in UTC, computed apart from server.keys on purpose."""
+    """YYYY-MM-DD of now_ms in UTC, computed apart from giftstream.server.money.keys on purpose."""
     return datetime.fromtimestamp(now_ms // 1000, tz=UTC).strftime("%Y-%m-%d")
 
 
@@ -387,7 +387,7 @@ class LedgerBreach(AssertionError):
 def replay(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int, int]]:
     """(coins, diamonds, debt) of every user the ledger touches, recomputed from empty.
 
-    Written apart from server.ledger on purpose (a second opinion, not a copy): every amount
+    Written apart from giftstream.server.ledger.audit on purpose (a second opinion, not a copy): every amount
     must be a non-negative int, each event/receipt/refund/payout key at most once, a gift's
     coins split exactly into diamonds and platform share, a refund's parts add up to its
     purchase, and no balance is negative after any entry."""

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import (
+from giftstream.protocol import (
     MAX_FRAME_BYTES,
     BalanceReply,
     ErrorCode,

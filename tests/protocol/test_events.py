@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from protocol import (
+from giftstream.protocol import (
     PROTOCOL_VERSION,
     BalanceReply,
     Ended,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from protocol import (
+from giftstream.protocol import (
     ClientMessage,
     EndLive,
     ErrorCode,

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from giftstream.protocol import (
     MAX_FRAME_BYTES,
     ErrorCode,
     ProtocolError,

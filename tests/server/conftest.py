@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from server.catalog import Economics, Package
-from server.metrics import Metrics
-from server.wallet import PurchaseResult, Wallet
+from giftstream.server.metrics import Metrics
+from giftstream.server.money.catalog import Economics, Package
+from giftstream.server.money.wallet import PurchaseResult, Wallet
 
 NOW_MS = 1_764_000_000_000  # 2025-11-24T16:00:00Z: a fixed clock the tests move by hand
 

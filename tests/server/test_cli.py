@@ -14,8 +14,8 @@ import pytest
 import redis
 from websockets.exceptions import ConnectionClosed
 
-from server.app import GC_YOUNG_THRESHOLD, tune_gc
-from server.config import Limits, add_options, build_settings, resolve
+from giftstream.server.app import GC_YOUNG_THRESHOLD, tune_gc
+from giftstream.server.config import Limits, add_options, build_settings, resolve
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.processes import ServerProcess, run_cli
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis
 
-from server.embedded_redis import EmbeddedRedis
+from giftstream.server.embedded_redis import EmbeddedRedis
 
 
 def test_data_survives_a_clean_restart(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import re
 
 import aiohttp
 
-from server.app import App
+from giftstream.server.app import App
 from tests.helpers import AdminClient, TokenMaker, WsClient
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from server.app import App
-from server.catalog import load_catalog
+from giftstream.server.app import App
+from giftstream.server.money.catalog import load_catalog
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET, make_settings
 from tests.helpers import AdminClient, TokenMaker, WsClient
 

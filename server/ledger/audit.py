@@ -1,0 +1,385 @@
+"""The ledger stream: reading its entries, and the audit that replays them and compares the
+result with every wallet in Redis (DESIGN.md §2, the money invariants). The replay starts
+from the checkpoint (server/ledger/checkpoint.py) when there is one, so a trimmed ledger still audits
+as if it were whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from giftstream.server.money import keys
+
+KINDS = ("gift", "purchase", "refund", "payout")
+
+# The fields each kind of entry must carry, besides event, kind and ts; what a consumer may
+# rely on. Every int is a non-negative integer.
+FIELDS: dict[str, dict[str, type]] = {
+    "gift": {
+        "sender": str, "creator": str, "room": str, "gift": str, "key": str, "count": int,
+        "coins": int, "diamonds": int, "platform": int, "combo": int,
+    },
+    "purchase": {
+        "user": str, "receipt": str, "package": str, "coins": int, "credited": int,
+        "debt_repaid": int, "price_cents": int,
+    },
+    "refund": {"user": str, "receipt": str, "coins": int, "debt": int},
+    "payout": {"creator": str, "key": str, "payout": str, "diamonds": int, "cents": int},
+}  # fmt: skip
+
+
+class LedgerError(ValueError):
+    """An entry that does not parse or lacks a field; the message names its stream id."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: str  # the stream entry id, e.g. "1764000000000-0"
+    data: dict[str, Any]  # the parsed `data` field, checked against FIELDS
+
+    @property
+    def event(self) -> str:
+        return str(self.data["event"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.data["kind"])
+
+    @property
+    def ts(self) -> int:
+        return int(self.data["ts"])
+
+
+def parse_entry(stream_id: str, fields: dict[Any, Any]) -> LedgerEntry:
+    """Check one raw stream entry; a bad one raises LedgerError rather than being guessed at."""
+    raw = fields.get(b"data", fields.get("data"))
+    if raw is None:
+        raise LedgerError(f"entry {stream_id}: no `data` field")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise LedgerError(f"entry {stream_id}: `data` is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LedgerError(f"entry {stream_id}: `data` is not a JSON object")
+    kind = data.get("kind")
+    if kind not in FIELDS:
+        raise LedgerError(f"entry {stream_id}: unknown kind {kind!r}")
+    wanted = {"event": str, "ts": int, **FIELDS[kind]}
+    for name, kind_of in wanted.items():
+        value = data.get(name)
+        if kind_of is int:
+            ok = type(value) is int and value >= 0
+        else:
+            ok = isinstance(value, str) and value != ""
+        if not ok:
+            raise LedgerError(f"entry {stream_id} ({kind}): bad or missing {name}: {value!r}")
+    return LedgerEntry(stream_id, data)
+
+
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair: "1764000000000-3" -> (1764000000000, 3)."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_stream_id(stream_id: str) -> str:
+    """The smallest stream id after `stream_id` (XTRIM MINID keeps it and all after)."""
+    ms, seq = stream_id_key(stream_id)
+    return f"{ms}-{seq + 1}" if seq < 2**64 - 1 else f"{ms + 1}-0"
+
+
+async def read_raw(
+    redis: aioredis.Redis,
+    ledger_key: str = keys.LEDGER,
+    start: str = "-",
+    count: int = 1000,
+    end: str = "+",
+) -> AsyncIterator[tuple[str, dict[Any, Any]]]:
+    """Every (stream id, fields) from `start` to `end` (both inclusive; "(" excludes), read in
+    pages of `count`."""
+    while True:
+        page = await redis.xrange(ledger_key, min=start, max=end, count=count) or []
+        for stream_id, fields in page:
+            yield keys.text(stream_id), fields or {}
+        if len(page) < count:
+            return
+        start = "(" + keys.text(page[-1][0])
+
+
+async def read_entries(
+    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, start: str = "-", count: int = 1000
+) -> AsyncIterator[LedgerEntry]:
+    """Every parsed entry from `start` (inclusive) on; a bad entry raises LedgerError."""
+    async for stream_id, fields in read_raw(redis, ledger_key, start, count):
+        yield parse_entry(stream_id, fields)
+
+
+@dataclass(slots=True)
+class Balances:
+    coins: int = 0
+    diamonds: int = 0
+    debt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What Redis says of the stream itself: the audit replays up to `last_id`, and counts
+    entries against `entries_added` (XADDs ever, trims and deletions included)."""
+
+    last_id: str | None  # last-generated-id; None: no stream
+    entries_added: int | None  # None: a Redis before 7.0, which does not count
+
+    @classmethod
+    def of(cls, info: Any) -> StreamState:
+        """From an XINFO STREAM reply, or the error it gave for a missing stream."""
+        if isinstance(info, Exception):
+            if "no such key" not in str(info).lower():
+                raise info
+            return cls(None, 0)
+        added = info.get("entries-added")
+        return cls(keys.text(info["last-generated-id"]), None if added is None else int(added))
+
+
+async def stream_state(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> StreamState:
+    try:
+        return StreamState.of(await redis.xinfo_stream(ledger_key))
+    except ResponseError as exc:
+        return StreamState.of(exc)
+
+
+@dataclass(slots=True)
+class AuditReport:
+    entries: int = 0  # ever in the ledger: folded into the checkpoint, plus replayed
+    wallets: int = 0
+    breaches: list[str] = field(default_factory=list)
+    coins_purchased: int = 0  # package coins of every purchase
+    debt_repaid: int = 0  # of those, coins that paid debt down instead of reaching a balance
+    coins_refunded: int = 0  # taken back by refunds
+    debt_recorded: int = 0  # refunds could not take back
+    coins_spent: int = 0  # on gifts
+    diamonds_credited: int = 0
+    platform_share: int = 0
+    diamonds_paid_out: int = 0
+    cents_paid_out: int = 0
+    coins_held: int = 0  # in Redis wallets now
+    diamonds_held: int = 0
+    debt: int = 0  # owed in Redis wallets now
+    checkpoint: str | None = None  # the last entry the checkpoint had folded; None: no checkpoint
+    replayed: int = 0  # entries read from the stream by this audit
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaches
+
+    def summary(self) -> str:
+        return (
+            f"{self.entries} ledger entries, {self.wallets} wallets; "
+            f"coins: {self.coins_purchased} purchased, {self.coins_refunded} refunded, "
+            f"{self.coins_spent} spent, {self.coins_held} held; "
+            f"diamonds: {self.diamonds_credited} credited, {self.diamonds_paid_out} paid out "
+            f"({self.cents_paid_out} cents), {self.diamonds_held} held; "
+            f"platform share {self.platform_share} coins; debt {self.debt}"
+            + (
+                f"; from the checkpoint at {self.checkpoint}, {self.replayed} entries replayed"
+                if self.checkpoint is not None
+                else ""
+            )
+        )
+
+
+AUDIT_ATTEMPTS = 3  # a trim racing the audit (see below) is retried this often
+
+
+async def audit(
+    redis: aioredis.Redis, *, ledger_key: str = keys.LEDGER, from_checkpoint: bool = True
+) -> AuditReport:
+    """Replay the ledger and compare every wallet (coins, diamonds, debt).
+
+    With a checkpoint (and `from_checkpoint`), the replay starts from its folded state and
+    reads only the entries after it, which trimming never removes; it also counts entries
+    against the stream's `entries-added`, so an entry deleted or trimmed before it was
+    folded is named even when no wallet shows it. `from_checkpoint=False` replays from empty:
+    the checkpoint itself can be checked against that while nothing has been trimmed."""
+    from giftstream.server.ledger.checkpoint import checkpoint_last_id  # it builds on Replay, below
+
+    for attempt in range(1, AUDIT_ATTEMPTS + 1):
+        replay, gap = await _replay(redis, ledger_key, from_checkpoint)
+        # A gap may also be the checkpoint folding on, and a trim removing entries past the
+        # state we loaded, while we read: then the count is wrong, not the ledger. Look again.
+        if gap is None or attempt == AUDIT_ATTEMPTS:
+            break
+        if await checkpoint_last_id(redis, ledger_key) == replay.report.checkpoint:
+            break
+    if gap is not None:
+        replay.report.breaches.append(gap)
+    replay.compare(await _stored_wallets(redis, replay.report))
+    return replay.report
+
+
+async def _replay(
+    redis: aioredis.Redis, ledger_key: str, from_checkpoint: bool
+) -> tuple[Replay, str | None]:
+    """One replay (from the checkpoint when asked and there is one) up to the stream's last
+    id when it started, and the breach its entry count shows, if any."""
+    from giftstream.server.ledger.checkpoint import snapshot
+
+    if from_checkpoint:
+        saved, stream = await snapshot(redis, ledger_key)
+    else:
+        saved, stream = None, await stream_state(redis, ledger_key)
+    replay = Replay(AuditReport()) if saved is None else saved.replay
+    report = replay.report
+    folded = report.entries
+    if stream.last_id is not None:
+        start = "-" if saved is None else "(" + saved.last_id
+        async for stream_id, fields in read_raw(redis, ledger_key, start, end=stream.last_id):
+            replay.feed(stream_id, fields)
+    report.replayed = report.entries - folded
+    if saved is None:
+        return replay, None
+    report.checkpoint = saved.last_id
+    added = stream.entries_added
+    if added is None or added == report.entries:
+        return replay, None
+    if added > report.entries:
+        return replay, (
+            f"{added - report.entries} of the {added} entries ever added to the ledger are "
+            f"gone unfolded: deleted, or trimmed past the checkpoint at {saved.last_id}"
+        )
+    return replay, (
+        f"the ledger counts {added} entries ever added, fewer than the {report.entries} "
+        "folded and replayed: was the stream deleted and made again?"
+    )
+
+
+async def _stored_wallets(redis: aioredis.Redis, report: AuditReport) -> dict[str, Balances]:
+    wallets: dict[str, Balances] = {}
+    async for key in redis.scan_iter(match=keys.WALLET_MATCH, count=1000):
+        user = keys.user_of_wallet(keys.text(key))
+        values = await redis.hmget(key, ["coins", "diamonds", "debt"])
+        try:
+            wallets[user] = Balances(*(int(v) if v is not None else 0 for v in values))
+        except ValueError:
+            report.breaches.append(f"wallet {user}: a balance is not an integer: {values!r}")
+    return wallets
+
+
+class Replay:
+    """Wallets as the ledger alone says they are, with a breach for each broken rule. The
+    audit runs one over the stream; the checkpoint folds one forward and saves its state."""
+
+    def __init__(self, report: AuditReport) -> None:
+        self.report = report
+        self.wallets: dict[str, Balances] = {}
+        self.events: set[str] = set()
+        self.receipts: dict[str, dict[str, Any]] = {}  # purchase entries by receipt
+        self.refunded: set[str] = set()
+        self.payout_keys: set[str] = set()
+        self.negative: set[tuple[str, str]] = set()  # (user, balance) already reported
+
+    def wallet(self, user: str) -> Balances:
+        return self.wallets.setdefault(user, Balances())
+
+    def feed(self, stream_id: str, fields: dict[Any, Any]) -> None:
+        """Count and apply one raw entry; one that does not parse is a breach."""
+        self.report.entries += 1
+        try:
+            entry = parse_entry(stream_id, fields)
+        except LedgerError as exc:
+            self.report.breaches.append(str(exc))
+            return
+        self.apply(entry)
+
+    def breach(self, entry: LedgerEntry, problem: str) -> None:
+        self.report.breaches.append(f"event {entry.event} ({entry.kind}, {entry.id}): {problem}")
+
+    def apply(self, entry: LedgerEntry) -> None:
+        if entry.event in self.events:
+            self.breach(entry, "event id seen before")
+        self.events.add(entry.event)
+        d, r = entry.data, self.report
+        touched: list[str]
+        if entry.kind == "gift":
+            if d["coins"] != d["diamonds"] + d["platform"]:
+                self.breach(
+                    entry, f"coins {d['coins']} != diamonds {d['diamonds']} + "
+                    f"platform {d['platform']}",
+                )  # fmt: skip
+            self.wallet(d["sender"]).coins -= d["coins"]
+            self.wallet(d["creator"]).diamonds += d["diamonds"]
+            r.coins_spent += d["coins"]
+            r.diamonds_credited += d["diamonds"]
+            r.platform_share += d["platform"]
+            touched = [d["sender"], d["creator"]]
+        elif entry.kind == "purchase":
+            if d["receipt"] in self.receipts:
+                self.breach(entry, f"receipt {d['receipt']} credited twice")
+            self.receipts[d["receipt"]] = d
+            if d["credited"] != d["coins"] - d["debt_repaid"]:
+                self.breach(entry, f"credited {d['credited']} != coins - debt_repaid")
+            wallet = self.wallet(d["user"])
+            wallet.coins += d["credited"]
+            wallet.debt -= d["debt_repaid"]
+            r.coins_purchased += d["coins"]
+            r.debt_repaid += d["debt_repaid"]
+            touched = [d["user"]]
+        elif entry.kind == "refund":
+            purchase = self.receipts.get(d["receipt"])
+            if purchase is None or purchase["user"] != d["user"]:
+                self.breach(
+                    entry, f"refund of receipt {d['receipt']} with no purchase by {d['user']}"
+                )
+            elif d["coins"] + d["debt"] != purchase["coins"]:
+                self.breach(
+                    entry, f"refund takes {d['coins']} + {d['debt']} of {purchase['coins']}"
+                )
+            if d["receipt"] in self.refunded:
+                self.breach(entry, f"receipt {d['receipt']} refunded twice")
+            self.refunded.add(d["receipt"])
+            wallet = self.wallet(d["user"])
+            wallet.coins -= d["coins"]
+            wallet.debt += d["debt"]
+            r.coins_refunded += d["coins"]
+            r.debt_recorded += d["debt"]
+            touched = [d["user"]]
+        else:  # payout
+            if d["key"] in self.payout_keys:
+                self.breach(entry, f"payout key {d['key']} paid twice")
+            self.payout_keys.add(d["key"])
+            self.wallet(d["creator"]).diamonds -= d["diamonds"]
+            r.diamonds_paid_out += d["diamonds"]
+            r.cents_paid_out += d["cents"]
+            touched = [d["creator"]]
+        for user in touched:
+            for name, value in _fields(self.wallets[user]):
+                if value < 0 and (user, name) not in self.negative:
+                    self.negative.add((user, name))
+                    self.breach(entry, f"wallet {user}: {name} {value} by the ledger")
+
+    def compare(self, stored: dict[str, Balances]) -> None:
+        r = self.report
+        r.wallets = len(stored.keys() | self.wallets.keys())
+        for user in sorted(stored.keys() | self.wallets.keys()):
+            in_redis = stored.get(user, Balances())
+            by_ledger = self.wallets.get(user, Balances())
+            r.coins_held += in_redis.coins
+            r.diamonds_held += in_redis.diamonds
+            r.debt += in_redis.debt
+            for (name, held), (_, replayed) in zip(
+                _fields(in_redis), _fields(by_ledger), strict=True
+            ):
+                if held != replayed:
+                    r.breaches.append(
+                        f"wallet {user}: {name} {held} in Redis, {replayed} by the ledger"
+                    )
+                if held < 0:
+                    r.breaches.append(f"wallet {user}: {name} {held} in Redis is negative")
+
+
+def _fields(balances: Balances) -> tuple[tuple[str, int], ...]:
+    return (("coins", balances.coins), ("diamonds", balances.diamonds), ("debt", balances.debt))

@@ -1,0 +1,1 @@
+"""The money: wallets and their Lua scripts, the catalog, and the signed internal HTTP API."""

@@ -1,0 +1,317 @@
+"""The internal HTTP API (PROTOCOL.md §3) for the platform's own services, on its own port.
+
+Every route but /healthz and /metrics is signed: `X-Giftstream-Signature` is the hex
+HMAC-SHA256 of the raw body (of the path, for GET) with the webhook secret. The signature is
+checked before the body is parsed, so a bad one changes nothing. Money rules live in
+server/money/wallet.py; this module only authenticates, validates and maps failures to statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
+from giftstream.server.money.catalog import Catalog
+from giftstream.server.money.wallet import IDEMPOTENCY_KEY, MoneyError, Wallet
+
+__all__ = [
+    "MAX_AMOUNT",
+    "MAX_BODY_BYTES",
+    "SIGNATURE_HEADER",
+    "AdminServer",
+    "ApiError",
+    "build_admin_app",
+    "sign",
+]
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Giftstream-Signature"
+MAX_BODY_BYTES = 64 * 1024
+MAX_AMOUNT = 10**12  # far below 2**53: every amount stays exact in Lua's doubles
+HEALTH_TIMEOUT_S = 2.0  # a hung Redis must not hang the load balancer's probe
+ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+RECEIPT = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
+# Payout keys are the wallet's idempotency keys: no '.' or ':' (server/money/keys.py relies on it).
+PAYOUT_KEY = IDEMPOTENCY_KEY
+UNMATCHED = "unmatched"  # the metrics label of requests no route took: bounded cardinality
+UNSIGNED_ROUTES = frozenset({"/healthz", "/metrics"})  # probes and scrapers hold no secret
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Clock = Callable[[], int]
+
+
+def sign(secret: str, payload: bytes) -> str:
+    """The signature a caller sends: hex HMAC-SHA256 of `payload` with the webhook secret.
+    The payload is the raw body, or for a GET the path as sent (without the query string)."""
+    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
+
+
+class ApiError(Exception):
+    """A refusal found here (not by the wallet): HTTP status, machine code, human message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return _json(status, {"error": code, "message": message}, headers)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---- reading a request ---------------------------------------------------------------------
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object. orjson refuses NaN, Infinity and numbers past a double."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "body must be a JSON object")
+    return body
+
+
+def _string(body: dict[str, Any], name: str, pattern: re.Pattern[str], what: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise ApiError(400, "bad_request", f"`{name}` must be {what}")
+    return value
+
+
+def _amount(body: dict[str, Any], name: str, low: int) -> int:
+    """A JSON integer only: `type(...) is int` refuses bools, and floats (1.0, 1e3) stay floats."""
+    value = body.get(name)
+    if type(value) is not int or not low <= value <= MAX_AMOUNT:
+        raise ApiError(
+            400, "bad_request", f"`{name}` must be a JSON integer from {low} to {MAX_AMOUNT}"
+        )
+    return value
+
+
+_ID_TEXT = "1-64 characters of [A-Za-z0-9_.:-]"
+_RECEIPT_TEXT = "8-128 characters of [A-Za-z0-9_.:-]"
+_KEY_TEXT = "8-64 characters of [A-Za-z0-9_-]"
+
+
+def _path_user(request: web.Request) -> str:
+    user = request.match_info["user"]
+    if ID.fullmatch(user) is None:
+        raise ApiError(400, "bad_request", f"the user id in the path must be {_ID_TEXT}")
+    return user
+
+
+async def _check_signature(request: web.Request, secret: bytes) -> None:
+    """401 unless the signature matches: the raw body for writes, the raw path for GET."""
+    given = request.headers.get(SIGNATURE_HEADER)
+    if not given:
+        raise ApiError(401, "bad_signature", f"missing {SIGNATURE_HEADER} header")
+    if request.method == "GET":
+        payload = request.raw_path.partition("?")[0].encode()
+    else:
+        payload = await request.read()  # past client_max_size aiohttp raises 413 here
+    expected = hmac.new(secret, payload, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected):
+        raise ApiError(401, "bad_signature", f"{SIGNATURE_HEADER} does not match the request")
+
+
+# ---- the routes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Api:
+    """One handler per route of PROTOCOL.md §3, over the parts they need."""
+
+    wallet: Wallet
+    catalog: Catalog
+    redis: aioredis.Redis
+    metrics: Metrics
+    clock: Clock
+
+    async def purchase(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        receipt = _string(body, "receipt", RECEIPT, _RECEIPT_TEXT)
+        user = _string(body, "user", ID, _ID_TEXT)
+        package_id = _string(body, "package", ID, _ID_TEXT)
+        adult = body.get("adult", True)  # absent: the payments backend vouches for its buyer
+        if not isinstance(adult, bool):
+            raise ApiError(400, "bad_request", "`adult` must be true or false when present")
+        package = self.catalog.packages.get(package_id)
+        if package is None:
+            raise ApiError(422, "unknown_package", f"no coin package {package_id!r}")
+        result = await self.wallet.purchase(
+            receipt=receipt, user=user, package=package, adult=adult, now_ms=self.clock()
+        )
+        return _json(200, result.as_wire())
+
+    async def refund(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        receipt = _string(body, "receipt", RECEIPT, _RECEIPT_TEXT)
+        result = await self.wallet.refund(receipt=receipt, now_ms=self.clock())
+        return _json(200, result.as_wire())
+
+    async def get_wallet(self, request: web.Request) -> web.Response:
+        view = await self.wallet.wallet(_path_user(request), self.clock())
+        return _json(200, view.as_wire())
+
+    async def put_limit(self, request: web.Request) -> web.Response:
+        user = _path_user(request)
+        body = await _body(request)
+        if "daily_limit" not in body:
+            raise ApiError(400, "bad_request", "`daily_limit` is required: an integer or null")
+        limit = None if body["daily_limit"] is None else _amount(body, "daily_limit", 0)
+        view = await self.wallet.set_daily_limit(user, limit, now_ms=self.clock())
+        return _json(200, view.as_wire())
+
+    async def payout(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        creator = _string(body, "creator", ID, _ID_TEXT)
+        diamonds = _amount(body, "diamonds", 1)
+        key = _string(body, "key", PAYOUT_KEY, _KEY_TEXT)
+        result = await self.wallet.payout(
+            creator=creator, diamonds=diamonds, key=key, now_ms=self.clock()
+        )
+        return _json(200, result.as_wire())
+
+    async def get_catalog(self, request: web.Request) -> web.Response:
+        return _json(200, self.catalog.as_wire())
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await self.redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("healthz: Redis does not answer PING: %r", exc)
+            return _json(503, {"ok": False, "redis": "down"})
+        return _json(200, {"ok": True, "redis": "up"})
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+        )
+
+
+_HTTP_CODES = {  # aiohttp's own refusals, as our error codes
+    404: ("not_found", "no such route"),
+    405: ("method_not_allowed", "this route does not take that method"),
+    413: ("payload_too_large", f"the body is over {MAX_BODY_BYTES} bytes"),
+}
+
+
+def _answer_http_exception(exc: web.HTTPException) -> web.Response:
+    code, message = _HTTP_CODES.get(exc.status, (exc.reason.lower().replace(" ", "_"), exc.reason))
+    allow = exc.headers.get("Allow")
+    return _error(exc.status, code, message, {"Allow": allow} if allow else None)
+
+
+def build_admin_app(
+    *,
+    wallet: Wallet,
+    catalog: Catalog,
+    redis: aioredis.Redis,
+    webhook_secret: str,
+    metrics: Metrics,
+    clock: Clock | None = None,
+) -> web.Application:
+    """The internal API: signing, size limit, error mapping and counting in one middleware,
+    so no handler can forget them. `clock` gives now in ms (tests move it by hand)."""
+    api = _Api(wallet, catalog, redis, metrics, clock or _now_ms)
+    secret = webhook_secret.encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        template = resource.canonical if resource is not None else UNMATCHED
+        try:
+            if resource is not None and template not in UNSIGNED_ROUTES:
+                await _check_signature(request, secret)
+            response = await handler(request)
+        except (ApiError, MoneyError) as exc:
+            response = _error(exc.status, exc.code, exc.message)
+        except web.HTTPException as exc:  # 404, 405 from the router; 413 from request.read()
+            response = _answer_http_exception(exc)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Safe to retry: receipts and payout keys make a repeated request a replay.
+            log.warning("internal API %s %s: Redis unavailable: %r", request.method, template, exc)
+            response = _error(503, "unavailable", "storage unavailable; retry the same request")
+        except Exception:
+            log.exception("internal API %s %s failed", request.method, request.path)
+            response = _error(500, "internal", "internal error")
+        metrics.http_requests.labels(route=template, status=str(response.status)).inc()
+        return response
+
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY_BYTES)
+    router = app.router
+    router.add_post("/v1/purchases", api.purchase)
+    router.add_post("/v1/refunds", api.refund)
+    router.add_get("/v1/wallets/{user}", api.get_wallet, allow_head=False)
+    router.add_put("/v1/wallets/{user}/limit", api.put_limit)
+    router.add_post("/v1/payouts", api.payout)
+    router.add_get("/v1/catalog", api.get_catalog, allow_head=False)
+    router.add_get("/healthz", api.healthz)  # HEAD too, for load balancers' probes
+    router.add_get("/metrics", api.get_metrics, allow_head=False)
+    return app
+
+
+class AdminServer:
+    """Serves the internal API on host:port for the life of an `async with` block."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+        self.host = host
+        self.requested_port = port
+        self.port = port  # the bound one once started (when 0 was asked)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> AdminServer:
+        await self.runner.setup()
+        try:
+            await web.TCPSite(self.runner, self.host, self.requested_port).start()
+        except BaseException:
+            await self.runner.cleanup()
+            raise
+        self.port = int(self.runner.addresses[0][1])
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.runner.cleanup()

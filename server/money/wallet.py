@@ -1,0 +1,497 @@
+"""Every movement of coins or diamonds, each one Lua script (server/lua/) that makes all its
+checks before its first write and appends its ledger entry in the same atomic step.
+
+Python validates inputs, computes the economics and makes ids; the scripts decide against the
+stored state. Amounts stay far below 2**53, where Lua's doubles stop being exact integers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.server.metrics import Metrics
+from giftstream.server.money import keys
+from giftstream.server.money.batcher import ScriptBatcher
+from giftstream.server.money.catalog import Economics, Gift, Package
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_COUNT = 99
+MAX_GIFT_COINS = 10**9
+MAX_PACKAGE_COINS = 10**9
+MAX_PRICE_CENTS = 10**12
+MAX_BALANCE = 10**15  # a purchase past this is refused: balances stay exact in Lua
+MAX_DAILY_LIMIT = 10**12
+MAX_PAYOUT_DIAMONDS = 10**12
+MAX_RECEIPT_LEN = 256
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
+SCRIPTS = ("send_gift", "purchase", "refund", "payout")
+
+
+class MoneyError(Exception):
+    """A refused internal-API money request: HTTP status, machine code, human message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def as_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+# Every refusal a script can reply, and what the caller sees: the one place they are mapped.
+_GIFT_REFUSALS = {
+    "key_reused": ErrorCode.KEY_REUSED,
+    "debt": ErrorCode.INSUFFICIENT_COINS,  # the message says it is debt
+    "underage": ErrorCode.UNDERAGE,
+    "spending_limit": ErrorCode.SPENDING_LIMIT,
+    "insufficient_coins": ErrorCode.INSUFFICIENT_COINS,
+}
+_MONEY_REFUSALS = {  # code -> HTTP status
+    "receipt_reused": 409,
+    "underage": 403,
+    "balance_limit": 409,
+    "unknown_receipt": 404,
+    "key_reused": 409,
+    "insufficient_diamonds": 409,
+}
+
+
+def refusal(script: str, code: str, message: str) -> ProtocolError | MoneyError:
+    """The exception for a script's refusal: gifts answer the WebSocket, the rest HTTP."""
+    if script == "send_gift":
+        return ProtocolError(_GIFT_REFUSALS[code], message)
+    return MoneyError(_MONEY_REFUSALS[code], code, message)
+
+
+@dataclass(frozen=True, slots=True)
+class SettledGift:
+    event: str  # ledger event id (unique)
+    coins: int  # sender's coin balance right after the gift was settled
+    combo: int  # sender's streak of this gift in this room
+    diamonds: int  # diamonds credited to the creator by this gift
+    ts: int  # ms since epoch when it was settled
+    replayed: bool  # True when the key was already settled: the first result, nothing moved now
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseResult:
+    user: str
+    receipt: str
+    coins: int  # the user's balance now
+    credited: bool  # False: the receipt was credited before, nothing moved now
+    coins_credited: int  # by the receipt's crediting: package coins minus debt repaid
+    debt_repaid: int
+    debt: int  # the user's debt now
+    event: str  # ledger event of the crediting
+
+    def as_wire(self) -> dict[str, Any]:
+        return {"coins": self.coins, "credited": self.credited}
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    user: str
+    receipt: str
+    refunded: bool  # False: refunded before; the fields are that first refund's
+    coins_taken: int
+    debt_added: int
+    coins: int  # the user's balance now
+    debt: int  # the user's debt now
+    event: str  # ledger event of the refund
+
+    def as_wire(self) -> dict[str, Any]:
+        return {
+            "receipt": self.receipt,
+            "user": self.user,
+            "refunded": self.refunded,
+            "coins_taken": self.coins_taken,
+            "debt_added": self.debt_added,
+            "coins": self.coins,
+            "debt": self.debt,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WalletView:
+    user: str
+    coins: int
+    diamonds: int
+    spent_today: int  # coins spent on gifts this UTC day
+    daily_limit: int | None
+    debt: int
+
+    def as_wire(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "coins": self.coins,
+            "diamonds": self.diamonds,
+            "spent_today": self.spent_today,
+            "daily_limit": self.daily_limit,
+            "debt": self.debt,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutResult:
+    payout: str  # payout id
+    creator: str
+    cents: int
+    diamonds: int  # the creator's diamonds left right after the payout
+    event: str  # ledger event of the payout
+    replayed: bool  # True when the key was paid before: the first result, nothing moved now
+
+    def as_wire(self) -> dict[str, Any]:
+        return {"payout": self.payout, "cents": self.cents, "diamonds": self.diamonds}
+
+
+def script_source(name: str) -> str:
+    """A script as Redis runs it: the shebang (Redis 7 refuses it whole under OOM instead of
+    failing at its first write), the shared helpers, then the script."""
+    lua = resources.files("giftstream.server").joinpath("lua")
+    prelude = lua.joinpath("_prelude.lua").read_text(encoding="utf-8")
+    return "#!lua\n" + prelude + "\n" + lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+class Wallet:
+    """The money path: gifts for the WebSocket sessions; purchases, refunds, wallets, limits
+    and payouts for the internal HTTP API."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        economics: Economics,
+        *,
+        ledger_key: str = keys.LEDGER,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._redis = redis
+        self._economics = economics
+        self._ledger_key = ledger_key
+        self._metrics = metrics
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(script_source(name)) for name in SCRIPTS
+        }
+        self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
+        self._lua_seconds = (
+            {name: metrics.lua_seconds.labels(script=name) for name in SCRIPTS}
+            if metrics is not None
+            else {}
+        )
+
+    async def load_scripts(self) -> None:
+        """Load every script up front; a later NOSCRIPT (Redis restarted or flushed) reloads it."""
+        for script in self._scripts.values():
+            script.sha = await self._redis.script_load(script.script)
+
+    @property
+    def in_flight(self) -> int:
+        """Money movements sent to Redis whose outcome is not handled yet."""
+        return self._batcher.in_flight
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Wait for every movement in progress, callers cancelled or not (SIGTERM, tests);
+        returns how many were still running after `timeout_s` (their keys answer retries)."""
+        return await self._batcher.drain(timeout_s)
+
+    # ---- gifts (WebSocket) --------------------------------------------------------------
+
+    async def send_gift(
+        self,
+        *,
+        sender: str,
+        adult: bool,
+        creator: str,
+        room: str,
+        gift: Gift,
+        count: int,
+        key: str,
+        now_ms: int,
+        on_settled: Callable[[SettledGift], object] | None = None,
+    ) -> SettledGift:
+        """Debit the sender and credit the creator once per (sender, key). `on_settled` runs
+        as soon as Redis answers, even if the caller was cancelled meanwhile: what must follow
+        a debit (the room's event) cannot be cut from it by a dropped connection."""
+        now_ms = _ms(now_ms)
+        if type(count) is not int or not 1 <= count <= MAX_COUNT:
+            raise ProtocolError(ErrorCode.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
+        if not IDEMPOTENCY_KEY.fullmatch(key):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "key must be 8-64 of [A-Za-z0-9_-]")
+        _check_int("gift coins", gift.coins, 1, MAX_GIFT_COINS)
+        coins = gift.coins * count
+        diamonds = self._economics.diamonds_for(coins)
+        event = _new_id()
+
+        def settled(reply: list[Any]) -> SettledGift:
+            first_event = keys.text(reply[0])
+            result = SettledGift(
+                event=first_event,
+                coins=int(reply[1]),
+                combo=int(reply[2]),
+                diamonds=int(reply[3]),
+                ts=int(reply[4]),
+                replayed=first_event != event,
+            )
+            if self._metrics is not None:
+                if result.replayed:
+                    self._metrics.gift_replays.inc()
+                else:
+                    self._metrics.gifts_settled.inc()
+                    self._metrics.coins_settled.inc(coins)
+            if on_settled is not None:
+                on_settled(result)
+            return result
+
+        return await self._call(
+            "send_gift",
+            [
+                keys.wallet(sender),
+                keys.wallet(creator),
+                keys.gift_key(sender, key),
+                keys.spent(sender, now_ms),
+                keys.combo(sender, room),
+                self._ledger_key,
+            ],
+            [event, sender, creator, room, gift.id, key, count, coins, diamonds, int(adult),
+             now_ms, keys.GIFT_KEY_TTL_MS, keys.SPENT_TTL_MS, keys.COMBO_GAP_MS,
+             keys.COMBO_TTL_MS],
+            settled,
+        )  # fmt: skip
+
+    async def settled_gift(
+        self, *, sender: str, key: str, room: str, gift: str, count: int
+    ) -> SettledGift | None:
+        """The first result of a gift key already settled, or None. For the refusal path:
+        a retry must get its `gift_ok` even after the room has ended or been left."""
+        stored = await self._redis.hmget(
+            keys.gift_key(sender, key),
+            ["room", "gift", "count", "event", "coins", "combo", "diamonds", "ts"],
+        )
+        if stored[0] is None:
+            return None
+        if (keys.text(stored[0]), keys.text(stored[1]), _int(stored[2])) != (room, gift, count):
+            raise ProtocolError(ErrorCode.KEY_REUSED, f"key {key} was used for another gift")
+        if self._metrics is not None:
+            self._metrics.gift_replays.inc()
+        return SettledGift(
+            event=keys.text(stored[3]),
+            coins=_int(stored[4]),
+            combo=_int(stored[5]),
+            diamonds=_int(stored[6]),
+            ts=_int(stored[7]),
+            replayed=True,
+        )
+
+    async def balance(self, user: str) -> tuple[int, int]:
+        """(coins, diamonds); an unknown user has (0, 0)."""
+        coins, diamonds = await self._redis.hmget(keys.wallet(user), ["coins", "diamonds"])
+        return _int(coins), _int(diamonds)
+
+    # ---- the internal HTTP API ----------------------------------------------------------
+
+    async def purchase(
+        self, *, receipt: str, user: str, package: Package, adult: bool, now_ms: int
+    ) -> PurchaseResult:
+        """Credit a package once per receipt, paying any debt down first."""
+        now_ms = _ms(now_ms)
+        _check_receipt(receipt)
+        _check_int("package coins", package.coins, 1, MAX_PACKAGE_COINS)
+        _check_int("package price_cents", package.price_cents, 0, MAX_PRICE_CENTS)
+        event = _new_id()
+
+        def purchased(reply: list[Any]) -> PurchaseResult:
+            first_event = keys.text(reply[0])
+            return PurchaseResult(
+                user=user,
+                receipt=receipt,
+                coins=int(reply[1]),
+                credited=first_event == event,
+                coins_credited=int(reply[2]),
+                debt_repaid=int(reply[3]),
+                debt=int(reply[4]),
+                event=first_event,
+            )
+
+        return await self._call(
+            "purchase",
+            [keys.wallet(user), keys.receipt(receipt), self._ledger_key],
+            [event, user, receipt, package.id, package.currency, package.coins,
+             package.price_cents, int(adult), now_ms, MAX_BALANCE],
+            purchased,
+        )  # fmt: skip
+
+    async def refund(self, *, receipt: str, now_ms: int) -> RefundResult:
+        """Reverse a purchase once; what the balance cannot cover becomes debt."""
+        now_ms = _ms(now_ms)
+        _check_receipt(receipt)
+        owner = await self._redis.hget(keys.receipt(receipt), "user")  # never changes once set
+        if owner is None:
+            raise refusal("refund", "unknown_receipt", f"no purchase with receipt {receipt}")
+        user = keys.text(owner)
+        event = _new_id()
+
+        def refunded(reply: list[Any]) -> RefundResult:
+            first_event = keys.text(reply[0])
+            return RefundResult(
+                user=user,
+                receipt=receipt,
+                refunded=first_event == event,
+                coins_taken=int(reply[1]),
+                debt_added=int(reply[2]),
+                coins=int(reply[3]),
+                debt=int(reply[4]),
+                event=first_event,
+            )
+
+        return await self._call(
+            "refund",
+            [keys.receipt(receipt), keys.wallet(user), self._ledger_key],
+            [event, user, receipt, now_ms],
+            refunded,
+        )
+
+    async def wallet(self, user: str, now_ms: int) -> WalletView:
+        """Balances, debt, limit and the spend of now_ms's UTC day, read in one MULTI."""
+        now_ms = _ms(now_ms)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            _read_view(pipe, user, now_ms)
+            return _view(user, await pipe.execute())
+
+    async def set_daily_limit(
+        self, user: str, daily_limit: int | None, *, now_ms: int | None = None
+    ) -> WalletView:
+        """Set (None: clear) the user's cap on coins spent per UTC day; returns the wallet.
+        Not a money movement, so a MULTI rather than a script, and no ledger entry."""
+        if daily_limit is not None:
+            _check_int("daily_limit", daily_limit, 0, MAX_DAILY_LIMIT, status=422)
+        now_ms = _ms(now_ms if now_ms is not None else time.time_ns() // 1_000_000)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if daily_limit is None:
+                pipe.hdel(keys.wallet(user), "daily_limit")
+            else:
+                pipe.hset(keys.wallet(user), "daily_limit", daily_limit)
+            _read_view(pipe, user, now_ms)
+            return _view(user, (await pipe.execute())[1:])
+
+    async def payout(self, *, creator: str, diamonds: int, key: str, now_ms: int) -> PayoutResult:
+        """Turn diamonds into cents once per key."""
+        now_ms = _ms(now_ms)
+        _check_int("diamonds", diamonds, 1, MAX_PAYOUT_DIAMONDS, status=422)
+        if not IDEMPOTENCY_KEY.fullmatch(key):
+            raise MoneyError(422, "bad_request", "key must be 8-64 of [A-Za-z0-9_-]")
+        minimum = self._economics.payout_min_diamonds
+        if diamonds < minimum:
+            raise MoneyError(
+                422, "below_minimum", f"a payout needs at least {minimum} diamonds, not {diamonds}"
+            )
+        event = _new_id()
+
+        def paid(reply: list[Any]) -> PayoutResult:
+            first_event = keys.text(reply[0])
+            return PayoutResult(
+                payout=keys.text(reply[1]),
+                creator=creator,
+                cents=int(reply[2]),
+                diamonds=int(reply[3]),
+                event=first_event,
+                replayed=first_event != event,
+            )
+
+        return await self._call(
+            "payout",
+            [keys.wallet(creator), keys.payout(key), self._ledger_key],
+            [event, _new_id(), creator, key, diamonds, self._economics.cents_for(diamonds),
+             now_ms],
+            paid,
+        )  # fmt: skip
+
+    # ---- the one way a script is called -------------------------------------------------
+
+    async def _call(
+        self,
+        name: str,
+        script_keys: Sequence[str],
+        args: Sequence[Any],
+        result: Callable[[list[Any]], T],
+    ) -> T:
+        """Run a script; a refusal becomes its exception. A cancelled caller does not stop it:
+        the reply is still read and `result` still runs (a retry is answered by its key)."""
+        started = time.perf_counter()
+        latency = self._lua_seconds.get(name)
+
+        def on_reply(reply: list[Any]) -> T:
+            if latency is not None:
+                latency.observe(time.perf_counter() - started)
+            status = keys.text(reply[0])
+            if status != "ok":
+                raise refusal(name, status, keys.text(reply[1]))
+            return result(reply[1:])
+
+        return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
+
+
+def _read_view(pipe: Any, user: str, now_ms: int) -> None:
+    pipe.hmget(keys.wallet(user), ["coins", "diamonds", "debt", "daily_limit"])
+    pipe.get(keys.spent(user, now_ms))
+
+
+def _view(user: str, results: Sequence[Any]) -> WalletView:
+    (coins, diamonds, debt, daily_limit), spent = results
+    return WalletView(
+        user=user,
+        coins=_int(coins),
+        diamonds=_int(diamonds),
+        spent_today=_int(spent),
+        daily_limit=None if daily_limit is None else int(daily_limit),
+        debt=_int(debt),
+    )
+
+
+_ids = random.Random()  # seeded from os.urandom; reseeded in a forked child
+os.register_at_fork(after_in_child=_ids.seed)
+
+
+def _new_id() -> str:
+    """32 hex digits, random like a uuid4 (unique with overwhelming odds, never a secret:
+    event ids are broadcast), without a urandom syscall per gift."""
+    return f"{_ids.getrandbits(128):032x}"
+
+
+def _int(value: Any) -> int:
+    return 0 if value is None else int(value)
+
+
+def _ms(now_ms: int) -> int:
+    _check_int("now_ms", now_ms, 0, 2**50)
+    return now_ms
+
+
+def _check_int(name: str, value: object, low: int, high: int, *, status: int = 0) -> None:
+    """Only true ints reach a script (never a bool or a float); `status` makes it a
+    MoneyError for the HTTP API, else a ValueError (a caller's bug)."""
+    if type(value) is int and low <= value <= high:
+        return
+    message = f"{name} must be an integer from {low} to {high}, not {value!r}"
+    if status:
+        raise MoneyError(status, "bad_request", message)
+    raise ValueError(message)
+
+
+def _check_receipt(receipt: object) -> None:
+    if not isinstance(receipt, str) or not 1 <= len(receipt) <= MAX_RECEIPT_LEN:
+        raise MoneyError(422, "bad_request", f"receipt must be 1 to {MAX_RECEIPT_LEN} characters")

@@ -1,0 +1,100 @@
+"""The public port: WebSocket upgrades at /ws (origin allow-list, size and keepalive limits)
+and the few plain GET pages beside it. Each accepted connection becomes a `Session`."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from types import TracebackType
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+from websockets.typing import Origin
+
+from giftstream.protocol.events import PROTOCOL_VERSION
+from giftstream.server.realtime.session import Services, Session
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/ws"
+# Frames up to this size are read and answered `bad_request` when over the protocol's 4 KiB;
+# larger ones are refused by the WebSocket layer itself (close 1009) without being buffered.
+READ_LIMIT_BYTES = 64 * 1024
+
+
+class Gateway:
+    """Owns the listening socket; `async with` starts it, `stop_accepting` and `close` end it."""
+
+    def __init__(
+        self,
+        services: Services,
+        host: str,
+        port: int,
+        allowed_origins: tuple[str, ...] | None,
+    ) -> None:
+        self.services = services
+        self.host = host
+        self.requested_port = port
+        # Native apps and servers send no Origin; only browsers do, so a missing one passes.
+        self.origins: list[Origin | None] | None = (
+            [*(Origin(o) for o in allowed_origins), None] if allowed_origins is not None else None
+        )
+        self.server: Server | None = None
+
+    async def __aenter__(self) -> Gateway:
+        limits = self.services.limits
+        self.server = await serve(
+            self._handle,
+            self.host,
+            self.requested_port,
+            origins=self.origins,
+            process_request=self._route,
+            max_size=READ_LIMIT_BYTES,
+            compression=None,  # frames are encoded once and sent as-is to every viewer
+            ping_interval=limits.ping_interval_s,
+            ping_timeout=limits.ping_timeout_s,
+            close_timeout=limits.close_timeout_s,
+            server_header="giftstream",
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def stop_accepting(self) -> None:
+        """Stop listening; open connections carry on until `close`."""
+        if self.server is not None:
+            self.server.server.close()
+
+    async def close(self) -> None:
+        """Close every connection with 1001 (going away) and wait for their handlers."""
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            await self.server.wait_closed()
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        await Session(conn, self.services).run()
+
+    def _route(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Let upgrades to /ws through; answer the plain pages; 404 for the rest."""
+        path = request.path.split("?", 1)[0]
+        if path == WS_PATH:
+            return None
+        if path == "/":
+            return conn.respond(
+                HTTPStatus.OK,
+                f"giftstream: WebSocket endpoint at {WS_PATH}, protocol {PROTOCOL_VERSION}\n",
+            )
+        if path == "/healthz":
+            return conn.respond(HTTPStatus.OK, "ok\n")
+        return conn.respond(HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {WS_PATH}\n")

@@ -1,0 +1,259 @@
+"""The connection's life over real sockets: upgrade, hello, limits and every close code."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import jwt
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from giftstream.server.app import App
+from tests.conftest import JWT_SECRET, make_settings
+from tests.helpers import TokenMaker, WsClient
+
+
+async def test_hello_gets_exact_welcome(app: App, tokens: TokenMaker, admin) -> None:
+    await admin.buy("ann", "coins_700")
+    before = int(time.time() * 1000)
+    client, welcome = await WsClient.login(app.ws_url, tokens("ann", name="Ann"))
+    ts = welcome.pop("ts")
+    assert welcome == {
+        "type": "welcome", "user": "ann", "name": "Ann", "coins": 700, "diamonds": 0,
+        "protocol": 1,
+    }  # fmt: skip
+    assert before <= ts <= int(time.time() * 1000)
+    await client.close()
+
+
+async def test_reply_echoes_integer_and_string_ids(app: App, tokens: TokenMaker) -> None:
+    client, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    await client.send({"type": "ping", "id": 7})
+    pong = await client.next()
+    assert pong["type"] == "pong" and pong["id"] == 7 and isinstance(pong["ts"], int)
+    await client.send({"type": "ping", "id": "abc"})
+    assert (await client.next())["id"] == "abc"
+    await client.send({"type": "ping"})
+    assert "id" not in await client.next()
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        pytest.param(lambda t: "not-a-jwt", id="garbage"),
+        pytest.param(lambda t: t("ann", ttl_s=-10), id="expired"),
+        pytest.param(
+            lambda t: jwt.encode({"sub": "ann", "exp": 2**40}, "other-secret-0123456789"),
+            id="wrong-secret",
+        ),
+        pytest.param(
+            lambda t: jwt.encode({"sub": "ann", "exp": 2**40}, None, algorithm="none"),
+            id="alg-none",
+        ),
+        pytest.param(
+            lambda t: jwt.encode({"sub": "ann", "exp": 2**40}, JWT_SECRET, algorithm="HS512"),
+            id="alg-hs512",
+        ),
+        pytest.param(lambda t: jwt.encode({"sub": "ann"}, JWT_SECRET), id="no-exp"),
+        pytest.param(
+            lambda t: jwt.encode({"sub": "a b", "exp": 2**40}, JWT_SECRET), id="bad-sub"
+        ),
+        pytest.param(
+            lambda t: jwt.encode({"sub": "ann", "exp": 2**40, "role": "admin"}, JWT_SECRET),
+            id="bad-role",
+        ),
+        pytest.param(lambda t: "", id="empty"),
+    ],
+)
+async def test_bad_tokens_close_4401(
+    app: App, tokens: TokenMaker, make_token: Callable[[TokenMaker], str]
+) -> None:
+    client = await WsClient.open(app.ws_url)
+    await client.send({"type": "hello", "token": make_token(tokens)})
+    assert await client.closed_with() == 4401
+
+
+async def test_first_message_must_be_hello(app: App) -> None:
+    client = await WsClient.open(app.ws_url)
+    await client.send({"type": "join", "room": "cara"})
+    assert await client.closed_with() == 4401
+
+
+async def test_bad_frame_before_hello_is_answered_then_hello_still_works(
+    app: App, tokens: TokenMaker
+) -> None:
+    client = await WsClient.open(app.ws_url)
+    await client.send("not json")
+    error = await client.next()
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    await client.send({"type": "hello", "token": tokens("ann")})
+    assert (await client.next())["type"] == "welcome"
+    await client.close()
+
+
+async def test_no_hello_in_time_closes_4408(make_app: Callable[..., App]) -> None:
+    async with make_app(hello_timeout_s=0.3) as node:
+        client = await WsClient.open(node.ws_url)
+        assert await client.closed_with(timeout=3) == 4408
+
+
+@pytest.mark.parametrize(
+    ("frame", "what"),
+    [
+        (b"\x00\x01binary", "binary"),
+        ('{"type":"ping","pad":"' + "x" * 4100 + '"}', "4 KiB"),
+        ("[1,2,3]", "object"),
+        ("{nope", "JSON"),
+        ('{"type":"teleport"}', "type"),
+    ],
+)
+async def test_bad_frames_get_bad_request(
+    app: App, tokens: TokenMaker, frame: str | bytes, what: str
+) -> None:
+    client, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    await client.send(frame)
+    error = await client.next()
+    assert error["type"] == "error" and error["code"] == "bad_request", error
+    assert error["message"]
+    # the connection stays usable
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    await client.close()
+
+
+async def test_frame_of_exactly_4096_bytes_is_accepted(app: App, tokens: TokenMaker) -> None:
+    client, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    head = '{"type":"ping","id":"x","pad":"'
+    frame = head + "x" * (4096 - len(head) - 2) + '"}'
+    assert len(frame.encode()) == 4096
+    await client.send(frame)
+    assert (await client.next())["type"] == "pong"
+    await client.close()
+
+
+async def test_second_hello_is_refused(app: App, tokens: TokenMaker) -> None:
+    client, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    reply = await client.request({"type": "hello", "token": tokens("bob")})
+    assert reply["code"] == "bad_request"
+    await client.close()
+
+
+async def test_message_rate_limit_then_flood_close(make_app: Callable[..., App]) -> None:
+    async with make_app(
+        messages_per_s=1.0, messages_burst=5, flood_strikes=3, flood_strikes_per_s=0.01
+    ) as node:
+        token = TokenMaker(JWT_SECRET)("ann")
+        client, _ = await WsClient.login(node.ws_url, token)  # hello took one message
+        for _ in range(4):
+            await client.send({"type": "ping"})
+        codes = []
+        for n in range(3):
+            await client.send({"type": "ping", "id": f"over-{n}"})
+        replies = [await client.next() for _ in range(7)]
+        codes = [reply.get("code") for reply in replies]
+        assert codes[:4] == [None] * 4
+        assert codes[4:] == ["rate_limited"] * 3
+        # each refusal echoes its request's id, so a client knows which request to retry
+        assert [reply["id"] for reply in replies[4:]] == ["over-0", "over-1", "over-2"]
+        await client.send({"type": "ping"})  # the fourth strike
+        assert await client.closed_with() == 4429
+
+
+async def test_flood_of_bad_frames_closes_4429(make_app: Callable[..., App]) -> None:
+    async with make_app(flood_strikes=5, flood_strikes_per_s=0.01) as node:
+        client, _ = await WsClient.login(node.ws_url, TokenMaker(JWT_SECRET)("ann"))
+        for _ in range(10):
+            await client.send(b"\x00")
+        assert await client.closed_with() == 4429
+
+
+async def test_origin_allow_list(redis_url: str, data_dir, catalog) -> None:
+    settings = make_settings(redis_url, data_dir)
+    settings = type(settings)(
+        **{**{f: getattr(settings, f) for f in settings.__slots__},
+           "allowed_origins": ("https://app.example",)}
+    )  # fmt: skip
+    async with App(settings, catalog) as node:
+        with pytest.raises(InvalidStatus) as refused:
+            await WsClient.open(node.ws_url, origin="https://evil.example")
+        assert refused.value.response.status_code == 403
+        allowed = await WsClient.open(node.ws_url, origin="https://app.example")
+        await allowed.close()
+        native = await WsClient.open(node.ws_url)  # apps send no Origin
+        await native.close()
+
+
+async def test_plain_pages_on_the_public_port(app: App) -> None:
+    base = app.ws_url.replace("ws://", "http://").removesuffix("/ws")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as response:
+            assert response.status == 200
+            assert "/ws" in await response.text()
+        async with http.get(base + "/nope") as response:
+            assert response.status == 404
+
+
+async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> None:
+    async with make_app(max_backlog_bytes=64 * 1024, gifts_per_s=1000.0, gifts_burst=1000) as node:
+        tokens = TokenMaker(JWT_SECRET)
+        creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
+        await creator.request({"type": "go_live", "title": "t"})
+        # a viewer whose socket never reads: tiny receive buffer, and we never call recv
+        slow = await WsClient.open(node.ws_url, max_queue=1)
+        slow.conn.transport.pause_reading()
+        await slow.send({"type": "hello", "token": tokens("sid")})
+        await slow.send({"type": "join", "room": "cara"})
+        watcher, _ = await WsClient.login(node.ws_url, tokens("otto", "ops"))
+        await watcher.request({"type": "watch", "rooms": ["cara"]})
+        closes_before = node.metrics.slow_consumer_closes._value.get()
+        # room events big enough to fill the socket buffers quickly
+        for round_ in range(400):
+            room = node.hub.rooms["cara"]
+            for _ in range(20):
+                node.hub.publish(room, lambda seq, n=round_: {"type": "viewers", "room": "cara",
+                                                              "seq": seq, "count": n,
+                                                              "pad": "x" * 2000})
+            await node.hub.flush()
+            if node.metrics.slow_consumer_closes._value.get() > closes_before:
+                break
+            await asyncio.sleep(0.005)
+        assert node.metrics.slow_consumer_closes._value.get() == closes_before + 1
+        slow.conn.transport.resume_reading()
+        assert await slow.closed_with(timeout=15) == 4008
+        # the room and the reading watcher were not held back
+        assert (await watcher.request({"type": "ping"}))["type"] == "pong"
+        await watcher.close()
+        await creator.close()
+
+
+async def test_shutdown_closes_sockets_1001(make_app: Callable[..., App]) -> None:
+    node = make_app()
+    await node.__aenter__()
+    client, _ = await WsClient.login(node.ws_url, TokenMaker(JWT_SECRET)("ann"))
+    await node.shutdown()
+    assert await client.closed_with() == 1001
+
+
+async def test_keepalive_pings_drop_a_dead_peer(make_app: Callable[..., App]) -> None:
+    async with make_app(ping_interval_s=0.2, ping_timeout_s=0.3, close_timeout_s=0.3) as node:
+        tokens = TokenMaker(JWT_SECRET)
+        alive, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        dead, _ = await WsClient.login(node.ws_url, tokens("bob"))
+        dead.conn.transport.pause_reading()  # a phone gone out of coverage: no pong
+        for _ in range(50):
+            if node.services.connections == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert node.services.connections == 1
+        assert (await alive.request({"type": "ping"}))["type"] == "pong"
+        await alive.close()
+
+
+@pytest.mark.parametrize("hello", [{"type": "hello"}, {"type": "hello", "token": 7}])
+async def test_hello_without_a_token_string_closes_4401(app: App, hello: dict) -> None:
+    client = await WsClient.open(app.ws_url)
+    await client.send(hello)
+    assert await client.closed_with() == 4401

@@ -1,0 +1,188 @@
+"""Rooms over real sockets: going live, joining, seq, viewer counts, `since` and the ops feed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from giftstream.server.app import App
+from tests.conftest import JWT_SECRET
+from tests.helpers import TokenMaker, WsClient
+
+
+async def live_room(app: App, tokens: TokenMaker, creator: str = "cara", title: str = "Hi"):
+    client, _ = await WsClient.login(app.ws_url, tokens(creator, "creator", name=creator.title()))
+    assert await client.request({"type": "go_live", "title": title}) == {
+        "type": "live", "room": creator,
+    }  # fmt: skip
+    return client
+
+
+async def test_go_live_join_leave_exact_replies(app: App, tokens: TokenMaker) -> None:
+    creator = await live_room(app, tokens, title="Morning show")
+    viewer, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    joined = await viewer.request({"type": "join", "room": "cara"})
+    assert joined == {
+        "type": "joined", "room": "cara", "creator": "cara", "title": "Morning show",
+        "viewers": 1, "seq": 0,
+    }  # fmt: skip
+    assert await viewer.request({"type": "leave", "room": "cara"}) == {
+        "type": "left", "room": "cara",
+    }  # fmt: skip
+    again = await viewer.request({"type": "leave", "room": "cara"})
+    assert again["type"] == "error" and again["code"] == "not_joined"
+    await viewer.close()
+    await creator.close()
+
+
+async def test_join_errors(app: App, tokens: TokenMaker) -> None:
+    viewer, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    unknown = await viewer.request({"type": "join", "room": "nobody"})
+    assert unknown["type"] == "error" and unknown["code"] == "unknown_room"
+    creator = await live_room(app, tokens)
+    assert (await creator.request({"type": "end_live"})) == {"type": "ended", "room": "cara"}
+    ended = await viewer.request({"type": "join", "room": "cara"})
+    assert ended["code"] == "room_not_live"
+    bad = await viewer.request({"type": "join", "room": "has space"})
+    assert bad["code"] == "bad_request"
+    await viewer.close()
+    await creator.close()
+
+
+async def test_only_creators_go_live_and_only_ops_watch(app: App, tokens: TokenMaker) -> None:
+    viewer, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    assert (await viewer.request({"type": "go_live", "title": "x"}))["code"] == "forbidden"
+    assert (await viewer.request({"type": "end_live"}))["code"] == "forbidden"
+    assert (await viewer.request({"type": "watch", "rooms": ["*"]}))["code"] == "forbidden"
+    creator, _ = await WsClient.login(app.ws_url, tokens("cara", "creator"))
+    not_live = await creator.request({"type": "end_live"})
+    assert not_live["code"] == "room_not_live"
+    await viewer.close()
+    await creator.close()
+
+
+async def test_end_live_tells_every_viewer(app: App, tokens: TokenMaker) -> None:
+    creator = await live_room(app, tokens)
+    viewers = [(await WsClient.login(app.ws_url, tokens(f"v{i}")))[0] for i in range(3)]
+    for viewer in viewers:
+        await viewer.request({"type": "join", "room": "cara"})
+    assert await creator.request({"type": "end_live"}) == {"type": "ended", "room": "cara"}
+    for viewer in viewers:
+        events = await viewer.wait_for_room_events(1, kind="room_ended")
+        assert events[-1]["room"] == "cara" and events[-1]["seq"] >= 1
+        gone = await viewer.request({"type": "leave", "room": "cara"})
+        assert gone["code"] == "not_joined"
+        await viewer.close()
+    await creator.close()
+
+
+async def test_viewer_counts_are_announced_on_change_with_seq(
+    app: App, tokens: TokenMaker
+) -> None:
+    creator = await live_room(app, tokens)
+    await creator.request({"type": "join", "room": "cara"})
+    first, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    await first.request({"type": "join", "room": "cara"})
+    second, _ = await WsClient.login(app.ws_url, tokens("bob"))
+    await second.request({"type": "join", "room": "cara"})
+    events = await creator.wait_for_room_events(1, timeout=3, kind="viewers")
+    assert events[-1]["count"] == 3
+    await second.close()
+    events = await creator.wait_for_room_events(2, timeout=3, kind="viewers")
+    assert events[-1]["count"] == 2
+    seqs = [e["seq"] for e in creator.room_events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    await first.close()
+    await creator.close()
+
+
+async def test_since_recovers_missed_events_in_order(app: App, tokens: TokenMaker, admin) -> None:
+    await admin.buy("ann", "coins_700")
+    creator = await live_room(app, tokens)
+    sender, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    await sender.request({"type": "join", "room": "cara"})
+    watcher, _ = await WsClient.login(app.ws_url, tokens("bob"))
+    joined = await watcher.request({"type": "join", "room": "cara"})
+    for i in range(3):
+        ok = await sender.request(
+            {"type": "gift", "room": "cara", "gift": "rose", "count": 1, "key": f"key-before-{i}"}
+        )
+        assert ok["type"] == "gift_ok"
+    seen = await watcher.wait_for_room_events(3, kind="gift")
+    last_seen = seen[-1]["seq"]
+    await watcher.close()
+    for i in range(4):
+        await sender.request(
+            {"type": "gift", "room": "cara", "gift": "rose", "count": 1, "key": f"key-missed-{i}"}
+        )
+    await sender.wait_for_room_events(7, kind="gift")
+    back, _ = await WsClient.login(app.ws_url, tokens("bob"))
+    rejoined = await back.request({"type": "join", "room": "cara", "since": last_seen})
+    assert rejoined["recovered"] is True
+    assert rejoined["seq"] > joined["seq"]
+    missed = await back.wait_for_room_events(4, kind="gift")
+    assert [e["key"] if "key" in e else e["event"] for e in missed]
+    recovered = [e["seq"] for e in back.room_events if e["seq"] <= rejoined["seq"]]
+    assert recovered == list(range(last_seen + 1, rejoined["seq"] + 1))
+    for client in (back, sender, creator):
+        await client.close()
+
+
+async def test_since_past_history_says_not_recovered(make_app: Callable[..., App]) -> None:
+    tokens = TokenMaker(JWT_SECRET)
+    async with make_app(history_size=4) as node:
+        creator = await live_room(node, tokens)
+        viewer, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        await viewer.request({"type": "join", "room": "cara"})
+        room = node.hub.rooms["cara"]
+        for n in range(10):
+            node.hub.publish(room, lambda seq, n=n: {"type": "viewers", "room": "cara",
+                                                     "seq": seq, "count": n})  # fmt: skip
+        await node.hub.flush()
+        await viewer.wait_for_room_events(10)
+        late, _ = await WsClient.login(node.ws_url, tokens("bob"))
+        rejoined = await late.request({"type": "join", "room": "cara", "since": 1})
+        assert rejoined["recovered"] is False
+        events = await late.wait_for_room_events(4)
+        assert [e["seq"] for e in events] == list(range(rejoined["seq"] - 3, rejoined["seq"] + 1))
+        current = await late.request({"type": "join", "room": "cara", "since": rejoined["seq"]})
+        assert current["recovered"] is True
+        for client in (late, viewer, creator):
+            await client.close()
+
+
+async def test_ops_feed(app: App, tokens: TokenMaker, admin) -> None:
+    await admin.buy("ann", "coins_700")
+    ops, _ = await WsClient.login(app.ws_url, tokens("otto", "ops"))
+    assert await ops.request({"type": "watch", "rooms": ["*"]}) == {
+        "type": "watching", "rooms": ["*"],
+    }  # fmt: skip
+    creator = await live_room(app, tokens, title="Live!")
+    opened = await ops.expect("room_opened")
+    assert opened == {"type": "room_opened", "room": "cara", "creator": "cara", "title": "Live!"}
+    viewer, _ = await WsClient.login(app.ws_url, tokens("ann"))
+    await viewer.request({"type": "join", "room": "cara"})
+    ok = await viewer.request(
+        {"type": "gift", "room": "cara", "gift": "heart", "count": 2, "key": "ops-feed-gift"}
+    )
+    gifts = await ops.wait_for_room_events(1, kind="gift")
+    assert gifts[0]["event"] == ok["event"] and gifts[0]["count"] == 2
+    stats = await ops.expect("stats", timeout=3, rooms=1)
+    assert set(stats) == {"type", "ts", "rooms", "connections", "gifts_per_s", "coins_per_s"}
+    assert stats["rooms"] == 1 and stats["connections"] >= 3
+    for client in (viewer, creator, ops):
+        await client.close()
+
+
+async def test_watching_one_room_only(app: App, tokens: TokenMaker) -> None:
+    ops, _ = await WsClient.login(app.ws_url, tokens("otto", "ops"))
+    await ops.request({"type": "watch", "rooms": ["dan"]})
+    cara = await live_room(app, tokens, "cara")
+    dan = await live_room(app, tokens, "dan")
+    opened = await ops.expect("room_opened")
+    assert opened["room"] == "dan"
+    await cara.request({"type": "end_live"})
+    await dan.request({"type": "end_live"})
+    ended = await ops.wait_for_room_events(1, kind="room_ended")
+    assert [e["room"] for e in ended] == ["dan"]
+    for client in (cara, dan, ops):
+        await client.close()
