@@ -101,11 +101,15 @@ class Node:
     async def start(cls, cfg: dict[str, Any], cfg_path: Path) -> Node:
         cfg_path.write_text(json.dumps(cfg))  # noqa: ASYNC240  (small, local, once)
         proc = await asyncio.create_subprocess_exec(
-            "node", str(PEERS_SRC / "fleet.js"), str(cfg_path),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            "node",
+            str(PEERS_SRC / "fleet.js"),
+            str(cfg_path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             env={"NODE_PATH": str(NODE_DIR / "node_modules"), "PATH": "/usr/bin:/bin"},
-            preexec_fn=raise_nofile, limit=64 << 20,
-        )  # fmt: skip
+            preexec_fn=raise_nofile,
+            limit=64 << 20,
+        )
         return cls(proc)
 
     async def read(self, timeout: float = 120.0) -> dict[str, Any]:  # noqa: ASYNC109
@@ -224,8 +228,9 @@ async def ladder(
         room = f"fo{run_id}"
         base["room"] = room
         await _go_live(target, room)
-        vtokens = [mint_token(target.jwt_secret, f"fv{run_id}-{i}", ttl_s=3600)
-                   for i in range(viewers)]  # fmt: skip
+        vtokens = [
+            mint_token(target.jwt_secret, f"fv{run_id}-{i}", ttl_s=3600) for i in range(viewers)
+        ]
         susers = [f"fs{run_id}-{i}" for i in range(senders)]
         await _fund(target, susers)
         stokens = [mint_token(target.jwt_secret, u, ttl_s=3600) for u in susers]
@@ -236,11 +241,25 @@ async def ladder(
             first, count = p * per, min(per, viewers - p * per)
             if count <= 0:
                 break
-            cfg = {**base, "role": "viewer", "first": first, "count": count,
-                   "prefix": f"v{run_id}-", "tokens": vtokens, "concurrency": 100}  # fmt: skip
+            cfg = {
+                **base,
+                "role": "viewer",
+                "first": first,
+                "count": count,
+                "prefix": f"v{run_id}-",
+                "tokens": vtokens,
+                "concurrency": 100,
+            }
             nodes.append(await Node.start(cfg, tmp / f"fleet-v{p}.json"))
-        scfg = {**base, "role": "sender", "first": 0, "count": senders,
-                "prefix": f"s{run_id}-", "tokens": stokens, "concurrency": senders}  # fmt: skip
+        scfg = {
+            **base,
+            "role": "sender",
+            "first": 0,
+            "count": senders,
+            "prefix": f"s{run_id}-",
+            "tokens": stokens,
+            "concurrency": senders,
+        }
         sender = await Node.start(scfg, tmp / "fleet-s.json")
         nodes.append(sender)
         t0 = time.monotonic()
@@ -270,9 +289,11 @@ async def ladder(
             all_sends.update(sent["sends"])
             recent = {k: v for k, v in all_sends.items() if v >= w0 - 5000}
             answers = await asyncio.gather(
-                *(n.cmd({"cmd": "stats", "t0": w0, "t1": until, "sends": recent})
-                  for n in viewers_nodes)
-            )  # fmt: skip
+                *(
+                    n.cmd({"cmd": "stats", "t0": w0, "t1": until, "sends": recent})
+                    for n in viewers_nodes
+                )
+            )
             hist: dict[int, int] = {}
             deliveries = unmatched = 0
             for a in answers:
@@ -285,14 +306,20 @@ async def ladder(
             window_s = (until - w0) / 1000
             wall = wall1 - wall0
             s = Step(
-                offered_dps=offered, gifts_per_s=gps, delivered_dps=deliveries / window_s,
-                p50_ms=percentile(hist, 0.50), p99_ms=percentile(hist, 0.99),
+                offered_dps=offered,
+                gifts_per_s=gps,
+                delivered_dps=deliveries / window_s,
+                p50_ms=percentile(hist, 0.50),
+                p99_ms=percentile(hist, 0.99),
                 max_ms=max((a["max_ms"] for a in answers), default=math.nan),
                 unmatched=unmatched,
-                server_cpu=100 * (cpu_s1 - cpu_s0) / wall, fleet_cpu=100 * (cpu_f1 - cpu_f0) / wall,
-                errors=sent.get("errors") or {}, ok=False, slack_dps=2 * viewers / window_s,
+                server_cpu=100 * (cpu_s1 - cpu_s0) / wall,
+                fleet_cpu=100 * (cpu_f1 - cpu_f0) / wall,
+                errors=sent.get("errors") or {},
+                ok=False,
+                slack_dps=2 * viewers / window_s,
                 frames_per_s=sum(a.get("frames", 0) for a in answers) / window_s,
-            )  # fmt: skip
+            )
             s.ok = s.p99_ms <= P99_LIMIT_MS and s.keeps_up
             result.steps.append(s)
             log(

@@ -70,19 +70,32 @@ def install_peers() -> dict[str, str]:
     reqs = (PEERS_SRC / "requirements.txt").read_text()
     if not pstamp.exists() or pstamp.read_text() != reqs:
         _run([sys.executable, "-m", "venv", "--clear", str(PSIO_VENV)])
-        _run([str(PSIO_VENV / "bin" / "pip"), "install", "-q", "-r",
-              str(PEERS_SRC / "requirements.txt")])  # fmt: skip
+        _run(
+            [
+                str(PSIO_VENV / "bin" / "pip"),
+                "install",
+                "-q",
+                "-r",
+                str(PEERS_SRC / "requirements.txt"),
+            ]
+        )
         pstamp.write_text(reqs)
     versions = {}
     for mod in ("ws", "socket.io"):
         meta = json.loads((NODE_DIR / "node_modules" / mod / "package.json").read_text())
         versions[mod] = meta["version"]
     out = subprocess.run(
-        [str(PSIO_VENV / "bin" / "python"), "-c",
-         "import importlib.metadata as m; print(m.version('python-socketio'),"
-         " m.version('aiohttp'))"],
-        capture_output=True, text=True, check=True, timeout=60,
-    )  # fmt: skip
+        [
+            str(PSIO_VENV / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('python-socketio'),"
+            " m.version('aiohttp'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     versions["python-socketio"], versions["aiohttp (peer)"] = out.stdout.split()
     return versions
 
@@ -90,8 +103,15 @@ def install_peers() -> dict[str, str]:
 class Proc:
     """One child process with its log file; `stop()` ends it by its pid."""
 
-    def __init__(self, name: str, cmd: list[str], log_dir: Path, port: int | None = None,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        log_dir: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.log_path = log_dir / f"{name}.log"
@@ -142,13 +162,24 @@ class Giftstream:
         self.redis = EmbeddedRedis(tmp / f"{name}-redis").start()
         self.redis_ps = psutil.Process(self.redis.process.pid)  # type: ignore[union-attr]
         self.port, self.admin_port = free_port(), free_port()
-        serve = ([str(VENV_BIN / "python"), "-m", "bench.serve"] if raised_limits
-                 else [str(VENV_BIN / "giftstream"), "serve"])  # fmt: skip
+        serve = (
+            [str(VENV_BIN / "python"), "-m", "bench.serve"]
+            if raised_limits
+            else [str(VENV_BIN / "giftstream"), "serve"]
+        )
         self.cmd = [
-            *serve, "--port", str(self.port),
-            "--admin-port", str(self.admin_port), "--redis-url", self.redis.url,
-            "--data-dir", str(self.data_dir), "--log-level", "WARNING",
-        ]  # fmt: skip
+            *serve,
+            "--port",
+            str(self.port),
+            "--admin-port",
+            str(self.admin_port),
+            "--redis-url",
+            self.redis.url,
+            "--data-dir",
+            str(self.data_dir),
+            "--log-level",
+            "WARNING",
+        ]
         self.server = Proc(name, self.cmd, tmp, port=self.port)
         wait_port(self.admin_port, self.server.popen)
         from giftstream.server.config import load_or_create_secret
@@ -183,8 +214,12 @@ def start_peer(kind: str, tmp: Path) -> Proc:
     elif kind == "sio":
         cmd = ["node", str(PEERS_SRC / "sio_server.js"), "--port", str(port)]
     elif kind == "psio":
-        cmd = [str(PSIO_VENV / "bin" / "python"), str(PEERS_SRC / "psio_server.py"),
-               "--port", str(port)]  # fmt: skip
+        cmd = [
+            str(PSIO_VENV / "bin" / "python"),
+            str(PEERS_SRC / "psio_server.py"),
+            "--port",
+            str(port),
+        ]
     else:
         raise ValueError(kind)
     return Proc(f"peer-{kind}", cmd, tmp, port=port, env=env)

@@ -178,11 +178,26 @@ async def scenario_fanout(b: Bench) -> Section:
         for kind in PEERS:
             peers[kind] = start_peer(kind, b.tmp)
             b.own_pids.add(peers[kind].pid)
-        targets = [Target("giftstream", "gs", gs.url, [gs.server.pid, gs.redis.process.pid],  # type: ignore[union-attr]
-                          gs.jwt_secret, gs.admin_url, gs.webhook_secret)]  # fmt: skip
+        targets = [
+            Target(
+                "giftstream",
+                "gs",
+                gs.url,
+                [gs.server.pid, gs.redis.process.pid],  # type: ignore[union-attr]
+                gs.jwt_secret,
+                gs.admin_url,
+                gs.webhook_secret,
+            )
+        ]
         for kind, proc in peers.items():
-            targets.append(Target(PEER_NAMES[kind], "ws" if kind == "ws" else "sio",
-                                  f"ws://127.0.0.1:{proc.port}", [proc.pid]))  # fmt: skip
+            targets.append(
+                Target(
+                    PEER_NAMES[kind],
+                    "ws" if kind == "ws" else "sio",
+                    f"ws://127.0.0.1:{proc.port}",
+                    [proc.pid],
+                )
+            )
         results: dict[tuple[str, int], list[LadderResult]] = {}
         for viewers in FANOUT_VIEWERS:
             for run in range(RUNS):
@@ -191,10 +206,17 @@ async def scenario_fanout(b: Bench) -> Section:
                     ref = first[0].best if first else None
                     run_id = f"{viewers}r{run}{int(time.time()) % 100000}"
                     kw: dict[str, Any] = dict(
-                        viewers=viewers, senders=SENDERS, run_id=run_id, tmp=b.tmp,
-                        step_s=STEP_S, warm_s=0.5, max_steps=6 if SMOKE else 18,
-                        viewer_procs=2, factor=1.15, log=log,
-                    )  # fmt: skip
+                        viewers=viewers,
+                        senders=SENDERS,
+                        run_id=run_id,
+                        tmp=b.tmp,
+                        step_s=STEP_S,
+                        warm_s=0.5,
+                        max_steps=6 if SMOKE else 18,
+                        viewer_procs=2,
+                        factor=1.15,
+                        log=log,
+                    )
                     if ref is None:  # coarse x2 from 2.5 gifts/s, then fine x1.15
                         kw.update(start_dps=2.5 * viewers, coarse=2.0)
                     else:  # later runs: fine steps from 70% of the first run's result
@@ -214,8 +236,9 @@ async def scenario_fanout(b: Bench) -> Section:
     return sec
 
 
-def fanout_tables(results: dict[tuple[str, int], list[LadderResult]], targets: list[Target],
-                  cond: str) -> list[str]:  # fmt: skip
+def fanout_tables(
+    results: dict[tuple[str, int], list[LadderResult]], targets: list[Target], cond: str
+) -> list[str]:
     out = [
         f"Conditions: {cond}.",
         "",
@@ -225,11 +248,14 @@ def fanout_tables(results: dict[tuple[str, int], list[LadderResult]], targets: l
         "",
     ]
     for viewers in FANOUT_VIEWERS:
-        out += [f"#### {viewers:,} viewers", "",
-                "| server | delivered/s at p99 ≤ 100 ms | p99 there (ms) | p50 there (ms) "
-                "| gifts/s there | server CPU there (% of a core) | fleet CPU there | "
-                "ceiling: delivered/s keeping up, any p99 | p99 at the ceiling (ms) |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        out += [
+            f"#### {viewers:,} viewers",
+            "",
+            "| server | delivered/s at p99 ≤ 100 ms | p99 there (ms) | p50 there (ms) "
+            "| gifts/s there | server CPU there (% of a core) | fleet CPU there | "
+            "ceiling: delivered/s keeping up, any p99 | p99 at the ceiling (ms) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         best: dict[str, float] = {}
         ceiling: dict[str, float] = {}
         for t in targets:
@@ -247,8 +273,11 @@ def fanout_tables(results: dict[tuple[str, int], list[LadderResult]], targets: l
                 f"| {mmm([c.delivered_dps if c else 0.0 for c in ceil])} "
                 f"| {mmm([c.p99_ms for c in ceil if c], 1)} |"
             )
-        out += ["", "| giftstream / peer (medians) | at p99 ≤ 100 ms | target | met "
-                "| ceilings (any p99) |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        out += [
+            "",
+            "| giftstream / peer (medians) | at p99 ≤ 100 ms | target | met | ceilings (any p99) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         ours = best.get("giftstream", float("nan"))
         ours_ceil = ceiling.get("giftstream", float("nan"))
         for kind in PEERS:
@@ -297,17 +326,45 @@ class LoadtestFailed(RuntimeError):
         self.tail = tail
 
 
-def loadtest(b: Bench, gs: Giftstream, args: list[str], name: str,
-             on_line: Callable[[str, float], None] | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
+def loadtest(
+    b: Bench,
+    gs: Giftstream,
+    args: list[str],
+    name: str,
+    on_line: Callable[[str, float], None] | None = None,
+) -> tuple[dict[str, Any], str]:
     report = b.tmp / f"{name}.json"
-    cmd = [str(VENV_BIN / "giftstream"), "loadtest", "--url", gs.url, "--admin-url", gs.admin_url,
-           "--data-dir", str(gs.data_dir), "--redis-url", gs.redis.url,
-           "--server-pid", str(gs.server.pid), *args, "--report", str(report)]  # fmt: skip
-    shown = ("giftstream loadtest --url ws://127.0.0.1:PORT/ws --admin-url http://127.0.0.1:ADMIN "
-             "--data-dir DIR --redis-url redis://127.0.0.1:RPORT/0 " + shlex.join(args))  # fmt: skip
+    cmd = [
+        str(VENV_BIN / "giftstream"),
+        "loadtest",
+        "--url",
+        gs.url,
+        "--admin-url",
+        gs.admin_url,
+        "--data-dir",
+        str(gs.data_dir),
+        "--redis-url",
+        gs.redis.url,
+        "--server-pid",
+        str(gs.server.pid),
+        *args,
+        "--report",
+        str(report),
+    ]
+    shown = (
+        "giftstream loadtest --url ws://127.0.0.1:PORT/ws --admin-url http://127.0.0.1:ADMIN "
+        "--data-dir DIR --redis-url redis://127.0.0.1:RPORT/0 " + shlex.join(args)
+    )
     log(f"  $ {shown}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, preexec_fn=raise_nofile, env={**ENV, "COLUMNS": "120"})  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=raise_nofile,
+        env={**ENV, "COLUMNS": "120"},
+    )
     assert proc.stdout is not None
     watchdog = threading.Timer(LOADTEST_LIMIT_S, proc.kill)  # its own budget failed too
     watchdog.start()
@@ -325,9 +382,11 @@ def loadtest(b: Bench, gs: Giftstream, args: list[str], name: str,
     if not report.exists():
         raise LoadtestFailed(shown, f"exit {proc.returncode}\n" + "\n".join(tail))
     data: dict[str, Any] = json.loads(report.read_text())
-    log(f"    -> {data['result']}  settled/s {data['totals']['gifts_settled_per_s']:,.0f}  ack p99 "
+    log(
+        f"    -> {data['result']}  settled/s {data['totals']['gifts_settled_per_s']:,.0f}  ack p99 "
         f"{data['latency_ms']['gift_ack']['p99']}  screen p99 "
-        f"{data['latency_ms']['send_to_screen']['p99']}")  # fmt: skip
+        f"{data['latency_ms']['send_to_screen']['p99']}"
+    )
     return data, shown
 
 
@@ -349,17 +408,54 @@ def redis_benchmark(gs: Giftstream, n: int) -> tuple[float, str]:
     diamonds = economics.diamonds_for(1)
     now = int(time.time() * 1000)
     args = [
-        "EVALSHA", sha, "6", "bench:wallet:s__rand_int__", "bench:wallet:creator",
-        "bench:gift_key:s:k__rand_int____rand_int____rand_int__", "bench:spent:s__rand_int__",
-        "bench:combo:s__rand_int__/room", "bench:ledger",
-        "e__rand_int__", "s__rand_int__", "creator", "room", "rose", "k__rand_int__",
-        "1", "1", str(diamonds), "1", str(now), "86400000", "172800000", "5000", "60000",
-    ]  # fmt: skip
-    cmd = ["redis-benchmark", "-h", gs.redis.host, "-p", str(gs.redis.port), "--dbnum", "1",
-           "-n", str(n), "-c", "50", "-P", "32", "-r", "1000", "--csv", *args]  # fmt: skip
+        "EVALSHA",
+        sha,
+        "6",
+        "bench:wallet:s__rand_int__",
+        "bench:wallet:creator",
+        "bench:gift_key:s:k__rand_int____rand_int____rand_int__",
+        "bench:spent:s__rand_int__",
+        "bench:combo:s__rand_int__/room",
+        "bench:ledger",
+        "e__rand_int__",
+        "s__rand_int__",
+        "creator",
+        "room",
+        "rose",
+        "k__rand_int__",
+        "1",
+        "1",
+        str(diamonds),
+        "1",
+        str(now),
+        "86400000",
+        "172800000",
+        "5000",
+        "60000",
+    ]
+    cmd = [
+        "redis-benchmark",
+        "-h",
+        gs.redis.host,
+        "-p",
+        str(gs.redis.port),
+        "--dbnum",
+        "1",
+        "-n",
+        str(n),
+        "-c",
+        "50",
+        "-P",
+        "32",
+        "-r",
+        "1000",
+        "--csv",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
-    rps = float(next(csv for csv in out.splitlines() if csv.startswith('"EVALSHA'))
-                .split(",")[1].strip('"'))  # fmt: skip
+    rps = float(
+        next(csv for csv in out.splitlines() if csv.startswith('"EVALSHA')).split(",")[1].strip('"')
+    )
     settled = r.xlen("bench:ledger")
     r.flushdb()
     r.close()
@@ -388,10 +484,23 @@ async def scenario_settle(b: Bench) -> Section:
     gs = Giftstream(b.tmp, raised_limits=True, name="giftstream-settle")
     b.own_pids |= {gs.server.pid, gs.redis.process.pid}  # type: ignore[union-attr]
     dur = "4" if SMOKE else "12"
-    args = (["--viewers", "200", "--rooms", "10", "--gifters", "50"] if SMOKE else
-            ["--viewers", "2000", "--rooms", "100", "--gifters", "500"]) + [
-        "--closed-loop", "--think-time", "0", "--duration", dur, "--workers", "2", "--zipf",
-        "0.0001", "--drain", "5"]  # fmt: skip
+    args = (
+        ["--viewers", "200", "--rooms", "10", "--gifters", "50"]
+        if SMOKE
+        else ["--viewers", "2000", "--rooms", "100", "--gifters", "500"]
+    ) + [
+        "--closed-loop",
+        "--think-time",
+        "0",
+        "--duration",
+        dur,
+        "--workers",
+        "2",
+        "--zipf",
+        "0.0001",
+        "--drain",
+        "5",
+    ]
     rows = []
     try:
         for run in range(RUNS):
@@ -405,8 +514,10 @@ async def scenario_settle(b: Bench) -> Section:
     rb = [x for _, x in rows]
     ratio = [s / x for s, x in zip(settled, rb, strict=True)]
     sec.body += [
-        f"Conditions: {cond}.", "",
-        "| figure | median (min–max) | target | met |", "| --- | --- | --- | --- |",
+        f"Conditions: {cond}.",
+        "",
+        "| figure | median (min–max) | target | met |",
+        "| --- | --- | --- | --- |",
         f"| gifts settled/s (giftstream, over the WebSocket) | {mmm(settled)} | | |",
         f"| gift ack p99 (ms) | {mmm([r['latency_ms']['gift_ack']['p99'] for r, _ in rows], 1)} | | |",
         f"| gift ack p50 (ms) | {mmm([r['latency_ms']['gift_ack']['p50'] for r, _ in rows], 1)} | | |",
@@ -417,26 +528,39 @@ async def scenario_settle(b: Bench) -> Section:
         f"| load generator CPU (% of a core, mean) | {mmm([r['load_generator']['cpu_percent_mean'] for r, _ in rows])} | | |",
         f"| money check | {', '.join(check_status(r) for r, _ in rows)} | PASS | "
         f"{'yes' if all(r['result'] == 'PASS' for r, _ in rows) else 'no'} |",
-        "", "Commands (each run: the load test, then redis-benchmark on the same Redis):", "",
-        f"    {shown}", f"    {rb_shown}", "",
+        "",
+        "Commands (each run: the load test, then redis-benchmark on the same Redis):",
+        "",
+        f"    {shown}",
+        f"    {rb_shown}",
+        "",
         "The server runs as `python -m bench.serve` (`giftstream serve` with the per-connection "
         "gift limit of 20/s raised: 500 closed-loop gifters with no think time ask for more). "
         "redis-benchmark runs on db 1 with keys of its own (`bench:*`): each call is a real, "
         "successful debit of one of 1,000 funded wallets with a fresh idempotency key "
         "(`__rand_int__` three times), so it measures the script's own ceiling in this Redis; the "
-        "bench checks afterwards that the ledger stream got one entry per call.", "",
-    ]  # fmt: skip
+        "bench checks afterwards that the ledger stream got one entry per call.",
+        "",
+    ]
     return sec
 
 
 async def scenario_mixed(b: Bench, storm: bool) -> Section:
     full_size = MIXED_SCALE >= 1
     viewers, rate, gifters = (round(n * MIXED_SCALE) for n in (5000, 2000, 250))
-    size = "" if full_size else (
-        f" — at {MIXED_SCALE:g} of full size: {viewers:,} viewers, {rate:,} gifts/s")  # fmt: skip
-    title = ("5. Reconnect storm: 30% of 5,000 viewers drop and rejoin with `since` within 5 s, "
-             "during the mixed load") if storm else (
-             "3. Mixed: 50 rooms, 5,000 viewers, 2,000 gifts/s open loop")  # fmt: skip
+    size = (
+        ""
+        if full_size
+        else (f" — at {MIXED_SCALE:g} of full size: {viewers:,} viewers, {rate:,} gifts/s")
+    )
+    title = (
+        (
+            "5. Reconnect storm: 30% of 5,000 viewers drop and rejoin with `since` within 5 s, "
+            "during the mixed load"
+        )
+        if storm
+        else ("3. Mixed: 50 rooms, 5,000 viewers, 2,000 gifts/s open loop")
+    )
     title += size
     sec = Section(title)
     cond = b.conditions()
@@ -446,8 +570,20 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
     b.own_pids |= {gs.server.pid, gs.redis.process.pid}  # type: ignore[union-attr]
     dur = min(MIXED_S, 30.0) if storm else MIXED_S
     storm_at = max(2.0, dur / 2 - 2.5)
-    args = ["--viewers", str(viewers), "--rooms", "50", "--gifters", str(gifters),
-            "--gift-rate", str(rate), "--duration", f"{dur:g}", "--workers", "4"]  # fmt: skip
+    args = [
+        "--viewers",
+        str(viewers),
+        "--rooms",
+        "50",
+        "--gifters",
+        str(gifters),
+        "--gift-rate",
+        str(rate),
+        "--duration",
+        f"{dur:g}",
+        "--workers",
+        "4",
+    ]
     if storm:
         args += ["--reconnect-storm", f"0.3@{storm_at:g}", "--storm-spread", "5"]
     reps = []
@@ -466,10 +602,19 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
         gs.stop()
     if not reps:
         sec.body += [
-            f"Conditions: {cond}.", "", "**No run completed**: the load test wrote no report. "
-            "Its last lines:", "", "```", *failed[0].splitlines()[-14:], "```", "",
-            "Command:", "", f"    {shown}", "",
-        ]  # fmt: skip
+            f"Conditions: {cond}.",
+            "",
+            "**No run completed**: the load test wrote no report. Its last lines:",
+            "",
+            "```",
+            *failed[0].splitlines()[-14:],
+            "```",
+            "",
+            "Command:",
+            "",
+            f"    {shown}",
+            "",
+        ]
         return sec
     lat = lambda r, k, q: r["latency_ms"][k][q]  # noqa: E731
     errors = [sum(r["errors"].values()) for r in reps]
@@ -489,10 +634,13 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
             ]
             return max(s) if s else float("nan")
 
-        lost = [r["viewers"]["statuses"].get("lost", 0) + r["storm"].get("rejoined_unrecovered", 0)
-                for r in reps]  # fmt: skip
-        deliv = [next((c["status"] for c in r["checks"] if c["name"] == "deliveries"), "?")
-                 for r in reps]  # fmt: skip
+        lost = [
+            r["viewers"]["statuses"].get("lost", 0) + r["storm"].get("rejoined_unrecovered", 0)
+            for r in reps
+        ]
+        deliv = [
+            next((c["status"] for c in r["checks"] if c["name"] == "deliveries"), "?") for r in reps
+        ]
         rows += [
             f"| viewers dropped by the storm | {mmm([r['storm']['dropped'] for r in reps])} | {round(0.3 * viewers):,} | |",
             f"| storm viewers held to the delivery check | {mmm([r['viewers']['storm_rejoined_checked'] for r in reps])} | | |",
@@ -502,7 +650,7 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
             f"| send-to-screen p99 whole run (ms) | {mmm([lat(r, 'send_to_screen', 'p99') for r in reps], 1)} | | |",
             f"| send-to-screen p99.9 / max whole run (ms) | {mmm([lat(r, 'send_to_screen', 'p999') for r in reps], 1)} / {mmm([lat(r, 'send_to_screen', 'max') for r in reps], 1)} | | |",
             f"| gift ack p99 (ms) | {mmm([lat(r, 'gift_ack', 'p99') for r in reps], 1)} | | |",
-        ]  # fmt: skip
+        ]
     else:
         ack = [lat(r, "gift_ack", "p99") for r in reps]
         scr = [lat(r, "send_to_screen", "p99") for r in reps]
@@ -513,19 +661,25 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
             f"| gifts settled/s | {mmm([r['totals']['gifts_settled_per_s'] for r in reps])} | {rate:,} | |",
             f"| gift events delivered/s | {mmm([r['totals']['gift_events_per_s'] for r in reps])} | | |",
             f"| send lag p99 (ms: the generator's own delay) | {mmm([lat(r, 'send_lag', 'p99') for r in reps], 1)} | | |",
-        ]  # fmt: skip
+        ]
     rows += [
         f"| errors (all codes) | {mmm(errors)} | 0 | {'yes' if not any(errors) else 'no'} |",
         f"| money check | {', '.join(check_status(r) for r in reps)} | PASS | {'yes' if all(r['result'] == 'PASS' for r in reps) else 'no'} |",
         f"| server CPU (% of a core, mean) | {mmm([r['server']['cpu_percent_mean'] for r in reps])} | | |",
         f"| load generator CPU (% of a core, mean) | {mmm([r['load_generator']['cpu_percent_mean'] for r in reps])} | | |",
-        "", "Command (its own `giftstream serve`, embedded-style Redis of its own):", "",
-        f"    {shown}", "",
-    ]  # fmt: skip
+        "",
+        "Command (its own `giftstream serve`, embedded-style Redis of its own):",
+        "",
+        f"    {shown}",
+        "",
+    ]
     sec.body += rows
     if failed:
-        sec.body += [f"Only {len(reps)} of {RUNS} runs completed: the next wrote no report, and "
-                     "the rest were skipped.", ""]  # fmt: skip
+        sec.body += [
+            f"Only {len(reps)} of {RUNS} runs completed: the next wrote no report, and "
+            "the rest were skipped.",
+            "",
+        ]
     return sec
 
 
@@ -536,8 +690,20 @@ async def scenario_connections(b: Bench) -> Section:
     n = 1000 if SMOKE else 15000
     gs = Giftstream(b.tmp, name="giftstream-conns")
     b.own_pids |= {gs.server.pid, gs.redis.process.pid}  # type: ignore[union-attr]
-    args = ["--viewers", str(n), "--rooms", "50", "--gifters", "0", "--duration", "6",
-            "--workers", "2", "--drain", "1"]  # fmt: skip
+    args = [
+        "--viewers",
+        str(n),
+        "--rooms",
+        "50",
+        "--gifters",
+        "0",
+        "--duration",
+        "6",
+        "--workers",
+        "2",
+        "--drain",
+        "1",
+    ]
     rows = []
     try:
         for run in range(RUNS):
@@ -575,28 +741,36 @@ async def scenario_connections(b: Bench) -> Section:
             held = rep["totals"]["connections_peak"]
             per_kib = (peak["rss"] - before) / max(1, held) / 1024
             connect_s = marks.get("connected", float("nan")) - marks.get("connecting", float("nan"))
-            log(f"    RSS {before / 2**20:.1f} -> {peak['rss'] / 2**20:.1f} MiB, {held} held: "
-                f"{per_kib:.1f} KiB/connection; connect {connect_s:.1f} s")  # fmt: skip
+            log(
+                f"    RSS {before / 2**20:.1f} -> {peak['rss'] / 2**20:.1f} MiB, {held} held: "
+                f"{per_kib:.1f} KiB/connection; connect {connect_s:.1f} s"
+            )
             rows.append((rep, before, peak["rss"], held, per_kib, connect_s))
     finally:
         gs.stop()
     per = [r[4] for r in rows]
     sec.body += [
-        f"Conditions: {cond}.", "",
-        "| figure | median (min–max) | target | met |", "| --- | --- | --- | --- |",
+        f"Conditions: {cond}.",
+        "",
+        "| figure | median (min–max) | target | met |",
+        "| --- | --- | --- | --- |",
         f"| connections held (peak) | {mmm([r[3] for r in rows])} | {n:,} | {'yes' if all(r[3] >= n for r in rows) else 'no'} |",
         f"| server RSS before (MiB, fresh process) | {mmm([r[1] / 2**20 for r in rows], 1)} | | |",
         f"| server RSS with every connection held (MiB) | {mmm([r[2] / 2**20 for r in rows], 1)} | | |",
         f"| RSS per connection (KiB) | {mmm(per, 1)} | ≤ 20 | {'yes' if med(per)[0] <= 20 else 'no'} |",
         f"| time to connect all (s: hello + join each, from the load test's `connecting` to `connected`) | {mmm([r[5] for r in rows], 1)} | | |",
         f"| money/delivery checks | {', '.join(check_status(r[0]) for r in rows)} | PASS | |",
-        "", "Command (a fresh `giftstream serve` process before each run):", "",
-        f"    {shown}", "",
+        "",
+        "Command (a fresh `giftstream serve` process before each run):",
+        "",
+        f"    {shown}",
+        "",
         "RSS is the server process's resident set (psutil), sampled every 0.25 s while the load "
         "test holds the connections; the per-connection figure is (RSS held − RSS before) / "
         "connections held. Every viewer joined a room (hello + join), so it includes the room "
-        "membership, not just the socket.", "",
-    ]  # fmt: skip
+        "membership, not just the socket.",
+        "",
+    ]
     return sec
 
 
@@ -609,10 +783,25 @@ async def scenario_fleet(b: Bench) -> Section:
     gs = Giftstream(b.tmp, raised_limits=True, name="giftstream-fleet")
     b.own_pids |= {gs.server.pid, gs.redis.process.pid}  # type: ignore[union-attr]
     viewers, rate, dur = (200, 50, 4) if SMOKE else (1000, 100, 8)
-    target = Target("giftstream", "gs", gs.url, [gs.server.pid], gs.jwt_secret, gs.admin_url,
-                    gs.webhook_secret)  # fmt: skip
-    args = ["--viewers", str(viewers + SENDERS), "--rooms", "1", "--gifters", str(SENDERS),
-            "--gift-rate", str(rate), "--duration", str(dur), "--workers", "2", "--drain", "2"]  # fmt: skip
+    target = Target(
+        "giftstream", "gs", gs.url, [gs.server.pid], gs.jwt_secret, gs.admin_url, gs.webhook_secret
+    )
+    args = [
+        "--viewers",
+        str(viewers + SENDERS),
+        "--rooms",
+        "1",
+        "--gifters",
+        str(SENDERS),
+        "--gift-rate",
+        str(rate),
+        "--duration",
+        str(dur),
+        "--workers",
+        "2",
+        "--drain",
+        "2",
+    ]
     py: list[float] = []
     node: list[float] = []
     rows: list[str] = []
@@ -622,30 +811,48 @@ async def scenario_fleet(b: Bench) -> Section:
             fps = rep["totals"]["frames_per_s"]
             cpu = rep["load_generator"]["cpu_percent_mean"]
             py.append(cpu / 100 / fps * 1e6 if fps else float("nan"))
-            r = await ladder(target, viewers=viewers, senders=SENDERS, run_id=f"fc{run}{int(time.time()) % 10000}",
-                             tmp=b.tmp, start_dps=rate * viewers, factor=1.0, step_s=dur, warm_s=1.0,
-                             max_steps=1, viewer_procs=2, log=log)  # fmt: skip
+            r = await ladder(
+                target,
+                viewers=viewers,
+                senders=SENDERS,
+                run_id=f"fc{run}{int(time.time()) % 10000}",
+                tmp=b.tmp,
+                start_dps=rate * viewers,
+                factor=1.0,
+                step_s=dur,
+                warm_s=1.0,
+                max_steps=1,
+                viewer_procs=2,
+                log=log,
+            )
             s = r.steps[0]
             node.append(
                 s.fleet_cpu / 100 / s.frames_per_s * 1e6 if s.frames_per_s else float("nan")
             )
-            rows.append(f"run {run + 1}: Python {cpu:.0f}% of a core for {fps:,.0f} frames/s; "
-                        f"Node {s.fleet_cpu:.0f}% for {s.frames_per_s:,.0f} frames/s")  # fmt: skip
+            rows.append(
+                f"run {run + 1}: Python {cpu:.0f}% of a core for {fps:,.0f} frames/s; "
+                f"Node {s.fleet_cpu:.0f}% for {s.frames_per_s:,.0f} frames/s"
+            )
             log(f"    {rows[-1]}")
     finally:
         gs.stop()
     sec.body += [
-        f"Conditions: {cond}.", "",
+        f"Conditions: {cond}.",
+        "",
         f"One room, {viewers:,} viewers and {SENDERS} senders, {rate} gifts/s for {dur} s, against "
         "the same giftstream: the load generator's CPU (all its processes, % of one core) divided "
-        "by the room frames its viewers read per second.", "",
-        "| fleet | CPU µs per received frame | ", "| --- | --- |",
+        "by the room frames its viewers read per second.",
+        "",
+        "| fleet | CPU µs per received frame | ",
+        "| --- | --- |",
         f"| Node fleet (bench/peers/fleet.js: 2 viewer processes + 1 sender process) | {mmm(node, 1)} |",
         f"| Python loadtest workers (`giftstream loadtest --workers 2`, coordinator included) | {mmm(py, 1)} |",
-        "", *[f"- {x}" for x in rows], "",
+        "",
+        *[f"- {x}" for x in rows],
+        "",
         f"Commands: `{shown}`; the Node fleet as in scenario 1 with one {dur} s step at {rate} gifts/s.",
         "",
-    ]  # fmt: skip
+    ]
     return sec
 
 
@@ -693,8 +900,15 @@ def _old_sections() -> dict[str, str]:
 def write_doc(b: Bench, elapsed: float, argv: str) -> None:
     """Write the document; a scenario not run this time keeps its section from before (with
     its own date and load average), so a subset run updates only what it measured."""
-    lines = [HEADER, how_to_read().rstrip(), "", "## The machine and the run", "",
-             "| | |", "| --- | --- |"]  # fmt: skip
+    lines = [
+        HEADER,
+        how_to_read().rstrip(),
+        "",
+        "## The machine and the run",
+        "",
+        "| | |",
+        "| --- | --- |",
+    ]
     for k, v in b.machine.items():
         lines.append(f"| {k} | {v} |")
     lines += [
@@ -721,8 +935,10 @@ async def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop in order: every child is stopped
         asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     t0 = time.monotonic()
-    log(f"make bench: scenarios {','.join(SCENARIOS)}, {RUNS} run(s) each"
-        f"{' (smoke)' if SMOKE else ''}; load average {loadavg()}")  # fmt: skip
+    log(
+        f"make bench: scenarios {','.join(SCENARIOS)}, {RUNS} run(s) each"
+        f"{' (smoke)' if SMOKE else ''}; load average {loadavg()}"
+    )
     versions = install_peers() if {"fanout", "fleet"} & set(SCENARIOS) else {}
     with tempfile.TemporaryDirectory(prefix="giftstream-bench-") as tmp:
         b = Bench(Path(tmp), own_pids={os.getpid()})

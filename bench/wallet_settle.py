@@ -30,8 +30,9 @@ async def run(url: str, senders: int, seconds: float) -> tuple[int, float]:
     big = catalog.packages["coins_17500"]
     for i in range(senders):
         for r in range(20):
-            await wallet.purchase(receipt=f"bench-{i}-{r:03d}", user=f"s{i}", package=big,
-                                  adult=True, now_ms=now)  # fmt: skip
+            await wallet.purchase(
+                receipt=f"bench-{i}-{r:03d}", user=f"s{i}", package=big, adult=True, now_ms=now
+            )
     rose = catalog.gifts["rose"]
     settled = 0
     deadline = time.perf_counter() + seconds
@@ -40,9 +41,16 @@ async def run(url: str, senders: int, seconds: float) -> tuple[int, float]:
         nonlocal settled
         n = 0
         while time.perf_counter() < deadline:
-            await wallet.send_gift(sender=f"s{i}", adult=True, creator="cara", room="cara",
-                                   gift=rose, count=1, key=f"k-{i}-{n:08d}",
-                                   now_ms=int(time.time() * 1000))  # fmt: skip
+            await wallet.send_gift(
+                sender=f"s{i}",
+                adult=True,
+                creator="cara",
+                room="cara",
+                gift=rose,
+                count=1,
+                key=f"k-{i}-{n:08d}",
+                now_ms=int(time.time() * 1000),
+            )
             n += 1
             settled += 1
 
@@ -60,8 +68,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp)) as redis:
         settled, elapsed = uvloop.run(run(redis.url, args.senders, args.seconds))
-    print(f"{settled} gifts in {elapsed:.2f}s: {settled / elapsed:,.0f} gifts/s "
-          f"({args.senders} closed-loop senders)")  # fmt: skip
+    print(
+        f"{settled} gifts in {elapsed:.2f}s: {settled / elapsed:,.0f} gifts/s "
+        f"({args.senders} closed-loop senders)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,13 @@ class Check:
             self.breaches.append(text)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail,
-                "breaches": self.breaches, "breach_count": self.count}  # fmt: skip
+        return {
+            "name": self.name,
+            "status": self.status,
+            "detail": self.detail,
+            "breaches": self.breaches,
+            "breach_count": self.count,
+        }
 
 
 @dataclass(slots=True)
@@ -111,9 +116,13 @@ async def check_wallets(
 
 
 async def check_redis(
-    redis_url: str | None, ledger_key: str, ledger_from: str | None, outcome: Outcome,
-    users: set[str], bought: dict[str, int],
-) -> list[Check]:  # fmt: skip
+    redis_url: str | None,
+    ledger_key: str,
+    ledger_from: str | None,
+    outcome: Outcome,
+    users: set[str],
+    bought: dict[str, int],
+) -> list[Check]:
     """The audit, and the ledger against the acknowledgements, when the server's Redis is
     known; otherwise both are reported as skipped."""
     if redis_url is None:
@@ -211,11 +220,12 @@ def check_deliveries(outcome: Outcome) -> tuple[Check, dict[str, Any]]:
         for event in sorted(acked_by_room[room] - delivered):
             check.breach(f"room {room}: acknowledged gift {event} reached no viewer")
     excluded = {k: v for k, v in statuses.items() if k != "intact"}
-    check.detail = (
-        f"{checked} viewers checked in {len(checked_rooms)} room(s)"
-        + (f"; excluded: {dict(excluded)}" if excluded else "")
+    check.detail = f"{checked} viewers checked in {len(checked_rooms)} room(s)" + (
+        f"; excluded: {dict(excluded)}" if excluded else ""
     )
     return check, {
-        "statuses": dict(statuses), "slow_readers": dict(slow), "checked": checked,
+        "statuses": dict(statuses),
+        "slow_readers": dict(slow),
+        "checked": checked,
         "storm_rejoined_checked": storm_checked,
-    }  # fmt: skip
+    }

@@ -33,40 +33,86 @@ def add_loadtest_parser(commands: Any) -> None:
     p.add_argument("--rooms", type=int, help="live rooms, one creator each (default 10)")
     p.add_argument("--gifters", type=int, help="viewers that also send gifts (default 100)")
     p.add_argument("--gift-rate", type=float, help="open loop: gifts/s over all gifters (100)")
-    p.add_argument("--closed-loop", action="store_true", default=None,
-                   help="each gifter sends its next gift when the last is answered")
-    p.add_argument("--think-time", type=float,
-                   help="closed loop: seconds after each answer (default 0.06)")
+    p.add_argument(
+        "--closed-loop",
+        action="store_true",
+        default=None,
+        help="each gifter sends its next gift when the last is answered",
+    )
+    p.add_argument(
+        "--think-time", type=float, help="closed loop: seconds after each answer (default 0.06)"
+    )
     p.add_argument("--duration", type=float, help="seconds of load (default 30)")
     p.add_argument("--workers", type=int, help="load-generating processes (default 2)")
-    p.add_argument("--reconnect-storm", metavar="SHARE@SECONDS",
-                   help="that share of viewers drop at that time and rejoin with since")
-    p.add_argument("--storm-spread", type=float,
-                   help="seconds over which storm viewers rejoin (default 2)")
-    p.add_argument("--slow-readers", type=float, metavar="SHARE",
-                   help="share of non-gifting viewers that stop reading (default 0)")
+    p.add_argument(
+        "--reconnect-storm",
+        metavar="SHARE@SECONDS",
+        help="that share of viewers drop at that time and rejoin with since",
+    )
+    p.add_argument(
+        "--storm-spread", type=float, help="seconds over which storm viewers rejoin (default 2)"
+    )
+    p.add_argument(
+        "--slow-readers",
+        type=float,
+        metavar="SHARE",
+        help="share of non-gifting viewers that stop reading (default 0)",
+    )
     p.add_argument("--zipf", dest="zipf_s", type=float, help="room popularity skew (default 1.1)")
     p.add_argument("--drain", type=float, help="seconds to wait for in-flight answers (5)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write the JSON report")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write the plot")
     p.add_argument("--seed", type=int, help="workload seed (default 1)")
-    p.add_argument("--server-pid", type=int,
-                   help="server process for CPU/RSS (default: the local listener, if found)")
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        help="server process for CPU/RSS (default: the local listener, if found)",
+    )
     p.add_argument("--ledger-key", help="the ledger stream (default giftstream:ledger)")
     # The server's own options, read the same way (flag, then GIFTSTREAM_* variable):
-    p.add_argument("--redis-url", help="the server's Redis, for the audit and ledger checks "
-                   "(env GIFTSTREAM_REDIS_URL; local default: the data dir's embedded Redis)")
-    p.add_argument("--data-dir", help="where the server keeps its secrets (env "
-                   "GIFTSTREAM_DATA_DIR; default ./data)")
-    p.add_argument("--jwt-secret", help="the server's token secret (env GIFTSTREAM_JWT_SECRET; "
-                   "default: read from the data dir)")
-    p.add_argument("--webhook-secret", help="the server's internal API secret (env "
-                   "GIFTSTREAM_WEBHOOK_SECRET; default: read from the data dir)")
+    p.add_argument(
+        "--redis-url",
+        help="the server's Redis, for the audit and ledger checks "
+        "(env GIFTSTREAM_REDIS_URL; local default: the data dir's embedded Redis)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="where the server keeps its secrets (env GIFTSTREAM_DATA_DIR; default ./data)",
+    )
+    p.add_argument(
+        "--jwt-secret",
+        help="the server's token secret (env GIFTSTREAM_JWT_SECRET; "
+        "default: read from the data dir)",
+    )
+    p.add_argument(
+        "--webhook-secret",
+        help="the server's internal API secret (env "
+        "GIFTSTREAM_WEBHOOK_SECRET; default: read from the data dir)",
+    )
 
 
-FLAGS = ("url", "admin_url", "viewers", "rooms", "gifters", "gift_rate", "closed_loop",
-         "think_time", "duration", "workers", "reconnect_storm", "storm_spread", "slow_readers",
-         "zipf_s", "drain", "report", "plot", "seed", "server_pid", "ledger_key")  # fmt: skip
+FLAGS = (
+    "url",
+    "admin_url",
+    "viewers",
+    "rooms",
+    "gifters",
+    "gift_rate",
+    "closed_loop",
+    "think_time",
+    "duration",
+    "workers",
+    "reconnect_storm",
+    "storm_spread",
+    "slow_readers",
+    "zipf_s",
+    "drain",
+    "report",
+    "plot",
+    "seed",
+    "server_pid",
+    "ledger_key",
+)
 
 
 def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:

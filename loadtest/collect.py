@@ -118,8 +118,11 @@ class Tally:
 
     def now_view(self) -> dict[str, Any]:
         """The live display's figures: the last complete second's rates and latencies."""
-        complete = [i for i in self.seconds if (i + 1) * NS_PER_S + TICK_NS // 2 <= (
-            self.last_tick_ns - self.start_ns)]  # fmt: skip
+        complete = [
+            i
+            for i in self.seconds
+            if (i + 1) * NS_PER_S + TICK_NS // 2 <= (self.last_tick_ns - self.start_ns)
+        ]
         sec = self.seconds[max(complete)] if complete else Second()
         return {
             "connections": sum(self.connections.values()),
@@ -141,12 +144,17 @@ class Tally:
             sec = self.seconds[index]
             row: dict[str, Any] = {"t": index + 1}
             row.update({name: sec.counts[name] for name in COUNTERS})
-            row.update({
-                "ack_p50_ms": _p(sec.ack, 50), "ack_p99_ms": _p(sec.ack, 99),
-                "ack_max_ms": _p(sec.ack, 100), "screen_p50_ms": _p(sec.screen, 50),
-                "screen_p99_ms": _p(sec.screen, 99), "screen_max_ms": _p(sec.screen, 100),
-                "connections": sum(sec.connections.values()) if sec.connections else None,
-            })  # fmt: skip
+            row.update(
+                {
+                    "ack_p50_ms": _p(sec.ack, 50),
+                    "ack_p99_ms": _p(sec.ack, 99),
+                    "ack_max_ms": _p(sec.ack, 100),
+                    "screen_p50_ms": _p(sec.screen, 50),
+                    "screen_p99_ms": _p(sec.screen, 99),
+                    "screen_max_ms": _p(sec.screen, 100),
+                    "connections": sum(sec.connections.values()) if sec.connections else None,
+                }
+            )
             row.update(sec.server)
             rows.append(row)
         return rows

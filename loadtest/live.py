@@ -32,9 +32,11 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.console.is_terminal:
             self.live = Live(
-                self._table("starting", 0.0, {}, ServerSample()), console=self.console,
-                auto_refresh=False, transient=False,
-            )  # fmt: skip
+                self._table("starting", 0.0, {}, ServerSample()),
+                console=self.console,
+                auto_refresh=False,
+                transient=False,
+            )
             self.live.__enter__()
         return self
 
@@ -69,17 +71,35 @@ class Progress:
         self, phase: str, elapsed: float, view: dict[str, Any], server: ServerSample
     ) -> Table:
         table = Table(title="giftstream loadtest", title_justify="left")
-        columns = ("elapsed", "phase", "connections", "gifts/s", "deliveries/s", "frames/s",
-                   "ack p99", "screen p99", "errors", "in flight", "server CPU", "server RSS")
+        columns = (
+            "elapsed",
+            "phase",
+            "connections",
+            "gifts/s",
+            "deliveries/s",
+            "frames/s",
+            "ack p99",
+            "screen p99",
+            "errors",
+            "in flight",
+            "server CPU",
+            "server RSS",
+        )
         for name in columns:
             table.add_column(name, justify="right")
         if view:
             table.add_row(
-                f"{min(elapsed, 9999):.1f}/{self.duration:g} s", phase,
-                str(view["connections"]), str(view["acked_per_s"]), str(view["events_per_s"]),
-                str(view["frames_per_s"]), _ms(view["ack_p99_ms"]), _ms(view["screen_p99_ms"]),
-                str(view["errors"]), str(view["pending"]),
+                f"{min(elapsed, 9999):.1f}/{self.duration:g} s",
+                phase,
+                str(view["connections"]),
+                str(view["acked_per_s"]),
+                str(view["events_per_s"]),
+                str(view["frames_per_s"]),
+                _ms(view["ack_p99_ms"]),
+                _ms(view["screen_p99_ms"]),
+                str(view["errors"]),
+                str(view["pending"]),
                 "-" if server.cpu_percent is None else f"{server.cpu_percent:.0f}%",
                 "-" if server.rss_mb is None else f"{server.rss_mb:.0f} MB",
-            )  # fmt: skip
+            )
         return table

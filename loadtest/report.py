@@ -58,16 +58,22 @@ def build_report(
         "result": "PASS" if passed else "FAIL",
         "aborted": aborted,
         "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "nofile_limit": nofile,
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "nofile_limit": nofile,
         },
         "scenario": s.as_dict(),
         "plan": {
-            "creators": len(plan.creators), "gifters": len(plan.gifters),
-            "coins_per_gifter": plan.coins_per_gifter, "package": plan.package["id"],
+            "creators": len(plan.creators),
+            "gifters": len(plan.gifters),
+            "coins_per_gifter": plan.coins_per_gifter,
+            "package": plan.package["id"],
             "room_viewers": plan.room_viewers,
-            "gift_mix": {g.id: round(w / sum(plan.mix.weights), 4)
-                         for g, w in zip(plan.mix.gifts, plan.mix.weights, strict=True)},
+            "gift_mix": {
+                g.id: round(w / sum(plan.mix.weights), 4)
+                for g, w in zip(plan.mix.gifts, plan.mix.weights, strict=True)
+            },
         },
         "totals": {
             **counts,
@@ -137,8 +143,11 @@ def _slow_readers(report: dict[str, Any]) -> str:
         return "-"
     closed = sum(n for k, n in outcomes.items() if k.startswith("closed"))
     parts = [f"{closed} of {sum(outcomes.values())} closed by the server"]
-    parts += [f"close {k.removeprefix('closed_')}: {n}" for k, n in outcomes.items()
-              if k.startswith("closed")]  # fmt: skip
+    parts += [
+        f"close {k.removeprefix('closed_')}: {n}"
+        for k, n in outcomes.items()
+        if k.startswith("closed")
+    ]
     if outcomes.get("open"):
         parts.append(f"{outcomes['open']} still open (backlog under the server's bound)")
     server_closes = (report["server"].get("metrics_delta") or {}).get("slow_consumer_closes")
@@ -155,8 +164,10 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
     run.add_column(justify="left")
     run.add_column(justify="right")
     rows: list[tuple[str, Any]] = [
-        ("viewers / gifters / rooms / workers",
-         f"{s['viewers']} / {s['gifters']} / {s['rooms']} / {s['workers']}"),
+        (
+            "viewers / gifters / rooms / workers",
+            f"{s['viewers']} / {s['gifters']} / {s['rooms']} / {s['workers']}",
+        ),
         ("mode", "closed loop" if s["closed_loop"] else f"open loop, {s['gift_rate']:g} gifts/s"),
         ("duration", f"{s['duration']:g} s"),
         ("gifts sent", t.get("gifts_sent")),
@@ -171,12 +182,16 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
         ("frames received / s", t["frames_per_s"]),
         ("connections held (peak)", t["connections_peak"]),
         ("reconnects", t.get("reconnects")),
-        ("storm: dropped / rejoined unrecovered",
-         f"{report['storm']['dropped']} / {report['storm']['rejoined_unrecovered']}"),
+        (
+            "storm: dropped / rejoined unrecovered",
+            f"{report['storm']['dropped']} / {report['storm']['rejoined_unrecovered']}",
+        ),
         ("slow readers", _slow_readers(report)),
-        ("load generator CPU (all its processes)",
-         f"{report['load_generator']['cpu_percent_mean']:g}% of one core"),
-    ]  # fmt: skip
+        (
+            "load generator CPU (all its processes)",
+            f"{report['load_generator']['cpu_percent_mean']:g}% of one core",
+        ),
+    ]
     for label, value in rows:
         run.add_row(label, _fmt(value))
     console.print(run)
@@ -184,9 +199,11 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
     lat = Table(title="latency (ms)", title_justify="left")
     for name in ("", "count", "p50", "p95", "p99", "p99.9", "max"):
         lat.add_column(name, justify="right" if name else "left")
-    labels = {"gift_ack": "gift ack (send -> gift_ok)",
-              "send_to_screen": "send -> screen (every viewer)",
-              "send_lag": "send lag (due -> sent)"}  # fmt: skip
+    labels = {
+        "gift_ack": "gift ack (send -> gift_ok)",
+        "send_to_screen": "send -> screen (every viewer)",
+        "send_lag": "send lag (due -> sent)",
+    }
     for key, label in labels.items():
         row = report["latency_ms"][key]
         lat.add_row(label, *(_fmt(row[k]) for k in ("count", "p50", "p95", "p99", "p999", "max")))
@@ -204,8 +221,11 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
 
     server = report["server"]
     if len(server) > 1:
-        srv = Table(title=f"server (pid {server.get('pid') or '?'})", title_justify="left",
-                    show_header=False)  # fmt: skip
+        srv = Table(
+            title=f"server (pid {server.get('pid') or '?'})",
+            title_justify="left",
+            show_header=False,
+        )
         srv.add_column()
         srv.add_column(justify="right")
         for key in ("cpu_percent_mean", "cpu_percent_max", "rss_mb_max"):
@@ -254,8 +274,13 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     cpu = [r.get("server_cpu_percent") for r in rows]
     if any(v is not None for v in cpu):
         twin = top.twinx()
-        twin.plot(t, [v if v is not None else float("nan") for v in cpu], color="tab:red",
-                  alpha=0.4, label="server CPU %")  # fmt: skip
+        twin.plot(
+            t,
+            [v if v is not None else float("nan") for v in cpu],
+            color="tab:red",
+            alpha=0.4,
+            label="server CPU %",
+        )
         twin.set_ylabel("server CPU %")
         twin.legend(loc="upper right")
     top.legend(loc="upper left")
@@ -263,8 +288,12 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     mid.plot(t, [r["frames"] for r in rows], label="frames received/s")
     mid.set_ylabel("per second")
     mid.legend(loc="upper left")
-    for key, label in (("ack_p50_ms", "ack p50"), ("ack_p99_ms", "ack p99"),
-                       ("screen_p50_ms", "screen p50"), ("screen_p99_ms", "screen p99")):
+    for key, label in (
+        ("ack_p50_ms", "ack p50"),
+        ("ack_p99_ms", "ack p99"),
+        ("screen_p50_ms", "screen p50"),
+        ("screen_p99_ms", "screen p99"),
+    ):
         values = [r[key] if r[key] is not None else float("nan") for r in rows]
         low.plot(t, values, label=label, linestyle="--" if "p50" in key else "-")
     low.set_yscale("log")

@@ -187,9 +187,20 @@ async def _run(
         checks.append(delivery_check)
     passed = all(c.status != "fail" for c in checks)
     report = build_report(
-        s, plan, tally, finals, checks, money, delivery, watch, passed=passed, aborted=aborted,
-        started=started, nofile=nofile, command=command,
-    )  # fmt: skip
+        s,
+        plan,
+        tally,
+        finals,
+        checks,
+        money,
+        delivery,
+        watch,
+        passed=passed,
+        aborted=aborted,
+        started=started,
+        nofile=nofile,
+        command=command,
+    )
     print_summary(console, report)
     if s.report is not None:
         write_report(s.report, report)
@@ -261,8 +272,11 @@ async def _set_live(url: str, jwt_secret: str, creators: list[str], *, live: boo
             welcome = orjson.loads(await conn.recv(decode=False))
             if welcome.get("type") != "welcome":
                 raise RunError(f"creator {creator}: hello answered {welcome}")
-            request = {"type": "go_live", "title": f"load test {creator}"} if live else {
-                "type": "end_live"}  # fmt: skip
+            request = (
+                {"type": "go_live", "title": f"load test {creator}"}
+                if live
+                else {"type": "end_live"}
+            )
             await conn.send(orjson.dumps(request), text=True)
             answer = orjson.loads(await conn.recv(decode=False))
             if live and answer.get("type") != "live":
@@ -288,9 +302,12 @@ async def _drive(
     """Start the workers, follow them to the end, and merge what they report."""
     ctx = multiprocessing.get_context("spawn")
     control = Control(
-        out=ctx.Queue(), go=ctx.Event(), finish=ctx.Event(), abort=ctx.Event(),
+        out=ctx.Queue(),
+        go=ctx.Event(),
+        finish=ctx.Event(),
+        abort=ctx.Event(),
         start_ns=ctx.Value("q", 0),
-    )  # fmt: skip
+    )
     procs = [
         ctx.Process(
             target=worker_main,

@@ -144,9 +144,7 @@ def parse_storm(text: str) -> Storm:
     if not sep:
         raise ScenarioError(f"reconnect_storm {text!r}: expected SHARE@SECONDS, e.g. 0.3@10")
     try:
-        share = (
-            float(share_text[:-1]) / 100 if share_text.endswith("%") else float(share_text)
-        )
+        share = float(share_text[:-1]) / 100 if share_text.endswith("%") else float(share_text)
         at_s = float(at_text)
     except ValueError:
         raise ScenarioError(
@@ -161,12 +159,28 @@ def parse_storm(text: str) -> Storm:
 
 # How each TOML value is read; flags go through the same functions.
 _PARSERS: dict[str, Any] = {
-    "url": str, "admin_url": str, "viewers": int, "rooms": int, "gifters": int,
-    "gift_rate": float, "closed_loop": bool, "think_time": float, "duration": float,
-    "workers": int, "slow_readers": float, "zipf_s": float, "drain": float,
-    "connect_concurrency": int, "seed": int, "report": Path, "plot": Path, "server_pid": int,
-    "redis_url": str, "ledger_key": str, "storm_spread": float,
-}  # fmt: skip
+    "url": str,
+    "admin_url": str,
+    "viewers": int,
+    "rooms": int,
+    "gifters": int,
+    "gift_rate": float,
+    "closed_loop": bool,
+    "think_time": float,
+    "duration": float,
+    "workers": int,
+    "slow_readers": float,
+    "zipf_s": float,
+    "drain": float,
+    "connect_concurrency": int,
+    "seed": int,
+    "report": Path,
+    "plot": Path,
+    "server_pid": int,
+    "redis_url": str,
+    "ledger_key": str,
+    "storm_spread": float,
+}
 
 
 def _coerce(name: str, value: Any) -> Any:

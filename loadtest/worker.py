@@ -67,9 +67,17 @@ _CONNECT_ERRORS = (OSError, InvalidHandshake, ConnectionClosed, TimeoutError)
 
 # Counters sent as deltas in every tick, summed over a run in the final message.
 COUNTERS = (
-    "gifts_sent", "gifts_acked", "gifts_refused", "gifts_skipped_offline", "out_of_coins",
-    "frames", "events", "gift_events", "reconnects", "duplicate_answers",
-)  # fmt: skip
+    "gifts_sent",
+    "gifts_acked",
+    "gifts_refused",
+    "gifts_skipped_offline",
+    "out_of_coins",
+    "frames",
+    "events",
+    "gift_events",
+    "reconnects",
+    "duplicate_answers",
+)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -332,10 +340,16 @@ class Client:
         self.balance -= cost
         key = f"{w.plan.run_id}-{self.spec.gifter}-{self.sent:06d}"
         self.sent += 1
-        payload = orjson.dumps({
-            "type": "gift", "id": key, "room": self.spec.room, "gift": gift.id, "count": count,
-            "key": key,
-        })  # fmt: skip
+        payload = orjson.dumps(
+            {
+                "type": "gift",
+                "id": key,
+                "room": self.spec.room,
+                "gift": gift.id,
+                "count": count,
+                "key": key,
+            }
+        )
         future = asyncio.get_running_loop().create_future() if waiter else None
         return Pending(key, gift.id, count, cost, intended_ns, payload, waiter=future)
 
@@ -417,16 +431,37 @@ class Client:
     def summary(self) -> tuple[Any, ...]:
         rec = self.rec
         return (
-            self.spec.user, self.spec.room, self.spec.gifter >= 0, self.spec.slow,
-            self.spec.storm_delay is not None, rec.status, rec.start_seq, rec.last_seq,
-            rec.gift_events, rec.gaps, rec.missing, rec.disorder, self.slow_outcome,
-        )  # fmt: skip
+            self.spec.user,
+            self.spec.room,
+            self.spec.gifter >= 0,
+            self.spec.slow,
+            self.spec.storm_delay is not None,
+            rec.status,
+            rec.start_seq,
+            rec.last_seq,
+            rec.gift_events,
+            rec.gaps,
+            rec.missing,
+            rec.disorder,
+            self.slow_outcome,
+        )
 
 
 CLIENT_FIELDS = (
-    "user", "room", "gifter", "slow", "storm", "status", "start_seq", "last_seq", "gift_events",
-    "gaps", "missing", "disorder", "slow_outcome",
-)  # fmt: skip
+    "user",
+    "room",
+    "gifter",
+    "slow",
+    "storm",
+    "status",
+    "start_seq",
+    "last_seq",
+    "gift_events",
+    "gaps",
+    "missing",
+    "disorder",
+    "slow_outcome",
+)
 
 
 @dataclass(slots=True)

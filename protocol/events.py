@@ -27,8 +27,15 @@ class Welcome:
     ts: int
 
     def as_dict(self) -> Wire:
-        return {"type": "welcome", "user": self.user, "name": self.name, "coins": self.coins,
-                "diamonds": self.diamonds, "protocol": PROTOCOL_VERSION, "ts": self.ts}  # fmt: skip
+        return {
+            "type": "welcome",
+            "user": self.user,
+            "name": self.name,
+            "coins": self.coins,
+            "diamonds": self.diamonds,
+            "protocol": PROTOCOL_VERSION,
+            "ts": self.ts,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +50,14 @@ class Joined:
     recovered: bool | None = None  # only for a join with `since`
 
     def as_dict(self) -> Wire:
-        wire: Wire = {"type": "joined", "room": self.room, "creator": self.creator,
-                      "title": self.title, "viewers": self.viewers, "seq": self.seq}  # fmt: skip
+        wire: Wire = {
+            "type": "joined",
+            "room": self.room,
+            "creator": self.creator,
+            "title": self.title,
+            "viewers": self.viewers,
+            "seq": self.seq,
+        }
         if self.recovered is not None:
             wire["recovered"] = self.recovered
         return wire
@@ -68,8 +81,13 @@ class GiftOk:
     combo: int
 
     def as_dict(self) -> Wire:
-        return {"type": "gift_ok", "key": self.key, "event": self.event, "coins": self.coins,
-                "combo": self.combo}  # fmt: skip
+        return {
+            "type": "gift_ok",
+            "key": self.key,
+            "event": self.event,
+            "coins": self.coins,
+            "combo": self.combo,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +143,12 @@ class ErrorReply:
     message: str
 
     def as_dict(self) -> Wire:
-        return {"type": "error", "code": self.code.value, "message": self.message,
-                "retryable": self.code.retryable}  # fmt: skip
+        return {
+            "type": "error",
+            "code": self.code.value,
+            "message": self.message,
+            "retryable": self.code.retryable,
+        }
 
 
 # ---- room events (every viewer of the room) -----------------------------------------------
@@ -151,12 +173,21 @@ class GiftEvent:
 
     def as_dict(self) -> Wire:
         return {
-            "type": "gift", "room": self.room, "seq": self.seq, "event": self.event,
+            "type": "gift",
+            "room": self.room,
+            "seq": self.seq,
+            "event": self.event,
             "sender": {"id": self.sender_id, "name": self.sender_name},
-            "gift": {"id": self.gift_id, "name": self.gift_name, "coins": self.gift_coins,
-                     "animation": self.animation},
-            "count": self.count, "combo": self.combo, "ts": self.ts,
-        }  # fmt: skip
+            "gift": {
+                "id": self.gift_id,
+                "name": self.gift_name,
+                "coins": self.gift_coins,
+                "animation": self.animation,
+            },
+            "count": self.count,
+            "combo": self.combo,
+            "ts": self.ts,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +225,12 @@ class RoomOpened:
     title: str
 
     def as_dict(self) -> Wire:
-        return {"type": "room_opened", "room": self.room, "creator": self.creator,
-                "title": self.title}  # fmt: skip
+        return {
+            "type": "room_opened",
+            "room": self.room,
+            "creator": self.creator,
+            "title": self.title,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +244,33 @@ class Stats:
     coins_per_s: float
 
     def as_dict(self) -> Wire:
-        return {"type": "stats", "ts": self.ts, "rooms": self.rooms,
-                "connections": self.connections, "gifts_per_s": self.gifts_per_s,
-                "coins_per_s": self.coins_per_s}  # fmt: skip
+        return {
+            "type": "stats",
+            "ts": self.ts,
+            "rooms": self.rooms,
+            "connections": self.connections,
+            "gifts_per_s": self.gifts_per_s,
+            "coins_per_s": self.coins_per_s,
+        }
 
 
 ServerEvent = (
-    Welcome | Joined | Left | GiftOk | BalanceReply | Live | Ended | Watching | Pong
-    | ErrorReply | GiftEvent | ViewersEvent | RoomEnded | RoomOpened | Stats
-)  # fmt: skip
+    Welcome
+    | Joined
+    | Left
+    | GiftOk
+    | BalanceReply
+    | Live
+    | Ended
+    | Watching
+    | Pong
+    | ErrorReply
+    | GiftEvent
+    | ViewersEvent
+    | RoomEnded
+    | RoomOpened
+    | Stats
+)
 
 RoomEvent = GiftEvent | ViewersEvent | RoomEnded
 

@@ -205,9 +205,7 @@ def _gift(obj: dict[str, Any], request_id: RequestId) -> SendGift:
         raise _bad("`gift` must be a gift id string", request_id)
     if not is_id(gift):
         # A string that cannot be an id cannot be in the catalog either: same answer.
-        raise ProtocolError(
-            ErrorCode.UNKNOWN_GIFT, f"no gift {gift[:MAX_ID_CHARS]!r}", request_id
-        )
+        raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {gift[:MAX_ID_CHARS]!r}", request_id)
     count = obj.get("count")
     if not is_integer(count) or not 1 <= count <= MAX_COUNT:
         raise ProtocolError(

@@ -80,9 +80,12 @@ class App:
         self.fanout = Fanout(settings.limits.max_backlog_bytes, self.metrics)
         self.ops = OpsFeed(self.fanout)
         self.hub = Hub(
-            self.redis, self.fanout, self.ops, self.metrics,
+            self.redis,
+            self.fanout,
+            self.ops,
+            self.metrics,
             history_size=settings.limits.history_size,
-        )  # fmt: skip
+        )
         restored = await self.hub.restore()
         self.services = Services(
             limits=settings.limits,
@@ -118,8 +121,11 @@ class App:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
         log.info(
             "giftstream ready: ws=%s admin=%s redis=%s rooms restored=%d",
-            self.ws_url, self.admin_url, self.redis_url, restored,
-        )  # fmt: skip
+            self.ws_url,
+            self.admin_url,
+            self.redis_url,
+            restored,
+        )
 
     def _start_embedded_redis(self) -> str:
         try:
@@ -218,5 +224,6 @@ def tune_gc() -> None:
     gc.freeze()
     log.info(
         "garbage collector: young collections every %d allocations, %d start-up objects frozen",
-        GC_YOUNG_THRESHOLD, gc.get_freeze_count(),
-    )  # fmt: skip
+        GC_YOUNG_THRESHOLD,
+        gc.get_freeze_count(),
+    )

@@ -81,13 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--subject-prefix", default="giftstream.ledger", help="subjects are PREFIX.<kind>"
     )
     relay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    relay.add_argument("--status", action="store_true",
-                       help="print the relay's lag and the lease holder, and exit")  # fmt: skip
     relay.add_argument(
-        "--lease-ttl-ms", type=_at_least(100), default=10_000,
+        "--status", action="store_true", help="print the relay's lag and the lease holder, and exit"
+    )
+    relay.add_argument(
+        "--lease-ttl-ms",
+        type=_at_least(100),
+        default=10_000,
         help="the relay lease's TTL: a standby relay takes over this long after the holder "
         "dies (renewed every third of it)",
-    )  # fmt: skip
+    )
     relay.add_argument("--ledger-key", default="giftstream:ledger")
     relay.add_argument(
         "--log-level",
@@ -111,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--handler", help="earnings or checkpoint (env GIFTSTREAM_HANDLER; default earnings)"
     )
     for flag, default, low, what in CONSUME_NUMBERS:
-        consume.add_argument(flag, type=_at_least(low), default=default,
-                             help=f"{what} (default {default})")  # fmt: skip
+        consume.add_argument(
+            flag, type=_at_least(low), default=default, help=f"{what} (default {default})"
+        )
     consume.add_argument("--dead-letter-key", help="dead-letter stream (default LEDGER_KEY:dead)")
-    consume.add_argument("--metrics-port", type=_at_least(1),
-                         help="serve Prometheus metrics on 127.0.0.1:PORT")  # fmt: skip
+    consume.add_argument(
+        "--metrics-port", type=_at_least(1), help="serve Prometheus metrics on 127.0.0.1:PORT"
+    )
     consume.add_argument("--ledger-key", default="giftstream:ledger")
     consume.add_argument(
         "--log-level",
@@ -144,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_loadtest_parser(commands)
-    return parser  # fmt: skip
+    return parser
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -249,9 +254,13 @@ def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
         raise ConfigError("--ttl must be a positive number of seconds")
     try:
         token = mint_token(
-            secret, args.user, name=args.name, role=Role(args.role),
-            adult=not args.minor, ttl_s=args.ttl,
-        )  # fmt: skip
+            secret,
+            args.user,
+            name=args.name,
+            role=Role(args.role),
+            adult=not args.minor,
+            ttl_s=args.ttl,
+        )
     except ValueError as exc:
         raise ConfigError(f"--user: {exc}") from exc
     print(token)
@@ -278,9 +287,13 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
         return uvloop.run(print_status(url, args.ledger_key))
     if not args.nats:
         raise ConfigError("--nats / GIFTSTREAM_NATS_URL is required, e.g. nats://127.0.0.1:4222")
-    config = RelayConfig(nats_url=args.nats, ledger_key=args.ledger_key, stream=args.stream,
-                         subject_prefix=args.subject_prefix,
-                         lease_ttl_ms=args.lease_ttl_ms)  # fmt: skip
+    config = RelayConfig(
+        nats_url=args.nats,
+        ledger_key=args.ledger_key,
+        stream=args.stream,
+        subject_prefix=args.subject_prefix,
+        lease_ttl_ms=args.lease_ttl_ms,
+    )
     return uvloop.run(run_relay(url, config, args.metrics_port))
 
 
@@ -296,23 +309,33 @@ def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
             f"{group_from} {group!r}: that group is the JetStream relay's; consuming in it "
             "would ack entries the relay never published"
         )
-    consumer, _ = _flag_or_env(args.consumer, "--consumer", "GIFTSTREAM_CONSUMER",
-                               socket.gethostname())  # fmt: skip
-    handler, handler_from = _flag_or_env(args.handler, "--handler", "GIFTSTREAM_HANDLER",
-                                         "earnings")  # fmt: skip
+    consumer, _ = _flag_or_env(
+        args.consumer, "--consumer", "GIFTSTREAM_CONSUMER", socket.gethostname()
+    )
+    handler, handler_from = _flag_or_env(
+        args.handler, "--handler", "GIFTSTREAM_HANDLER", "earnings"
+    )
     if handler not in HANDLERS:
-        raise ConfigError(f"{handler_from} {handler!r}: no such handler; one of "
-                          + ", ".join(sorted(HANDLERS)))  # fmt: skip
+        raise ConfigError(
+            f"{handler_from} {handler!r}: no such handler; one of " + ", ".join(sorted(HANDLERS))
+        )
     url = _running_redis(values)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     consumer_run = run_consumer(
-        url, group, consumer, handler, ledger_key=args.ledger_key,
-        dead_letter_key=args.dead_letter_key, batch=args.batch, block_ms=args.block_ms,
-        claim_idle_ms=args.claim_idle_ms, max_deliveries=args.max_deliveries,
+        url,
+        group,
+        consumer,
+        handler,
+        ledger_key=args.ledger_key,
+        dead_letter_key=args.dead_letter_key,
+        batch=args.batch,
+        block_ms=args.block_ms,
+        claim_idle_ms=args.claim_idle_ms,
+        max_deliveries=args.max_deliveries,
         metrics_port=args.metrics_port,
-    )  # fmt: skip
+    )
     return uvloop.run(consumer_run)
 
 

@@ -26,9 +26,14 @@ class TokenMaker:
         self.secret = secret
 
     def __call__(
-        self, user: str, role: str = "viewer", *, adult: bool = True, name: str | None = None,
+        self,
+        user: str,
+        role: str = "viewer",
+        *,
+        adult: bool = True,
+        name: str | None = None,
         ttl_s: int = 3600,
-    ) -> str:  # fmt: skip
+    ) -> str:
         return mint_token(self.secret, user, name=name, role=Role(role), adult=adult, ttl_s=ttl_s)
 
 

@@ -21,9 +21,12 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*GIFTSTREAM, *args], capture_output=True, text=True, timeout=timeout,
+        [*GIFTSTREAM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
 
 
 class ServerProcess:
@@ -34,10 +37,19 @@ class ServerProcess:
         self.port = free_port()
         self.admin_port = free_port()
         self.args = [
-            "serve", "--port", str(self.port), "--admin-port", str(self.admin_port),
-            "--data-dir", str(data_dir), "--jwt-secret", JWT_SECRET,
-            "--webhook-secret", WEBHOOK_SECRET, *extra,
-        ]  # fmt: skip
+            "serve",
+            "--port",
+            str(self.port),
+            "--admin-port",
+            str(self.admin_port),
+            "--data-dir",
+            str(data_dir),
+            "--jwt-secret",
+            JWT_SECRET,
+            "--webhook-secret",
+            WEBHOOK_SECRET,
+            *extra,
+        ]
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
         self._ready = threading.Event()

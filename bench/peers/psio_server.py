@@ -40,11 +40,17 @@ async def gift(sid, msg):
     user = (await sio.get_session(sid))["user"]
     room["seq"] += 1
     event = {
-        "type": "gift", "room": msg["room"], "seq": room["seq"],
-        "event": f"e{os.getpid()}-{next(event_ids)}", "sender": {"id": user, "name": user},
-        "gift": GIFTS.get(msg.get("gift"), GIFTS["rose"]), "count": msg.get("count", 1),
-        "combo": 1, "ts": int(time.time() * 1000), "sent": msg.get("sent"),
-    }  # fmt: skip
+        "type": "gift",
+        "room": msg["room"],
+        "seq": room["seq"],
+        "event": f"e{os.getpid()}-{next(event_ids)}",
+        "sender": {"id": user, "name": user},
+        "gift": GIFTS.get(msg.get("gift"), GIFTS["rose"]),
+        "count": msg.get("count", 1),
+        "combo": 1,
+        "ts": int(time.time() * 1000),
+        "sent": msg.get("sent"),
+    }
     room["outbox"].append(event)
     await sio.emit("gift_ok", {"key": msg.get("key"), "event": event["event"]}, to=sid)
 

@@ -1,7 +1,7 @@
 """The ledger stream: reading its entries, and the audit that replays them and compares the
 result with every wallet in Redis (DESIGN.md §2, the money invariants). The replay starts
-from the checkpoint (server/ledger/checkpoint.py) when there is one, so a trimmed ledger still audits
-as if it were whole."""
+from the checkpoint (server/ledger/checkpoint.py) when there is one, so a trimmed ledger
+still audits as if it were whole."""
 
 from __future__ import annotations
 
@@ -21,16 +21,29 @@ KINDS = ("gift", "purchase", "refund", "payout")
 # rely on. Every int is a non-negative integer.
 FIELDS: dict[str, dict[str, type]] = {
     "gift": {
-        "sender": str, "creator": str, "room": str, "gift": str, "key": str, "count": int,
-        "coins": int, "diamonds": int, "platform": int, "combo": int,
+        "sender": str,
+        "creator": str,
+        "room": str,
+        "gift": str,
+        "key": str,
+        "count": int,
+        "coins": int,
+        "diamonds": int,
+        "platform": int,
+        "combo": int,
     },
     "purchase": {
-        "user": str, "receipt": str, "package": str, "coins": int, "credited": int,
-        "debt_repaid": int, "price_cents": int,
+        "user": str,
+        "receipt": str,
+        "package": str,
+        "coins": int,
+        "credited": int,
+        "debt_repaid": int,
+        "price_cents": int,
     },
     "refund": {"user": str, "receipt": str, "coins": int, "debt": int},
     "payout": {"creator": str, "key": str, "payout": str, "diamonds": int, "cents": int},
-}  # fmt: skip
+}
 
 
 class LedgerError(ValueError):
@@ -307,9 +320,9 @@ class Replay:
         if entry.kind == "gift":
             if d["coins"] != d["diamonds"] + d["platform"]:
                 self.breach(
-                    entry, f"coins {d['coins']} != diamonds {d['diamonds']} + "
-                    f"platform {d['platform']}",
-                )  # fmt: skip
+                    entry,
+                    f"coins {d['coins']} != diamonds {d['diamonds']} + platform {d['platform']}",
+                )
             self.wallet(d["sender"]).coins -= d["coins"]
             self.wallet(d["creator"]).diamonds += d["diamonds"]
             r.coins_spent += d["coins"]

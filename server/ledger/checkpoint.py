@@ -49,9 +49,16 @@ GROUP = "checkpoint"  # its consumer group: trimming waits for it like for any g
 FOLD_CHUNK = 500  # entries folded per script call
 MAX_CONFLICTS = 20  # another folder moved the checkpoint this often in a row: give up
 TOTALS = (
-    "coins_purchased", "debt_repaid", "coins_refunded", "debt_recorded", "coins_spent",
-    "diamonds_credited", "platform_share", "diamonds_paid_out", "cents_paid_out",
-)  # fmt: skip
+    "coins_purchased",
+    "debt_repaid",
+    "coins_refunded",
+    "debt_recorded",
+    "coins_spent",
+    "diamonds_credited",
+    "platform_share",
+    "diamonds_paid_out",
+    "cents_paid_out",
+)
 BALANCES = ("coins", "diamonds", "debt")
 
 
@@ -71,12 +78,17 @@ class CheckpointKeys:
     @classmethod
     def of(cls, ledger_key: str = keys.LEDGER) -> CheckpointKeys:
         base = ledger_key + ":checkpoint"
-        return cls(base, base + ":wallets", base + ":receipts", base + ":payouts",
-                   base + ":negative", base + ":breaches")  # fmt: skip
+        return cls(
+            base,
+            base + ":wallets",
+            base + ":receipts",
+            base + ":payouts",
+            base + ":negative",
+            base + ":breaches",
+        )
 
     def all(self) -> list[str]:
-        return [self.main, self.wallets, self.receipts, self.payouts, self.negative,
-                self.breaches]  # fmt: skip
+        return [self.main, self.wallets, self.receipts, self.payouts, self.negative, self.breaches]
 
 
 @dataclass(slots=True)
@@ -212,9 +224,12 @@ class CheckpointFolder:
         if outcome == "ok":
             self._folded = stream_id_key(new_last)
             if replay.report.breaches:
-                log.warning("checkpoint folded %d breaches up to %s: %s",
-                            len(replay.report.breaches), new_last,
-                            "; ".join(replay.report.breaches))  # fmt: skip
+                log.warning(
+                    "checkpoint folded %d breaches up to %s: %s",
+                    len(replay.report.breaches),
+                    new_last,
+                    "; ".join(replay.report.breaches),
+                )
         return outcome
 
 
@@ -287,15 +302,23 @@ def _dump(replay: Replay) -> list[Any]:
     receipts: list[Any] = []
     for receipt in replay.receipts.keys() | replay.refunded:
         purchase = replay.receipts.get(receipt)
-        saved = {"user": None if purchase is None else purchase["user"],
-                 "coins": None if purchase is None else purchase["coins"],
-                 "refunded": receipt in replay.refunded}  # fmt: skip
+        saved = {
+            "user": None if purchase is None else purchase["user"],
+            "coins": None if purchase is None else purchase["coins"],
+            "refunded": receipt in replay.refunded,
+        }
         receipts += [receipt, orjson.dumps(saved)]
     payouts = sorted(replay.payout_keys)
     negatives = sorted(f"{name}:{user}" for user, name in replay.negative)
     breaches = list(report.breaches)
-    counts = [len(main) // 2, len(wallets) // 2, len(receipts) // 2, len(payouts),
-              len(negatives), len(breaches)]  # fmt: skip
+    counts = [
+        len(main) // 2,
+        len(wallets) // 2,
+        len(receipts) // 2,
+        len(payouts),
+        len(negatives),
+        len(breaches),
+    ]
     return [*counts, *main, *wallets, *receipts, *payouts, *negatives, *breaches]
 
 

@@ -68,28 +68,39 @@ class ConsumerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r, by_group = self.registry, ["group"]
-        self.acked = Counter("giftstream_consumer_acked", "Entries handled and acked", by_group,
-                             registry=r)  # fmt: skip
+        self.acked = Counter(
+            "giftstream_consumer_acked", "Entries handled and acked", by_group, registry=r
+        )
         self.failures = Counter(
-            "giftstream_consumer_failures", "Handler failures, left pending for a retry",
-            by_group, registry=r,
-        )  # fmt: skip
+            "giftstream_consumer_failures",
+            "Handler failures, left pending for a retry",
+            by_group,
+            registry=r,
+        )
         self.dead_lettered = Counter(
             "giftstream_consumer_dead_lettered",
             "Entries moved to the dead-letter stream, by cause (malformed, failed, undelivered)",
-            ["group", "cause"], registry=r,
-        )  # fmt: skip
+            ["group", "cause"],
+            registry=r,
+        )
         self.reclaimed = Counter(
-            "giftstream_consumer_reclaimed", "Stale pending entries claimed from a consumer",
-            by_group, registry=r,
-        )  # fmt: skip
+            "giftstream_consumer_reclaimed",
+            "Stale pending entries claimed from a consumer",
+            by_group,
+            registry=r,
+        )
         self.deleted = Counter(
-            "giftstream_consumer_deleted", "Pending entries found deleted from the stream",
-            by_group, registry=r,
-        )  # fmt: skip
-        self.lag = Gauge("giftstream_consumer_lag_entries",
-                         "Entries not yet acked by the group (pending plus unread)", by_group,
-                         registry=r)  # fmt: skip
+            "giftstream_consumer_deleted",
+            "Pending entries found deleted from the stream",
+            by_group,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "giftstream_consumer_lag_entries",
+            "Entries not yet acked by the group (pending plus unread)",
+            by_group,
+            registry=r,
+        )
 
 
 class LedgerConsumer:
@@ -117,9 +128,12 @@ class LedgerConsumer:
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         metrics: ConsumerMetrics | None = None,
     ) -> None:
-        for name, value, low in (("batch", batch, 1), ("block_ms", block_ms, 1),
-                                 ("claim_idle_ms", claim_idle_ms, 1),
-                                 ("max_deliveries", max_deliveries, 1)):  # fmt: skip
+        for name, value, low in (
+            ("batch", batch, 1),
+            ("block_ms", block_ms, 1),
+            ("claim_idle_ms", claim_idle_ms, 1),
+            ("max_deliveries", max_deliveries, 1),
+        ):
             if type(value) is not int or value < low:
                 raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
         if not group or not consumer:
@@ -197,8 +211,13 @@ class LedgerConsumer:
             except (RedisError, OSError) as exc:
                 if "NOGROUP" in str(exc):
                     self._group_ready = False
-                log.warning("consumer %s/%s: Redis error (%s); retrying in %.1fs",
-                            self.group, self.consumer, exc, backoff)  # fmt: skip
+                log.warning(
+                    "consumer %s/%s: Redis error (%s); retrying in %.1fs",
+                    self.group,
+                    self.consumer,
+                    exc,
+                    backoff,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -232,17 +251,25 @@ class LedgerConsumer:
         taken = 0
         while taken < self.batch:
             reply: Any = await self.redis.xautoclaim(
-                self.ledger_key, self.group, self.consumer, min_idle_time=self.claim_idle_ms,
-                start_id=self._claim_cursor, count=self.batch - taken,
-            )  # fmt: skip
+                self.ledger_key,
+                self.group,
+                self.consumer,
+                min_idle_time=self.claim_idle_ms,
+                start_id=self._claim_cursor,
+                count=self.batch - taken,
+            )
             self._claim_cursor = keys.text(reply[0])
             claimed = [(keys.text(i), f) for i, f in reply[1]]
             gone = [keys.text(i) for i in (reply[2] if len(reply) > 2 else [])]
             gone += [i for i, f in claimed if not f]  # Redis 6.2 returns those as nil entries
             if gone:  # Redis 7 has already dropped them from the pending list
                 await self.redis.xack(self.ledger_key, self.group, *gone)
-                log.error("group %s: pending entries %s were deleted from the ledger before "
-                          "they were handled", self.group, gone)  # fmt: skip
+                log.error(
+                    "group %s: pending entries %s were deleted from the ledger before "
+                    "they were handled",
+                    self.group,
+                    gone,
+                )
                 if self.metrics is not None:
                     self.metrics.deleted.labels(self.group).inc(len(gone))
             live = [(i, f) for i, f in claimed if f]
@@ -275,8 +302,10 @@ class LedgerConsumer:
             if delivered > self.max_deliveries:
                 # delivered this often without an ack or a failure we saw: its consumers
                 # died (or hung) handling it. Stop feeding it to them.
-                reason = (f"delivered {delivered} times without an ack: its consumers died or "
-                          "hung while handling it")  # fmt: skip
+                reason = (
+                    f"delivered {delivered} times without an ack: its consumers died or "
+                    "hung while handling it"
+                )
                 await self._dead_letter(stream_id, fields, reason, delivered, "undelivered")
                 continue
             try:
@@ -294,10 +323,17 @@ class LedgerConsumer:
                 if delivered >= self.max_deliveries:
                     await self._dead_letter(stream_id, fields, reason, delivered, "failed")
                 else:
-                    log.warning("group %s: entry %s (event %s) failed on delivery %d of %d, "
-                                "retried after %d ms: %s", self.group, stream_id, entry.event,
-                                delivered, self.max_deliveries, self.claim_idle_ms,
-                                reason)  # fmt: skip
+                    log.warning(
+                        "group %s: entry %s (event %s) failed on delivery %d of %d, "
+                        "retried after %d ms: %s",
+                        self.group,
+                        stream_id,
+                        entry.event,
+                        delivered,
+                        self.max_deliveries,
+                        self.claim_idle_ms,
+                        reason,
+                    )
                     if self.metrics is not None:
                         self.metrics.failures.labels(self.group).inc()
                 continue
@@ -319,8 +355,15 @@ class LedgerConsumer:
         )
         if buried is None:
             return  # another consumer buried or acked it first
-        log.error("group %s: entry %s moved to %s after %d deliveries (%s): %s", self.group,
-                  stream_id, self.dead_letter_key, delivered, cause, reason)  # fmt: skip
+        log.error(
+            "group %s: entry %s moved to %s after %d deliveries (%s): %s",
+            self.group,
+            stream_id,
+            self.dead_letter_key,
+            delivered,
+            cause,
+            reason,
+        )
         if self.metrics is not None:
             self.metrics.dead_lettered.labels(self.group, cause).inc()
 
@@ -425,8 +468,10 @@ class Trim:
     def summary(self, ledger_key: str) -> str:
         if self.min_id is None:
             return f"trimmed nothing from {ledger_key}: {self.held_by}; {self.left} entries left"
-        return (f"trimmed {self.removed} entries of {ledger_key} below {self.min_id} (held "
-                f"there by {self.held_by}); {self.left} entries left")  # fmt: skip
+        return (
+            f"trimmed {self.removed} entries of {ledger_key} below {self.min_id} (held "
+            f"there by {self.held_by}); {self.left} entries left"
+        )
 
 
 async def trim(
@@ -505,10 +550,18 @@ async def run_consumer(
     try:
         try:
             consumer_task = LedgerConsumer(
-                client, group, consumer, factory(client, ledger_key), ledger_key=ledger_key,
-                dead_letter_key=dead_letter_key, batch=batch, block_ms=block_ms,
-                claim_idle_ms=claim_idle_ms, max_deliveries=max_deliveries, metrics=metrics,
-            )  # fmt: skip
+                client,
+                group,
+                consumer,
+                factory(client, ledger_key),
+                ledger_key=ledger_key,
+                dead_letter_key=dead_letter_key,
+                batch=batch,
+                block_ms=block_ms,
+                claim_idle_ms=claim_idle_ms,
+                max_deliveries=max_deliveries,
+                metrics=metrics,
+            )
         except ValueError as exc:
             log.error("%s", exc)
             return 2
@@ -521,12 +574,16 @@ async def run_consumer(
         stop = start_worker(metrics.registry, metrics_port)
         if stop is None:
             return 2
-        log.info("consumer ready: group %s, consumer %s, handler %s, ledger %s", group,
-                 consumer, handler_name, ledger_key)  # fmt: skip
+        log.info(
+            "consumer ready: group %s, consumer %s, handler %s, ledger %s",
+            group,
+            consumer,
+            handler_name,
+            ledger_key,
+        )
         started = time.monotonic()
         await consumer_task.run(stop)
-        log.info("consumer %s/%s stopped after %.1fs", group, consumer,
-                 time.monotonic() - started)  # fmt: skip
+        log.info("consumer %s/%s stopped after %.1fs", group, consumer, time.monotonic() - started)
         return 0
     finally:
         await client.aclose()

@@ -90,8 +90,11 @@ class Lag:
     last_delivered: str | None  # the relay group's last-delivered id (None: no group yet)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"entries": self.entries, "oldest_age_s": round(self.oldest_age_s, 3),
-                "last_delivered": self.last_delivered}  # fmt: skip
+        return {
+            "entries": self.entries,
+            "oldest_age_s": round(self.oldest_age_s, 3),
+            "last_delivered": self.last_delivered,
+        }
 
 
 async def relay_lag(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> Lag:
@@ -134,22 +137,30 @@ class RelayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.published = Counter("giftstream_relay_published", "Entries stored by JetStream",
-                                 registry=r)  # fmt: skip
+        self.published = Counter(
+            "giftstream_relay_published", "Entries stored by JetStream", registry=r
+        )
         self.skipped = Counter(
             "giftstream_relay_already_published",
             "Pending entries found already in JetStream after a restart, acked without publishing",
             registry=r,
         )
-        self.errors = Counter("giftstream_relay_errors", "Failed attempts, by cause", ["cause"],
-                              registry=r)  # fmt: skip
-        self.lag_entries = Gauge("giftstream_relay_lag_entries", "Ledger entries not yet relayed",
-                                 registry=r)  # fmt: skip
-        self.oldest_age = Gauge("giftstream_relay_oldest_age_seconds",
-                                "Age of the oldest entry not yet relayed", registry=r)  # fmt: skip
-        self.lease_held = Gauge("giftstream_relay_lease_held",
-                                "1 while this relay holds the lease and may publish",
-                                registry=r)  # fmt: skip
+        self.errors = Counter(
+            "giftstream_relay_errors", "Failed attempts, by cause", ["cause"], registry=r
+        )
+        self.lag_entries = Gauge(
+            "giftstream_relay_lag_entries", "Ledger entries not yet relayed", registry=r
+        )
+        self.oldest_age = Gauge(
+            "giftstream_relay_oldest_age_seconds",
+            "Age of the oldest entry not yet relayed",
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "giftstream_relay_lease_held",
+            "1 while this relay holds the lease and may publish",
+            registry=r,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +230,9 @@ class Relay:
             try:
                 if not self.lease.held():
                     if self._holding:  # a renewal was refused, or none got through in time
-                        await self._lost("it lapsed before a renewal got through, or another "
-                                         "relay has it")  # fmt: skip
+                        await self._lost(
+                            "it lapsed before a renewal got through, or another relay has it"
+                        )
                     if not await self._take_lease():
                         await self._refresh_lag(LAG_REFRESH_S)
                         await _sleep_or_stop(stop, self._lease_poll_s(), 0)
@@ -234,8 +246,11 @@ class Relay:
                 continue
             except (NatsError, JetStreamError, OSError, TimeoutError) as exc:
                 self.metrics.errors.labels("nats").inc()
-                log.warning("JetStream unavailable or refused a message (%s); retrying in "
-                            "%.1fs", exc, backoff)  # fmt: skip
+                log.warning(
+                    "JetStream unavailable or refused a message (%s); retrying in %.1fs",
+                    exc,
+                    backoff,
+                )
                 await self._close_nats()
                 await self._refresh_lag(LAG_REFRESH_S)  # the backlog grows meanwhile: show it
                 backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
@@ -257,8 +272,11 @@ class Relay:
         perhaps) starts from the last message JetStream holds."""
         self._holding = False
         self.metrics.lease_held.set(0)
-        log.error("lost the relay lease %s (%s): stopped publishing; waiting to take it "
-                  "again", self.lease.key, why)  # fmt: skip
+        log.error(
+            "lost the relay lease %s (%s): stopped publishing; waiting to take it again",
+            self.lease.key,
+            why,
+        )
         await self._close_nats()
 
     async def _take_lease(self) -> bool:
@@ -268,16 +286,24 @@ class Relay:
             self._holding = True
             self._waiting_for = None
             self.metrics.lease_held.set(1)
-            log.info("took the relay lease %s as %s (ttl %d ms): publishing", self.lease.key,
-                     self.lease.token, self.config.lease_ttl_ms)  # fmt: skip
+            log.info(
+                "took the relay lease %s as %s (ttl %d ms): publishing",
+                self.lease.key,
+                self.lease.token,
+                self.config.lease_ttl_ms,
+            )
             return True
         self.metrics.lease_held.set(0)
         holder = await lease_holder(self.redis, self.lease.key)
         who = holder.token if holder else "nobody (just released)"
         if who != self._waiting_for:
             self._waiting_for = who
-            log.warning("another relay holds the lease, waiting: %s held by %s, %s ms left",
-                        self.lease.key, who, holder.ttl_ms if holder else 0)  # fmt: skip
+            log.warning(
+                "another relay holds the lease, waiting: %s held by %s, %s ms left",
+                self.lease.key,
+                who,
+                holder.ttl_ms if holder else 0,
+            )
         return False
 
     async def _keep_lease(self) -> None:
@@ -293,11 +319,18 @@ class Relay:
             try:  # bounded: a renewal hung on a dead socket must not stop the next ones
                 renewed = await asyncio.wait_for(self.lease.renew(), max(every, 0.1))
                 if not renewed:
-                    log.error("relay lease %s is no longer ours (expired, or taken by "
-                              "another relay): stopping publishing", self.lease.key)  # fmt: skip
+                    log.error(
+                        "relay lease %s is no longer ours (expired, or taken by "
+                        "another relay): stopping publishing",
+                        self.lease.key,
+                    )
             except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("cannot renew the relay lease (%r); it lapses in %.1fs unless a "
-                            "renewal gets through", exc, self.lease.remaining_s())  # fmt: skip
+                log.warning(
+                    "cannot renew the relay lease (%r); it lapses in %.1fs unless a "
+                    "renewal gets through",
+                    exc,
+                    self.lease.remaining_s(),
+                )
 
     async def _let_go(self) -> None:
         """Release the lease on a clean stop, so a standby takes over without waiting."""
@@ -305,8 +338,11 @@ class Relay:
         try:
             released = await self.lease.release()
         except (RedisError, OSError) as exc:
-            log.warning("could not release the relay lease %s (%s): a standby takes over "
-                        "when it expires", self.lease.key, exc)  # fmt: skip
+            log.warning(
+                "could not release the relay lease %s (%s): a standby takes over when it expires",
+                self.lease.key,
+                exc,
+            )
             return
         if released:
             log.info("released the relay lease %s", self.lease.key)
@@ -334,13 +370,19 @@ class Relay:
         if not entries:
             return 0
         self._check_lease()  # the read may have blocked: read, not published, still pending
-        batch = [self._message(stream_id, fields) for stream_id, fields in entries
-                 if fields and stream_id_key(stream_id) > self._stored_upto]  # fmt: skip
+        batch = [
+            self._message(stream_id, fields)
+            for stream_id, fields in entries
+            if fields and stream_id_key(stream_id) > self._stored_upto
+        ]
         stored, error = await self._publish_all(batch) if batch else (0, None)
         # ack every entry before the first message JetStream did not store
         first_unstored = stream_id_key(batch[stored].stream_id) if stored < len(batch) else None
-        done = [(i, f) for i, f in entries
-                if first_unstored is None or stream_id_key(i) < first_unstored]  # fmt: skip
+        done = [
+            (i, f)
+            for i, f in entries
+            if first_unstored is None or stream_id_key(i) < first_unstored
+        ]
         if stored:
             self.metrics.published.inc(stored)
         for stream_id, fields in done:
@@ -392,8 +434,12 @@ class Relay:
                 elif self._last_seq is not None:
                     headers[api.Header.EXPECTED_LAST_SEQUENCE] = str(self._last_seq)
                 previous = message.msg_id
-                await self._nc.publish(message.subject, message.payload,
-                                       reply=f"{self._inbox}.{token}", headers=headers)  # fmt: skip
+                await self._nc.publish(
+                    message.subject,
+                    message.payload,
+                    reply=f"{self._inbox}.{token}",
+                    headers=headers,
+                )
             await asyncio.wait(futures, timeout=self.config.publish_timeout_s)
         finally:
             for future in futures:
@@ -445,9 +491,13 @@ class Relay:
             if stream_id:
                 self._stored_upto = stream_id_key(stream_id)
             else:
-                log.warning("the last message of JetStream stream %s is gone or has no %s "
-                            "header: only the duplicate window guards against publishing an "
-                            "entry twice", name, STREAM_ID_HEADER)  # fmt: skip
+                log.warning(
+                    "the last message of JetStream stream %s is gone or has no %s "
+                    "header: only the duplicate window guards against publishing an "
+                    "entry twice",
+                    name,
+                    STREAM_ID_HEADER,
+                )
         log.info("relaying %s to JetStream stream %s", self.config.ledger_key, name)
 
     async def _close_nats(self) -> None:
@@ -494,8 +544,13 @@ async def _connect_nats(url: str) -> Any:
     # counting errors, keeping its lag gauges current and seeing a stop. In nats-py 2.x
     # max_reconnect_attempts=0 means "no limit" even for the first connect (a refused
     # connection is retried inside nats.connect for ever); 1 gives up after two attempts.
-    return await nats.connect(url, connect_timeout=2, allow_reconnect=False,
-                              max_reconnect_attempts=1, reconnect_time_wait=0.1)  # fmt: skip
+    return await nats.connect(
+        url,
+        connect_timeout=2,
+        allow_reconnect=False,
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.1,
+    )
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> float:
@@ -519,8 +574,9 @@ async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | Non
     where = redact_url(redis_url)
     try:
         await client.ping()
-        log.info("relay ready: %s -> %s stream %s", where, redact_url(config.nats_url),
-                 config.stream)  # fmt: skip
+        log.info(
+            "relay ready: %s -> %s stream %s", where, redact_url(config.nats_url), config.stream
+        )
         await Relay(client, config, metrics).run(stop)
     except (RedisError, OSError) as exc:
         log.error("cannot reach Redis at %s: %s", where, exc)

@@ -69,8 +69,9 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(k.lower() in SECRET_QUERY for k, _ in pairs):
-            query = urlencode([(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in pairs],
-                              safe="*")  # fmt: skip
+            query = urlencode(
+                [(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in pairs], safe="*"
+            )
     return parts._replace(netloc=netloc, query=query).geturl()
 
 

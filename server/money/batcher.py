@@ -317,8 +317,10 @@ class ScriptBatcher:
         if oldest is None:
             return
         if time.perf_counter() - oldest.sent_at > self._endpoint.timeout_s:
-            log.warning("Redis did not answer money scripts for %.1fs; reconnecting",
-                        self._endpoint.timeout_s)  # fmt: skip
+            log.warning(
+                "Redis did not answer money scripts for %.1fs; reconnecting",
+                self._endpoint.timeout_s,
+            )
             pipe.abort(RedisTimeoutError("Redis did not answer in time"))
             return
         self._arm_watchdog()

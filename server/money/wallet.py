@@ -267,11 +267,25 @@ class Wallet:
                 keys.combo(sender, room),
                 self._ledger_key,
             ],
-            [event, sender, creator, room, gift.id, key, count, coins, diamonds, int(adult),
-             now_ms, keys.GIFT_KEY_TTL_MS, keys.SPENT_TTL_MS, keys.COMBO_GAP_MS,
-             keys.COMBO_TTL_MS],
+            [
+                event,
+                sender,
+                creator,
+                room,
+                gift.id,
+                key,
+                count,
+                coins,
+                diamonds,
+                int(adult),
+                now_ms,
+                keys.GIFT_KEY_TTL_MS,
+                keys.SPENT_TTL_MS,
+                keys.COMBO_GAP_MS,
+                keys.COMBO_TTL_MS,
+            ],
             settled,
-        )  # fmt: skip
+        )
 
     async def settled_gift(
         self, *, sender: str, key: str, room: str, gift: str, count: int
@@ -330,10 +344,20 @@ class Wallet:
         return await self._call(
             "purchase",
             [keys.wallet(user), keys.receipt(receipt), self._ledger_key],
-            [event, user, receipt, package.id, package.currency, package.coins,
-             package.price_cents, int(adult), now_ms, MAX_BALANCE],
+            [
+                event,
+                user,
+                receipt,
+                package.id,
+                package.currency,
+                package.coins,
+                package.price_cents,
+                int(adult),
+                now_ms,
+                MAX_BALANCE,
+            ],
             purchased,
-        )  # fmt: skip
+        )
 
     async def refund(self, *, receipt: str, now_ms: int) -> RefundResult:
         """Reverse a purchase once; what the balance cannot cover becomes debt."""
@@ -415,10 +439,9 @@ class Wallet:
         return await self._call(
             "payout",
             [keys.wallet(creator), keys.payout(key), self._ledger_key],
-            [event, _new_id(), creator, key, diamonds, self._economics.cents_for(diamonds),
-             now_ms],
+            [event, _new_id(), creator, key, diamonds, self._economics.cents_for(diamonds), now_ms],
             paid,
-        )  # fmt: skip
+        )
 
     # ---- the one way a script is called -------------------------------------------------
 

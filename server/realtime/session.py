@@ -105,8 +105,18 @@ class Session:
     """Serves one connection from upgrade to close. Thousands live at once: slotted, and the
     request handlers are looked up on the class, not bound per connection."""
 
-    __slots__ = ("_close_with", "_gifts", "_gifts_in_flight", "_last_gift", "_messages",
-                 "_strikes", "conn", "identity", "s", "state")  # fmt: skip
+    __slots__ = (
+        "_close_with",
+        "_gifts",
+        "_gifts_in_flight",
+        "_last_gift",
+        "_messages",
+        "_strikes",
+        "conn",
+        "identity",
+        "s",
+        "state",
+    )
 
     def __init__(self, conn: ServerConnection, services: Services) -> None:
         self.conn = conn
@@ -383,9 +393,12 @@ class Session:
             # A retry of a key settled before the room ended, or on a connection that has
             # not joined yet, still gets its first `gift_ok` (one Redis read, refusals only).
             settled = await self.s.wallet.settled_gift(
-                sender=self.user.user, key=message.key, room=message.room,
-                gift=message.gift, count=message.count,
-            )  # fmt: skip
+                sender=self.user.user,
+                key=message.key,
+                room=message.room,
+                gift=message.gift,
+                count=message.count,
+            )
             if settled is None:
                 raise
         else:

@@ -19,8 +19,14 @@ from tests.helpers import AdminClient, TokenMaker, WsClient
 RETRYABLE = frozenset({"internal", "overloaded", "rate_limited"})
 FINAL_REFUSALS = frozenset({"insufficient_coins"})
 GIFT_MIX = (("rose", 1), ("heart", 5), ("ice_cream", 10), ("doughnut", 30))
-_CONNECT_ERRORS = (OSError, InvalidHandshake, InvalidStatus, ConnectionClosed, AssertionError,
-                   TimeoutError)  # fmt: skip
+_CONNECT_ERRORS = (
+    OSError,
+    InvalidHandshake,
+    InvalidStatus,
+    ConnectionClosed,
+    AssertionError,
+    TimeoutError,
+)
 
 
 @dataclass

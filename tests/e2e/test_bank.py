@@ -41,11 +41,24 @@ async def bank_run(
         coins = await fund(admin, [f"rich{i}" for i in range(RICH)], "coins_700")
         coins += await fund(admin, [f"poor{i}" for i in range(POOR)], "coins_70")
     creators = await open_rooms(server.ws_url, tokens, CREATORS)
-    senders = [Sender(f"rich{i}", lambda: server.ws_url, tokens, CREATORS, record,
-                      random.Random(rng.random())) for i in range(RICH)]  # fmt: skip
-    senders += [Sender(f"poor{i}", lambda: server.ws_url, tokens, CREATORS, record,
-                       random.Random(rng.random()), connections=3)
-                for i in range(POOR)]  # fmt: skip
+    senders = [
+        Sender(
+            f"rich{i}", lambda: server.ws_url, tokens, CREATORS, record, random.Random(rng.random())
+        )
+        for i in range(RICH)
+    ]
+    senders += [
+        Sender(
+            f"poor{i}",
+            lambda: server.ws_url,
+            tokens,
+            CREATORS,
+            record,
+            random.Random(rng.random()),
+            connections=3,
+        )
+        for i in range(POOR)
+    ]
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + seconds
     work = [asyncio.create_task(s.run(stop_at, stop_at + 30, max_bursts=10_000)) for s in senders]
@@ -88,8 +101,7 @@ def durable_redis(tmp_path: Path):
 def test_bank_with_drops_and_races(tmp_path: Path, durable_redis: EmbeddedRedis) -> None:
     server = ServerProcess(tmp_path / "data", "--redis-url", durable_redis.url).start()
     try:
-        record, coins, _ = asyncio.run(bank_run(server, durable_redis, seconds=8, chaos=[],
-                                                seed=1))  # fmt: skip
+        record, coins, _ = asyncio.run(bank_run(server, durable_redis, seconds=8, chaos=[], seed=1))
     finally:
         server.kill()
     verdict = asyncio.run(verify(durable_redis.url, record, coins))
@@ -109,9 +121,10 @@ def test_bank_survives_kill_9_of_server_and_redis(
     server = ServerProcess(tmp_path / "data", "--redis-url", durable_redis.url).start()
     try:
         record, coins, crashes = asyncio.run(
-            bank_run(server, durable_redis, seconds=12,
-                     chaos=[(3.0, "server"), (7.0, "redis")], seed=2)
-        )  # fmt: skip
+            bank_run(
+                server, durable_redis, seconds=12, chaos=[(3.0, "server"), (7.0, "redis")], seed=2
+            )
+        )
     finally:
         server.kill()
     verdict = asyncio.run(verify(durable_redis.url, record, coins))
@@ -176,8 +189,11 @@ async def _assert_keys_match_ledger(redis_url: str) -> None:
 
     client = aioredis.Redis.from_url(redis_url)
     try:
-        ledger = {(e.data["sender"], e.data["key"]): e.event
-                  async for e in read_entries(client) if e.kind == "gift"}  # fmt: skip
+        ledger = {
+            (e.data["sender"], e.data["key"]): e.event
+            async for e in read_entries(client)
+            if e.kind == "gift"
+        }
         records = {}
         async for raw in client.scan_iter(match=keys.PREFIX + "gift_key:*", count=1000):
             sender, key = raw.decode().removeprefix(keys.PREFIX + "gift_key:").rsplit(":", 1)

@@ -17,9 +17,21 @@ from giftstream.server.config import ConfigError
 
 
 def viewer(user: str, **fields: Any) -> dict[str, Any]:
-    base = {"user": user, "room": "r", "gifter": False, "slow": False, "storm": False,
-            "status": "intact", "start_seq": 0, "last_seq": 3, "gift_events": 3, "gaps": 0,
-            "missing": 0, "disorder": 0, "slow_outcome": None}  # fmt: skip
+    base = {
+        "user": user,
+        "room": "r",
+        "gifter": False,
+        "slow": False,
+        "storm": False,
+        "status": "intact",
+        "start_seq": 0,
+        "last_seq": 3,
+        "gift_events": 3,
+        "gaps": 0,
+        "missing": 0,
+        "disorder": 0,
+        "slow_outcome": None,
+    }
     return {**base, **fields}
 
 
@@ -105,11 +117,30 @@ def test_a_local_server_reads_the_data_dir_as_the_server_does(tmp_path: Path) ->
 def test_the_cli_wires_every_documented_flag() -> None:
     from giftstream.server.cli import build_parser
 
-    args = build_parser().parse_args([
-        "loadtest", "--url", "ws://127.0.0.1:1/ws", "--viewers", "5", "--closed-loop",
-        "--reconnect-storm", "0.5@1", "--slow-readers", "0.2", "--report", "r.json",
-        "--plot", "p.png", "--seed", "4", "--workers", "1", "--gifters", "2",
-    ])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "loadtest",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--viewers",
+            "5",
+            "--closed-loop",
+            "--reconnect-storm",
+            "0.5@1",
+            "--slow-readers",
+            "0.2",
+            "--report",
+            "r.json",
+            "--plot",
+            "p.png",
+            "--seed",
+            "4",
+            "--workers",
+            "1",
+            "--gifters",
+            "2",
+        ]
+    )
     assert isinstance(args, argparse.Namespace)
     assert (args.viewers, args.closed_loop, args.reconnect_storm, args.seed) == (
         5,
@@ -130,9 +161,17 @@ async def test_a_run_that_hangs_is_stopped_at_its_budget(tmp_path: Path) -> None
 
     silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
-    scenario = build({}, {"url": f"ws://127.0.0.1:{port}/ws",
-                          "admin_url": f"http://127.0.0.1:{port}", "viewers": 2,
-                          "gifters": 1, "rooms": 1, "workers": 1})  # fmt: skip
+    scenario = build(
+        {},
+        {
+            "url": f"ws://127.0.0.1:{port}/ws",
+            "admin_url": f"http://127.0.0.1:{port}",
+            "viewers": 2,
+            "gifters": 1,
+            "rooms": 1,
+            "workers": 1,
+        },
+    )
     keys = resolve_secrets(scenario, _values(tmp_path))
     started = time.monotonic()
     try:

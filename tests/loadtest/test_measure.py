@@ -47,10 +47,15 @@ def test_values_past_the_range_are_clamped_not_lost() -> None:
 
 def _tick(t_ns: int, acks: list[tuple[str, int]], receipts: dict[str, list[int]]) -> dict[str, Any]:
     return {
-        "t_ns": t_ns, "counts": {}, "ack_hist": hist.encode(hist.new()), "acks": acks,
+        "t_ns": t_ns,
+        "counts": {},
+        "ack_hist": hist.encode(hist.new()),
+        "acks": acks,
         "receipts": [((e,), array("q", times).tobytes()) for e, times in receipts.items()],
-        "connections": 1, "errors": 0, "pending": 0,
-    }  # fmt: skip
+        "connections": 1,
+        "errors": 0,
+        "pending": 0,
+    }
 
 
 def test_send_to_screen_joins_whichever_half_arrives_first() -> None:
@@ -79,8 +84,13 @@ async def _instant_server(conn: ServerConnection) -> None:
         elif msg["type"] == "join":
             reply = {"type": "joined", "room": msg["room"], "seq": 0}
         else:
-            reply = {"type": "gift_ok", "key": msg["key"], "event": f"e{next(events)}",
-                     "coins": 1, "combo": 1}  # fmt: skip
+            reply = {
+                "type": "gift_ok",
+                "key": msg["key"],
+                "event": f"e{next(events)}",
+                "coins": 1,
+                "combo": 1,
+            }
         await conn.send(orjson.dumps(reply).decode())
 
 
@@ -90,12 +100,21 @@ async def test_open_loop_times_gifts_from_when_they_were_due() -> None:
     async with serve(_instant_server, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         plan = WorkerPlan(
-            index=0, run_id="lttest01", ws_url=f"ws://127.0.0.1:{port}/ws", jwt_secret="x" * 32,
+            index=0,
+            run_id="lttest01",
+            ws_url=f"ws://127.0.0.1:{port}/ws",
+            jwt_secret="x" * 32,
             clients=(ClientSpec(user="u", room="r", gifter=0, seed=1),),
-            mix=GiftMix.from_catalog(load_catalog().as_wire()), duration=1.2,
-            closed_loop=False, interval=0.02, think_time=0.0, storm_at=None, drain=2.0,
-            connect_concurrency=1, token_ttl_s=60,
-        )  # fmt: skip
+            mix=GiftMix.from_catalog(load_catalog().as_wire()),
+            duration=1.2,
+            closed_loop=False,
+            interval=0.02,
+            think_time=0.0,
+            storm_at=None,
+            drain=2.0,
+            connect_concurrency=1,
+            token_ttl_s=60,
+        )
         out: queue.Queue[tuple[Any, ...]] = queue.Queue()
         events = [threading.Event() for _ in range(3)]
         events[0].set()  # go
@@ -127,7 +146,8 @@ def _frame(*events: tuple[int, str | None]) -> bytes:
     """A room frame as the server encodes it: (seq, gift event id or None for viewers)."""
     wire = [
         {"type": "gift", "room": "r", "seq": seq, "event": eid, "sender": {"id": "u"}}
-        if eid else {"type": "viewers", "room": "r", "seq": seq, "count": 3}
+        if eid
+        else {"type": "viewers", "room": "r", "seq": seq, "count": 3}
         for seq, eid in events
     ]
     return orjson.dumps(wire[0] if len(wire) == 1 else {"type": "batch", "events": wire})
@@ -135,11 +155,21 @@ def _frame(*events: tuple[int, str | None]) -> bytes:
 
 def test_viewers_take_shared_frames_whole_and_fall_back_on_gaps_and_overlaps() -> None:
     plan = WorkerPlan(
-        index=0, run_id="lttest01", ws_url="ws://127.0.0.1:1/ws", jwt_secret="x" * 32,
+        index=0,
+        run_id="lttest01",
+        ws_url="ws://127.0.0.1:1/ws",
+        jwt_secret="x" * 32,
         clients=(ClientSpec(user="a", room="r"), ClientSpec(user="b", room="r")),
-        mix=GiftMix.from_catalog(load_catalog().as_wire()), duration=1, closed_loop=True,
-        interval=1, think_time=0, storm_at=None, drain=0, connect_concurrency=1, token_ttl_s=60,
-    )  # fmt: skip
+        mix=GiftMix.from_catalog(load_catalog().as_wire()),
+        duration=1,
+        closed_loop=True,
+        interval=1,
+        think_time=0,
+        storm_at=None,
+        drain=0,
+        connect_concurrency=1,
+        token_ttl_s=60,
+    )
     worker = Worker(plan, Control(None, None, None, None, None))
     a, b = worker.clients
     a.rec.last_seq = b.rec.last_seq = 0
@@ -162,11 +192,21 @@ def test_a_refused_resend_leaves_its_gift_uncertain_not_refunded() -> None:
     `rate_limited` may have settled on its first send: it stays to be resolved, and the
     first send's late `gift_ok` still counts. A first send refused so is final."""
     plan = WorkerPlan(
-        index=0, run_id="lttest02", ws_url="ws://127.0.0.1:1/ws", jwt_secret="x" * 32,
+        index=0,
+        run_id="lttest02",
+        ws_url="ws://127.0.0.1:1/ws",
+        jwt_secret="x" * 32,
         clients=(ClientSpec(user="g", room="r", gifter=0),),
-        mix=GiftMix.from_catalog(load_catalog().as_wire()), duration=1, closed_loop=True,
-        interval=1, think_time=0, storm_at=None, drain=0, connect_concurrency=1, token_ttl_s=60,
-    )  # fmt: skip
+        mix=GiftMix.from_catalog(load_catalog().as_wire()),
+        duration=1,
+        closed_loop=True,
+        interval=1,
+        think_time=0,
+        storm_at=None,
+        drain=0,
+        connect_concurrency=1,
+        token_ttl_s=60,
+    )
     worker = Worker(plan, Control(None, None, None, None, None))
     (client,) = worker.clients
     client.balance = 1_000_000

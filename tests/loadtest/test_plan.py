@@ -31,8 +31,18 @@ def test_gift_mix_favours_cheap_gifts() -> None:
 
 
 def test_roles_are_disjoint_and_each_viewer_is_in_one_worker() -> None:
-    s = build({}, {"viewers": 400, "rooms": 5, "gifters": 40, "slow_readers": 0.1,
-                   "reconnect_storm": "0.5@3", "duration": 10, "workers": 3})  # fmt: skip
+    s = build(
+        {},
+        {
+            "viewers": 400,
+            "rooms": 5,
+            "gifters": 40,
+            "slow_readers": 0.1,
+            "reconnect_storm": "0.5@3",
+            "duration": 10,
+            "workers": 3,
+        },
+    )
     plan = make_plan(s, CATALOG, "ltabc123")
     gifters = [c for c in plan.clients if c.gifter >= 0]
     slow = [c for c in plan.clients if c.slow]

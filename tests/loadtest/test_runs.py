@@ -29,10 +29,23 @@ def server(redis_url: str, data_dir: Path) -> Iterator[ServerProcess]:
 
 def loadtest_args(server: ServerProcess, redis_url: str, *args: str) -> list[str]:
     return [
-        "loadtest", "--url", server.ws_url, "--admin-url", server.admin_url,
-        "--jwt-secret", JWT_SECRET, "--webhook-secret", WEBHOOK_SECRET,
-        "--redis-url", redis_url, "--workers", "2", "--drain", "2", *args,
-    ]  # fmt: skip
+        "loadtest",
+        "--url",
+        server.ws_url,
+        "--admin-url",
+        server.admin_url,
+        "--jwt-secret",
+        JWT_SECRET,
+        "--webhook-secret",
+        WEBHOOK_SECRET,
+        "--redis-url",
+        redis_url,
+        "--workers",
+        "2",
+        "--drain",
+        "2",
+        *args,
+    ]
 
 
 def run(server: ServerProcess, redis_url: str, tmp_path: Path, *args: str) -> dict[str, Any]:
@@ -55,10 +68,23 @@ def test_a_short_closed_loop_run_passes_with_report_and_plot(
     assert server.proc is not None
     plot = tmp_path / "run.png"
     report = run(
-        server, redis_url, tmp_path, "--viewers", "60", "--rooms", "5", "--gifters", "10",
-        "--duration", "3", "--closed-loop", "--plot", str(plot),
-        "--server-pid", str(server.proc.pid),
-    )  # fmt: skip
+        server,
+        redis_url,
+        tmp_path,
+        "--viewers",
+        "60",
+        "--rooms",
+        "5",
+        "--gifters",
+        "10",
+        "--duration",
+        "3",
+        "--closed-loop",
+        "--plot",
+        str(plot),
+        "--server-pid",
+        str(server.proc.pid),
+    )
     assert report["result"] == "PASS" and not report["aborted"]
     assert JWT_SECRET not in json.dumps(report) and WEBHOOK_SECRET not in json.dumps(report)
     assert statuses(report) == dict.fromkeys(
@@ -88,9 +114,20 @@ def test_an_open_loop_run_keeps_its_target_rate(
     server: ServerProcess, redis_url: str, tmp_path: Path
 ) -> None:
     report = run(
-        server, redis_url, tmp_path, "--viewers", "40", "--rooms", "4", "--gifters", "20",
-        "--gift-rate", "100", "--duration", "3",
-    )  # fmt: skip
+        server,
+        redis_url,
+        tmp_path,
+        "--viewers",
+        "40",
+        "--rooms",
+        "4",
+        "--gifters",
+        "20",
+        "--gift-rate",
+        "100",
+        "--duration",
+        "3",
+    )
     totals = report["totals"]
     # 20 gifters at 5/s each, each starting within its first interval: exactly 15 each
     assert totals["gifts_sent"] == 300
@@ -104,10 +141,24 @@ def test_viewers_that_rejoin_after_a_storm_miss_no_gift_event(
     server: ServerProcess, redis_url: str, tmp_path: Path
 ) -> None:
     report = run(
-        server, redis_url, tmp_path, "--viewers", "80", "--rooms", "4", "--gifters", "16",
-        "--gift-rate", "80", "--duration", "4", "--reconnect-storm", "0.5@1.5",
-        "--storm-spread", "1",
-    )  # fmt: skip
+        server,
+        redis_url,
+        tmp_path,
+        "--viewers",
+        "80",
+        "--rooms",
+        "4",
+        "--gifters",
+        "16",
+        "--gift-rate",
+        "80",
+        "--duration",
+        "4",
+        "--reconnect-storm",
+        "0.5@1.5",
+        "--storm-spread",
+        "1",
+    )
     assert report["storm"] == {"dropped": 40, "rejoined_unrecovered": 0}
     assert report["totals"]["reconnects"] >= 40
     viewers = report["viewers"]
@@ -123,13 +174,27 @@ def test_a_wallet_changed_behind_its_back_fails_the_run(
 ) -> None:
     report = tmp_path / "report.json"
     args = loadtest_args(
-        server, redis_url, "--viewers", "20", "--rooms", "2", "--gifters", "4", "--duration",
-        "3", "--closed-loop", "--report", str(report),
-    )  # fmt: skip
+        server,
+        redis_url,
+        "--viewers",
+        "20",
+        "--rooms",
+        "2",
+        "--gifters",
+        "4",
+        "--duration",
+        "3",
+        "--closed-loop",
+        "--report",
+        str(report),
+    )
     proc = subprocess.Popen(
-        [*GIFTSTREAM, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [*GIFTSTREAM, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env=os.environ.copy(),
-    )  # fmt: skip
+    )
     client = redis.Redis.from_url(redis_url)
     tampered = None
     try:
@@ -166,9 +231,22 @@ def test_slow_readers_stop_reading_and_are_reported_apart(
     reported (still open here: a 4 s run does not fill the server's 1 MiB backlog bound),
     and left out of the delivery check, which the others pass."""
     report = run(
-        server, redis_url, tmp_path, "--viewers", "40", "--rooms", "2", "--gifters", "8",
-        "--gift-rate", "80", "--duration", "3", "--slow-readers", "0.25",
-    )  # fmt: skip
+        server,
+        redis_url,
+        tmp_path,
+        "--viewers",
+        "40",
+        "--rooms",
+        "2",
+        "--gifters",
+        "8",
+        "--gift-rate",
+        "80",
+        "--duration",
+        "3",
+        "--slow-readers",
+        "0.25",
+    )
     viewers = report["viewers"]
     assert viewers["statuses"] == {"intact": 32, "slow": 8}
     assert viewers["slow_readers"] == {"open": 8}

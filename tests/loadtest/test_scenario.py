@@ -75,11 +75,25 @@ def test_unknown_or_mistyped_keys_in_a_file_are_errors(tmp_path: Path) -> None:
 def test_reports_never_carry_secrets() -> None:
     from giftstream.loadtest.scenario import redact_argv
 
-    argv = ["loadtest", "--jwt-secret", "s3cret-jwt", "--webhook-secret=s3cret-hook",
-            "--redis-url", "redis://:pw@10.0.0.5:6379/0", "--viewers", "5"]  # fmt: skip
+    argv = [
+        "loadtest",
+        "--jwt-secret",
+        "s3cret-jwt",
+        "--webhook-secret=s3cret-hook",
+        "--redis-url",
+        "redis://:pw@10.0.0.5:6379/0",
+        "--viewers",
+        "5",
+    ]
     assert redact_argv(argv) == [
-        "loadtest", "--jwt-secret", "***", "--webhook-secret=***",
-        "--redis-url", "redis://:***@10.0.0.5:6379/0", "--viewers", "5",
-    ]  # fmt: skip
+        "loadtest",
+        "--jwt-secret",
+        "***",
+        "--webhook-secret=***",
+        "--redis-url",
+        "redis://:***@10.0.0.5:6379/0",
+        "--viewers",
+        "5",
+    ]
     s = build({}, {"redis_url": "redis://user:pw@127.0.0.1:6379/0"})
     assert s.as_dict()["redis_url"] == "redis://user:***@127.0.0.1:6379/0"

@@ -17,8 +17,14 @@ from tests.model.keyspace import Snapshot, snapshot
 from tests.server.conftest import NOW_MS
 
 SCRIPT_NAMES = (
-    "send_gift", "purchase", "refund", "payout", "earnings", "checkpoint", "dead_letter",
-)  # fmt: skip
+    "send_gift",
+    "purchase",
+    "refund",
+    "payout",
+    "earnings",
+    "checkpoint",
+    "dead_letter",
+)
 
 State = tuple[Snapshot, dict[str, Any]]
 Everything = Callable[[], Awaitable[State]]

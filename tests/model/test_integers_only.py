@@ -74,9 +74,15 @@ async def refused_unchanged(
 
 async def gift(money: Wallet, *, count: Any = 1, gift: Gift = HEART, now_ms: Any = NOW_MS) -> Any:
     return await money.send_gift(
-        sender="ann", adult=True, creator="cara", room="cara", gift=gift, count=count,
-        key="gift-key-int", now_ms=now_ms,
-    )  # fmt: skip
+        sender="ann",
+        adult=True,
+        creator="cara",
+        room="cara",
+        gift=gift,
+        count=count,
+        key="gift-key-int",
+        now_ms=now_ms,
+    )
 
 
 # tests/server/money/test_wallet.py::test_bad_count_is_refused_before_redis has -1 and True
@@ -118,9 +124,15 @@ async def test_purchase_package(money: Wallet, state: Everything, field: str, va
 async def test_payout_diamonds(money: Wallet, state: Everything, diamonds: Any) -> None:
     await fund(money, "ann", 30_000)
     await money.send_gift(
-        sender="ann", adult=True, creator="cara", room="cara", count=3, key="gift-key-castle",
-        gift=Gift("castle", "Castle", 10_000, "castle.webp"), now_ms=NOW_MS,
-    )  # fmt: skip
+        sender="ann",
+        adult=True,
+        creator="cara",
+        room="cara",
+        count=3,
+        key="gift-key-castle",
+        gift=Gift("castle", "Castle", 10_000, "castle.webp"),
+        now_ms=NOW_MS,
+    )
     error = await refused_unchanged(
         state,
         lambda: money.payout(creator="cara", diamonds=diamonds, key="payout-key-1", now_ms=NOW_MS),
@@ -150,9 +162,15 @@ async def test_a_float_from_the_economics_fails_its_own_movement_only(
     before = await snapshot(redis_client)
     payout = money.payout(creator="cara", diamonds=5, key="payout-key-1", now_ms=NOW_MS)
     settled = money.send_gift(
-        sender="ann", adult=True, creator="cara", room="cara", gift=HEART, count=1,
-        key="gift-key-same-turn", now_ms=NOW_MS,
-    )  # fmt: skip
+        sender="ann",
+        adult=True,
+        creator="cara",
+        room="cara",
+        gift=HEART,
+        count=1,
+        key="gift-key-same-turn",
+        now_ms=NOW_MS,
+    )
     paid, sent = await asyncio.wait_for(asyncio.gather(payout, settled, return_exceptions=True), 5)
     assert isinstance(paid, TypeError)
     assert sent.coins == 85
@@ -169,9 +187,26 @@ async def test_a_float_from_the_economics_fails_its_own_movement_only(
 # and 2^63, booleans, hex, padding, empty; then forms Lua's tonumber() takes but that are not
 # Redis's integer form ("-0" even passed as 0 and failed HINCRBY midway through the writes).
 BAD_ARGV = [
-    "1.5", "1e309", "inf", "-inf", "nan", "-1", "9007199254740993", "9223372036854775808",
-    "true", "0x10", " 5", "5 ", "", "-0", "5.0", "1e2", "+5", "05", "1,5",
-]  # fmt: skip
+    "1.5",
+    "1e309",
+    "inf",
+    "-inf",
+    "nan",
+    "-1",
+    "9007199254740993",
+    "9223372036854775808",
+    "true",
+    "0x10",
+    " 5",
+    "5 ",
+    "",
+    "-0",
+    "5.0",
+    "1e2",
+    "+5",
+    "05",
+    "1,5",
+]
 
 DAY = keys.utc_day(NOW_MS)
 GIFT_KEY = "gift-key-raw"
@@ -190,12 +225,42 @@ class RawCall(NamedTuple):
 
 RAW_CALLS: dict[str, RawCall] = {
     "send_gift": RawCall(
-        [keys.wallet("ann"), keys.wallet("cara"), keys.gift_key("ann", GIFT_KEY),
-         keys.spent("ann", NOW_MS), keys.combo("ann", "cara"), keys.LEDGER],
-        ["ev-1", "ann", "cara", "cara", "heart", GIFT_KEY, 1, 5, 2, 1, NOW_MS,
-         keys.GIFT_KEY_TTL_MS, keys.SPENT_TTL_MS, keys.COMBO_GAP_MS, keys.COMBO_TTL_MS],
-        {7: "count", 8: "coins", 9: "diamonds", 10: "adult", 11: "now", 12: "key_ttl",
-         13: "spent_ttl", 14: "combo_gap", 15: "combo_ttl"},
+        [
+            keys.wallet("ann"),
+            keys.wallet("cara"),
+            keys.gift_key("ann", GIFT_KEY),
+            keys.spent("ann", NOW_MS),
+            keys.combo("ann", "cara"),
+            keys.LEDGER,
+        ],
+        [
+            "ev-1",
+            "ann",
+            "cara",
+            "cara",
+            "heart",
+            GIFT_KEY,
+            1,
+            5,
+            2,
+            1,
+            NOW_MS,
+            keys.GIFT_KEY_TTL_MS,
+            keys.SPENT_TTL_MS,
+            keys.COMBO_GAP_MS,
+            keys.COMBO_TTL_MS,
+        ],
+        {
+            7: "count",
+            8: "coins",
+            9: "diamonds",
+            10: "adult",
+            11: "now",
+            12: "key_ttl",
+            13: "spent_ttl",
+            14: "combo_gap",
+            15: "combo_ttl",
+        },
     ),
     "purchase": RawCall(
         [keys.wallet("ann"), keys.receipt("rc-raw-1"), keys.LEDGER],
@@ -220,15 +285,21 @@ RAW_CALLS: dict[str, RawCall] = {
     "checkpoint": RawCall(
         CheckpointKeys.of().all(),
         ["", "1-1", 1, 0, 0, 0, 0, 0, "entries", 1],
-        {3: "main_pairs", 4: "wallet_pairs", 5: "receipt_pairs", 6: "payout_keys",
-         7: "negatives", 8: "breaches"},
+        {
+            3: "main_pairs",
+            4: "wallet_pairs",
+            5: "receipt_pairs",
+            6: "payout_keys",
+            7: "negatives",
+            8: "breaches",
+        },
     ),
     "dead_letter": RawCall(
         [keys.LEDGER, keys.LEDGER + ":dead"],
         ["earnings", "0-1", "{}", "failed", 3, "consumer-1"],  # stream id set by the setup
         {5: "deliveries"},
     ),
-}  # fmt: skip
+}
 
 
 async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
@@ -238,9 +309,15 @@ async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
     await fund(money, "ann", 100)
     await fund(money, "bob", 400)
     await money.send_gift(
-        sender="bob", adult=True, creator="cara", room="cara", count=40, key="gift-key-bob",
-        gift=HEART, now_ms=NOW_MS,
-    )  # fmt: skip
+        sender="bob",
+        adult=True,
+        creator="cara",
+        room="cara",
+        count=40,
+        key="gift-key-bob",
+        gift=HEART,
+        now_ms=NOW_MS,
+    )
     if name == "dead_letter":
         await redis.xgroup_create(keys.LEDGER, "earnings", id="0")
         (_, [(stream_id, _), *_]), *_ = await redis.xreadgroup(
@@ -261,9 +338,13 @@ async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
     ],
 )
 async def test_raw_script_refuses_a_bad_number(
-    money: Wallet, redis_client: aioredis.Redis, state: Everything, evalsha: Eval,
-    name: str, position: int,
-) -> None:  # fmt: skip
+    money: Wallet,
+    redis_client: aioredis.Redis,
+    state: Everything,
+    evalsha: Eval,
+    name: str,
+    position: int,
+) -> None:
     """Each bad text in this ARGV position: a Redis error naming the position, no write.
     Then the good call succeeds, so the refusals were the bad value's doing."""
     raw = await setup_raw(name, money, redis_client)
@@ -319,17 +400,36 @@ async def test_raw_calls_mirror_what_wallet_py_sends(
 
 def with_prelude(body: str) -> str:
     """A script of the shared helpers and `body`, as wallet.py assembles its scripts."""
-    prelude = resources.files("giftstream.server").joinpath("lua", "_prelude.lua").read_text("utf-8")
+    prelude = (
+        resources.files("giftstream.server").joinpath("lua", "_prelude.lua").read_text("utf-8")
+    )
     return "#!lua\n" + prelude + "\n" + body
 
 
 PRELUDE_CASES = [
-    *[pytest.param(text, int(text), id=f"ok:{text}") for text in
-      ("0", "7", "-1", "99", "1000000000000", "9007199254740991", "-9007199254740991")],
-    *[pytest.param(text, None, id=f"refused:{text!r}") for text in
-      (*(t for t in BAD_ARGV if t != "-1"), "9007199254740992", "-9007199254740993",
-       "18446744073709551616", "1e15", "٣", "0b1", "1_000", "5\n", "\t5", "- 5", "--5", "00")],
-]  # fmt: skip
+    *[
+        pytest.param(text, int(text), id=f"ok:{text}")
+        for text in ("0", "7", "-1", "99", "1000000000000", "9007199254740991", "-9007199254740991")
+    ],
+    *[
+        pytest.param(text, None, id=f"refused:{text!r}")
+        for text in (
+            *(t for t in BAD_ARGV if t != "-1"),
+            "9007199254740992",
+            "-9007199254740993",
+            "18446744073709551616",
+            "1e15",
+            "٣",
+            "0b1",
+            "1_000",
+            "5\n",
+            "\t5",
+            "- 5",
+            "--5",
+            "00",
+        )
+    ],
+]
 
 
 @pytest.mark.parametrize(("text", "expected"), PRELUDE_CASES)
@@ -364,10 +464,12 @@ async def test_prelude_stored_int_is_exact(
 # ---- c. over the wire -----------------------------------------------------------------------
 
 MONEY_PREFIXES = (
-    *(keys.PREFIX + kind for kind in ("wallet:", "gift_key:", "spent:", "combo:", "receipt:",
-                                      "payout:")),
+    *(
+        keys.PREFIX + kind
+        for kind in ("wallet:", "gift_key:", "spent:", "combo:", "receipt:", "payout:")
+    ),
     keys.LEDGER,
-)  # fmt: skip
+)
 
 
 async def money_keys(redis: aioredis.Redis) -> dict[str, Any]:
@@ -422,11 +524,15 @@ async def test_websocket_gift_count(
     )
     error = await ann.expect("error")
     assert error["code"] == code, error
-    assert await ann.request({"type": "balance"}) == {"type": "balance", "coins": 700,
-                                                      "diamonds": 0}  # fmt: skip
+    assert await ann.request({"type": "balance"}) == {
+        "type": "balance",
+        "coins": 700,
+        "diamonds": 0,
+    }
     assert await money_keys(redis_client) == before
-    ok = await ann.request({"type": "gift", "room": "cara", "gift": "rose", "count": 1,
-                            "key": "gift-key-wire"})  # fmt: skip
+    ok = await ann.request(
+        {"type": "gift", "room": "cara", "gift": "rose", "count": 1, "key": "gift-key-wire"}
+    )
     assert ok["type"] == "gift_ok"  # the refused key was never recorded
 
 
@@ -438,19 +544,36 @@ def body(template: str, literal: str) -> bytes:
 # ::test_bad_daily_limit_is_400 and ::test_bad_input_is_400_and_changes_nothing send the rest
 # of the list (1.5, 1e3, "100", true, false, 2^53 + 1, 2^64, 1e309, NaN, Infinity, ...).
 ADMIN_BODIES = [
-    *[("PUT", "/v1/wallets/ann/limit", body('{"daily_limit": $}', v))
-      for v in ("1.0", "-0.0", "Infinity", "-Infinity", "-1e309", "9223372036854775808")],
-    *[("POST", "/v1/payouts", body('{"creator": "cara", "diamonds": $, "key": "payout-key-1"}', v))
-      for v in ("10000.5", "-1", "-Infinity", "9223372036854775808")],
-    *[("POST", "/v1/purchases", body(t, v)) for t, v in (
-        ('{"receipt": "receipt-int-1", "user": "ann", "package": "coins_70", "adult": $}', "1.0"),
-        ('{"receipt": "receipt-int-1", "user": "ann", "package": "coins_70", "adult": $}', "0"),
-        ('{"receipt": "receipt-int-1", "user": "ann", "package": "coins_70", "adult": $}', "NaN"),
-        ('{"receipt": "receipt-int-1", "user": "ann", "package": $}', "70.0"),
-        ('{"receipt": "receipt-int-1", "user": "ann", "package": $}', "1e309"),
-        ('{"receipt": $, "user": "ann", "package": "coins_70"}', "1.5"),
-    )],
-]  # fmt: skip
+    *[
+        ("PUT", "/v1/wallets/ann/limit", body('{"daily_limit": $}', v))
+        for v in ("1.0", "-0.0", "Infinity", "-Infinity", "-1e309", "9223372036854775808")
+    ],
+    *[
+        (
+            "POST",
+            "/v1/payouts",
+            body('{"creator": "cara", "diamonds": $, "key": "payout-key-1"}', v),
+        )
+        for v in ("10000.5", "-1", "-Infinity", "9223372036854775808")
+    ],
+    *[
+        ("POST", "/v1/purchases", body(t, v))
+        for t, v in (
+            (
+                '{"receipt": "receipt-int-1", "user": "ann", "package": "coins_70", "adult": $}',
+                "1.0",
+            ),
+            ('{"receipt": "receipt-int-1", "user": "ann", "package": "coins_70", "adult": $}', "0"),
+            (
+                '{"receipt": "receipt-int-1", "user": "ann", "package": "coins_70", "adult": $}',
+                "NaN",
+            ),
+            ('{"receipt": "receipt-int-1", "user": "ann", "package": $}', "70.0"),
+            ('{"receipt": "receipt-int-1", "user": "ann", "package": $}', "1e309"),
+            ('{"receipt": $, "user": "ann", "package": "coins_70"}', "1.5"),
+        )
+    ],
+]
 
 
 @pytest.mark.parametrize(
@@ -459,9 +582,13 @@ ADMIN_BODIES = [
     ids=[f"{path.rsplit('/', 1)[-1]}:{raw.decode()}" for _, path, raw in ADMIN_BODIES],
 )
 async def test_admin_api_amounts(
-    app: App, admin: AdminClient, redis_client: aioredis.Redis, method: str, path: str,
+    app: App,
+    admin: AdminClient,
+    redis_client: aioredis.Redis,
+    method: str,
+    path: str,
     raw: bytes,
-) -> None:  # fmt: skip
+) -> None:
     """Signed correctly, so only the value can be what is refused."""
     await admin.buy("ann", "coins_700")
     before = await snapshot(redis_client)

@@ -69,9 +69,15 @@ async def build_world(money: Wallet, redis: aioredis.Redis, evalsha: Eval) -> Wo
     await fund(money, "bob", 900)
     for room in ("cara", "dan"):
         await money.send_gift(
-            sender="bob", adult=True, creator=room, room=room, gift=HEART, count=40,
-            key=f"gift-key-bob-{room}", now_ms=NOW_MS,
-        )  # fmt: skip
+            sender="bob",
+            adult=True,
+            creator=room,
+            room=room,
+            gift=HEART,
+            count=40,
+            key=f"gift-key-bob-{room}",
+            now_ms=NOW_MS,
+        )
     gifts = [entry async for entry in read_entries(redis) if entry.kind == "gift"]
     await redis.xgroup_create(keys.LEDGER, GROUP, id="0")
     ((_, [(pending_id, _)]),) = await redis.xreadgroup(GROUP, CONSUMER, {keys.LEDGER: ">"}, count=1)
@@ -87,8 +93,16 @@ Break = Callable[[World], Awaitable[None]]
 
 def send_gift(**change: Any) -> Call:
     async def call(w: World) -> Any:
-        args = dict(sender="ann", adult=True, creator="cara", room="cara", gift=HEART, count=1,
-                    key="gift-key-np", now_ms=NOW_MS)  # fmt: skip
+        args = dict(
+            sender="ann",
+            adult=True,
+            creator="cara",
+            room="cara",
+            gift=HEART,
+            count=1,
+            key="gift-key-np",
+            now_ms=NOW_MS,
+        )
         return await w.money.send_gift(**{**args, **change})
 
     return call
@@ -114,9 +128,10 @@ def raw_refund(user: str = "ann", receipt: str = RECEIPT) -> Call:
 
     async def call(w: World) -> Any:
         return await w.evalsha(
-            "refund", [keys.receipt(receipt), keys.wallet(user), keys.LEDGER],
+            "refund",
+            [keys.receipt(receipt), keys.wallet(user), keys.LEDGER],
             ["ev-refund", user, receipt, NOW_MS],
-        )  # fmt: skip
+        )
 
     return call
 
@@ -258,147 +273,309 @@ CASES = [
     # send_gift: key, debt, age, daily limit, balance; then ledger, sender, creator, key
     # record, spend counter, combo.
     Case("send_gift", "control", nothing, send_gift(), "ok"),
-    Case("send_gift", "key used for another count", first(send_gift(count=2)), send_gift(),
-         "key_reused"),
+    Case(
+        "send_gift",
+        "key used for another count",
+        first(send_gift(count=2)),
+        send_gift(),
+        "key_reused",
+    ),
     Case("send_gift", "debt", hset(SENDER, debt=1), send_gift(), "insufficient_coins"),
     Case("send_gift", "minor", nothing, send_gift(adult=False), "underage"),
     Case("send_gift", "daily limit", hset(SENDER, daily_limit=4), send_gift(), "spending_limit"),
-    Case("send_gift", "daily limit spent earlier",
-         first(hset(SENDER, daily_limit=9), send_gift(key="gift-key-np-0")), send_gift(),
-         "spending_limit"),
+    Case(
+        "send_gift",
+        "daily limit spent earlier",
+        first(hset(SENDER, daily_limit=9), send_gift(key="gift-key-np-0")),
+        send_gift(),
+        "spending_limit",
+    ),
     Case("send_gift", "too few coins", nothing, send_gift(gift=CASTLE), "insufficient_coins"),
-    Case("send_gift", "key record without its gift", hset(GIFT_RECORD, room="cara"),
-         send_gift(), "error:attempt to concatenate"),
-    Case("send_gift", "corrupt sender coins", hset(SENDER, coins="1e3"), send_gift(),
-         "error:not an exact integer"),
-    Case("send_gift", "corrupt sender debt", hset(SENDER, debt="-0"), send_gift(),
-         "error:not an exact integer"),
-    Case("send_gift", "corrupt daily limit", hset(SENDER, daily_limit="0x10"), send_gift(),
-         "error:not an exact integer"),
-    Case("send_gift", "corrupt creator diamonds", hset(CREATOR, diamonds="9007199254740993"),
-         send_gift(), "error:not an exact integer"),
-    Case("send_gift", "corrupt combo time", hset(COMBO, gift="heart", combo=1, at="soon"),
-         send_gift(), "error:arithmetic"),
-    Case("send_gift", "ledger is a string", WrongType(keys.LEDGER, "string"), send_gift(),
-         WRONGTYPE),
+    Case(
+        "send_gift",
+        "key record without its gift",
+        hset(GIFT_RECORD, room="cara"),
+        send_gift(),
+        "error:attempt to concatenate",
+    ),
+    Case(
+        "send_gift",
+        "corrupt sender coins",
+        hset(SENDER, coins="1e3"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt sender debt",
+        hset(SENDER, debt="-0"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt daily limit",
+        hset(SENDER, daily_limit="0x10"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt creator diamonds",
+        hset(CREATOR, diamonds="9007199254740993"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt combo time",
+        hset(COMBO, gift="heart", combo=1, at="soon"),
+        send_gift(),
+        "error:arithmetic",
+    ),
+    Case(
+        "send_gift", "ledger is a string", WrongType(keys.LEDGER, "string"), send_gift(), WRONGTYPE
+    ),
     Case("send_gift", "ledger ids exhausted", exhaust_ledger, send_gift(), "error:exhausted"),
-    Case("send_gift", "sender wallet is a list", WrongType(SENDER, "list"), send_gift(),
-         WRONGTYPE),
-    Case("send_gift", "creator wallet is a list", WrongType(CREATOR, "list"), send_gift(),
-         WRONGTYPE),
-    Case("send_gift", "key record is a list", WrongType(GIFT_RECORD, "list"), send_gift(),
-         WRONGTYPE),
-    Case("send_gift", "spend counter is a hash", WrongType(SPENT, "hash"), send_gift(),
-         WRONGTYPE),
+    Case("send_gift", "sender wallet is a list", WrongType(SENDER, "list"), send_gift(), WRONGTYPE),
+    Case(
+        "send_gift", "creator wallet is a list", WrongType(CREATOR, "list"), send_gift(), WRONGTYPE
+    ),
+    Case(
+        "send_gift", "key record is a list", WrongType(GIFT_RECORD, "list"), send_gift(), WRONGTYPE
+    ),
+    Case("send_gift", "spend counter is a hash", WrongType(SPENT, "hash"), send_gift(), WRONGTYPE),
     Case("send_gift", "combo is a set", WrongType(COMBO, "set"), send_gift(), WRONGTYPE),
     # purchase: receipt, age, balance cap; then ledger, wallet, receipt.
     Case("purchase", "control", nothing, purchase(), "ok"),
-    Case("purchase", "receipt of another user", first(purchase(user="bob")), purchase(),
-         "receipt_reused"),
-    Case("purchase", "receipt of another package",
-         first(purchase(package=Package("coins_10", 10, 9, "USD"))), purchase(),
-         "receipt_reused"),
+    Case(
+        "purchase",
+        "receipt of another user",
+        first(purchase(user="bob")),
+        purchase(),
+        "receipt_reused",
+    ),
+    Case(
+        "purchase",
+        "receipt of another package",
+        first(purchase(package=Package("coins_10", 10, 9, "USD"))),
+        purchase(),
+        "receipt_reused",
+    ),
     Case("purchase", "minor", nothing, purchase(adult=False), "underage"),
-    Case("purchase", "balance cap", hset(SENDER, coins=MAX_BALANCE - 69), purchase(),
-         "balance_limit"),
-    Case("purchase", "corrupt coins", hset(SENDER, coins="1.5"), purchase(),
-         "error:not an exact integer"),
-    Case("purchase", "corrupt debt", hset(SENDER, debt=" 5"), purchase(),
-         "error:not an exact integer"),
-    Case("purchase", "corrupt receipt", hset(RECEIPT_NEW, user="ann"), purchase(),
-         "error:attempt to concatenate"),
-    Case("purchase", "ledger is a string", WrongType(keys.LEDGER, "string"), purchase(),
-         WRONGTYPE),
+    Case(
+        "purchase", "balance cap", hset(SENDER, coins=MAX_BALANCE - 69), purchase(), "balance_limit"
+    ),
+    Case(
+        "purchase",
+        "corrupt coins",
+        hset(SENDER, coins="1.5"),
+        purchase(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "purchase",
+        "corrupt debt",
+        hset(SENDER, debt=" 5"),
+        purchase(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "purchase",
+        "corrupt receipt",
+        hset(RECEIPT_NEW, user="ann"),
+        purchase(),
+        "error:attempt to concatenate",
+    ),
+    Case("purchase", "ledger is a string", WrongType(keys.LEDGER, "string"), purchase(), WRONGTYPE),
     Case("purchase", "ledger ids exhausted", exhaust_ledger, purchase(), "error:exhausted"),
     Case("purchase", "wallet is a list", WrongType(SENDER, "list"), purchase(), WRONGTYPE),
-    Case("purchase", "receipt is a list", WrongType(RECEIPT_NEW, "list"), purchase(),
-         WRONGTYPE),
+    Case("purchase", "receipt is a list", WrongType(RECEIPT_NEW, "list"), purchase(), WRONGTYPE),
     # refund: receipt known, its owner; then ledger, wallet, receipt.
     Case("refund", "control", nothing, refund(), "ok"),
-    Case("refund", "unknown receipt (wallet.py)", nothing, refund(receipt="rc-never"),
-         "unknown_receipt"),
-    Case("refund", "unknown receipt (script)", nothing, raw_refund(receipt="rc-never"),
-         "unknown_receipt"),
-    Case("refund", "receipt of another user", nothing, raw_refund(user="bob"),
-         "error:belongs to ann"),
-    Case("refund", "corrupt receipt coins", hset(RECEIPT_OLD, coins="1.5"), refund(),
-         "error:not an exact integer"),
-    Case("refund", "receipt without coins", hdel(RECEIPT_OLD, "coins"), refund(),
-         "error:not an exact integer"),
-    Case("refund", "corrupt coins", hset(SENDER, coins="05"), refund(),
-         "error:not an exact integer"),
-    Case("refund", "corrupt debt", hset(SENDER, debt="1e2"), refund(),
-         "error:not an exact integer"),
-    Case("refund", "ledger is a string", WrongType(keys.LEDGER, "string"), refund(),
-         WRONGTYPE),
+    Case(
+        "refund",
+        "unknown receipt (wallet.py)",
+        nothing,
+        refund(receipt="rc-never"),
+        "unknown_receipt",
+    ),
+    Case(
+        "refund",
+        "unknown receipt (script)",
+        nothing,
+        raw_refund(receipt="rc-never"),
+        "unknown_receipt",
+    ),
+    Case(
+        "refund", "receipt of another user", nothing, raw_refund(user="bob"), "error:belongs to ann"
+    ),
+    Case(
+        "refund",
+        "corrupt receipt coins",
+        hset(RECEIPT_OLD, coins="1.5"),
+        refund(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "refund",
+        "receipt without coins",
+        hdel(RECEIPT_OLD, "coins"),
+        refund(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "refund", "corrupt coins", hset(SENDER, coins="05"), refund(), "error:not an exact integer"
+    ),
+    Case(
+        "refund", "corrupt debt", hset(SENDER, debt="1e2"), refund(), "error:not an exact integer"
+    ),
+    Case("refund", "ledger is a string", WrongType(keys.LEDGER, "string"), refund(), WRONGTYPE),
     Case("refund", "ledger ids exhausted", exhaust_ledger, refund(), "error:exhausted"),
     Case("refund", "wallet is a list", WrongType(SENDER, "list"), refund(), WRONGTYPE),
-    Case("refund", "receipt is a list", WrongType(RECEIPT_OLD, "list"), raw_refund(),
-         WRONGTYPE),
+    Case("refund", "receipt is a list", WrongType(RECEIPT_OLD, "list"), raw_refund(), WRONGTYPE),
     # payout: key, diamonds held; then ledger, wallet, payout record.
     Case("payout", "control", nothing, payout(), "ok"),
-    Case("payout", "key used for other diamonds", first(payout(diamonds=50)), payout(),
-         "key_reused"),
-    Case("payout", "key used by another creator", first(payout(creator="dan")), payout(),
-         "key_reused"),
+    Case(
+        "payout", "key used for other diamonds", first(payout(diamonds=50)), payout(), "key_reused"
+    ),
+    Case(
+        "payout",
+        "key used by another creator",
+        first(payout(creator="dan")),
+        payout(),
+        "key_reused",
+    ),
     Case("payout", "too few diamonds", nothing, payout(diamonds=101), "insufficient_diamonds"),
-    Case("payout", "corrupt diamonds", hset(CREATOR, diamonds="100.0"), payout(),
-         "error:not an exact integer"),
-    Case("payout", "ledger is a string", WrongType(keys.LEDGER, "string"), payout(),
-         WRONGTYPE),
+    Case(
+        "payout",
+        "corrupt diamonds",
+        hset(CREATOR, diamonds="100.0"),
+        payout(),
+        "error:not an exact integer",
+    ),
+    Case("payout", "ledger is a string", WrongType(keys.LEDGER, "string"), payout(), WRONGTYPE),
     Case("payout", "ledger ids exhausted", exhaust_ledger, payout(), "error:exhausted"),
     Case("payout", "wallet is a list", WrongType(CREATOR, "list"), payout(), WRONGTYPE),
-    Case("payout", "payout record is a list", WrongType(PAYOUT_RECORD, "list"), payout(),
-         WRONGTYPE),
+    Case(
+        "payout", "payout record is a list", WrongType(PAYOUT_RECORD, "list"), payout(), WRONGTYPE
+    ),
     # earnings: the totals read; then the seen set, the totals.
     Case("earnings", "control", nothing, earnings(), "True"),
     Case("earnings", "counted before", first(earnings()), earnings(), "False"),
-    Case("earnings", "corrupt total", hset(TOTALS, **{f"{DAY}:coins": "x"}), earnings(),
-         "error:not an exact integer"),
+    Case(
+        "earnings",
+        "corrupt total",
+        hset(TOTALS, **{f"{DAY}:coins": "x"}),
+        earnings(),
+        "error:not an exact integer",
+    ),
     Case("earnings", "seen set is a string", WrongType(SEEN, "string"), earnings(), WRONGTYPE),
     Case("earnings", "totals are a list", WrongType(TOTALS, "list"), earnings(), WRONGTYPE),
     # checkpoint: counts, new id, where the checkpoint is; then main, wallets, receipts,
     # payout keys, negatives, breaches.
     Case("checkpoint", "control", nothing, checkpoint(), "ok"),
     Case("checkpoint", "folded before", hset(CP.main, last_id=MAX_ID), checkpoint(), "folded"),
-    Case("checkpoint", "moved meanwhile", hset(CP.main, last_id="1-1"), checkpoint(),
-         "conflict"),
-    Case("checkpoint", "not a stream id", nothing, checkpoint(new_last="x"),
-         "error:not a stream id"),
-    Case("checkpoint", "corrupt stored id", hset(CP.main, last_id="x"), checkpoint(),
-         "error:not a stream id"),
-    Case("checkpoint", "more items counted than given", nothing,
-         checkpoint(counts=(2, 1, 1, 1, 1, 2)), "error:19 arguments for 12 items"),
-    Case("checkpoint", "fewer items counted than given", nothing,
-         checkpoint(counts=(2, 1, 1, 1, 1, 0)), "error:19 arguments for 10 items"),
-    Case("checkpoint", "main is a list", WrongType(CP.main, "list"), checkpoint(),
-         "error:is a list, not a hash"),
-    Case("checkpoint", "wallets are a string", WrongType(CP.wallets, "string"), checkpoint(),
-         "error:is a string, not a hash"),
-    Case("checkpoint", "receipts are a set", WrongType(CP.receipts, "set"), checkpoint(),
-         "error:is a set, not a hash"),
-    Case("checkpoint", "payout keys are a hash", WrongType(CP.payouts, "hash"), checkpoint(),
-         "error:is a hash, not a set"),
-    Case("checkpoint", "negatives are a list", WrongType(CP.negative, "list"), checkpoint(),
-         "error:is a list, not a set"),
-    Case("checkpoint", "breaches are a set", WrongType(CP.breaches, "set"), checkpoint(),
-         "error:is a set, not a list"),
+    Case("checkpoint", "moved meanwhile", hset(CP.main, last_id="1-1"), checkpoint(), "conflict"),
+    Case(
+        "checkpoint", "not a stream id", nothing, checkpoint(new_last="x"), "error:not a stream id"
+    ),
+    Case(
+        "checkpoint",
+        "corrupt stored id",
+        hset(CP.main, last_id="x"),
+        checkpoint(),
+        "error:not a stream id",
+    ),
+    Case(
+        "checkpoint",
+        "more items counted than given",
+        nothing,
+        checkpoint(counts=(2, 1, 1, 1, 1, 2)),
+        "error:19 arguments for 12 items",
+    ),
+    Case(
+        "checkpoint",
+        "fewer items counted than given",
+        nothing,
+        checkpoint(counts=(2, 1, 1, 1, 1, 0)),
+        "error:19 arguments for 10 items",
+    ),
+    Case(
+        "checkpoint",
+        "main is a list",
+        WrongType(CP.main, "list"),
+        checkpoint(),
+        "error:is a list, not a hash",
+    ),
+    Case(
+        "checkpoint",
+        "wallets are a string",
+        WrongType(CP.wallets, "string"),
+        checkpoint(),
+        "error:is a string, not a hash",
+    ),
+    Case(
+        "checkpoint",
+        "receipts are a set",
+        WrongType(CP.receipts, "set"),
+        checkpoint(),
+        "error:is a set, not a hash",
+    ),
+    Case(
+        "checkpoint",
+        "payout keys are a hash",
+        WrongType(CP.payouts, "hash"),
+        checkpoint(),
+        "error:is a hash, not a set",
+    ),
+    Case(
+        "checkpoint",
+        "negatives are a list",
+        WrongType(CP.negative, "list"),
+        checkpoint(),
+        "error:is a list, not a set",
+    ),
+    Case(
+        "checkpoint",
+        "breaches are a set",
+        WrongType(CP.breaches, "set"),
+        checkpoint(),
+        "error:is a set, not a list",
+    ),
     # dead_letter: the entry still pending; then XADD to the dead letters, XACK on the ledger.
     Case("dead_letter", "control", nothing, dead_letter(), "id"),
     Case("dead_letter", "no longer pending", nothing, dead_letter("0-1"), "None"),
     Case("dead_letter", "group gone", destroy_group, dead_letter(), "None"),
     Case("dead_letter", "not a stream id", nothing, dead_letter("x"), "error:Invalid stream ID"),
-    Case("dead_letter", "consumer missing", nothing, dead_letter(consumer=False),
-         "error:takes 6 arguments"),
-    Case("dead_letter", "ledger is a string", WrongType(keys.LEDGER, "string"), dead_letter(),
-         WRONGTYPE),
-    Case("dead_letter", "dead letters are a string", WrongType(DEAD, "string"), dead_letter(),
-         WRONGTYPE),
-    Case("dead_letter", "dead letters are a list", WrongType(DEAD, "list"), dead_letter(),
-         WRONGTYPE),
-    Case("dead_letter", "dead letter ids exhausted", exhaust(DEAD), dead_letter(),
-         "error:exhausted"),
-]  # fmt: skip
+    Case(
+        "dead_letter",
+        "consumer missing",
+        nothing,
+        dead_letter(consumer=False),
+        "error:takes 6 arguments",
+    ),
+    Case(
+        "dead_letter",
+        "ledger is a string",
+        WrongType(keys.LEDGER, "string"),
+        dead_letter(),
+        WRONGTYPE,
+    ),
+    Case(
+        "dead_letter",
+        "dead letters are a string",
+        WrongType(DEAD, "string"),
+        dead_letter(),
+        WRONGTYPE,
+    ),
+    Case(
+        "dead_letter", "dead letters are a list", WrongType(DEAD, "list"), dead_letter(), WRONGTYPE
+    ),
+    Case(
+        "dead_letter", "dead letter ids exhausted", exhaust(DEAD), dead_letter(), "error:exhausted"
+    ),
+]
 
 
 def outcome_of(result: Any) -> str:

@@ -197,14 +197,28 @@ class WalletMachine(RuleBasedStateMachine):
     # ---- gifts -------------------------------------------------------------------------
 
     def gift(self, sender: str, room: str, gift: Gift, count: int, key: str, adult: bool) -> None:
-        real = self.call(self.io.wallet.send_gift(
-            sender=sender, adult=adult, creator=room, room=room, gift=gift, count=count,
-            key=key, now_ms=self.model.now,
-        ))  # fmt: skip
+        real = self.call(
+            self.io.wallet.send_gift(
+                sender=sender,
+                adult=adult,
+                creator=room,
+                room=room,
+                gift=gift,
+                count=count,
+                key=key,
+                now_ms=self.model.now,
+            )
+        )
         expected = self.model.send_gift(
-            sender=sender, adult=adult, creator=room, room=room, gift=gift, count=count,
-            key=key, new_event=getattr(real, "event", "?"),
-        )  # fmt: skip
+            sender=sender,
+            adult=adult,
+            creator=room,
+            room=room,
+            gift=gift,
+            count=count,
+            key=key,
+            new_event=getattr(real, "event", "?"),
+        )
         assert real == expected
 
     @rule(action=gift_actions)
@@ -218,8 +232,7 @@ class WalletMachine(RuleBasedStateMachine):
         balances so refunds run into debt, limits bite and creators reach payouts."""
         sender, room = action
         balance = self.model.get(sender, "coins")
-        gift = max((g for g in GIFTS.values() if g.coins <= max(balance, 1)),
-                   key=lambda g: g.coins)  # fmt: skip
+        gift = max((g for g in GIFTS.values() if g.coins <= max(balance, 1)), key=lambda g: g.coins)
         count = min(MAX_COUNT, max(balance // gift.coins, 1))
         self.fresh += 1
         self.gift(sender, room, gift, count, f"big-key-{self.fresh}", True)
@@ -263,13 +276,18 @@ class WalletMachine(RuleBasedStateMachine):
     # ---- purchases and refunds ------------------------------------------------------------
 
     def buy(self, receipt: str, user: str, package: Package, adult: bool) -> None:
-        real = self.call(self.io.wallet.purchase(
-            receipt=receipt, user=user, package=package, adult=adult, now_ms=self.model.now
-        ))  # fmt: skip
+        real = self.call(
+            self.io.wallet.purchase(
+                receipt=receipt, user=user, package=package, adult=adult, now_ms=self.model.now
+            )
+        )
         expected = self.model.purchase(
-            receipt=receipt, user=user, package=package, adult=adult,
+            receipt=receipt,
+            user=user,
+            package=package,
+            adult=adult,
             new_event=getattr(real, "event", "?"),
-        )  # fmt: skip
+        )
         assert real == expected
 
     @rule(action=buy_actions)
@@ -336,13 +354,18 @@ class WalletMachine(RuleBasedStateMachine):
     # ---- payouts -----------------------------------------------------------------------
 
     def pay(self, creator: str, diamonds: int, key: str) -> None:
-        real = self.call(self.io.wallet.payout(
-            creator=creator, diamonds=diamonds, key=key, now_ms=self.model.now
-        ))  # fmt: skip
+        real = self.call(
+            self.io.wallet.payout(
+                creator=creator, diamonds=diamonds, key=key, now_ms=self.model.now
+            )
+        )
         expected = self.model.payout(
-            creator=creator, diamonds=diamonds, key=key, new_event=getattr(real, "event", "?"),
+            creator=creator,
+            diamonds=diamonds,
+            key=key,
+            new_event=getattr(real, "event", "?"),
             new_payout=getattr(real, "payout", "?"),
-        )  # fmt: skip
+        )
         assert real == expected
 
     @rule(action=pay_actions)
@@ -406,11 +429,12 @@ class WalletMachine(RuleBasedStateMachine):
         assert length == len(entries) == len(self.model.ledger)
         assert entries == self.model.ledger
         held = {
-            keys.user_of_wallet(name): tuple(int(value.get(f, 0)) for f in ("coins", "diamonds",
-                                                                            "debt"))
+            keys.user_of_wallet(name): tuple(
+                int(value.get(f, 0)) for f in ("coins", "diamonds", "debt")
+            )
             for name, (_, value, _) in state.items()
             if name.startswith(keys.WALLET_PREFIX)
-        }  # fmt: skip
+        }
         replayed = replay(entries)
         for user in held.keys() | replayed.keys():
             assert held.get(user, (0, 0, 0)) == replayed.get(user, (0, 0, 0)), user

@@ -1,5 +1,5 @@
-"""A reference model of the money path in plain Python, no Redis: what server/money/wallet.py and the
-Lua scripts in server/lua/ must do, written out as simply as possible so a state machine can
+"""A reference model of the money path in plain Python, no Redis: what server/money/wallet.py
+and the Lua scripts in server/lua/ must do, written out as simply as possible so a state machine can
 compare the real thing against it after every step.
 
 It mirrors wallet.py's own input checks, then each script's checks in the script's order, then
@@ -157,9 +157,17 @@ class WalletModel:
     # ---- movements ---------------------------------------------------------------------
 
     def send_gift(
-        self, *, sender: str, adult: bool, creator: str, room: str, gift: Gift, count: object,
-        key: str, new_event: str,
-    ) -> SettledGift | Refusal:  # fmt: skip
+        self,
+        *,
+        sender: str,
+        adult: bool,
+        creator: str,
+        room: str,
+        gift: Gift,
+        count: object,
+        key: str,
+        new_event: str,
+    ) -> SettledGift | Refusal:
         if not _is_int(count, 1, MAX_COUNT):
             return Refusal("bad_count")
         assert isinstance(count, int)
@@ -174,9 +182,13 @@ class WalletModel:
             if (first.room, first.gift, first.count) != (room, gift.id, count):
                 return Refusal("key_reused")
             return SettledGift(
-                event=first.event, coins=first.coins, combo=first.combo,
-                diamonds=first.diamonds, ts=first.ts, replayed=True,
-            )  # fmt: skip
+                event=first.event,
+                coins=first.coins,
+                combo=first.combo,
+                diamonds=first.diamonds,
+                ts=first.ts,
+                replayed=True,
+            )
         if self.get(sender, "debt") > 0:
             return Refusal("debt")
         if not adult:
@@ -195,11 +207,23 @@ class WalletModel:
         ):
             combo = streak.combo + 1
 
-        self.ledger.append({
-            "event": new_event, "kind": "gift", "ts": self.now, "sender": sender,
-            "creator": creator, "room": room, "gift": gift.id, "count": count, "coins": coins,
-            "diamonds": diamonds, "platform": coins - diamonds, "key": key, "combo": combo,
-        })  # fmt: skip
+        self.ledger.append(
+            {
+                "event": new_event,
+                "kind": "gift",
+                "ts": self.now,
+                "sender": sender,
+                "creator": creator,
+                "room": room,
+                "gift": gift.id,
+                "count": count,
+                "coins": coins,
+                "diamonds": diamonds,
+                "platform": coins - diamonds,
+                "key": key,
+                "combo": combo,
+            }
+        )
         after = self._add(sender, "coins", -coins)
         self._add(creator, "diamonds", diamonds)
         self.gift_records[(sender, key)] = GiftRecord(
@@ -222,10 +246,15 @@ class WalletModel:
             if first.user != user or first.package != package.id:
                 return Refusal("receipt_reused")
             return PurchaseResult(
-                user=user, receipt=receipt, coins=self.get(user, "coins"), credited=False,
-                coins_credited=first.credited, debt_repaid=first.debt_repaid,
-                debt=self.get(user, "debt"), event=first.event,
-            )  # fmt: skip
+                user=user,
+                receipt=receipt,
+                coins=self.get(user, "coins"),
+                credited=False,
+                coins_credited=first.credited,
+                debt_repaid=first.debt_repaid,
+                debt=self.get(user, "debt"),
+                event=first.event,
+            )
         if not adult:
             return Refusal("underage")
         balance, debt = self.get(user, "coins"), self.get(user, "debt")
@@ -234,12 +263,21 @@ class WalletModel:
         if balance + credited > self.max_balance:
             return Refusal("balance_limit")
 
-        self.ledger.append({
-            "event": new_event, "kind": "purchase", "ts": self.now, "user": user,
-            "receipt": receipt, "package": package.id, "coins": package.coins,
-            "credited": credited, "debt_repaid": repaid, "price_cents": package.price_cents,
-            "currency": package.currency,
-        })  # fmt: skip
+        self.ledger.append(
+            {
+                "event": new_event,
+                "kind": "purchase",
+                "ts": self.now,
+                "user": user,
+                "receipt": receipt,
+                "package": package.id,
+                "coins": package.coins,
+                "credited": credited,
+                "debt_repaid": repaid,
+                "price_cents": package.price_cents,
+                "currency": package.currency,
+            }
+        )
         after = self._add(user, "coins", credited)
         if repaid > 0:
             self._add(user, "debt", -repaid)
@@ -254,9 +292,15 @@ class WalletModel:
             self.now,
         )
         return PurchaseResult(
-            user=user, receipt=receipt, coins=after, credited=True, coins_credited=credited,
-            debt_repaid=repaid, debt=debt - repaid, event=new_event,
-        )  # fmt: skip
+            user=user,
+            receipt=receipt,
+            coins=after,
+            credited=True,
+            coins_credited=credited,
+            debt_repaid=repaid,
+            debt=debt - repaid,
+            event=new_event,
+        )
 
     def refund(self, *, receipt: str, new_event: str) -> RefundResult | Refusal:
         if not 1 <= len(receipt) <= MAX_RECEIPT_LEN:
@@ -268,26 +312,46 @@ class WalletModel:
         if bought.refund is not None:
             event, taken, owed, _ = bought.refund
             return RefundResult(
-                user=user, receipt=receipt, refunded=False, coins_taken=taken, debt_added=owed,
-                coins=self.get(user, "coins"), debt=self.get(user, "debt"), event=event,
-            )  # fmt: skip
+                user=user,
+                receipt=receipt,
+                refunded=False,
+                coins_taken=taken,
+                debt_added=owed,
+                coins=self.get(user, "coins"),
+                debt=self.get(user, "debt"),
+                event=event,
+            )
         balance, debt = self.get(user, "coins"), self.get(user, "debt")
         taken = min(balance, bought.coins)
         owed = bought.coins - taken
 
-        self.ledger.append({
-            "event": new_event, "kind": "refund", "ts": self.now, "user": user,
-            "receipt": receipt, "purchase": bought.event, "coins": taken, "debt": owed,
-        })  # fmt: skip
+        self.ledger.append(
+            {
+                "event": new_event,
+                "kind": "refund",
+                "ts": self.now,
+                "user": user,
+                "receipt": receipt,
+                "purchase": bought.event,
+                "coins": taken,
+                "debt": owed,
+            }
+        )
         if taken > 0:
             self._add(user, "coins", -taken)
         if owed > 0:
             self._add(user, "debt", owed)
         bought.refund = (new_event, taken, owed, self.now)
         return RefundResult(
-            user=user, receipt=receipt, refunded=True, coins_taken=taken, debt_added=owed,
-            coins=balance - taken, debt=debt + owed, event=new_event,
-        )  # fmt: skip
+            user=user,
+            receipt=receipt,
+            refunded=True,
+            coins_taken=taken,
+            debt_added=owed,
+            coins=balance - taken,
+            debt=debt + owed,
+            event=new_event,
+        )
 
     def payout(
         self, *, creator: str, diamonds: object, key: str, new_event: str, new_payout: str
@@ -304,17 +368,29 @@ class WalletModel:
             if first.creator != creator or first.diamonds != diamonds:
                 return Refusal("key_reused")
             return PayoutResult(
-                payout=first.payout, creator=creator, cents=first.cents, diamonds=first.left,
-                event=first.event, replayed=True,
-            )  # fmt: skip
+                payout=first.payout,
+                creator=creator,
+                cents=first.cents,
+                diamonds=first.left,
+                event=first.event,
+                replayed=True,
+            )
         if self.get(creator, "diamonds") < diamonds:
             return Refusal("insufficient_diamonds")
         cents = self.economics.cents_for(diamonds)
 
-        self.ledger.append({
-            "event": new_event, "kind": "payout", "ts": self.now, "creator": creator,
-            "key": key, "payout": new_payout, "diamonds": diamonds, "cents": cents,
-        })  # fmt: skip
+        self.ledger.append(
+            {
+                "event": new_event,
+                "kind": "payout",
+                "ts": self.now,
+                "creator": creator,
+                "key": key,
+                "payout": new_payout,
+                "diamonds": diamonds,
+                "cents": cents,
+            }
+        )
         left = self._add(creator, "diamonds", -diamonds)
         self.payouts[key] = PayoutRecord(
             creator, diamonds, new_event, new_payout, cents, left, self.now
@@ -344,32 +420,66 @@ class WalletModel:
         for user, fields in self.wallets.items():
             out[keys.wallet(user)] = ("hash", {k: str(v) for k, v in fields.items()}, None)
         for (sender, key), g in self.gift_records.items():
-            out[keys.gift_key(sender, key)] = ("hash", _text({
-                "room": g.room, "gift": g.gift, "count": g.count, "event": g.event,
-                "coins": g.coins, "combo": g.combo, "diamonds": g.diamonds, "ts": g.ts,
-            }), keys.GIFT_KEY_TTL_MS)  # fmt: skip
+            out[keys.gift_key(sender, key)] = (
+                "hash",
+                _text(
+                    {
+                        "room": g.room,
+                        "gift": g.gift,
+                        "count": g.count,
+                        "event": g.event,
+                        "coins": g.coins,
+                        "combo": g.combo,
+                        "diamonds": g.diamonds,
+                        "ts": g.ts,
+                    }
+                ),
+                keys.GIFT_KEY_TTL_MS,
+            )
         for (user, day), coins in self.spent.items():
             out[f"{keys.PREFIX}spent:{user}:{day}"] = ("string", str(coins), keys.SPENT_TTL_MS)
         for (sender, room), s in self.combos.items():
             out[keys.combo(sender, room)] = (
-                "hash", _text({"gift": s.gift, "combo": s.combo, "at": s.at}), keys.COMBO_TTL_MS
-            )  # fmt: skip
+                "hash",
+                _text({"gift": s.gift, "combo": s.combo, "at": s.at}),
+                keys.COMBO_TTL_MS,
+            )
         for receipt, r in self.receipts.items():
             record: dict[str, Any] = {
-                "user": r.user, "package": r.package, "coins": r.coins, "credited": r.credited,
-                "debt_repaid": r.debt_repaid, "price_cents": r.price_cents, "event": r.event,
+                "user": r.user,
+                "package": r.package,
+                "coins": r.coins,
+                "credited": r.credited,
+                "debt_repaid": r.debt_repaid,
+                "price_cents": r.price_cents,
+                "event": r.event,
                 "ts": r.ts,
-            }  # fmt: skip
+            }
             if r.refund is not None:
                 event, taken, owed, ts = r.refund
-                record |= {"refund_event": event, "refund_coins": taken, "refund_debt": owed,
-                           "refund_ts": ts}  # fmt: skip
+                record |= {
+                    "refund_event": event,
+                    "refund_coins": taken,
+                    "refund_debt": owed,
+                    "refund_ts": ts,
+                }
             out[keys.receipt(receipt)] = ("hash", _text(record), None)
         for key, p in self.payouts.items():
-            out[keys.payout(key)] = ("hash", _text({
-                "creator": p.creator, "diamonds": p.diamonds, "event": p.event,
-                "payout": p.payout, "cents": p.cents, "left": p.left, "ts": p.ts,
-            }), None)  # fmt: skip
+            out[keys.payout(key)] = (
+                "hash",
+                _text(
+                    {
+                        "creator": p.creator,
+                        "diamonds": p.diamonds,
+                        "event": p.event,
+                        "payout": p.payout,
+                        "cents": p.cents,
+                        "left": p.left,
+                        "ts": p.ts,
+                    }
+                ),
+                None,
+            )
         return out
 
 
@@ -387,10 +497,10 @@ class LedgerBreach(AssertionError):
 def replay(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int, int]]:
     """(coins, diamonds, debt) of every user the ledger touches, recomputed from empty.
 
-    Written apart from giftstream.server.ledger.audit on purpose (a second opinion, not a copy): every amount
-    must be a non-negative int, each event/receipt/refund/payout key at most once, a gift's
-    coins split exactly into diamonds and platform share, a refund's parts add up to its
-    purchase, and no balance is negative after any entry."""
+    Written apart from giftstream.server.ledger.audit on purpose (a second opinion, not a
+    copy): every amount must be a non-negative int, each event/receipt/refund/payout key at
+    most once, a gift's coins split exactly into diamonds and platform share, a refund's
+    parts add up to its purchase, and no balance is negative after any entry."""
     coins: dict[str, int] = {}
     diamonds: dict[str, int] = {}
     debt: dict[str, int] = {}

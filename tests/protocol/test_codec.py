@@ -163,8 +163,15 @@ def test_encode_reply_without_id_has_no_id_key() -> None:
 def test_encode_reply_to_hello_is_welcome_with_id() -> None:
     welcome = Welcome(user="u1", name="Ann", coins=1200, diamonds=0, ts=1764000000000)
     assert list(orjson.loads(encode_reply(welcome, 1))) == [
-        "type", "id", "user", "name", "coins", "diamonds", "protocol", "ts",
-    ]  # fmt: skip
+        "type",
+        "id",
+        "user",
+        "name",
+        "coins",
+        "diamonds",
+        "protocol",
+        "ts",
+    ]
 
 
 def test_encode_error_echoes_the_request_id() -> None:
@@ -183,20 +190,34 @@ def test_encode_error_without_id() -> None:
 
 
 def test_a_refused_frame_round_trips_to_its_error_reply() -> None:
-    error = refused('{"type":"gift","room":"cara","gift":"rose","count":0,"key":"k-0000001",'
-                    '"id":12}')  # fmt: skip
+    error = refused(
+        '{"type":"gift","room":"cara","gift":"rose","count":0,"key":"k-0000001","id":12}'
+    )
     assert orjson.loads(encode_error(error)) == {
-        "type": "error", "id": 12, "code": "bad_count", "message": error.message,
+        "type": "error",
+        "id": 12,
+        "code": "bad_count",
+        "message": error.message,
         "retryable": False,
-    }  # fmt: skip
+    }
 
 
 # ---- encode_room_frame -------------------------------------------------------------------
 
 GIFT = GiftEvent(
-    room="cara", seq=1, event="ev-1", sender_id="u1", sender_name="Ann", gift_id="rose",
-    gift_name="Rose", gift_coins=5, animation="petals", count=1, combo=1, ts=1,
-).as_dict()  # fmt: skip
+    room="cara",
+    seq=1,
+    event="ev-1",
+    sender_id="u1",
+    sender_name="Ann",
+    gift_id="rose",
+    gift_name="Rose",
+    gift_coins=5,
+    animation="petals",
+    count=1,
+    combo=1,
+    ts=1,
+).as_dict()
 VIEWERS = ViewersEvent(room="cara", seq=2, count=3).as_dict()
 ENDED = RoomEnded(room="cara", seq=3).as_dict()
 
@@ -250,14 +271,19 @@ def test_joined_events_are_the_bytes_the_batch_dict_encodes_to() -> None:
     st.lists(
         st.dictionaries(
             st.text(max_size=8),
-            st.one_of(st.text(max_size=12), st.integers(-(2**53), 2**53), st.booleans(),
-                      st.none(), st.dictionaries(st.text(max_size=4), st.text(max_size=4),
-                                                 max_size=3)),
+            st.one_of(
+                st.text(max_size=12),
+                st.integers(-(2**53), 2**53),
+                st.booleans(),
+                st.none(),
+                st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3),
+            ),
             max_size=5,
         ),
-        min_size=2, max_size=6,
+        min_size=2,
+        max_size=6,
     )
-)  # fmt: skip
+)
 def test_any_joined_batch_equals_its_one_shot_encoding(events: list[dict[str, Any]]) -> None:
     parts = [encode_event(event) for event in events]
     assert join_room_frame(parts) == orjson.dumps({"type": "batch", "events": events})

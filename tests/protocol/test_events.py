@@ -51,23 +51,50 @@ GIFT_EVENT = GiftEvent(
 CASES: list[tuple[ServerEvent, dict[str, Any]]] = [
     (
         Welcome(user="u1", name="Ann", coins=1200, diamonds=0, ts=1764000000000),
-        {"type": "welcome", "user": "u1", "name": "Ann", "coins": 1200, "diamonds": 0,
-         "protocol": 1, "ts": 1764000000000},
+        {
+            "type": "welcome",
+            "user": "u1",
+            "name": "Ann",
+            "coins": 1200,
+            "diamonds": 0,
+            "protocol": 1,
+            "ts": 1764000000000,
+        },
     ),
     (
         Joined(room="cara", creator="cara", title="Hi", viewers=7, seq=41),
-        {"type": "joined", "room": "cara", "creator": "cara", "title": "Hi", "viewers": 7,
-         "seq": 41},
+        {
+            "type": "joined",
+            "room": "cara",
+            "creator": "cara",
+            "title": "Hi",
+            "viewers": 7,
+            "seq": 41,
+        },
     ),
     (
         Joined(room="cara", creator="cara", title="Hi", viewers=7, seq=41, recovered=False),
-        {"type": "joined", "room": "cara", "creator": "cara", "title": "Hi", "viewers": 7,
-         "seq": 41, "recovered": False},
+        {
+            "type": "joined",
+            "room": "cara",
+            "creator": "cara",
+            "title": "Hi",
+            "viewers": 7,
+            "seq": 41,
+            "recovered": False,
+        },
     ),
     (
         Joined(room="cara", creator="cara", title="", viewers=0, seq=0, recovered=True),
-        {"type": "joined", "room": "cara", "creator": "cara", "title": "", "viewers": 0,
-         "seq": 0, "recovered": True},
+        {
+            "type": "joined",
+            "room": "cara",
+            "creator": "cara",
+            "title": "",
+            "viewers": 0,
+            "seq": 0,
+            "recovered": True,
+        },
     ),
     (Left(room="cara"), {"type": "left", "room": "cara"}),
     (
@@ -85,8 +112,12 @@ CASES: list[tuple[ServerEvent, dict[str, Any]]] = [
     (Pong(ts=1764000000000), {"type": "pong", "ts": 1764000000000}),
     (
         ErrorReply(code=ErrorCode.BAD_COUNT, message="`count` must be 1 to 99"),
-        {"type": "error", "code": "bad_count", "message": "`count` must be 1 to 99",
-         "retryable": False},
+        {
+            "type": "error",
+            "code": "bad_count",
+            "message": "`count` must be 1 to 99",
+            "retryable": False,
+        },
     ),
     (
         ErrorReply(code=ErrorCode.RATE_LIMITED, message="slow down"),
@@ -94,10 +125,17 @@ CASES: list[tuple[ServerEvent, dict[str, Any]]] = [
     ),
     (
         GIFT_EVENT,
-        {"type": "gift", "room": "cara", "seq": 42, "event": "ev-1",
-         "sender": {"id": "u1", "name": "Ann"},
-         "gift": {"id": "rose", "name": "Rose", "coins": 5, "animation": "petals"},
-         "count": 3, "combo": 2, "ts": 1764000000123},
+        {
+            "type": "gift",
+            "room": "cara",
+            "seq": 42,
+            "event": "ev-1",
+            "sender": {"id": "u1", "name": "Ann"},
+            "gift": {"id": "rose", "name": "Rose", "coins": 5, "animation": "petals"},
+            "count": 3,
+            "combo": 2,
+            "ts": 1764000000123,
+        },
     ),
     (
         ViewersEvent(room="cara", seq=43, count=8),
@@ -110,10 +148,16 @@ CASES: list[tuple[ServerEvent, dict[str, Any]]] = [
     ),
     (
         Stats(ts=1764000000000, rooms=3, connections=120, gifts_per_s=4.5, coins_per_s=22.5),
-        {"type": "stats", "ts": 1764000000000, "rooms": 3, "connections": 120,
-         "gifts_per_s": 4.5, "coins_per_s": 22.5},
+        {
+            "type": "stats",
+            "ts": 1764000000000,
+            "rooms": 3,
+            "connections": 120,
+            "gifts_per_s": 4.5,
+            "coins_per_s": 22.5,
+        },
     ),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("event", "wire"), CASES, ids=lambda c: type(c).__name__)

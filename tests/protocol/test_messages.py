@@ -30,8 +30,12 @@ from giftstream.protocol import (
 )
 
 GIFT: dict[str, Any] = {
-    "type": "gift", "room": "cara", "gift": "rose", "count": 3, "key": "k-0000001",
-}  # fmt: skip
+    "type": "gift",
+    "room": "cara",
+    "gift": "rose",
+    "count": 3,
+    "key": "k-0000001",
+}
 
 
 def frame(obj: dict[str, Any]) -> str:
@@ -104,8 +108,16 @@ def test_request_id_on_every_type() -> None:
 
 def test_message_type_values() -> None:
     assert [t.value for t in MessageType] == [
-        "hello", "join", "leave", "gift", "balance", "go_live", "end_live", "watch", "ping",
-    ]  # fmt: skip
+        "hello",
+        "join",
+        "leave",
+        "gift",
+        "balance",
+        "go_live",
+        "end_live",
+        "watch",
+        "ping",
+    ]
     assert Watch.type is MessageType.WATCH and SendGift.type is MessageType.GIFT
 
 

@@ -34,8 +34,9 @@ json_values = st.recursive(
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 fields = st.sampled_from(
@@ -45,9 +46,7 @@ message_types = st.sampled_from(
     ["hello", "join", "leave", "gift", "balance", "go_live", "end_live", "watch", "ping"]
 )
 # objects shaped like requests, with fields of any JSON type: reach deep into every parser
-request_like = st.fixed_dictionaries(
-    {"type": message_types}, optional={"id": json_values}
-).flatmap(
+request_like = st.fixed_dictionaries({"type": message_types}, optional={"id": json_values}).flatmap(
     lambda base: st.dictionaries(fields, json_values, max_size=6).map(
         lambda extra: {**extra, **base}
     )
@@ -106,15 +105,26 @@ def test_request_like_objects_only_raise_protocol_error(obj: dict[str, Any]) -> 
     count=st.integers(1, 99),
     key=keys,
     request_id=request_ids,
-    extra=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in SEND_GIFT_FIELDS),
-                          json_values, max_size=3),
-)  # fmt: skip
+    extra=st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k not in SEND_GIFT_FIELDS), json_values, max_size=3
+    ),
+)
 def test_valid_send_gift_round_trips(
-    room: str, gift: str, count: int, key: str, request_id: str | int | None,
+    room: str,
+    gift: str,
+    count: int,
+    key: str,
+    request_id: str | int | None,
     extra: dict[str, Any],
-) -> None:  # fmt: skip
-    wire: dict[str, Any] = {**extra, "type": "gift", "room": room, "gift": gift,
-                            "count": count, "key": key}  # fmt: skip
+) -> None:
+    wire: dict[str, Any] = {
+        **extra,
+        "type": "gift",
+        "room": room,
+        "gift": gift,
+        "count": count,
+        "key": key,
+    }
     if request_id is not None:
         wire["id"] = request_id
     frame = json.dumps(wire, ensure_ascii=False)
@@ -123,4 +133,3 @@ def test_valid_send_gift_round_trips(
     assert decode_frame(frame) == SendGift(
         room=room, gift=gift, count=count, key=key, id=request_id
     )
-

@@ -87,8 +87,17 @@ def test_bad_start_is_one_clear_line(
     tmp_path: Path, args: list[str], env: dict[str, str], says: str
 ) -> None:
     ports = [] if "GIFTSTREAM_PORT" in env else ["--port", "0"]  # a flag would win
-    result = run_cli("serve", "--data-dir", str(tmp_path), *ports, "--admin-port", "0",
-                     *args, env=env, timeout=20)  # fmt: skip
+    result = run_cli(
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        *ports,
+        "--admin-port",
+        "0",
+        *args,
+        env=env,
+        timeout=20,
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and says in errors[0], result.stderr
@@ -105,8 +114,9 @@ def test_invalid_catalog_stops_start(tmp_path: Path) -> None:
 
 
 def test_flag_wins_over_environment(tmp_path: Path) -> None:
-    result = run_cli("serve", "--data-dir", str(tmp_path), "--port", "nope",
-                     env={"GIFTSTREAM_PORT": "8765"})  # fmt: skip
+    result = run_cli(
+        "serve", "--data-dir", str(tmp_path), "--port", "nope", env={"GIFTSTREAM_PORT": "8765"}
+    )
     assert "--port" in result.stderr
 
 
@@ -123,8 +133,20 @@ def test_rate_limits_come_from_flags_and_environment(tmp_path: Path) -> None:
 
 
 def test_token_command(tmp_path: Path) -> None:
-    result = run_cli("token", "--user", "kid", "--name", "Kid", "--role", "creator", "--minor",
-                     "--ttl", "60", "--jwt-secret", JWT_SECRET)  # fmt: skip
+    result = run_cli(
+        "token",
+        "--user",
+        "kid",
+        "--name",
+        "Kid",
+        "--role",
+        "creator",
+        "--minor",
+        "--ttl",
+        "60",
+        "--jwt-secret",
+        JWT_SECRET,
+    )
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), JWT_SECRET, algorithms=["HS256"])
     assert claims["sub"] == "kid" and claims["role"] == "creator" and claims["adult"] is False

@@ -31,12 +31,15 @@ async def test_metrics_follow_the_traffic(app: App, tokens: TokenMaker, admin: A
     ann, _ = await WsClient.login(app.ws_url, tokens("ann"))
     await ann.request({"type": "join", "room": "cara"})
     for i in range(3):
-        await ann.request({"type": "gift", "room": "cara", "gift": "heart", "count": 2,
-                           "key": f"metrics-key-{i}"})  # fmt: skip
-    await ann.request({"type": "gift", "room": "cara", "gift": "heart", "count": 2,
-                       "key": "metrics-key-0"})  # fmt: skip
-    await ann.request({"type": "gift", "room": "cara", "gift": "nope", "count": 1,
-                       "key": "metrics-bad-1"})  # fmt: skip
+        await ann.request(
+            {"type": "gift", "room": "cara", "gift": "heart", "count": 2, "key": f"metrics-key-{i}"}
+        )
+    await ann.request(
+        {"type": "gift", "room": "cara", "gift": "heart", "count": 2, "key": "metrics-key-0"}
+    )
+    await ann.request(
+        {"type": "gift", "room": "cara", "gift": "nope", "count": 1, "key": "metrics-bad-1"}
+    )
     await ann.wait_for_room_events(3, kind="gift")
     text = await scrape(app)
     assert sample(text, "giftstream_connections") == 2
@@ -48,8 +51,8 @@ async def test_metrics_follow_the_traffic(app: App, tokens: TokenMaker, admin: A
     assert sample(text, "giftstream_broadcast_frames_total") >= 1
     assert sample(text, "giftstream_errors_total", '{code="unknown_gift"}') == 1
     assert sample(text, "giftstream_slow_consumer_closes_total") == 0
-    assert sample(
-        text, "giftstream_http_requests_total", '{route="/v1/purchases",status="200"}'
-    ) == 1  # fmt: skip
+    assert (
+        sample(text, "giftstream_http_requests_total", '{route="/v1/purchases",status="200"}') == 1
+    )
     await ann.close()
     await creator.close()

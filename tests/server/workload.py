@@ -17,11 +17,13 @@ async def run_mixed_workload(redis_url: str, data_dir: Path) -> dict[str, int]:
     """Returns how many gifts were accepted and refused."""
     tokens = TokenMaker(JWT_SECRET)
     accepted = refused = 0
-    settings = make_settings(redis_url, data_dir, gifts_per_s=500.0, gifts_burst=500,
-                             messages_burst=500)  # fmt: skip
-    async with App(settings, load_catalog()) as node, AdminClient(
-        node.admin_url, WEBHOOK_SECRET
-    ) as admin:
+    settings = make_settings(
+        redis_url, data_dir, gifts_per_s=500.0, gifts_burst=500, messages_burst=500
+    )
+    async with (
+        App(settings, load_catalog()) as node,
+        AdminClient(node.admin_url, WEBHOOK_SECRET) as admin,
+    ):
         creators = []
         for name in ("cara", "dan"):
             client, _ = await WsClient.login(node.ws_url, tokens(name, "creator"))
@@ -42,8 +44,13 @@ async def run_mixed_workload(redis_url: str, data_dir: Path) -> dict[str, int]:
             for i, client in enumerate(viewers):
                 gift = gifts[(i + round_) % len(gifts)]
                 key = f"wl-{i}-{round_}"
-                message = {"type": "gift", "room": ("cara", "dan")[round_ % 2], "gift": gift,
-                           "count": 1 + round_ % 3, "key": key}  # fmt: skip
+                message = {
+                    "type": "gift",
+                    "room": ("cara", "dan")[round_ % 2],
+                    "gift": gift,
+                    "count": 1 + round_ % 3,
+                    "key": key,
+                }
                 sends.append(client.request(message))
                 if round_ % 3 == 0:
                     sends.append(client.request(message))  # a replay
@@ -58,9 +65,11 @@ async def run_mixed_workload(redis_url: str, data_dir: Path) -> dict[str, int]:
         await admin.buy("cara", "coins_17500", receipt="wl-rc-cara")
         status, wallet = await admin.call("GET", "/v1/wallets/cara")
         if wallet["diamonds"] >= node.catalog.economics.payout_min_diamonds:
-            await admin.call("POST", "/v1/payouts",
-                             {"creator": "cara", "diamonds": wallet["diamonds"],
-                              "key": "wl-payout-1"})  # fmt: skip
+            await admin.call(
+                "POST",
+                "/v1/payouts",
+                {"creator": "cara", "diamonds": wallet["diamonds"], "key": "wl-payout-1"},
+            )
         for client in [*viewers, *creators]:
             await client.close()
     return {"accepted": accepted, "refused": refused}

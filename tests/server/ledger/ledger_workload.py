@@ -42,15 +42,23 @@ async def settle(wallet: Wallet, gifts: int, *, prefix: str = "q", extras: bool 
 
     async def buy(receipt: str, user: str, package: Package = BIG) -> None:
         nonlocal added
-        await wallet.purchase(receipt=f"{prefix}-{receipt}", user=user, package=package,
-                              adult=True, now_ms=DAY1_MS)  # fmt: skip
+        await wallet.purchase(
+            receipt=f"{prefix}-{receipt}", user=user, package=package, adult=True, now_ms=DAY1_MS
+        )
         added += 1
 
     async def gift(i: int, sender: str, creator: str, gift: Gift, count: int, ts: int) -> None:
         nonlocal added
-        await wallet.send_gift(sender=sender, adult=True, creator=creator, room=creator,
-                               gift=gift, count=count, key=f"{prefix}-gift-{i:06d}",
-                               now_ms=ts)  # fmt: skip
+        await wallet.send_gift(
+            sender=sender,
+            adult=True,
+            creator=creator,
+            room=creator,
+            gift=gift,
+            count=count,
+            key=f"{prefix}-gift-{i:06d}",
+            now_ms=ts,
+        )
         added += 1
 
     for s in range(SENDERS):
@@ -61,8 +69,9 @@ async def settle(wallet: Wallet, gifts: int, *, prefix: str = "q", extras: bool 
     if extras:
         await buy("rc-castle", f"{prefix}whale")
         await gift(gifts, f"{prefix}whale", "cara", CASTLE, 3, DAY2_MS + gifts)
-        await wallet.payout(creator="cara", diamonds=10_000, key=f"{prefix}-payout-1",
-                            now_ms=DAY2_MS)  # fmt: skip
+        await wallet.payout(
+            creator="cara", diamonds=10_000, key=f"{prefix}-payout-1", now_ms=DAY2_MS
+        )
         added += 1
         await buy("rc-refunded", f"{prefix}poor", SMALL)  # 70 coins, 65 spent, 65 owed after
         await gift(gifts + 1, f"{prefix}poor", "dan", HEART, 13, DAY2_MS + gifts + 1)
@@ -84,8 +93,9 @@ def expected_earnings(
         if e.kind != "gift" or e.event in skip:
             continue
         day = sums.setdefault((e.data["creator"], keys.utc_day(e.ts)), Counter())
-        day.update(diamonds=e.data["diamonds"], coins=e.data["coins"], gifts=e.data["count"],
-                   events=1)  # fmt: skip
+        day.update(
+            diamonds=e.data["diamonds"], coins=e.data["coins"], gifts=e.data["count"], events=1
+        )
     return {k: {n: v[n] for n in ("diamonds", "coins", "gifts", "events")} for k, v in sums.items()}
 
 

@@ -33,12 +33,23 @@ from giftstream.server.money import keys
 
 def gift_entry(i: int, now_ms: int) -> bytes:
     """A gift entry as server/lua writes it (FIELDS["gift"] plus event, kind and ts)."""
-    return orjson.dumps({
-        "event": f"bench-{uuid.uuid4().hex}", "kind": "gift", "ts": now_ms + i,
-        "sender": f"viewer{i % 500}", "creator": "cara", "room": "cara", "gift": "heart",
-        "key": f"k-{i:08d}", "count": 1 + i % 3, "coins": 5, "diamonds": 2, "platform": 3,
-        "combo": 1 + i % 7,
-    })  # fmt: skip
+    return orjson.dumps(
+        {
+            "event": f"bench-{uuid.uuid4().hex}",
+            "kind": "gift",
+            "ts": now_ms + i,
+            "sender": f"viewer{i % 500}",
+            "creator": "cara",
+            "room": "cara",
+            "gift": "heart",
+            "key": f"k-{i:08d}",
+            "count": 1 + i % 3,
+            "coins": 5,
+            "diamonds": 2,
+            "platform": 3,
+            "combo": 1 + i % 7,
+        }
+    )
 
 
 async def add_gift_entries(client: aioredis.Redis, n: int, ledger_key: str = keys.LEDGER) -> None:
@@ -54,8 +65,9 @@ async def add_gift_entries(client: aioredis.Redis, n: int, ledger_key: str = key
 async def measure(redis_url: str, nats_url: str, entries: int, timeout: float) -> float:
     client = aioredis.Redis.from_url(redis_url)
     tag = uuid.uuid4().hex[:10]
-    config = RelayConfig(nats_url=nats_url, stream=f"GSBENCH_{tag}",
-                         subject_prefix=f"gsbench{tag}.ledger")  # fmt: skip
+    config = RelayConfig(
+        nats_url=nats_url, stream=f"GSBENCH_{tag}", subject_prefix=f"gsbench{tag}.ledger"
+    )
     try:
         await add_gift_entries(client, entries)
         stop = asyncio.Event()
@@ -106,9 +118,11 @@ def main() -> None:
         binary = shutil.which("nats-server")
         if nats_url is None and binary is not None:
             port = free_port()
-            proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
-                                     str(tmp / "js")], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)  # fmt: skip
+            proc = subprocess.Popen(
+                [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp / "js")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             stack.callback(proc.wait, 10)
             stack.callback(proc.terminate)  # callbacks run last first: terminate, then wait
             nats_url = f"nats://127.0.0.1:{port}"

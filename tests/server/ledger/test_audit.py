@@ -28,8 +28,16 @@ async def mixed_workload(wallet: Wallet) -> None:
         )
 
     async def gift(key: str, sender: str, gift: Gift = HEART, count: int = 1) -> None:
-        await wallet.send_gift(sender=sender, adult=True, creator="cara", room="cara", gift=gift,
-                               count=count, key=key, now_ms=NOW_MS)  # fmt: skip
+        await wallet.send_gift(
+            sender=sender,
+            adult=True,
+            creator="cara",
+            room="cara",
+            gift=gift,
+            count=count,
+            key=key,
+            now_ms=NOW_MS,
+        )
 
     big = Package(id="coins_30000", coins=30_000, price_cents=29_999, currency="USD")
     await buy("rc-ann", "ann", big)
@@ -73,12 +81,17 @@ async def test_audit_passes_after_a_mixed_workload(
     assert (report.entries, report.wallets) == (9, 4)  # 4 purchases, 3 gifts, 1 refund, 1 payout
     assert (report.coins_purchased, report.debt_repaid, report.coins_refunded) == (30_210, 60, 10)
     assert (report.coins_spent, report.diamonds_credited, report.platform_share) == (
-        30_075, 15_037, 15_038,
-    )  # fmt: skip
+        30_075,
+        15_037,
+        15_038,
+    )
     assert (report.diamonds_paid_out, report.cents_paid_out) == (12_000, 6000)
     assert (report.coins_held, report.diamonds_held, report.debt, report.debt_recorded) == (
-        65, 3037, 0, 60,
-    )  # fmt: skip
+        65,
+        3037,
+        0,
+        60,
+    )
     assert "9 ledger entries, 4 wallets" in report.summary()
 
 
@@ -127,8 +140,16 @@ async def test_deleting_a_purchase_shows_a_negative_replay(
     wallet: Wallet, fund_coins: Fund, redis_client: aioredis.Redis
 ) -> None:
     await fund_coins("ann", 10)
-    await wallet.send_gift(sender="ann", adult=True, creator="cara", room="cara", gift=HEART,
-                           count=1, key="gift-key-neg", now_ms=NOW_MS)  # fmt: skip
+    await wallet.send_gift(
+        sender="ann",
+        adult=True,
+        creator="cara",
+        room="cara",
+        gift=HEART,
+        count=1,
+        key="gift-key-neg",
+        now_ms=NOW_MS,
+    )
     purchase, gift = [e async for e in read_entries(redis_client)]
     await redis_client.xdel(keys.LEDGER, purchase.id)
     report = await audit(redis_client)
@@ -162,9 +183,21 @@ async def test_forged_entries_are_named(
 
 
 async def test_a_gift_whose_split_does_not_add_up(redis_client: aioredis.Redis) -> None:
-    entry = {"event": "e1", "kind": "gift", "ts": NOW_MS, "sender": "ann", "creator": "cara",
-             "room": "cara", "gift": "heart", "key": "gift-key-forged", "count": 1, "coins": 5,
-             "diamonds": 3, "platform": 3, "combo": 1}  # fmt: skip
+    entry = {
+        "event": "e1",
+        "kind": "gift",
+        "ts": NOW_MS,
+        "sender": "ann",
+        "creator": "cara",
+        "room": "cara",
+        "gift": "heart",
+        "key": "gift-key-forged",
+        "count": 1,
+        "coins": 5,
+        "diamonds": 3,
+        "platform": 3,
+        "combo": 1,
+    }
     stream_id = await add_entry(redis_client, {"data": orjson.dumps(entry)})
     report = await audit(redis_client)
     assert f"event e1 (gift, {stream_id}): coins 5 != diamonds 3 + platform 3" in report.breaches

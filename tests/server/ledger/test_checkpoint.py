@@ -47,8 +47,11 @@ async def test_an_audit_from_the_checkpoint_equals_a_full_replay(
     assert saved is not None and len(saved.replay.wallets) == report.wallets
     for user, balances in saved.replay.wallets.items():
         stored = await redis_client.hmget(keys.wallet(user), ["coins", "diamonds", "debt"])
-        assert [int(v or 0) for v in stored] == [balances.coins, balances.diamonds,
-                                                 balances.debt], user  # fmt: skip
+        assert [int(v or 0) for v in stored] == [
+            balances.coins,
+            balances.diamonds,
+            balances.debt,
+        ], user
 
     more = await settle(wallet, 5, prefix="n", extras=False)
     report = await audit(redis_client)
@@ -90,8 +93,7 @@ async def test_rules_across_the_checkpoint(redis_client: aioredis.Redis) -> None
     await settle(wallet, 4)
     await fold_checkpoint(redis_client)
     # a refund of a purchase folded into the checkpoint is no breach
-    await wallet.purchase(receipt="late-rc", user="late", package=SMALL, adult=True,
-                          now_ms=DAY2_MS)  # fmt: skip
+    await wallet.purchase(receipt="late-rc", user="late", package=SMALL, adult=True, now_ms=DAY2_MS)
     await fold_checkpoint(redis_client)
     await wallet.refund(receipt="late-rc", now_ms=DAY2_MS)
     report = await audit(redis_client)
@@ -101,8 +103,11 @@ async def test_rules_across_the_checkpoint(redis_client: aioredis.Redis) -> None
 
     # a payout key or a receipt used again after the checkpoint is still named
     payout = next(e for e in await ledger(redis_client) if e.kind == "payout")
-    refund = next(e for e in await ledger(redis_client) if e.data.get("receipt") == "late-rc"
-                  and e.kind == "refund")  # fmt: skip
+    refund = next(
+        e
+        for e in await ledger(redis_client)
+        if e.data.get("receipt") == "late-rc" and e.kind == "refund"
+    )
     for original in (payout, refund):
         forged = {**original.data, "event": "forged-" + original.kind}
         await redis_client.xadd(keys.LEDGER, {"data": orjson.dumps(forged)})

@@ -33,9 +33,15 @@ STALL_AFTER = 12  # entries the doomed consumer handles before it stalls, unacke
 async def _kill_mid_batch(redis_url: str, handler: str) -> list[str]:
     """Start the child, read the stream ids it handled until it stalls, then kill -9 it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.server.ledger.consumer_child", redis_url, handler, str(STALL_AFTER),
-        stdout=asyncio.subprocess.PIPE, cwd=os.getcwd(),
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "tests.server.ledger.consumer_child",
+        redis_url,
+        handler,
+        str(STALL_AFTER),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=os.getcwd(),
+    )
     assert proc.stdout is not None
     handled: list[str] = []
     try:
@@ -86,8 +92,9 @@ async def test_kill_9_after_read_before_ack_applies_each_entry_once(
         real = EarningsConsumer(redis_client)
     else:
         real = CheckpointFolder(redis_client)
-    survivor = LedgerConsumer(redis_client, handler, "survivor", real, block_ms=20,
-                              claim_idle_ms=300)  # fmt: skip
+    survivor = LedgerConsumer(
+        redis_client, handler, "survivor", real, block_ms=20, claim_idle_ms=300
+    )
     await _catch_up(survivor, redis_client)
     assert (await redis_client.xpending(keys.LEDGER, handler))["pending"] == 0
     entries = await ledger(redis_client)

@@ -76,16 +76,16 @@ async def pending(redis: aioredis.Redis, group: str) -> int:
 
 
 async def dead_letters(redis: aioredis.Redis) -> list[dict[str, str]]:
-    return [{text(k): text(v) for k, v in fields.items()}
-            for _, fields in await redis.xrange(DEAD)]  # fmt: skip
+    return [{text(k): text(v) for k, v in fields.items()} for _, fields in await redis.xrange(DEAD)]
 
 
 async def test_every_entry_is_handled_once_and_acked(redis_client: aioredis.Redis) -> None:
     added = await settle(await new_wallet(redis_client), 40)
     handler = Recorder(redis_client)
     metrics = ConsumerMetrics()
-    consumer = LedgerConsumer(redis_client, "earnings", "c1", handler, batch=7, block_ms=10,
-                              metrics=metrics)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client, "earnings", "c1", handler, batch=7, block_ms=10, metrics=metrics
+    )
     assert await drain(consumer) == added
     entries = await ledger(redis_client)
     assert len(entries) == added
@@ -95,8 +95,10 @@ async def test_every_entry_is_handled_once_and_acked(redis_client: aioredis.Redi
     expected = expected_earnings(entries)
     assert await stored_earnings(redis_client, list(expected)) == expected
     assert handler.earnings.duplicates == 0
-    assert metrics.registry.get_sample_value("giftstream_consumer_acked_total",
-                                             {"group": "earnings"}) == added  # fmt: skip
+    assert (
+        metrics.registry.get_sample_value("giftstream_consumer_acked_total", {"group": "earnings"})
+        == added
+    )
     assert await redis_client.exists(DEAD) == 0
 
 
@@ -146,8 +148,16 @@ async def test_a_poison_entry_is_dead_lettered_after_max_deliveries(
     poison = next(e for e in entries if e.kind == "gift")
     handler = Recorder(redis_client, fail={poison.event: -1})
     metrics = ConsumerMetrics()
-    consumer = LedgerConsumer(redis_client, "earnings", "c1", handler, block_ms=10,
-                              claim_idle_ms=30, max_deliveries=3, metrics=metrics)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client,
+        "earnings",
+        "c1",
+        handler,
+        block_ms=10,
+        claim_idle_ms=30,
+        max_deliveries=3,
+        metrics=metrics,
+    )
     deadline = time.monotonic() + 10
     while not await redis_client.exists(DEAD):
         assert time.monotonic() < deadline, "the poison entry never reached the dead letters"
@@ -158,9 +168,13 @@ async def test_a_poison_entry_is_dead_lettered_after_max_deliveries(
     (letter,) = await dead_letters(redis_client)
     raw = dict((await redis_client.xrange(keys.LEDGER, poison.id, poison.id))[0][1])
     assert letter == {
-        "data": text(raw[b"data"]), "stream_id": poison.id, "group": "earnings",
-        "reason": f"ValueError: boom on {poison.event}", "deliveries": "3", "consumer": "c1",
-    }  # fmt: skip
+        "data": text(raw[b"data"]),
+        "stream_id": poison.id,
+        "group": "earnings",
+        "reason": f"ValueError: boom on {poison.event}",
+        "deliveries": "3",
+        "consumer": "c1",
+    }
     assert await pending(redis_client, "earnings") == 0
     assert (
         metrics.registry.get_sample_value(
@@ -168,8 +182,12 @@ async def test_a_poison_entry_is_dead_lettered_after_max_deliveries(
         )
         == 1
     )
-    assert metrics.registry.get_sample_value("giftstream_consumer_failures_total",
-                                             {"group": "earnings"}) == 2  # fmt: skip
+    assert (
+        metrics.registry.get_sample_value(
+            "giftstream_consumer_failures_total", {"group": "earnings"}
+        )
+        == 2
+    )
     expected = expected_earnings(entries, skip=frozenset({poison.event}))
     assert await stored_earnings(redis_client, list(expected)) == expected
     assert sum(handler.calls.values()) == added + 2
@@ -190,8 +208,9 @@ async def test_a_failure_is_retried_after_claim_idle_and_then_acked(
     entries = await ledger(redis_client)
     flaky = entries[-1]
     handler = Recorder(redis_client, fail={flaky.event: 2})
-    consumer = LedgerConsumer(redis_client, "earnings", "c1", handler, block_ms=10,
-                              claim_idle_ms=200, max_deliveries=3)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client, "earnings", "c1", handler, block_ms=10, claim_idle_ms=200, max_deliveries=3
+    )
     await consumer.run_once()
     assert handler.calls[flaky.event] == 1
     assert await pending(redis_client, "earnings") == 1
@@ -222,8 +241,9 @@ async def test_a_handler_that_hangs_is_cancelled_and_retried(
             await asyncio.sleep(3600)
         await handler(entry)
 
-    consumer = LedgerConsumer(redis_client, "earnings", "c1", hangs_once, block_ms=10,
-                              claim_idle_ms=150)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client, "earnings", "c1", hangs_once, block_ms=10, claim_idle_ms=150
+    )
     started = time.monotonic()
     async with asyncio.timeout(5):  # fails, rather than hangs, if the handler is not cut
         await consumer.run_once()
@@ -247,8 +267,9 @@ async def test_malformed_entries_are_dead_lettered_at_once(redis_client: aioredi
     unknown = text(await redis_client.xadd(keys.LEDGER, {"data": tip}))
     added += await settle(wallet, 4, extras=False, prefix="b")
     handler = Recorder(redis_client)
-    consumer = LedgerConsumer(redis_client, "earnings", "c1", handler, block_ms=10,
-                              max_deliveries=5)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client, "earnings", "c1", handler, block_ms=10, max_deliveries=5
+    )
     await drain(consumer)
     letters = {d["stream_id"]: d for d in await dead_letters(redis_client)}
     assert set(letters) == {not_json, no_data, unknown}
@@ -282,8 +303,15 @@ async def test_an_entry_whose_consumers_keep_dying_is_dead_lettered_unhandled(
     await settle(await new_wallet(redis_client), 2, extras=False)
     entries = await ledger(redis_client)
     victim = entries[0]
-    consumer = LedgerConsumer(redis_client, "earnings", "c1", Recorder(redis_client),
-                              block_ms=10, claim_idle_ms=20, max_deliveries=3)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client,
+        "earnings",
+        "c1",
+        Recorder(redis_client),
+        block_ms=10,
+        claim_idle_ms=20,
+        max_deliveries=3,
+    )
     await consumer.ensure_group()
     # consumers that read it and died, three times over: the delivery count says so
     await redis_client.xreadgroup("earnings", "ghost", {keys.LEDGER: ">"}, count=1)
@@ -378,12 +406,14 @@ async def test_the_lag_gauge_is_set_while_the_consumer_is_busy(
         handled += 1
 
     metrics = ConsumerMetrics()
-    consumer = LedgerConsumer(redis_client, "slow", "c1", slow, batch=5, block_ms=10,
-                              metrics=metrics)  # fmt: skip
+    consumer = LedgerConsumer(
+        redis_client, "slow", "c1", slow, batch=5, block_ms=10, metrics=metrics
+    )
 
     def lag() -> float | None:
-        return metrics.registry.get_sample_value("giftstream_consumer_lag_entries",
-                                                 {"group": "slow"})  # fmt: skip
+        return metrics.registry.get_sample_value(
+            "giftstream_consumer_lag_entries", {"group": "slow"}
+        )
 
     async with consumer:
 

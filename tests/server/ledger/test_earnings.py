@@ -40,9 +40,13 @@ async def test_each_gift_counts_once_on_its_creators_day(redis_client: aioredis.
     assert await stored_earnings(redis_client, list(expected)) == expected
     assert expected[("cara", "2025-11-25")]["diamonds"] >= 15_000  # the castle
     assert await earnings(redis_client, "cara", "2025-11-23") == {
-        "creator": "cara", "day": "2025-11-23", "diamonds": 0, "coins": 0, "gifts": 0,
+        "creator": "cara",
+        "day": "2025-11-23",
+        "diamonds": 0,
+        "coins": 0,
+        "gifts": 0,
         "events": 0,
-    }  # fmt: skip
+    }
     with pytest.raises(ValueError):
         await earnings(redis_client, "cara", "yesterday")
 

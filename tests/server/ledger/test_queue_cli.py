@@ -72,10 +72,16 @@ def test_consume_runs_a_handler_in_its_group_until_sigterm(
     environment names the consumer, metrics are served; SIGTERM stops it with 0."""
     metrics_port = free_port()
     proc = Consume(
-        "--group", "earnings", "--redis-url", redis_url, "--block-ms", "50",
-        "--metrics-port", str(metrics_port),
+        "--group",
+        "earnings",
+        "--redis-url",
+        redis_url,
+        "--block-ms",
+        "50",
+        "--metrics-port",
+        str(metrics_port),
         env={"GIFTSTREAM_GROUP": "from-env", "GIFTSTREAM_CONSUMER": "worker-7"},
-    )  # fmt: skip
+    )
     consumers.append(proc)
     proc.wait_ready()
 
@@ -147,8 +153,16 @@ def test_consume_metrics_port_taken_is_one_clear_line(redis_url: str) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("consume", "--group", "g", "--redis-url", redis_url,
-                         "--metrics-port", str(port), timeout=20)  # fmt: skip
+        result = run_cli(
+            "consume",
+            "--group",
+            "g",
+            "--redis-url",
+            redis_url,
+            "--metrics-port",
+            str(port),
+            timeout=20,
+        )
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and f"cannot serve metrics on 127.0.0.1:{port}" in errors[0]
@@ -190,8 +204,18 @@ def test_trim_keeps_what_groups_and_the_checkpoint_need(
     asyncio.run(laggard_reads(8))
     assert "no checkpoint yet" in trim("--keep", "0")
 
-    checkpoint = Consume("--group", CHECKPOINT_GROUP, "--handler", "checkpoint", "--consumer",
-                         "c1", "--block-ms", "50", "--redis-url", redis_url)  # fmt: skip
+    checkpoint = Consume(
+        "--group",
+        CHECKPOINT_GROUP,
+        "--handler",
+        "checkpoint",
+        "--consumer",
+        "c1",
+        "--block-ms",
+        "50",
+        "--redis-url",
+        redis_url,
+    )
     consumers.append(checkpoint)
     checkpoint.wait_ready()
 
@@ -241,8 +265,9 @@ def test_trim_keeps_what_groups_and_the_checkpoint_need(
         assert report.ok and report.entries == total, report.breaches
 
     asyncio.run(audited())
-    assert trim().endswith(f"it holds fewer than the {DEFAULT_TRIM_KEEP} entries kept; "
-                           "4 entries left")  # fmt: skip
+    assert trim().endswith(
+        f"it holds fewer than the {DEFAULT_TRIM_KEEP} entries kept; 4 entries left"
+    )
 
 
 @pytest.mark.parametrize(

@@ -68,8 +68,9 @@ class NatsServer:
 
     def start(self) -> None:
         assert self.command is not None
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_for_port(self.url, 10)
 
 
@@ -100,9 +101,17 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         port = free_port()
         server = NatsServer(
             url=f"nats://127.0.0.1:{port}",
-            command=[binary, "-a", "127.0.0.1", "-p", str(port), "-js",
-                     "-sd", str(tmp_path / "jetstream")],
-        )  # fmt: skip
+            command=[
+                binary,
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-js",
+                "-sd",
+                str(tmp_path / "jetstream"),
+            ],
+        )
         server.start()
         yield server
         if server.process is not None and server.process.poll() is None:
@@ -117,8 +126,12 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 def relay_config(nats_server: NatsServer) -> RelayConfig:
     """A stream and subjects of this test's own, so tests never see each other's messages."""
     tag = uuid.uuid4().hex[:10]
-    return RelayConfig(nats_url=nats_server.url, stream=f"GSTEST_{tag}",
-                       subject_prefix=f"gstest{tag}.ledger", block_ms=100)  # fmt: skip
+    return RelayConfig(
+        nats_url=nats_server.url,
+        stream=f"GSTEST_{tag}",
+        subject_prefix=f"gstest{tag}.ledger",
+        block_ms=100,
+    )
 
 
 @pytest.fixture
@@ -135,12 +148,21 @@ async def settle(wallet: Wallet, n: int, prefix: str = "r") -> None:
     now = int(time.time() * 1000)
     for i in range(0, n, 2):
         user = f"{prefix}user{i}"
-        await wallet.purchase(receipt=f"{prefix}-rc-{i}", user=user, package=package,
-                              adult=True, now_ms=now)  # fmt: skip
+        await wallet.purchase(
+            receipt=f"{prefix}-rc-{i}", user=user, package=package, adult=True, now_ms=now
+        )
         if i + 1 < n:
             key = f"{prefix}-key-{i:06d}"
-            await wallet.send_gift(sender=user, adult=True, creator="cara", room="cara",
-                                   gift=gift, count=1, key=key, now_ms=now)  # fmt: skip
+            await wallet.send_gift(
+                sender=user,
+                adult=True,
+                creator="cara",
+                room="cara",
+                gift=gift,
+                count=1,
+                key=key,
+                now_ms=now,
+            )
 
 
 async def ledger_events(redis_client: aioredis.Redis) -> list[tuple[str, str]]:
@@ -298,9 +320,22 @@ def test_kill_9_relay_process_many_times(
         await client.aclose()
 
     asyncio.run(fill())
-    command = [*GIFTSTREAM, "relay", "--nats", relay_config.nats_url, "--redis-url", redis_url,
-               "--stream", relay_config.stream, "--subject-prefix", relay_config.subject_prefix,
-               "--log-level", "WARNING", "--lease-ttl-ms", "300"]  # fmt: skip
+    command = [
+        *GIFTSTREAM,
+        "relay",
+        "--nats",
+        relay_config.nats_url,
+        "--redis-url",
+        redis_url,
+        "--stream",
+        relay_config.stream,
+        "--subject-prefix",
+        relay_config.subject_prefix,
+        "--log-level",
+        "WARNING",
+        "--lease-ttl-ms",
+        "300",
+    ]
     rng = random.Random(11)
     left = [total]  # the relay's lag after each kill
     for _ in range(12):
@@ -317,8 +352,11 @@ def test_kill_9_relay_process_many_times(
     status = run_cli("relay", "--status", "--redis-url", redis_url)
     assert status.returncode == 0 and status.stdout.startswith(f'{{"entries":{left[-1]},')
     metrics_port = free_port()
-    proc = subprocess.Popen([*command, "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [*command, "--metrics-port", str(metrics_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
 
         async def check() -> None:
@@ -382,8 +420,10 @@ async def test_nats_away_then_back_relay_catches_up(
     gauges = running_relay.metrics
     # the relay's own gauges show the backlog while it retries, as relay_lag does
     while gauges.lag_entries._value.get() < 100 or gauges.oldest_age._value.get() <= 1.0:
-        assert time.monotonic() < deadline, (gauges.lag_entries._value.get(),
-                                             gauges.oldest_age._value.get())  # fmt: skip
+        assert time.monotonic() < deadline, (
+            gauges.lag_entries._value.get(),
+            gauges.oldest_age._value.get(),
+        )
         await asyncio.sleep(0.05)
     lag = await relay_lag(redis_client)
     assert lag.entries == 100 and lag.oldest_age_s > 1.0  # nothing relayed meanwhile
@@ -437,8 +477,9 @@ async def test_relay_lag_at_every_stage_of_the_group(
     lag = await relay_lag(redis_client)
     assert (lag.entries, lag.last_delivered) == (1, ids[2]) and close_to(lag.oldest_age_s, 6)
     for ledger_key in (keys.LEDGER, "other:ledger"):  # and `relay --status` says the same
-        status = await asyncio.to_thread(run_cli, "relay", "--status", "--redis-url", redis_url,
-                                         "--ledger-key", ledger_key)  # fmt: skip
+        status = await asyncio.to_thread(
+            run_cli, "relay", "--status", "--redis-url", redis_url, "--ledger-key", ledger_key
+        )
         assert status.returncode == 0 and status.stderr == "", status.stderr
         assert status.stdout.startswith('{"entries":1,'), status.stdout
 
@@ -513,11 +554,11 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     keep = 20
     config = replace(relay_config, batch=16)
     other_groups = [
-        LedgerConsumer(redis_client, CHECKPOINT_GROUP, "c1", CheckpointFolder(redis_client),
-                       block_ms=10),
-        LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client),
-                       block_ms=10),
-    ]  # fmt: skip
+        LedgerConsumer(
+            redis_client, CHECKPOINT_GROUP, "c1", CheckpointFolder(redis_client), block_ms=10
+        ),
+        LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client), block_ms=10),
+    ]
 
     stop = asyncio.Event()
     task = asyncio.create_task(Relay(redis_client, config).run(stop))
@@ -543,8 +584,9 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     assert (await relay_lag(redis_client)).entries == 5 * keep
 
     # trimming now removes only what the relay acked before it stopped
-    trimmed = await asyncio.to_thread(run_cli, "trim", "--keep", str(keep), "--redis-url",
-                                      redis_url)  # fmt: skip
+    trimmed = await asyncio.to_thread(
+        run_cli, "trim", "--keep", str(keep), "--redis-url", redis_url
+    )
     assert trimmed.returncode == 0, trimmed.stderr
     assert trimmed.stdout.strip() == (
         f"trimmed 30 entries of {keys.LEDGER} below {settled[30][0]} (held there by group "
@@ -563,8 +605,9 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     assert_exactly_once(settled, await jetstream_messages(config))
 
     # every group has acked everything: the trim keeps only the last `keep`
-    trimmed = await asyncio.to_thread(run_cli, "trim", "--keep", str(keep), "--redis-url",
-                                      redis_url)  # fmt: skip
+    trimmed = await asyncio.to_thread(
+        run_cli, "trim", "--keep", str(keep), "--redis-url", redis_url
+    )
     assert trimmed.returncode == 0, trimmed.stderr
     assert trimmed.stdout.startswith(f"trimmed {5 * keep - keep} entries of {keys.LEDGER}")
     assert f"(held there by the last {keep} entries kept); {keep} entries left" in trimmed.stdout
@@ -594,8 +637,9 @@ async def test_an_emptied_jetstream_stream_does_not_stall_the_relay(
     relay = Relay(redis_client, relay_config)
     await relay_until_caught_up(redis_client, relay)
     assert relay.metrics.errors.labels("nats")._value.get() == 0
-    assert_exactly_once((await ledger_events(redis_client))[10:],
-                        await jetstream_messages(relay_config))  # fmt: skip
+    assert_exactly_once(
+        (await ledger_events(redis_client))[10:], await jetstream_messages(relay_config)
+    )
 
 
 def test_relay_process_retries_while_nats_is_unreachable_and_stops_on_sigterm(
@@ -615,10 +659,21 @@ def test_relay_process_retries_while_nats_is_unreachable_and_stops_on_sigterm(
     asyncio.run(fill())
     metrics_port = free_port()
     proc = subprocess.Popen(
-        [*GIFTSTREAM, "relay", "--nats", f"nats://127.0.0.1:{free_port()}", "--redis-url",
-         redis_url, "--metrics-port", str(metrics_port), "--log-level", "ERROR"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            *GIFTSTREAM,
+            "relay",
+            "--nats",
+            f"nats://127.0.0.1:{free_port()}",
+            "--redis-url",
+            redis_url,
+            "--metrics-port",
+            str(metrics_port),
+            "--log-level",
+            "ERROR",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
 
         async def retrying() -> str:
@@ -712,9 +767,19 @@ def test_holder_killed_9_the_standby_takes_over(redis_url: str, relay_config: Re
         await add_gift_entries(client, total)
         await client.aclose()
 
-    command = ["relay", "--nats", relay_config.nats_url, "--redis-url", redis_url,
-               "--stream", relay_config.stream, "--subject-prefix", relay_config.subject_prefix,
-               "--lease-ttl-ms", "1000"]  # fmt: skip
+    command = [
+        "relay",
+        "--nats",
+        relay_config.nats_url,
+        "--redis-url",
+        redis_url,
+        "--stream",
+        relay_config.stream,
+        "--subject-prefix",
+        relay_config.subject_prefix,
+        "--lease-ttl-ms",
+        "1000",
+    ]
     holder = WorkerProcess(command)
     standby: WorkerProcess | None = None
     try:
@@ -737,8 +802,9 @@ def test_holder_killed_9_the_standby_takes_over(redis_url: str, relay_config: Re
             client = aioredis.Redis.from_url(redis_url)
             try:
                 await wait_until_relayed(client, 60)
-                assert_exactly_once(await ledger_events(client),
-                                    await jetstream_messages(relay_config))  # fmt: skip
+                assert_exactly_once(
+                    await ledger_events(client), await jetstream_messages(relay_config)
+                )
             finally:
                 await client.aclose()
 
@@ -804,9 +870,13 @@ async def test_a_refused_message_mid_batch_stores_and_acks_only_the_prefix(
             data["key"] = "x" * 2000
         await redis_client.xadd(keys.LEDGER, {"data": orjson.dumps(data)})
     nc = await nats.connect(config.nats_url)
-    stream = api.StreamConfig(name=config.stream, subjects=[f"{config.subject_prefix}.>"],
-                              storage=api.StorageType.FILE, duplicate_window=3600.0,
-                              max_msg_size=1024)  # fmt: skip
+    stream = api.StreamConfig(
+        name=config.stream,
+        subjects=[f"{config.subject_prefix}.>"],
+        storage=api.StorageType.FILE,
+        duplicate_window=3600.0,
+        max_msg_size=1024,
+    )
     try:
         await nc.jsm().add_stream(stream)
         relay = Relay(redis_client, config)

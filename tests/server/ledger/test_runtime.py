@@ -52,10 +52,22 @@ def test_relay_logs_its_nats_url_without_the_password(redis_url: str) -> None:
     none of its log lines."""
     nats_url = f"nats://relay:hunter2@127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
-        [*GIFTSTREAM, "relay", "--nats", nats_url, "--redis-url", redis_url, "--log-level",
-         "DEBUG", "--lease-ttl-ms", "1000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            *GIFTSTREAM,
+            "relay",
+            "--nats",
+            nats_url,
+            "--redis-url",
+            redis_url,
+            "--log-level",
+            "DEBUG",
+            "--lease-ttl-ms",
+            "1000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(2.0)  # it starts, takes the lease, and fails to reach NATS a few times
     finally:

@@ -57,8 +57,9 @@ async def test_nothing_is_trimmed_without_groups(redis_client: aioredis.Redis) -
 
 async def test_nothing_is_trimmed_without_a_checkpoint(redis_client: aioredis.Redis) -> None:
     added = await settle(await new_wallet(redis_client), 10)
-    await caught_up(LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client),
-                                   block_ms=10))  # fmt: skip
+    await caught_up(
+        LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client), block_ms=10)
+    )
     last = (await stream_ids(redis_client))[-1]
     assert await safe_trim_point(redis_client) == next_stream_id(last)
     assert await trim_ledger(redis_client, keep_min_entries=0) == 0  # the audit needs them
@@ -70,10 +71,12 @@ async def test_a_lagging_group_loses_nothing_and_trimming_follows_it(
 ) -> None:
     wallet = await new_wallet(redis_client)
     added = await settle(wallet, 40)  # 50 entries
-    checkpoint = LedgerConsumer(redis_client, GROUP, "c1", CheckpointFolder(redis_client),
-                                batch=16, block_ms=10)  # fmt: skip
-    earnings = LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client),
-                              block_ms=10)  # fmt: skip
+    checkpoint = LedgerConsumer(
+        redis_client, GROUP, "c1", CheckpointFolder(redis_client), batch=16, block_ms=10
+    )
+    earnings = LedgerConsumer(
+        redis_client, "earnings", "c1", EarningsConsumer(redis_client), block_ms=10
+    )
     await caught_up(checkpoint)
     await caught_up(earnings)
     # the laggard read 8 entries and acked 5 of them, then stopped
@@ -96,8 +99,9 @@ async def test_a_lagging_group_loses_nothing_and_trimming_follows_it(
 
     # the laggard comes back: its pending entries, then every new one, none missing
     seen = Seen()
-    await caught_up(LedgerConsumer(redis_client, "laggard", "slow", seen, block_ms=10,
-                                   claim_idle_ms=1))  # fmt: skip
+    await caught_up(
+        LedgerConsumer(redis_client, "laggard", "slow", seen, block_ms=10, claim_idle_ms=1)
+    )
     left = await ledger(redis_client)
     assert [e.id for e in left[:3]] == first_read[5:]  # the three it had pending
     assert sorted(seen.events) == sorted(e.event for e in left)  # all that is left, each once
@@ -119,8 +123,9 @@ async def test_the_checkpoint_bounds_trimming_even_without_its_group(
     redis_client: aioredis.Redis,
 ) -> None:
     added = await settle(await new_wallet(redis_client), 20)
-    await caught_up(LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client),
-                                   block_ms=10))  # fmt: skip
+    await caught_up(
+        LedgerConsumer(redis_client, "earnings", "c1", EarningsConsumer(redis_client), block_ms=10)
+    )
     ids = await stream_ids(redis_client)
     assert await CheckpointFolder(redis_client, chunk=7).fold(through=ids[9]) == ids[13]
     assert await trim_ledger(redis_client, keep_min_entries=0) == 14  # folded ones only
@@ -144,8 +149,9 @@ async def test_a_lagging_checkpoint_group_holds_back_the_trim(
 async def test_audit_after_a_trim_still_names_tampering(redis_client: aioredis.Redis) -> None:
     wallet = await new_wallet(redis_client)
     added = await settle(wallet, 30)
-    checkpoint = LedgerConsumer(redis_client, GROUP, "c1", CheckpointFolder(redis_client),
-                                block_ms=10)  # fmt: skip
+    checkpoint = LedgerConsumer(
+        redis_client, GROUP, "c1", CheckpointFolder(redis_client), block_ms=10
+    )
     await caught_up(checkpoint)
     assert await trim_ledger(redis_client, keep_min_entries=5) == added - 5
     more = await settle(wallet, 8, prefix="t", extras=False)  # after the checkpoint
@@ -171,8 +177,11 @@ async def test_audit_after_a_trim_still_names_tampering(redis_client: aioredis.R
     ) in report.breaches
     sender = victim.data["sender"]
     assert any(b.startswith(f"wallet {sender}: coins ") for b in report.breaches)
-    forged = {**victim.data, "coins": victim.data["coins"] + 5,
-              "platform": victim.data["platform"] + 5}  # fmt: skip
+    forged = {
+        **victim.data,
+        "coins": victim.data["coins"] + 5,
+        "platform": victim.data["platform"] + 5,
+    }
     await redis_client.xadd(keys.LEDGER, {"data": orjson.dumps(forged)})
     report = await audit(redis_client)
     assert any("1 of the" in b and "gone unfolded" in b for b in report.breaches)  # still
@@ -203,8 +212,9 @@ async def test_a_malformed_entry_stays_a_breach_after_it_is_trimmed(
     added += 1 + await settle(wallet, 4, extras=False, prefix="z")
     before = await audit(redis_client)
     assert len(before.breaches) == 1 and f"entry {bad}" in before.breaches[0]
-    checkpoint = LedgerConsumer(redis_client, GROUP, "c1", CheckpointFolder(redis_client),
-                                block_ms=10)  # fmt: skip
+    checkpoint = LedgerConsumer(
+        redis_client, GROUP, "c1", CheckpointFolder(redis_client), block_ms=10
+    )
     await caught_up(checkpoint)
     assert await redis_client.xlen(keys.LEDGER + ":dead") == 1  # the group dead-lettered it
     assert await trim_ledger(redis_client, keep_min_entries=0) == added

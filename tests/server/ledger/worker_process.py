@@ -16,9 +16,12 @@ class WorkerProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.name = args[0]
         self.proc = subprocess.Popen(
-            [*GIFTSTREAM, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            text=True, env={**os.environ, **(env or {})},
-        )  # fmt: skip
+            [*GIFTSTREAM, *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.log: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -132,9 +132,15 @@ async def gift(
 ) -> None:
     """A gift through the real money path, as a WebSocket session would send it."""
     await money.send_gift(
-        sender=sender, adult=True, creator=creator, room=creator,
-        gift=catalog.gifts[gift_id], count=count, key=key, now_ms=now_ms,
-    )  # fmt: skip
+        sender=sender,
+        adult=True,
+        creator=creator,
+        room=creator,
+        gift=catalog.gifts[gift_id],
+        count=count,
+        key=key,
+        now_ms=now_ms,
+    )
 
 
 async def ledger_kinds(redis: aioredis.Redis) -> list[str]:
@@ -142,8 +148,14 @@ async def ledger_kinds(redis: aioredis.Redis) -> list[str]:
 
 
 def wallet_view(user: str, **fields: Any) -> dict[str, Any]:
-    view = {"user": user, "coins": 0, "diamonds": 0, "spent_today": 0, "daily_limit": None,
-            "debt": 0}  # fmt: skip
+    view = {
+        "user": user,
+        "coins": 0,
+        "diamonds": 0,
+        "spent_today": 0,
+        "daily_limit": None,
+        "debt": 0,
+    }
     return {**view, **fields}
 
 
@@ -227,8 +239,15 @@ async def test_unknown_package_is_422(api: Api, redis_snapshot: Snapshot) -> Non
 
 async def test_refund_once(api: Api, redis_snapshot: Snapshot) -> None:
     await api.buy("ann", "coins_700", "receipt-0001")
-    first = {"receipt": "receipt-0001", "user": "ann", "refunded": True, "coins_taken": 700,
-             "debt_added": 0, "coins": 0, "debt": 0}  # fmt: skip
+    first = {
+        "receipt": "receipt-0001",
+        "user": "ann",
+        "refunded": True,
+        "coins_taken": 700,
+        "debt_added": 0,
+        "coins": 0,
+        "debt": 0,
+    }
     assert await api.call("POST", "/v1/refunds", {"receipt": "receipt-0001"}) == (200, first)
     before = await redis_snapshot()
     assert await api.call("POST", "/v1/refunds", {"receipt": "receipt-0001"}) == (
@@ -447,8 +466,12 @@ async def test_catalog(api: Api, catalog: Catalog) -> None:
     assert (status, body) == (200, catalog.as_wire())
     rose = {"id": "rose", "name": "Rose", "coins": 1, "animation": "anim.rose.v1"}
     assert body["gifts"][0] == rose
-    assert body["packages"][0] == {"id": "coins_70", "coins": 70, "price_cents": 99,
-                                   "currency": "USD"}  # fmt: skip
+    assert body["packages"][0] == {
+        "id": "coins_70",
+        "coins": 70,
+        "price_cents": 99,
+        "currency": "USD",
+    }
 
 
 # ---- signatures --------------------------------------------------------------------------
@@ -639,8 +662,9 @@ async def test_body_over_64_kib_is_413(api: Api, redis_snapshot: Snapshot) -> No
 
 
 async def test_chunked_body_over_64_kib_is_413(api: Api, redis_snapshot: Snapshot) -> None:
-    raw = orjson.dumps({"receipt": "receipt-0001", "user": "ann", "package": "coins_70",
-                        "pad": "x" * 70000})  # fmt: skip
+    raw = orjson.dumps(
+        {"receipt": "receipt-0001", "user": "ann", "package": "coins_70", "pad": "x" * 70000}
+    )
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(raw), 8192):
@@ -659,9 +683,14 @@ async def test_unknown_route_is_404_and_wrong_method_405(api: Api) -> None:
     for path in ("/v1/nope", "/", "/v1/wallets/ann/", "/v2/purchases"):
         status, body = await api.call("GET", path)
         assert (status, body["error"]) == (404, "not_found"), path
-    for method, path in [("GET", "/v1/purchases"), ("DELETE", "/v1/wallets/ann"),
-                         ("POST", "/v1/catalog"), ("HEAD", "/v1/wallets/ann"),
-                         ("GET", "/v1/wallets/ann/limit"), ("PUT", "/v1/payouts")]:  # fmt: skip
+    for method, path in [
+        ("GET", "/v1/purchases"),
+        ("DELETE", "/v1/wallets/ann"),
+        ("POST", "/v1/catalog"),
+        ("HEAD", "/v1/wallets/ann"),
+        ("GET", "/v1/wallets/ann/limit"),
+        ("PUT", "/v1/payouts"),
+    ]:
         status, body = await api.call(method, path, b"{}")
         assert status == 405, (method, path)
         assert method == "HEAD" or body["error"] == "method_not_allowed"
@@ -691,8 +720,14 @@ async def test_healthz_follows_redis(
     try:
         wallet = Wallet(client, catalog.economics, metrics=metrics)
         await wallet.load_scripts()
-        app = build_admin_app(wallet=wallet, catalog=catalog, redis=client,
-                              webhook_secret=SECRET, metrics=metrics, clock=clock)  # fmt: skip
+        app = build_admin_app(
+            wallet=wallet,
+            catalog=catalog,
+            redis=client,
+            webhook_secret=SECRET,
+            metrics=metrics,
+            clock=clock,
+        )
         async with AdminServer(app, "127.0.0.1", 0) as server, aiohttp.ClientSession() as http:
             api = Api(http, server.url)
             assert await api.call("GET", "/healthz", signature=None) == (

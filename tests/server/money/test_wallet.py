@@ -49,9 +49,15 @@ async def send(
     now_ms: int = NOW_MS,
 ) -> SettledGift:
     return await wallet.send_gift(
-        sender=sender, adult=adult, creator=room, room=room, gift=gift, count=count, key=key,
+        sender=sender,
+        adult=adult,
+        creator=room,
+        room=room,
+        gift=gift,
+        count=count,
+        key=key,
         now_ms=now_ms,
-    )  # fmt: skip
+    )
 
 
 async def ledger(redis: aioredis.Redis) -> list[dict[str, Any]]:
@@ -85,10 +91,20 @@ async def test_gift_debits_credits_and_appends_one_entry(
     entries = await ledger(redis_client)
     assert [e["kind"] for e in entries] == ["purchase", "gift"]
     assert entries[1] == {
-        "event": settled.event, "kind": "gift", "ts": NOW_MS, "sender": "ann", "creator": "cara",
-        "room": "cara", "gift": "heart", "count": 3, "coins": 15, "diamonds": 7, "platform": 8,
-        "key": "gift-key-0001", "combo": 1,
-    }  # fmt: skip
+        "event": settled.event,
+        "kind": "gift",
+        "ts": NOW_MS,
+        "sender": "ann",
+        "creator": "cara",
+        "room": "cara",
+        "gift": "heart",
+        "count": 3,
+        "coins": 15,
+        "diamonds": 7,
+        "platform": 8,
+        "key": "gift-key-0001",
+        "combo": 1,
+    }
     view = await wallet.wallet("ann", NOW_MS)
     assert (view.coins, view.spent_today, view.daily_limit, view.debt) == (85, 15, None, 0)
     key_ttl = await redis_client.pttl(keys.gift_key("ann", "gift-key-0001"))
@@ -236,10 +252,31 @@ async def test_a_float_never_reaches_a_balance(
 ) -> None:
     """A buggy caller bypassing wallet.py: the script refuses the argument before any write."""
     await fund_coins("ann", 100)
-    script_keys = [keys.wallet("ann"), keys.wallet("cara"), keys.gift_key("ann", "gift-key-flt"),
-                   keys.spent("ann", NOW_MS), keys.combo("ann", "cara"), keys.LEDGER]  # fmt: skip
-    good = ["ev1", "ann", "cara", "cara", "heart", "gift-key-flt", 1, 5, 2, 1, NOW_MS,
-            1000, 1000, 5000, 1000]  # fmt: skip
+    script_keys = [
+        keys.wallet("ann"),
+        keys.wallet("cara"),
+        keys.gift_key("ann", "gift-key-flt"),
+        keys.spent("ann", NOW_MS),
+        keys.combo("ann", "cara"),
+        keys.LEDGER,
+    ]
+    good = [
+        "ev1",
+        "ann",
+        "cara",
+        "cara",
+        "heart",
+        "gift-key-flt",
+        1,
+        5,
+        2,
+        1,
+        NOW_MS,
+        1000,
+        1000,
+        5000,
+        1000,
+    ]
     for position, bad in ((6, "1.5"), (7, "5.5"), (8, "2.5"), (8, 6), (10, "1e400"), (6, "x")):
         args = [*good]
         args[position] = bad
@@ -263,9 +300,14 @@ async def test_a_float_never_reaches_a_balance(
     ],
 )
 async def test_corrupt_stored_value_stops_the_script_before_any_write(
-    wallet: Wallet, fund_coins: Fund, redis_client: aioredis.Redis, redis_snapshot: Snapshot,
-    key: str, field: str | None, value: str,
-) -> None:  # fmt: skip
+    wallet: Wallet,
+    fund_coins: Fund,
+    redis_client: aioredis.Redis,
+    redis_snapshot: Snapshot,
+    key: str,
+    field: str | None,
+    value: str,
+) -> None:
     await fund_coins("ann", 100)
     if field is None:
         await redis_client.set(key, value)
@@ -291,8 +333,12 @@ async def test_replay_returns_the_first_result_even_at_zero(
     ):
         assert again.replayed
         assert (again.event, again.coins, again.combo, again.diamonds, again.ts) == (
-            first.event, 0, 1, 2, NOW_MS,
-        )  # fmt: skip
+            first.event,
+            0,
+            1,
+            2,
+            NOW_MS,
+        )
     assert await redis_snapshot() == before
     assert len([e for e in await ledger(redis_client) if e["kind"] == "gift"]) == 1
 
@@ -436,11 +482,21 @@ async def test_purchase_credits_once_per_receipt(
     )
     assert first.as_wire() == {"coins": 700, "credited": True}
     assert (first.coins_credited, first.debt_repaid, first.debt) == (700, 0, 0)
-    assert await ledger(redis_client) == [{
-        "event": first.event, "kind": "purchase", "ts": NOW_MS, "user": "ann",
-        "receipt": "rc-ann-1", "package": "coins_700", "coins": 700, "credited": 700,
-        "debt_repaid": 0, "price_cents": 499, "currency": "USD",
-    }]  # fmt: skip
+    assert await ledger(redis_client) == [
+        {
+            "event": first.event,
+            "kind": "purchase",
+            "ts": NOW_MS,
+            "user": "ann",
+            "receipt": "rc-ann-1",
+            "package": "coins_700",
+            "coins": 700,
+            "credited": 700,
+            "debt_repaid": 0,
+            "price_cents": 499,
+            "currency": "USD",
+        }
+    ]
     before = await redis_snapshot()
     replay = await wallet.purchase(
         receipt="rc-ann-1", user="ann", package=PACK_700, adult=True, now_ms=NOW_MS + 5
@@ -527,13 +583,24 @@ async def test_refund_takes_the_coins_back_once(
     )
     first = await wallet.refund(receipt="rc-back", now_ms=NOW_MS + 1)
     assert first.as_wire() == {
-        "receipt": "rc-back", "user": "ann", "refunded": True, "coins_taken": 700,
-        "debt_added": 0, "coins": 0, "debt": 0,
-    }  # fmt: skip
+        "receipt": "rc-back",
+        "user": "ann",
+        "refunded": True,
+        "coins_taken": 700,
+        "debt_added": 0,
+        "coins": 0,
+        "debt": 0,
+    }
     assert (await ledger(redis_client))[1] == {
-        "event": first.event, "kind": "refund", "ts": NOW_MS + 1, "user": "ann",
-        "receipt": "rc-back", "purchase": bought.event, "coins": 700, "debt": 0,
-    }  # fmt: skip
+        "event": first.event,
+        "kind": "refund",
+        "ts": NOW_MS + 1,
+        "user": "ann",
+        "receipt": "rc-back",
+        "purchase": bought.event,
+        "coins": 700,
+        "debt": 0,
+    }
     before = await redis_snapshot()
     again = await wallet.refund(receipt="rc-back", now_ms=NOW_MS + 2)
     assert not again.refunded
@@ -603,15 +670,25 @@ async def test_payout_once_per_key(
     assert paid.as_wire() == {"payout": paid.payout, "cents": 6000, "diamonds": 3000}
     assert not paid.replayed
     assert (await ledger(redis_client))[-1] == {
-        "event": paid.event, "kind": "payout", "ts": NOW_MS, "creator": "cara",
-        "key": "payout-key-01", "payout": paid.payout, "diamonds": 12_000, "cents": 6000,
-    }  # fmt: skip
+        "event": paid.event,
+        "kind": "payout",
+        "ts": NOW_MS,
+        "creator": "cara",
+        "key": "payout-key-01",
+        "payout": paid.payout,
+        "diamonds": 12_000,
+        "cents": 6000,
+    }
     before = await redis_snapshot()
     again = await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01", now_ms=NOW_MS)
     assert again == PayoutResult(
-        payout=paid.payout, creator="cara", cents=6000, diamonds=3000, event=paid.event,
+        payout=paid.payout,
+        creator="cara",
+        cents=6000,
+        diamonds=3000,
+        event=paid.event,
         replayed=True,
-    )  # fmt: skip
+    )
     assert await redis_snapshot() == before
 
 
@@ -626,9 +703,14 @@ async def test_payout_once_per_key(
     ],
 )
 async def test_payout_refusals_with_a_used_key(
-    wallet: Wallet, fund_coins: Fund, redis_snapshot: Snapshot,
-    creator: str, diamonds: int, status: int, code: str,
-) -> None:  # fmt: skip
+    wallet: Wallet,
+    fund_coins: Fund,
+    redis_snapshot: Snapshot,
+    creator: str,
+    diamonds: int,
+    status: int,
+    code: str,
+) -> None:
     await _creator_with_15000_diamonds(wallet, fund_coins)
     await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01", now_ms=NOW_MS)
     error = await refused_unchanged(
@@ -660,9 +742,13 @@ async def test_payout_of_more_than_held(
 async def test_unknown_wallet_is_empty(wallet: Wallet) -> None:
     assert await wallet.balance("nobody") == (0, 0)
     assert (await wallet.wallet("nobody", NOW_MS)).as_wire() == {
-        "user": "nobody", "coins": 0, "diamonds": 0, "spent_today": 0, "daily_limit": None,
+        "user": "nobody",
+        "coins": 0,
+        "diamonds": 0,
+        "spent_today": 0,
+        "daily_limit": None,
         "debt": 0,
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("limit", [-1, 10**12 + 1, True, 1.5, "5"])
@@ -677,8 +763,12 @@ async def test_daily_limit_round_trip(wallet: Wallet, fund_coins: Fund) -> None:
     await fund_coins("ann", 50)
     view = await wallet.set_daily_limit("ann", 10**12, now_ms=NOW_MS)
     assert view.as_wire() == {
-        "user": "ann", "coins": 50, "diamonds": 0, "spent_today": 0, "daily_limit": 10**12,
+        "user": "ann",
+        "coins": 50,
+        "diamonds": 0,
+        "spent_today": 0,
+        "daily_limit": 10**12,
         "debt": 0,
-    }  # fmt: skip
+    }
     assert (await wallet.wallet("ann", NOW_MS)).daily_limit == 10**12
     assert (await wallet.set_daily_limit("ann", None)).daily_limit is None

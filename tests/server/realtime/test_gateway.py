@@ -22,9 +22,13 @@ async def test_hello_gets_exact_welcome(app: App, tokens: TokenMaker, admin) -> 
     client, welcome = await WsClient.login(app.ws_url, tokens("ann", name="Ann"))
     ts = welcome.pop("ts")
     assert welcome == {
-        "type": "welcome", "user": "ann", "name": "Ann", "coins": 700, "diamonds": 0,
+        "type": "welcome",
+        "user": "ann",
+        "name": "Ann",
+        "coins": 700,
+        "diamonds": 0,
         "protocol": 1,
-    }  # fmt: skip
+    }
     assert before <= ts <= int(time.time() * 1000)
     await client.close()
 
@@ -59,9 +63,7 @@ async def test_reply_echoes_integer_and_string_ids(app: App, tokens: TokenMaker)
             id="alg-hs512",
         ),
         pytest.param(lambda t: jwt.encode({"sub": "ann"}, JWT_SECRET), id="no-exp"),
-        pytest.param(
-            lambda t: jwt.encode({"sub": "a b", "exp": 2**40}, JWT_SECRET), id="bad-sub"
-        ),
+        pytest.param(lambda t: jwt.encode({"sub": "a b", "exp": 2**40}, JWT_SECRET), id="bad-sub"),
         pytest.param(
             lambda t: jwt.encode({"sub": "ann", "exp": 2**40, "role": "admin"}, JWT_SECRET),
             id="bad-role",
@@ -173,9 +175,11 @@ async def test_flood_of_bad_frames_closes_4429(make_app: Callable[..., App]) -> 
 async def test_origin_allow_list(redis_url: str, data_dir, catalog) -> None:
     settings = make_settings(redis_url, data_dir)
     settings = type(settings)(
-        **{**{f: getattr(settings, f) for f in settings.__slots__},
-           "allowed_origins": ("https://app.example",)}
-    )  # fmt: skip
+        **{
+            **{f: getattr(settings, f) for f in settings.__slots__},
+            "allowed_origins": ("https://app.example",),
+        }
+    )
     async with App(settings, catalog) as node:
         with pytest.raises(InvalidStatus) as refused:
             await WsClient.open(node.ws_url, origin="https://evil.example")
@@ -213,9 +217,16 @@ async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> Non
         for round_ in range(400):
             room = node.hub.rooms["cara"]
             for _ in range(20):
-                node.hub.publish(room, lambda seq, n=round_: {"type": "viewers", "room": "cara",
-                                                              "seq": seq, "count": n,
-                                                              "pad": "x" * 2000})
+                node.hub.publish(
+                    room,
+                    lambda seq, n=round_: {
+                        "type": "viewers",
+                        "room": "cara",
+                        "seq": seq,
+                        "count": n,
+                        "pad": "x" * 2000,
+                    },
+                )
             await node.hub.flush()
             if node.metrics.slow_consumer_closes._value.get() > closes_before:
                 break

@@ -43,11 +43,14 @@ async def test_gift_ok_and_room_event(app: App, stage: Any, admin: AdminClient) 
     seq = event.pop("seq")
     assert isinstance(ts, int) and seq >= 1
     assert event == {
-        "type": "gift", "room": "cara", "event": ok["event"],
+        "type": "gift",
+        "room": "cara",
+        "event": ok["event"],
         "sender": {"id": "ann", "name": "Ann"},
         "gift": {"id": "heart", "name": "Heart", "coins": 5, "animation": "anim.heart.v1"},
-        "count": 3, "combo": 1,
-    }  # fmt: skip
+        "count": 3,
+        "combo": 1,
+    }
     balance = await ann.request({"type": "balance"})
     assert balance == {"type": "balance", "coins": 685, "diamonds": 0}
     creator_balance = await stage["creator"].request({"type": "balance"})
@@ -202,8 +205,10 @@ async def test_200_concurrent_gifts_end_at_the_exact_balance(make_app, tokens: T
                 client, _ = await WsClient.login(node.ws_url, tokens("ann"))
                 await client.request({"type": "join", "room": "cara"})
                 clients.append(client)
-            sends = [clients[i % 10].request(gift(f"concurrent-{i:04d}", "heart"), timeout=30)
-                     for i in range(200)]  # fmt: skip
+            sends = [
+                clients[i % 10].request(gift(f"concurrent-{i:04d}", "heart"), timeout=30)
+                for i in range(200)
+            ]
             replies = await asyncio.gather(*sends)
             accepted = [r for r in replies if r["type"] == "gift_ok"]
             refused = [r for r in replies if r["type"] == "error"]
@@ -258,16 +263,21 @@ async def test_a_gift_flood_is_closed_4429_without_waiting_for_another_frame(
     """The strike that ends the connection is taken by a gift still settling, while the
     reader waits for a frame that never comes: the close must not wait for one."""
     async with make_app(
-        gifts_per_s=0.01, gifts_burst=1, messages_burst=1000, flood_strikes=1,
+        gifts_per_s=0.01,
+        gifts_burst=1,
+        messages_burst=1000,
+        flood_strikes=1,
         flood_strikes_per_s=0.01,
-    ) as node:  # fmt: skip
+    ) as node:
         creator, ann = await _ann_in_caras_room(node, tokens)
         for i in range(3):
             await ann.send({**gift(f"flood-gift-{i:03d}"), "id": f"g{i}"})
         replies = [await ann.next() for _ in range(3)]
         assert [(r["id"], r.get("code")) for r in replies] == [
-            ("g0", None), ("g1", "rate_limited"), ("g2", "rate_limited")
-        ]  # fmt: skip
+            ("g0", None),
+            ("g1", "rate_limited"),
+            ("g2", "rate_limited"),
+        ]
         assert await ann.closed_with(timeout=3) == 4429
         await creator.close()
 
@@ -275,9 +285,12 @@ async def test_a_gift_flood_is_closed_4429_without_waiting_for_another_frame(
 async def test_no_gift_behind_the_flood_decision_is_served(make_app, tokens: TokenMaker) -> None:
     """Gifts read before the flood was found, and any frame after it, move no coin."""
     async with make_app(
-        gifts_per_s=2.0, gifts_burst=1, messages_burst=1000, flood_strikes=1,
+        gifts_per_s=2.0,
+        gifts_burst=1,
+        messages_burst=1000,
+        flood_strikes=1,
         flood_strikes_per_s=0.01,
-    ) as node:  # fmt: skip
+    ) as node:
         creator, ann = await _ann_in_caras_room(node, tokens)
         for i in range(5):  # g2 is the flood; g3 and g4 were read before it was found
             await ann.send({**gift(f"flood-gift-{i:03d}"), "id": f"g{i}"})

@@ -12,8 +12,9 @@ from tests.helpers import TokenMaker, WsClient
 async def live_room(app: App, tokens: TokenMaker, creator: str = "cara", title: str = "Hi"):
     client, _ = await WsClient.login(app.ws_url, tokens(creator, "creator", name=creator.title()))
     assert await client.request({"type": "go_live", "title": title}) == {
-        "type": "live", "room": creator,
-    }  # fmt: skip
+        "type": "live",
+        "room": creator,
+    }
     return client
 
 
@@ -22,12 +23,17 @@ async def test_go_live_join_leave_exact_replies(app: App, tokens: TokenMaker) ->
     viewer, _ = await WsClient.login(app.ws_url, tokens("ann"))
     joined = await viewer.request({"type": "join", "room": "cara"})
     assert joined == {
-        "type": "joined", "room": "cara", "creator": "cara", "title": "Morning show",
-        "viewers": 1, "seq": 0,
-    }  # fmt: skip
+        "type": "joined",
+        "room": "cara",
+        "creator": "cara",
+        "title": "Morning show",
+        "viewers": 1,
+        "seq": 0,
+    }
     assert await viewer.request({"type": "leave", "room": "cara"}) == {
-        "type": "left", "room": "cara",
-    }  # fmt: skip
+        "type": "left",
+        "room": "cara",
+    }
     again = await viewer.request({"type": "leave", "room": "cara"})
     assert again["type"] == "error" and again["code"] == "not_joined"
     await viewer.close()
@@ -75,9 +81,7 @@ async def test_end_live_tells_every_viewer(app: App, tokens: TokenMaker) -> None
     await creator.close()
 
 
-async def test_viewer_counts_are_announced_on_change_with_seq(
-    app: App, tokens: TokenMaker
-) -> None:
+async def test_viewer_counts_are_announced_on_change_with_seq(app: App, tokens: TokenMaker) -> None:
     creator = await live_room(app, tokens)
     await creator.request({"type": "join", "room": "cara"})
     first, _ = await WsClient.login(app.ws_url, tokens("ann"))
@@ -135,8 +139,9 @@ async def test_since_past_history_says_not_recovered(make_app: Callable[..., App
         await viewer.request({"type": "join", "room": "cara"})
         room = node.hub.rooms["cara"]
         for n in range(10):
-            node.hub.publish(room, lambda seq, n=n: {"type": "viewers", "room": "cara",
-                                                     "seq": seq, "count": n})  # fmt: skip
+            node.hub.publish(
+                room, lambda seq, n=n: {"type": "viewers", "room": "cara", "seq": seq, "count": n}
+            )
         await node.hub.flush()
         await viewer.wait_for_room_events(10)
         late, _ = await WsClient.login(node.ws_url, tokens("bob"))
@@ -154,8 +159,9 @@ async def test_ops_feed(app: App, tokens: TokenMaker, admin) -> None:
     await admin.buy("ann", "coins_700")
     ops, _ = await WsClient.login(app.ws_url, tokens("otto", "ops"))
     assert await ops.request({"type": "watch", "rooms": ["*"]}) == {
-        "type": "watching", "rooms": ["*"],
-    }  # fmt: skip
+        "type": "watching",
+        "rooms": ["*"],
+    }
     creator = await live_room(app, tokens, title="Live!")
     opened = await ops.expect("room_opened")
     assert opened == {"type": "room_opened", "room": "cara", "creator": "cara", "title": "Live!"}
