@@ -351,7 +351,7 @@ async def _drive(
     for proc in procs:
         proc.start()
     try:
-        return await _follow(s, plan, control, procs, inbox, console, lambda: aborted)
+        return await _follow(s, control, procs, inbox, console, lambda: aborted)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         control.abort.set()  # a worker still waiting for go or finish stops now
@@ -366,7 +366,6 @@ async def _drive(
 
 async def _follow(
     s: Scenario,
-    plan: Plan,
     control: Control,
     procs: Sequence[BaseProcess],
     inbox: asyncio.Queue[WorkerMessage],
