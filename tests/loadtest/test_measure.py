@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import queue
-import threading
+import multiprocessing
 import time
 from array import array
-from types import SimpleNamespace
 
 import orjson
 from websockets.asyncio.server import ServerConnection, serve
@@ -18,7 +16,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from giftstream.loadtest import hist
 from giftstream.loadtest.client import RoomFrame, Shared
 from giftstream.loadtest.collect import Tally
-from giftstream.loadtest.messages import Final, Tick, WorkerMessage
+from giftstream.loadtest.messages import Final, Tick
 from giftstream.loadtest.plan import ClientSpec, GiftMix, WorkerPlan
 from giftstream.loadtest.worker import Control, Worker
 from giftstream.protocol.codec import encode, encode_error, encode_reply, encode_room_frame
@@ -129,19 +127,17 @@ async def test_open_loop_times_gifts_from_when_they_were_due() -> None:
             connect_concurrency=1,
             token_ttl_s=60,
         )
-        out: queue.Queue[WorkerMessage | None] = queue.Queue()
-        events = [threading.Event() for _ in range(3)]
-        events[0].set()  # go
-        events[1].set()  # finish as soon as drained
-        start_ns = time.time_ns() + 300 * MS
-        control = Control(out, events[0], events[1], events[2], SimpleNamespace(value=start_ns))
+        control = _control()
+        control.go.set()
+        control.finish.set()  # finish as soon as drained
+        control.start_ns.value = time.time_ns() + 300 * MS
         loop = asyncio.get_running_loop()
         loop.call_later(0.3 + 0.5, time.sleep, 0.3)  # the generator stalls 0.5 s into the run
         await Worker(plan, control).main()
-    messages = []
-    while not out.empty():
-        messages.append(out.get())
-    final = next(m for m in messages if isinstance(m, Final))
+    final = None
+    while final is None:  # the last message a worker sends
+        message = control.out.get(timeout=10)
+        final = message if isinstance(message, Final) else None
     assert final.counts["gifts_sent"] == 60  # every gift due in 1.2 s at 50/s went
     ack = hist.merge([final.ack_hist])
     lag = hist.merge([final.lag_hist])
@@ -165,6 +161,10 @@ def _frame(*events: tuple[int, str | None]) -> bytes:
         for seq, eid in events
     ]
     return orjson.dumps(wire[0] if len(wire) == 1 else {"type": "batch", "events": wire})
+
+
+def _control() -> Control:
+    return Control.create(multiprocessing.get_context("spawn"))
 
 
 def _offline_plan(run_id: str, *clients: ClientSpec) -> WorkerPlan:
@@ -226,7 +226,7 @@ def _room_frame(shared: Shared, raw: bytes) -> RoomFrame:
 
 def test_viewers_take_shared_frames_whole_and_fall_back_on_gaps_and_overlaps() -> None:
     plan = _offline_plan("lttest01", ClientSpec(user="a", room="r"), ClientSpec(user="b", room="r"))
-    worker = Worker(plan, Control(None, None, None, None, None))
+    worker = Worker(plan, _control())
     shared = worker.shared
     a, b = worker.clients
     a.rec.last_seq = b.rec.last_seq = 0
@@ -249,7 +249,7 @@ def test_a_refused_resend_leaves_its_gift_uncertain_not_refunded() -> None:
     `rate_limited` may have settled on its first send: it stays to be resolved, and the
     first send's late `gift_ok` still counts. A first send refused so is final."""
     plan = _offline_plan("lttest02", ClientSpec(user="g", room="r", gifter=0))
-    worker = Worker(plan, Control(None, None, None, None, None))
+    worker = Worker(plan, _control())
     (client,) = worker.clients
     client.balance = 1_000_000
     first, again = client.next_gift(0, waiter=False), client.next_gift(0, waiter=False)
