@@ -29,7 +29,7 @@ from giftstream.loadtest import hist
 from giftstream.loadtest.link import Link, open_link
 from giftstream.loadtest.messages import Ack, ClientRow
 from giftstream.loadtest.plan import COUNT_WEIGHTS, COUNTS, ClientSpec, WorkerPlan
-from giftstream.protocol.codec import ROOM_FRAME_PREFIXES
+from giftstream.protocol.codec import BATCH, ROOM_FRAME_PREFIXES
 from giftstream.protocol.errors import ErrorCode
 from giftstream.server.realtime.auth import Role, mint_token
 
@@ -54,7 +54,7 @@ SCRIPT_REFUSALS = frozenset(
 CONNECT_ERRORS = (OSError, InvalidHandshake, ConnectionClosed, TimeoutError)
 
 
-@final  # `type(msg) is RoomFrame` tells it from a reply
+@final  # so the hot path's `type(msg) is RoomFrame` narrows `msg` both ways
 @dataclass(frozen=True, slots=True, eq=False)
 class RoomFrame:
     """A room frame (one event or a batch) digested once per worker: every viewer of the room
@@ -68,7 +68,7 @@ class RoomFrame:
 
     @classmethod
     def of(cls, parsed: dict[str, Any]) -> RoomFrame:
-        raw = parsed.get("events", ()) if parsed.get("type") == "batch" else (parsed,)
+        raw = parsed.get("events", ()) if parsed.get("type") == BATCH else (parsed,)
         events = tuple(e for e in raw if isinstance(e, dict) and type(e.get("seq")) is int)
         seqs = [e["seq"] for e in events]
         return cls(
