@@ -20,7 +20,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
 
 from giftstream.loadtest import hist
-from giftstream.loadtest.worker import COUNTERS, TICK_NS
+from giftstream.loadtest.messages import COUNTERS, TICK_NS, Tick
 
 NS_PER_S = 1_000_000_000
 
@@ -57,30 +57,30 @@ class Tally:
             found = self.seconds[index] = Second()
         return found
 
-    def add_tick(self, worker: int, body: dict[str, Any]) -> None:
-        sec = self.second(body["t_ns"])
-        counts = body["counts"]
-        sec.counts.update(counts)
-        self.totals.update(counts)
-        sec.ack = hist.merge([body["ack_hist"]], into=sec.ack)
-        sec.connections[worker] = body["connections"]
-        self.connections[worker] = body["connections"]
-        self.errors[worker] = body["errors"]
-        self.pending[worker] = body["pending"]
-        self.last_tick_ns = max(self.last_tick_ns, body["t_ns"])
-        for event, sent in body["acks"]:
+    def add_tick(self, tick: Tick) -> None:
+        worker = tick.worker
+        sec = self.second(tick.t_ns)
+        sec.counts.update(tick.counts)
+        self.totals.update(tick.counts)
+        sec.ack = hist.merge([tick.ack_hist], into=sec.ack)
+        sec.connections[worker] = tick.connections
+        self.connections[worker] = tick.connections
+        self.errors[worker] = tick.errors
+        self.pending[worker] = tick.pending
+        self.last_tick_ns = max(self.last_tick_ns, tick.t_ns)
+        for event, sent in tick.acks:
             self.send_ns[event] = sent
             waiting = self.waiting.pop(event, None)
             if waiting is not None:
                 for blob in waiting:
                     self._screen(sent, blob)
-        for events, blob in body["receipts"]:  # the gift events of one frame, and its times
+        for events, blob in tick.receipts:  # the gift events of one frame, and its times
             for event in events:
-                sent = self.send_ns.get(event)
-                if sent is None:
+                sent_ns = self.send_ns.get(event)
+                if sent_ns is None:
                     self.waiting.setdefault(event, []).append(blob)
                 else:
-                    self._screen(sent, blob)
+                    self._screen(sent_ns, blob)
 
     def add_server(self, t_ns: int, figures: dict[str, Any]) -> None:
         """A server sample (CPU, RSS, its own counters) into the second it was taken in."""

@@ -15,9 +15,10 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from multiprocessing.process import BaseProcess
+from typing import Any, NoReturn, assert_never
 
 import orjson
 from rich.console import Console
@@ -35,10 +36,19 @@ from giftstream.loadtest.check import (
 )
 from giftstream.loadtest.collect import Tally
 from giftstream.loadtest.live import Progress
+from giftstream.loadtest.messages import (
+    Drained,
+    Failed,
+    Final,
+    Ready,
+    Tick,
+    WorkerMessage,
+    client_record,
+)
 from giftstream.loadtest.plan import Plan, make_plan
 from giftstream.loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
 from giftstream.loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
-from giftstream.loadtest.worker import Control, client_record, worker_main
+from giftstream.loadtest.worker import Control, worker_main
 from giftstream.server.realtime.auth import Role, mint_token
 
 START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then
@@ -74,23 +84,30 @@ class Finals:
     coordinator_cpu_s: float = 0.0
     wall_s: float = 0.0  # from go to the last final
 
-    def add(self, final: dict[str, Any]) -> None:
-        for name, value in final["counts"].items():
-            self.counts[name] = self.counts.get(name, 0) + value
-        for source, into in ((final["errors"], self.errors), (final["closes"], self.closes)):
+    def add(self, final: Final) -> None:
+        extra = {
+            "gifts_resolved_late": final.gifts_resolved_late,
+            "storm_dropped": final.storm_dropped,
+            "unrecovered": final.unrecovered,
+            "connect_failed": final.connect_failed,
+        }
+        for source, into in (
+            (final.counts, self.counts),
+            (final.errors, self.errors),
+            (final.closes, self.closes),
+            (extra, self.extra),
+        ):
             for name, value in source.items():
                 into[name] = into.get(name, 0) + value
-        for name in ("gifts_resolved_late", "storm_dropped", "unrecovered", "connect_failed"):
-            self.extra[name] = self.extra.get(name, 0) + final[name]
-        self.cpu_s.append(final["cpu_s"])
-        self.ack_hist.append(final["ack_hist"])
-        self.lag_hist.append(final["lag_hist"])
+        self.cpu_s.append(final.cpu_s)
+        self.ack_hist.append(final.ack_hist)
+        self.lag_hist.append(final.lag_hist)
         outcome = self.outcome
-        outcome.acks.extend(final["acks"])
-        outcome.unresolved.extend(final["unresolved"])
-        outcome.clients.extend(client_record(row) for row in final["clients"])
-        outcome.add_room_seqs(final["room_seqs"])
-        outcome.conflicts.extend(final["conflicts"])
+        outcome.acks.extend(final.acks)
+        outcome.unresolved.extend(final.unresolved)
+        outcome.clients.extend(client_record(row) for row in final.clients)
+        outcome.add_room_seqs(final.room_seqs)
+        outcome.conflicts.extend(final.conflicts)
 
 
 @dataclass(slots=True)
@@ -301,13 +318,7 @@ async def _drive(
 ) -> tuple[Tally, Finals, bool, ServerWatch]:
     """Start the workers, follow them to the end, and merge what they report."""
     ctx = multiprocessing.get_context("spawn")
-    control = Control(
-        out=ctx.Queue(),
-        go=ctx.Event(),
-        finish=ctx.Event(),
-        abort=ctx.Event(),
-        start_ns=ctx.Value("q", 0),
-    )
+    control = Control.create(ctx)
     procs = [
         ctx.Process(
             target=worker_main,
@@ -318,7 +329,7 @@ async def _drive(
         for i in range(s.workers)
     ]
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    inbox: asyncio.Queue[WorkerMessage] = asyncio.Queue()
 
     def pump() -> None:
         while True:
@@ -340,7 +351,7 @@ async def _drive(
     for proc in procs:
         proc.start()
     try:
-        return await _follow(s, plan, control, procs, inbox, console, lambda: aborted)
+        return await _follow(s, control, procs, inbox, console, lambda: aborted)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         control.abort.set()  # a worker still waiting for go or finish stops now
@@ -355,28 +366,18 @@ async def _drive(
 
 async def _follow(
     s: Scenario,
-    plan: Plan,
     control: Control,
-    procs: list[Any],
-    inbox: asyncio.Queue[tuple[Any, ...]],
+    procs: Sequence[BaseProcess],
+    inbox: asyncio.Queue[WorkerMessage],
     console: Console,
     interrupted: Callable[[], bool],
 ) -> tuple[Tally, Finals, bool, ServerWatch]:
-    workers = len(procs)
-    connect_budget = 120 + s.viewers / max(1, workers) / 20
-    ready: dict[int, tuple[int, int]] = {}
-    deadline = time.monotonic() + connect_budget
+    """Wait for every worker to be ready, give one start time, then take their messages
+    until every final is in, showing the progress as it goes."""
     console.print(f"connecting {s.viewers} viewers ...")
-    while len(ready) < workers:
-        message = await _next(inbox, procs, deadline, "connecting")
-        if message[0] == "ready":
-            ready[message[1]] = (message[2], message[3])
-        elif message[0] == "failed":
-            raise RunError(f"worker {message[1]} failed:\n{message[2]}")
-        if interrupted():
-            raise RunError("interrupted while connecting")
-    connected = sum(c for c, _ in ready.values())
-    failed = sum(f for _, f in ready.values())
+    ready = await _await_ready(s, procs, inbox, interrupted)
+    connected = sum(r.connected for r in ready)
+    failed = sum(r.failed for r in ready)
     console.print(f"{connected} viewers connected" + (f", {failed} failed" if failed else ""))
     if connected == 0:
         raise RunError("no viewer could connect")
@@ -384,102 +385,164 @@ async def _follow(
     control.start_ns.value = start_ns
     control.go.set()
     cpu_at_go = time.process_time()
-    tally = Tally(start_ns)
-    finals = Finals()
-    done: set[int] = set()
+    run = _Following(control, len(procs), Tally(start_ns), start_ns + int(s.duration * 1e9))
     dead_since: dict[int, float] = {}
-    drained: set[int] = set()
-    finish_at: float | None = None
-    phase = "running"
-    end_ns = start_ns + int(s.duration * 1e9)
     hard_deadline = time.monotonic() + START_DELAY_S + s.duration + s.drain + 120
-    latest = ServerSample()
-    pid = s.server_pid
-    async with ServerWatch(pid, s.admin) as watch:
-
-        async def sample() -> None:
-            nonlocal latest
-            before: tuple[float, dict[str, float]] | None = None
-            while True:
-                latest = await watch.sample()
-                now = time.monotonic()
-                figures: dict[str, Any] = {
-                    "server_cpu_percent": latest.cpu_percent,
-                    "server_rss_mb": latest.rss_mb,
-                }
-                if "connections" in latest.metrics:
-                    figures["server_connections"] = latest.metrics["connections"]
-                if before is not None and latest.metrics:
-                    for name in ("gifts_settled", "broadcast_deliveries", "slow_consumer_closes"):
-                        if name in latest.metrics and name in before[1]:
-                            rate = (latest.metrics[name] - before[1][name]) / (now - before[0])
-                            figures[f"server_{name}_per_s"] = round(rate, 1)
-                if latest.metrics:
-                    before = (now, latest.metrics)
-                tally.add_server(time.time_ns(), figures)
-                await asyncio.sleep(SAMPLE_S)
-
-        sampler = asyncio.get_running_loop().create_task(sample())
+    async with ServerWatch(s.server_pid, s.admin) as watch:
+        sampler = asyncio.get_running_loop().create_task(_sample_server(watch, run))
         with Progress(console, s.duration) as progress:
             try:
-                while len(done) < workers:
+                while len(run.done) < run.workers:
                     message = await _next(inbox, procs, time.monotonic() + 0.5, None)
-                    kind = message[0] if message else None
-                    if kind == "tick":
-                        tally.add_tick(message[1], message[2])
-                    elif kind == "drained":
-                        drained.add(message[1])
-                        phase = "draining"
-                        if len(drained) == workers:
-                            finish_at = time.monotonic() + QUIET_S
-                    elif kind == "final":
-                        finals.add(message[2])
-                        done.add(message[1])
-                    elif kind == "failed":
-                        control.abort.set()
-                        raise RunError(f"worker {message[1]} failed:\n{message[2]}")
-                    if time.time_ns() >= end_ns and phase == "running":
-                        phase = "draining"
-                    if finish_at is not None and time.monotonic() >= finish_at:
-                        control.finish.set()
-                        phase = "closing"
-                    if interrupted():
-                        phase = "stopping (Ctrl-C)"
-                    _check_alive(procs, done, dead_since)
+                    if message is not None:
+                        run.take(message)
+                    run.advance(interrupted())
+                    _check_alive(procs, run.done, dead_since)
                     if time.monotonic() > hard_deadline:
                         control.abort.set()
                         raise RunError("the run did not end in time; workers stopped")
                     elapsed = max(0.0, (time.time_ns() - start_ns) / 1e9)
-                    progress.update(phase, elapsed, tally.now_view(), latest)
+                    progress.update(run.phase, elapsed, run.tally.now_view(), run.latest)
             finally:
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
-    finals.coordinator_cpu_s = time.process_time() - cpu_at_go
-    finals.wall_s = (time.time_ns() - start_ns) / 1e9
-    return tally, finals, interrupted(), watch
+    run.finals.coordinator_cpu_s = time.process_time() - cpu_at_go
+    run.finals.wall_s = (time.time_ns() - start_ns) / 1e9
+    return run.tally, run.finals, interrupted(), watch
+
+
+async def _await_ready(
+    s: Scenario,
+    procs: Sequence[BaseProcess],
+    inbox: asyncio.Queue[WorkerMessage],
+    interrupted: Callable[[], bool],
+) -> list[Ready]:
+    """Every worker's `Ready`, sent once each of its clients has tried to connect."""
+    deadline = time.monotonic() + 120 + s.viewers / max(1, len(procs)) / 20
+    ready: dict[int, Ready] = {}
+    while len(ready) < len(procs):
+        message = await _next(inbox, procs, deadline, "connecting")
+        match message:
+            case Ready():
+                ready[message.worker] = message
+            case Failed():
+                raise _failed(message)
+            case _:
+                pass  # nothing else comes before go
+        if interrupted():
+            raise RunError("interrupted while connecting")
+    return list(ready.values())
+
+
+@dataclass(slots=True)
+class _Following:
+    """What the coordinator has heard from its workers since go, and the phase it shows."""
+
+    control: Control
+    workers: int
+    tally: Tally
+    end_ns: int
+    finals: Finals = field(default_factory=Finals)
+    drained: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)  # the workers whose final is in
+    finish_at: float | None = None  # monotonic: when to tell every worker to finish
+    phase: str = "running"
+    latest: ServerSample = field(default_factory=ServerSample)
+
+    def take(self, message: WorkerMessage) -> None:
+        match message:
+            case Tick():
+                self.tally.add_tick(message)
+            case Drained():
+                self.on_drained(message)
+            case Final():
+                self.on_final(message)
+            case Failed():
+                self.on_failed(message)
+            case Ready():
+                pass  # connecting is over
+            case _:
+                assert_never(message)
+
+    def on_drained(self, message: Drained) -> None:
+        self.drained.add(message.worker)
+        self.phase = "draining"
+        if len(self.drained) == self.workers:
+            self.finish_at = time.monotonic() + QUIET_S
+
+    def on_final(self, message: Final) -> None:
+        self.finals.add(message)
+        self.done.add(message.worker)
+
+    def on_failed(self, message: Failed) -> NoReturn:
+        self.control.abort.set()
+        raise _failed(message)
+
+    def advance(self, interrupted: bool) -> None:
+        """The phase by the clock: past the end, draining; QUIET_S after every worker
+        drained, tell them all to finish."""
+        if time.time_ns() >= self.end_ns and self.phase == "running":
+            self.phase = "draining"
+        if self.finish_at is not None and time.monotonic() >= self.finish_at:
+            self.control.finish.set()
+            self.phase = "closing"
+        if interrupted:
+            self.phase = "stopping (Ctrl-C)"
+
+
+async def _sample_server(watch: ServerWatch, run: _Following) -> None:
+    """Every SAMPLE_S: the server's CPU, RSS and its own counters' rates into the tally."""
+    before: tuple[float, dict[str, float]] | None = None
+    while True:
+        latest = run.latest = await watch.sample()
+        now = time.monotonic()
+        figures: dict[str, Any] = {
+            "server_cpu_percent": latest.cpu_percent,
+            "server_rss_mb": latest.rss_mb,
+        }
+        if "connections" in latest.metrics:
+            figures["server_connections"] = latest.metrics["connections"]
+        if before is not None and latest.metrics:
+            for name in ("gifts_settled", "broadcast_deliveries", "slow_consumer_closes"):
+                if name in latest.metrics and name in before[1]:
+                    rate = (latest.metrics[name] - before[1][name]) / (now - before[0])
+                    figures[f"server_{name}_per_s"] = round(rate, 1)
+        if latest.metrics:
+            before = (now, latest.metrics)
+        run.tally.add_server(time.time_ns(), figures)
+        await asyncio.sleep(SAMPLE_S)
+
+
+def _failed(message: Failed) -> RunError:
+    return RunError(f"worker {message.worker} failed:\n{message.traceback}")
 
 
 async def _next(
-    inbox: asyncio.Queue[tuple[Any, ...]], procs: list[Any], deadline: float, waiting: str | None
-) -> tuple[Any, ...]:
-    """The next worker message; () when none came by `deadline` (an error while `waiting`
-    for something), and an error when a worker process died without saying why."""
+    inbox: asyncio.Queue[WorkerMessage],
+    procs: Sequence[BaseProcess],
+    deadline: float,
+    waiting: str | None,
+) -> WorkerMessage | None:
+    """The next worker message; None when none came by `deadline` (an error while
+    `waiting` for something), and an error when a worker process died without saying why."""
     try:
         return await asyncio.wait_for(inbox.get(), max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         for index, proc in enumerate(procs):
             if proc.exitcode is not None and proc.exitcode != 0:
-                await asyncio.sleep(0.2)  # its "failed" message may be on its way
+                await asyncio.sleep(0.2)  # its Failed message may be on its way
                 if not inbox.empty():
                     return inbox.get_nowait()
                 raise RunError(f"worker {index} exited with code {proc.exitcode}") from None
         if waiting is not None:
             raise RunError(f"timed out {waiting}") from None
-        return ()
+        return None
 
 
-def _check_alive(procs: list[Any], done: set[int], dead_since: dict[int, float]) -> None:
+def _check_alive(
+    procs: Sequence[BaseProcess], done: set[int], dead_since: dict[int, float]
+) -> None:
     """A worker that exited without its final message (after a grace for messages still on
     their way) ends the run with an error rather than a wait."""
     now = time.monotonic()

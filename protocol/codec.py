@@ -17,6 +17,14 @@ from giftstream.protocol.messages import ClientMessage, RequestId, parse_message
 
 MAX_FRAME_BYTES = 4096
 BATCH = "batch"
+# How every room frame begins: a batch, or one room event keyed as its `as_dict` orders
+# them. A client tells a room frame from a reply by these bytes, without parsing it.
+ROOM_FRAME_PREFIXES: tuple[bytes, ...] = (
+    b'{"type":"' + BATCH.encode() + b'"',
+    b'{"type":"gift","room"',
+    b'{"type":"viewers"',
+    b'{"type":"room_ended"',
+)
 
 # A str's UTF-8 size is at least its length and at most 4x: below this many characters
 # no frame can be over the limit, so the common small frame is never encoded to measure.
