@@ -82,8 +82,9 @@ class Broker(PresenceManager, Protocol):
         ...
 
     def publish(self, room_id: str, make_event: MakeEvent) -> None:
-        """Queue one event for the next flush; `make_event(seq)` builds it with its seq.
-        Synchronous and cheap: it runs on every gift."""
+        """Queue one event for the next flush; `make_event(seq)` builds it once its seq is
+        known (at once, or at the flush that commits it). Synchronous and cheap: it runs on
+        every gift."""
         ...
 
     async def flush(self, room_ids: Collection[str] | None = None) -> None:
