@@ -21,6 +21,7 @@ from giftstream.server.metrics import Metrics
 from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.wallet import Wallet
+from giftstream.server.realtime.broker import Broker, MemoryBroker
 from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
 from giftstream.server.realtime.hub import Hub
@@ -79,13 +80,10 @@ class App:
         await self.wallet.load_scripts()
         self.fanout = Fanout(settings.limits.max_backlog_bytes, self.metrics)
         self.ops = OpsFeed(self.fanout)
-        self.hub = Hub(
-            self.redis,
-            self.fanout,
-            self.ops,
-            self.metrics,
-            history_size=settings.limits.history_size,
+        self.broker: Broker = await self._stack.enter_async_context(
+            MemoryBroker(self.redis, history_size=settings.limits.history_size)
         )
+        self.hub = Hub(self.redis, self.broker, self.fanout, self.ops, self.metrics)
         restored = await self.hub.restore()
         self.services = Services(
             limits=settings.limits,
@@ -181,7 +179,7 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._stack.aclose()  # admin server, gateway (1001 to every socket), Redis
+        await self._stack.aclose()  # admin server, gateway (1001 to every socket), broker, Redis
         self._stop_embedded_redis()
         log.info("giftstream stopped")
 

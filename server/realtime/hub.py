@@ -1,16 +1,9 @@
-"""The hub: live rooms, who is in them, each room's seq and history, and batched fan-out.
+"""The hub: live rooms, who is in them, the tick, and batched fan-out to viewers and ops.
 
-Nothing else touches a room's viewer set. Events are numbered when published, collected in
-the room's outbox, and once per tick encoded into one frame that goes to every viewer and
-ops watcher of the room (the same bytes, no per-viewer await). Only flushed events enter
-the history, so a `since` join never sees an event twice; they enter it as their encoded
-bytes, which the garbage collector never scans (kept as dicts, a busy room's history was
-what made the full collections that stalled every room for tens of ms).
-
-A room's seq must never go backwards, even across a crash: the hub persists a reserved
-upper bound (`seq_reserved`, in blocks) before it sends any seq past it, and a restarted
-server resumes from that bound, so a client's `since` is either recovered or answered
-`recovered:false`, never silently wrong.
+Nothing else touches a room's viewer set. A room's events go through the broker
+(server/realtime/broker.py), which numbers them, keeps their history for `since` and hands
+each room's events of one tick back through the hub's subscription; the hub frames them once
+and writes the same bytes to every viewer and ops watcher of the room, awaiting none.
 """
 
 from __future__ import annotations
@@ -18,31 +11,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 
-from giftstream.protocol.codec import encode_event, join_room_frame
+from giftstream.protocol.codec import join_room_frame
 from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.protocol.events import Joined, RoomEnded, ViewersEvent
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
+from giftstream.server.realtime.broker import Broker, Event, MakeEvent, room_key
 from giftstream.server.realtime.fanout import Fanout, text_frame
 from giftstream.server.realtime.ops import OpsFeed
 
 log = logging.getLogger(__name__)
 
-SEQ_BLOCK = 1024  # seqs reserved per Redis write
 LIVE_ROOMS_KEY = "giftstream:rooms:live"
-Event = dict[str, Any]
-
-
-def room_key(room_id: str) -> str:
-    return f"giftstream:room:{room_id}"
 
 
 def _viewers_event(room_id: str, count: int, seq: int) -> Event:
@@ -55,12 +41,7 @@ class Room:
     creator: str
     title: str
     started_ms: int
-    seq: int  # last seq given to an event
-    seq_reserved: int  # persisted bound: no seq above it has been sent
-    flushed_seq: int = 0  # last seq sent to viewers
     viewers: dict[ServerConnection, None] = field(default_factory=dict)
-    history: deque[tuple[int, bytes]] = field(default_factory=deque)  # (seq, encoded event)
-    outbox: list[Event] = field(default_factory=list)
     viewers_announced: int = 0
 
 
@@ -70,20 +51,18 @@ class Hub:
     def __init__(
         self,
         redis: aioredis.Redis,
+        broker: Broker,
         fanout: Fanout,
         ops: OpsFeed,
         metrics: Metrics,
-        *,
-        history_size: int,
     ) -> None:
         self.redis = redis
+        self.broker = broker
         self.fanout = fanout
         self.ops = ops
         self.metrics = metrics
-        self.history_size = history_size
         self.rooms: dict[str, Room] = {}
         self._joined: dict[ServerConnection, set[str]] = {}
-        self._dirty: dict[str, Room] = {}
 
     # ---- lifecycle of rooms -------------------------------------------------------------
 
@@ -94,21 +73,22 @@ class Hub:
             for room_id in room_ids:
                 pipe.hgetall(room_key(room_id))
             records = await pipe.execute()
+        rooms: list[Room] = []
         for room_id, raw in zip(room_ids, records, strict=True):
             record = {keys.text(k): keys.text(v) for k, v in raw.items()}
             if record.get("live") != "1":
                 continue
-            reserved = int(record.get("seq_reserved", "0"))
-            self.rooms[room_id] = Room(
-                id=room_id,
-                creator=record.get("creator", room_id),
-                title=record.get("title", ""),
-                started_ms=int(record.get("started", "0")),
-                seq=reserved,
-                seq_reserved=reserved,
-                flushed_seq=reserved,
-                history=deque(maxlen=self.history_size),
+            rooms.append(
+                Room(
+                    id=room_id,
+                    creator=record.get("creator", room_id),
+                    title=record.get("title", ""),
+                    started_ms=int(record.get("started", "0")),
+                )
             )
+        await asyncio.gather(*(self.broker.subscribe(room.id, self._deliver) for room in rooms))
+        for room in rooms:
+            self.rooms[room.id] = room
         self.metrics.rooms_live.set(len(self.rooms))
         return len(self.rooms)
 
@@ -121,32 +101,17 @@ class Hub:
                 room.title = title
                 await self.redis.hset(room_key(creator), "title", title)
             return room
-        reserved = int(await self.redis.hget(room_key(creator), "seq_reserved") or 0)
-        room = Room(
-            id=creator,
-            creator=creator,
-            title=title,
-            started_ms=now_ms,
-            seq=reserved,
-            seq_reserved=reserved + SEQ_BLOCK,
-            flushed_seq=reserved,
-            history=deque(maxlen=self.history_size),
-        )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 room_key(creator),
-                mapping={
-                    "creator": creator,
-                    "title": title,
-                    "live": "1",
-                    "started": now_ms,
-                    "seq_reserved": room.seq_reserved,
-                },
+                mapping={"creator": creator, "title": title, "live": "1", "started": now_ms},
             )
             pipe.sadd(LIVE_ROOMS_KEY, creator)
             await pipe.execute()
+        await self.broker.subscribe(creator, self._deliver)
         if creator in self.rooms:  # two go_live from the same creator raced; keep the first
             return self.rooms[creator]
+        room = Room(id=creator, creator=creator, title=title, started_ms=now_ms)
         self.rooms[creator] = room
         self.metrics.rooms_live.set(len(self.rooms))
         self.ops.room_opened(room.id, room.creator, room.title)
@@ -159,16 +124,16 @@ class Hub:
         if room is None:
             raise ProtocolError(ErrorCode.ROOM_NOT_LIVE, "your room is not live")
         self.publish(room, lambda seq: RoomEnded(room=room.id, seq=seq).as_dict())
-        await self._flush_rooms([room])
+        await self.broker.flush((room.id,))
         del self.rooms[creator]
-        self._dirty.pop(creator, None)
         for conn in room.viewers:
             joined = self._joined.get(conn)
             if joined is not None:
                 joined.discard(room.id)
         room.viewers.clear()
+        await self.broker.unsubscribe(room.id)  # its seq bound was persisted by the flush
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(room_key(creator), mapping={"live": "0", "seq_reserved": room.seq_reserved})
+            pipe.hset(room_key(creator), "live", "0")
             pipe.srem(LIVE_ROOMS_KEY, creator)
             await pipe.execute()
         self.metrics.rooms_live.set(len(self.rooms))
@@ -193,20 +158,23 @@ class Hub:
         events. The caller writes both before it awaits anything, so no flush slips between."""
         room.viewers[conn] = None
         self._joined.setdefault(conn, set()).add(room.id)
+        broker = self.broker
+        broker.report_presence(room.id, len(room.viewers))
         recovered: bool | None = None
         missed: bytes | None = None
-        if since is not None:
-            encoded = [data for seq, data in room.history if seq > since]
-            oldest = room.history[0][0] if room.history else room.flushed_seq + 1
-            recovered = oldest <= since + 1 and since <= room.flushed_seq
-            if encoded:
-                missed = join_room_frame(encoded)
+        if since is None:
+            seq = broker.top_seq(room.id)
+        else:
+            history = broker.history(room.id, since)
+            seq, recovered = history.top_seq, history.recovered
+            if history.events:
+                missed = join_room_frame(history.events)
         joined = Joined(
             room=room.id,
             creator=room.creator,
             title=room.title,
-            viewers=len(room.viewers),
-            seq=room.flushed_seq,
+            viewers=broker.presence(room.id),
+            seq=seq,
             recovered=recovered,
         )
         return joined, missed
@@ -220,6 +188,7 @@ class Hub:
         room = self.rooms.get(room_id)
         if room is not None:
             room.viewers.pop(conn, None)
+            self.broker.report_presence(room_id, len(room.viewers))
         return True
 
     def leave_all(self, conn: ServerConnection) -> None:
@@ -227,6 +196,7 @@ class Hub:
             room = self.rooms.get(room_id)
             if room is not None:
                 room.viewers.pop(conn, None)
+                self.broker.report_presence(room_id, len(room.viewers))
 
     def is_member(self, conn: ServerConnection, room_id: str) -> bool:
         joined = self._joined.get(conn)
@@ -234,64 +204,34 @@ class Hub:
 
     # ---- events and fan-out -------------------------------------------------------------
 
-    def publish(self, room: Room, make_event: Callable[[int], Event]) -> Event:
-        """Number an event (built by `make_event(seq)`) and queue it for the next tick."""
-        room.seq += 1
-        event = make_event(room.seq)
-        room.outbox.append(event)
-        self._dirty[room.id] = room
-        return event
+    def publish(self, room: Room, make_event: MakeEvent) -> None:
+        """Queue an event (built by `make_event(seq)`) for the next tick; never awaits."""
+        self.broker.publish(room.id, make_event)
 
     def announce_viewers(self) -> None:
         """A `viewers` event for each room whose count changed since it was last announced."""
+        presence = self.broker.presence
         for room in self.rooms.values():
-            count = len(room.viewers)
+            count = presence(room.id)
             if count != room.viewers_announced:
                 room.viewers_announced = count
                 self.publish(room, functools.partial(_viewers_event, room.id, count))
 
     async def flush(self) -> None:
         """Send every room's queued events, one frame per room."""
-        if self._dirty:
-            rooms = list(self._dirty.values())
-            self._dirty.clear()
-            try:
-                await self._flush_rooms(rooms)
-            except BaseException:
-                for room in rooms:  # keep them queued for the next tick
-                    if room.outbox and room.id in self.rooms:
-                        self._dirty[room.id] = room
-                raise
+        await self.broker.flush()
 
-    async def _flush_rooms(self, rooms: list[Room]) -> None:
-        await self._reserve_seqs(rooms)
-        for room in rooms:
-            if not room.outbox:
-                continue
-            events, room.outbox = room.outbox, []
-            encoded = [encode_event(event) for event in events]
-            frame = text_frame(join_room_frame(encoded))  # encoded and framed once
-            for event, data in zip(events, encoded, strict=True):
-                room.history.append((event["seq"], data))
-            room.flushed_seq = events[-1]["seq"]
-            self.fanout.send(room.viewers, frame)
-            if self.ops.has_watchers:
-                watchers = [w for w in self.ops.watchers_of(room.id) if w not in room.viewers]
-                self.fanout.send(watchers, frame)
-            self.metrics.broadcast_frames.inc()
-
-    async def _reserve_seqs(self, rooms: list[Room]) -> None:
-        """Persist a new seq bound for each room about to send a seq past its old one."""
-        while True:
-            bounds = {room: room.seq + SEQ_BLOCK for room in rooms if room.seq > room.seq_reserved}
-            if not bounds:
-                return
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for room, bound in bounds.items():
-                    pipe.hset(room_key(room.id), "seq_reserved", bound)
-                await pipe.execute()
-            for room, bound in bounds.items():
-                room.seq_reserved = max(room.seq_reserved, bound)
+    def _deliver(self, room_id: str, encoded: Sequence[bytes]) -> None:
+        """A room's events of one tick, from the broker: framed once, written to all."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        frame = text_frame(join_room_frame(encoded))
+        self.fanout.send(room.viewers, frame)
+        if self.ops.has_watchers:
+            watchers = [w for w in self.ops.watchers_of(room.id) if w not in room.viewers]
+            self.fanout.send(watchers, frame)
+        self.metrics.broadcast_frames.inc()
 
     async def run(self, tick_s: float, viewers_interval_s: float) -> None:
         """The fan-out clock: flush every tick, announce viewer counts every interval.
@@ -307,7 +247,3 @@ class Hub:
                 await self.flush()
             except Exception:  # one failed flush (Redis away) must not stop the clock
                 log.exception("room flush failed; retrying next tick")
-
-    @property
-    def connections_in_rooms(self) -> int:
-        return len(self._joined)

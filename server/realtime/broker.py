@@ -1,0 +1,232 @@
+"""The broker: each room's seq, its history for `since`, its events back to the gateway once
+per tick, and its viewer count (presence).
+
+A seam like centrifuge's Broker and PresenceManager: the hub publishes through `Broker` and
+receives each room's events through its subscription, so a broker shared by gateways (Redis)
+slots in without touching rooms or sessions. Publishing is synchronous and only queues (a
+gift's hot path awaits nothing); the I/O a shared broker needs happens once per tick in
+`flush`, where seqs may be given. History is answered from what this node was delivered, so a
+`since` catch-up and the live events that follow it meet with no gap and no repeat.
+
+`MemoryBroker` is the one-node broker: seqs and history live in this process; a reserved
+seq bound lives in Redis so a room's seq never goes backwards, even across a crash.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NamedTuple, Protocol, Self
+
+import redis.asyncio as aioredis
+
+from giftstream.protocol.codec import encode_event
+
+SEQ_BLOCK = 1024  # seqs reserved per Redis write
+
+Event = dict[str, Any]
+MakeEvent = Callable[[int], Event]  # builds a room event given its seq
+Deliver = Callable[[str, Sequence[bytes]], None]  # (room id, one tick's encoded events)
+
+
+def room_key(room_id: str) -> str:
+    """The room's Redis hash: the hub keeps the room's record in it, the memory broker its
+    seq bound (field `seq_reserved`)."""
+    return f"giftstream:room:{room_id}"
+
+
+class History(NamedTuple):
+    """What a `since` join gets: the encoded events after `since` still kept, whether they
+    reach back to it, and the seq of the last event delivered."""
+
+    events: list[bytes]
+    recovered: bool
+    top_seq: int
+
+
+class PresenceManager(Protocol):
+    """Viewer counts per room. This node reports its own connections; a shared manager sums
+    every gateway's."""
+
+    def report_presence(self, room_id: str, connections: int) -> None:
+        """This node now has `connections` viewer connections in `room_id`."""
+        ...
+
+    def presence(self, room_id: str) -> int:
+        """The room's viewer count as last known (0 until one is reported)."""
+        ...
+
+
+class Broker(PresenceManager, Protocol):
+    """Where rooms publish and from where a gateway receives them (`async with` starts and
+    stops it). A room is used on this node between `subscribe` and `unsubscribe`."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def subscribe(self, room_id: str, deliver: Deliver) -> None:
+        """Follow `room_id` here: load its seq, then call `deliver` once per tick with the
+        tick's encoded events in seq order (one batch, so the hub frames them once)."""
+        ...
+
+    async def unsubscribe(self, room_id: str) -> None:
+        """Stop following `room_id` here; events queued and not flushed are dropped."""
+        ...
+
+    def publish(self, room_id: str, make_event: MakeEvent) -> None:
+        """Queue one event for the next flush; `make_event(seq)` builds it once its seq is
+        known (at once, or at the flush that commits it). Synchronous and cheap: it runs on
+        every gift."""
+        ...
+
+    async def flush(self, room_ids: Collection[str] | None = None) -> None:
+        """Commit the queued events of `room_ids` (every room when None) and deliver each
+        room's events as one batch. On failure they stay queued for the next flush."""
+        ...
+
+    def top_seq(self, room_id: str) -> int:
+        """The seq of the room's last delivered event (what `joined` says)."""
+        ...
+
+    def history(self, room_id: str, since: int) -> History:
+        """The delivered events after `since` still kept, for a `since` join."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class _RoomLog:
+    """One followed room in a MemoryBroker."""
+
+    room_id: str
+    deliver: Deliver
+    seq: int  # last seq given to an event
+    seq_reserved: int  # persisted bound: no seq above it has been sent
+    top_seq: int  # last seq delivered
+    history: deque[tuple[int, bytes]]  # (seq, encoded event), delivered ones only
+    outbox: list[Event] = field(default_factory=list)
+    connections: int = 0
+
+
+class MemoryBroker:
+    """The one-node broker: numbers a room's events as they are published, keeps the last
+    `history_size` delivered ones as encoded bytes (the garbage collector never scans bytes;
+    a busy room's history kept as dicts stalled every room), and persists a seq bound in
+    Redis, in blocks, before any seq past it is sent."""
+
+    def __init__(self, redis: aioredis.Redis, *, history_size: int) -> None:
+        self.redis = redis
+        self.history_size = history_size
+        self._rooms: dict[str, _RoomLog] = {}
+        self._dirty: dict[str, _RoomLog] = {}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    # ---- rooms followed -----------------------------------------------------------------
+
+    async def subscribe(self, room_id: str, deliver: Deliver) -> None:
+        """Resume the room's numbering from its persisted bound, and reserve the next block
+        in the same step (so its first ticks write nothing)."""
+        if room_id not in self._rooms:
+            bound = int(await self.redis.hincrby(room_key(room_id), "seq_reserved", SEQ_BLOCK))
+            if room_id not in self._rooms:  # else a racing subscribe won: keep its numbering
+                start = bound - SEQ_BLOCK
+                self._rooms[room_id] = _RoomLog(
+                    room_id=room_id,
+                    deliver=deliver,
+                    seq=start,
+                    seq_reserved=bound,
+                    top_seq=start,
+                    history=deque(maxlen=self.history_size),
+                )
+                return
+        self._rooms[room_id].deliver = deliver
+
+    async def unsubscribe(self, room_id: str) -> None:
+        """Forget the room: its history was memory; its seq bound stays in Redis."""
+        self._rooms.pop(room_id, None)
+        self._dirty.pop(room_id, None)
+
+    # ---- events -------------------------------------------------------------------------
+
+    def publish(self, room_id: str, make_event: MakeEvent) -> None:
+        log = self._rooms[room_id]
+        log.seq += 1
+        log.outbox.append(make_event(log.seq))
+        self._dirty[room_id] = log
+
+    async def flush(self, room_ids: Collection[str] | None = None) -> None:
+        if room_ids is None:
+            logs = list(self._dirty.values())
+            self._dirty.clear()
+        else:
+            logs = [self._dirty.pop(room_id) for room_id in room_ids if room_id in self._dirty]
+        if not logs:
+            return
+        try:
+            await self._reserve_seqs(logs)
+            for log in logs:
+                self._deliver(log)
+        except BaseException:
+            for log in logs:  # keep them queued for the next tick
+                if log.outbox and self._rooms.get(log.room_id) is log:
+                    self._dirty[log.room_id] = log
+            raise
+
+    def _deliver(self, log: _RoomLog) -> None:
+        """Encode the room's queued events once: the same bytes go to history and out."""
+        if not log.outbox:
+            return
+        events, log.outbox = log.outbox, []
+        encoded = [encode_event(event) for event in events]
+        for event, data in zip(events, encoded, strict=True):
+            log.history.append((event["seq"], data))
+        log.top_seq = events[-1]["seq"]
+        log.deliver(log.room_id, encoded)
+
+    async def _reserve_seqs(self, logs: list[_RoomLog]) -> None:
+        """Persist a new seq bound for each room about to send a seq past its old one."""
+        while True:
+            bounds = {log: log.seq + SEQ_BLOCK for log in logs if log.seq > log.seq_reserved}
+            if not bounds:
+                return
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for log, bound in bounds.items():
+                    pipe.hset(room_key(log.room_id), "seq_reserved", bound)
+                await pipe.execute()
+            for log, bound in bounds.items():
+                log.seq_reserved = max(log.seq_reserved, bound)
+
+    # ---- history and presence -----------------------------------------------------------
+
+    def top_seq(self, room_id: str) -> int:
+        return self._rooms[room_id].top_seq
+
+    def history(self, room_id: str, since: int) -> History:
+        log = self._rooms[room_id]
+        events = [data for seq, data in log.history if seq > since]
+        oldest = log.history[0][0] if log.history else log.top_seq + 1
+        recovered = oldest <= since + 1 and since <= log.top_seq
+        return History(events, recovered, log.top_seq)
+
+    def report_presence(self, room_id: str, connections: int) -> None:
+        self._rooms[room_id].connections = connections
+
+    def presence(self, room_id: str) -> int:
+        return self._rooms[room_id].connections
