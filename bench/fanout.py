@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from bench.procs import NODE_DIR, PEERS_SRC, raise_nofile
 from giftstream.loadtest.api import Api, bounded

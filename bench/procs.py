@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from giftstream.server.embedded_redis import EmbeddedRedis, free_port
 

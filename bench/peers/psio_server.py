@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import socketio
 import uvloop
@@ -20,12 +22,12 @@ GIFTS = {
 sio = socketio.AsyncServer(async_mode="aiohttp", transports=["websocket"])
 app = web.Application()
 sio.attach(app)
-rooms: dict[str, dict] = {}  # room id -> {"seq": int, "outbox": list}
+rooms: dict[str, dict[str, Any]] = {}  # room id -> {"seq": int, "outbox": list}
 event_ids = itertools.count(1)
 
 
 @sio.on("join")
-async def join(sid, msg):
+async def join(sid: str, msg: dict[str, Any]) -> None:
     room = rooms.setdefault(msg["room"], {"seq": 0, "outbox": []})
     await sio.save_session(sid, {"user": msg.get("user", "anon")})
     await sio.enter_room(sid, msg["room"])
@@ -33,7 +35,7 @@ async def join(sid, msg):
 
 
 @sio.on("gift")
-async def gift(sid, msg):
+async def gift(sid: str, msg: dict[str, Any]) -> None:
     room = rooms.get(msg["room"])
     if room is None or msg["room"] not in sio.rooms(sid):
         return
@@ -45,7 +47,7 @@ async def gift(sid, msg):
         "seq": room["seq"],
         "event": f"e{os.getpid()}-{next(event_ids)}",
         "sender": {"id": user, "name": user},
-        "gift": GIFTS.get(msg.get("gift"), GIFTS["rose"]),
+        "gift": GIFTS.get(str(msg.get("gift")), GIFTS["rose"]),
         "count": msg.get("count", 1),
         "combo": 1,
         "ts": int(time.time() * 1000),
@@ -55,8 +57,8 @@ async def gift(sid, msg):
     await sio.emit("gift_ok", {"key": msg.get("key"), "event": event["event"]}, to=sid)
 
 
-async def ticker(app):
-    async def tick():
+async def ticker(app: web.Application) -> AsyncIterator[None]:
+    async def tick() -> None:
         while True:
             await asyncio.sleep(TICK_S)
             for room_id, room in rooms.items():
