@@ -1,7 +1,7 @@
 # ruff: noqa: E501, RUF001  (markdown tables: long rows, typographic signs on purpose)
 """`make bench`: start our own Redis and servers, run the scenarios of issue 5 (each >= 3
-times), and write docs/benchmarks.md with every figure, its command, the machine and the
-ratios against the peers.
+times), and write docs/benchmarks.md: one table of the results and the ratios against the
+peers first, then the method, the machine and every figure with its command.
 
     .venv/bin/python -m bench.run                       # everything (about 25 minutes)
     BENCH_SCENARIOS=fanout,settle BENCH_RUNS=3 .venv/bin/python -m bench.run
@@ -18,6 +18,7 @@ bench/.peers/benchmarks-smoke.md unless told).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -30,13 +31,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from bench.fanout import LadderResult, Target, ladder
 from bench.procs import ROOT, VENV_BIN, Giftstream, Proc, install_peers, raise_nofile, start_peer
@@ -100,7 +101,7 @@ def busy_others(own: set[int]) -> str:
 def med(values: list[float]) -> tuple[float, float, float]:
     vals = [v for v in values if v == v]  # drop NaN
     if not vals:
-        return (float("nan"),) * 3  # type: ignore[return-value]
+        return float("nan"), float("nan"), float("nan")
     return statistics.median(vals), min(vals), max(vals)
 
 
@@ -120,9 +121,44 @@ def mmm(values: list[float], digits: int = 0) -> str:
 
 
 @dataclass
+class Row:
+    """One line of the table of results that opens the document."""
+
+    scenario: str  # "1. Fan-out, 1,000 viewers": the number of its section leads
+    figure: str  # what is measured, with its unit
+    ours: str  # giftstream's median
+    peer: str = ""  # what it is compared with, if anything
+    theirs: str = ""
+    ratio: str = ""
+    target: str = ""
+    met: str = ""
+
+    def cells(self) -> list[str]:
+        return [
+            self.scenario,
+            self.figure,
+            self.ours,
+            self.peer,
+            self.theirs,
+            self.ratio,
+            self.target,
+            self.met,
+        ]
+
+
+@dataclass
 class Section:
     title: str
     body: list[str] = field(default_factory=list)
+    summary: list[Row] = field(default_factory=list)  # its lines of the table of results
+
+    @property
+    def number(self) -> str:
+        return self.title.split(".", 1)[0]
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
 @dataclass
@@ -148,15 +184,13 @@ def machine_info(versions: dict[str, str]) -> dict[str, str]:
         except OSError:
             return "n/a"
 
-    import websockets
-
     mem = psutil.virtual_memory().total / 2**30
     return {
         "cores": f"{os.cpu_count()} ({platform.processor() or platform.machine()}), {mem:.0f} GiB",
         "uname": " ".join(platform.uname()),
         "Python": sys.version.split()[0] + f" ({sys.executable})",
         "Redis": cmd("redis-server", "--version"),
-        "websockets": websockets.__version__,
+        "websockets": importlib.metadata.version("websockets"),
         "Node": cmd("node", "--version"),
         "peers": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "open files": f"{__import__('resource').getrlimit(__import__('resource').RLIMIT_NOFILE)}",
@@ -228,7 +262,7 @@ async def scenario_fanout(b: Bench) -> Section:
                         log(f"[fanout] {t.name}: {exc!r}")
                         r = LadderResult(t.name, viewers)
                     results.setdefault((t.name, viewers), []).append(r)
-        sec.body += fanout_tables(results, targets, cond)
+        sec.body, sec.summary = fanout_tables(results, [t.name for t in targets], cond)
     finally:
         for p in peers.values():
             p.stop()
@@ -237,8 +271,11 @@ async def scenario_fanout(b: Bench) -> Section:
 
 
 def fanout_tables(
-    results: dict[tuple[str, int], list[LadderResult]], targets: list[Target], cond: str
-) -> list[str]:
+    results: dict[tuple[str, int], list[LadderResult]], names: list[str], cond: str
+) -> tuple[list[str], list[Row]]:
+    """The section's tables and its lines of the table of results, from the ladders of every
+    server (giftstream first) at each number of viewers."""
+    summary: list[Row] = []
     out = [
         f"Conditions: {cond}.",
         "",
@@ -258,16 +295,16 @@ def fanout_tables(
         ]
         best: dict[str, float] = {}
         ceiling: dict[str, float] = {}
-        for t in targets:
-            rs = results.get((t.name, viewers), [])
+        for name in names:
+            rs = results.get((name, viewers), [])
             bests = [r.best for r in rs]
             vals = [s.delivered_dps if s else 0.0 for s in bests]
             ok = [s for s in bests if s]
             ceil = [r.ceiling for r in rs]
-            best[t.name] = med(vals)[0] if rs else float("nan")
-            ceiling[t.name] = med([c.delivered_dps if c else 0.0 for c in ceil])[0]
+            best[name] = med(vals)[0] if rs else float("nan")
+            ceiling[name] = med([c.delivered_dps if c else 0.0 for c in ceil])[0]
             out.append(
-                f"| {t.name} | {mmm(vals)} | {mmm([s.p99_ms for s in ok], 1)} "
+                f"| {name} | {mmm(vals)} | {mmm([s.p99_ms for s in ok], 1)} "
                 f"| {mmm([s.p50_ms for s in ok], 1)} | {mmm([s.gifts_per_s for s in ok], 1)} "
                 f"| {mmm([s.server_cpu for s in ok])} | {mmm([s.fleet_cpu for s in ok])} "
                 f"| {mmm([c.delivered_dps if c else 0.0 for c in ceil])} "
@@ -285,20 +322,42 @@ def fanout_tables(
             theirs = best.get(name, float("nan"))
             target = PEER_TARGETS[kind]
             if not theirs and not ours:
-                cell, met = "n/a: neither met p99 ≤ 100 ms at any rate tried", "not measured"
+                ratio, cell, is_met = (
+                    "n/a",
+                    "n/a: neither met p99 ≤ 100 ms at any rate tried",
+                    "not measured",
+                )
             elif not theirs:
-                cell, met = "∞ (the peer met p99 ≤ 100 ms at no rate tried)", "yes"
+                ratio, cell, is_met = (
+                    "∞",
+                    "∞ (the peer met p99 ≤ 100 ms at no rate tried in at least half its runs)",
+                    "yes",
+                )
             else:
-                cell = f"{fmt(ours / theirs, 2)}×"
-                met = "yes" if ours / theirs >= target else "no"
+                ratio = cell = f"{fmt(ours / theirs, 2)}×"
+                is_met = met(ours / theirs >= target)
             theirs_ceil = ceiling.get(name, float("nan"))
-            ceil = f"{fmt(ours_ceil / theirs_ceil, 2)}×" if theirs_ceil else "n/a"
-            out.append(f"| giftstream / {name} | {cell} | ≥ {target:g}× | {met} | {ceil} |")
+            ceil_ratio = f"{fmt(ours_ceil / theirs_ceil, 2)}×" if theirs_ceil else "n/a"
+            out.append(
+                f"| giftstream / {name} | {cell} | ≥ {target:g}× | {is_met} | {ceil_ratio} |"
+            )
+            summary.append(
+                Row(
+                    f"1. Fan-out, {viewers:,} viewers",
+                    "deliveries/s at send-to-screen p99 ≤ 100 ms",
+                    fmt(ours),
+                    name,
+                    fmt(theirs),
+                    ratio,
+                    f"≥ {target:g}×",
+                    is_met,
+                )
+            )
         out.append("")
         out += ["<details><summary>every ladder step</summary>", "", "```"]
-        for t in targets:
-            for i, r in enumerate(results.get((t.name, viewers), [])):
-                out.append(f"{t.name} run {i + 1}: connect {r.connect_s:.1f} s")
+        for name in names:
+            for i, r in enumerate(results.get((name, viewers), [])):
+                out.append(f"{name} run {i + 1}: connect {r.connect_s:.1f} s")
                 for s in r.steps:
                     out.append(
                         f"  offered {s.offered_dps:>10,.0f}/s ({s.gifts_per_s:7.1f} gifts/s) "
@@ -315,7 +374,7 @@ def fanout_tables(
         "`node bench/peers/fleet.js CONFIG.json`, driven by bench/fanout.py).",
         "",
     ]
-    return out
+    return out, summary
 
 
 # ---- the loadtest-driven scenarios ------------------------------------------------------
@@ -471,7 +530,7 @@ def check_status(report: dict[str, Any]) -> str:
     bad = [c["name"] for c in report["checks"] if c["status"] == "fail"]
     skipped = [c["name"] for c in report["checks"] if c["status"] == "skipped"]
     return (
-        report["result"]
+        str(report["result"])
         + (f" (failed: {', '.join(bad)})" if bad else "")
         + (f" (skipped: {', '.join(skipped)})" if skipped else "")
     )
@@ -513,6 +572,21 @@ async def scenario_settle(b: Bench) -> Section:
     settled = [r["totals"]["gifts_settled_per_s"] for r, _ in rows]
     rb = [x for _, x in rows]
     ratio = [s / x for s, x in zip(settled, rb, strict=True)]
+    money = [check_status(r) for r, _ in rows]
+    money_met = met(all(r["result"] == "PASS" for r, _ in rows))
+    sec.summary = [
+        Row(
+            "2. Settlement",
+            "gifts settled/s over the WebSocket",
+            fmt(med(settled)[0]),
+            "redis-benchmark, same script and Redis (calls/s)",
+            fmt(med(rb)[0]),
+            f"{fmt(100 * med(ratio)[0], 1)} %",
+            "≥ 35 %",
+            met(med(ratio)[0] >= 0.35),
+        ),
+        Row("2. Settlement", "money check", ", ".join(money), target="PASS", met=money_met),
+    ]
     sec.body += [
         f"Conditions: {cond}.",
         "",
@@ -526,8 +600,7 @@ async def scenario_settle(b: Bench) -> Section:
         f"| {'yes' if med(ratio)[0] >= 0.35 else 'no'} |",
         f"| server CPU (% of a core, mean) | {mmm([r['server']['cpu_percent_mean'] for r, _ in rows])} | | |",
         f"| load generator CPU (% of a core, mean) | {mmm([r['load_generator']['cpu_percent_mean'] for r, _ in rows])} | | |",
-        f"| money check | {', '.join(check_status(r) for r, _ in rows)} | PASS | "
-        f"{'yes' if all(r['result'] == 'PASS' for r, _ in rows) else 'no'} |",
+        f"| money check | {', '.join(money)} | PASS | {money_met} |",
         "",
         "Commands (each run: the load test, then redis-benchmark on the same Redis):",
         "",
@@ -563,6 +636,7 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
     )
     title += size
     sec = Section(title)
+    label = title.split(":", 1)[0] + ("" if full_size else f" at {MIXED_SCALE:g} of full size")
     cond = b.conditions()
     name = "storm" if storm else "mixed"
     log(f"[{name}] {cond}")
@@ -601,6 +675,7 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
     finally:
         gs.stop()
     if not reps:
+        sec.summary = [Row(label, "no run completed: see its section", "n/a")]
         sec.body += [
             f"Conditions: {cond}.",
             "",
@@ -616,8 +691,14 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
             "",
         ]
         return sec
-    lat = lambda r, k, q: r["latency_ms"][k][q]  # noqa: E731
+
+    def lat(report: dict[str, Any], kind: str, quantile: str) -> float:
+        value: float = report["latency_ms"][kind][quantile]
+        return value
+
     errors = [sum(r["errors"].values()) for r in reps]
+    money = [check_status(r) for r in reps]
+    money_met = met(not any(errors) and all(r["result"] == "PASS" for r in reps))
     rows = [
         f"Conditions: {cond}.",
         "",
@@ -641,12 +722,35 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
         deliv = [
             next((c["status"] for c in r["checks"] if c["name"] == "deliveries"), "?") for r in reps
         ]
+        storm_p99s = [storm_p99(r) for r in reps]
+        sec.summary = [
+            Row(
+                label,
+                "viewers that lost an event, or rejoined unrecovered",
+                fmt(med(lost)[0]),
+                target="0",
+                met=met(not any(lost)),
+            ),
+            Row(
+                label,
+                "delivery check: every gift event, in seq order",
+                ", ".join(deliv),
+                target="pass",
+                met=met(all(d == "pass" for d in deliv)),
+            ),
+            Row(
+                label,
+                "send-to-screen p99 during the storm (ms)",
+                fmt(med(storm_p99s)[0], 1),
+                target="reported",
+            ),
+        ]
         rows += [
             f"| viewers dropped by the storm | {mmm([r['storm']['dropped'] for r in reps])} | {round(0.3 * viewers):,} | |",
             f"| storm viewers held to the delivery check | {mmm([r['viewers']['storm_rejoined_checked'] for r in reps])} | | |",
             f"| viewers that lost an event, or rejoined unrecovered | {mmm(lost)} | 0 | {'yes' if not any(lost) else 'no'} |",
             f"| delivery check (every gift event, in seq order) | {', '.join(deliv)} | pass | {'yes' if all(d == 'pass' for d in deliv) else 'no'} |",
-            f"| send-to-screen p99 during the storm (ms, worst second from the drop to 7 s after) | {mmm([storm_p99(r) for r in reps], 1)} | reported | |",
+            f"| send-to-screen p99 during the storm (ms, worst second from the drop to 7 s after) | {mmm(storm_p99s, 1)} | reported | |",
             f"| send-to-screen p99 whole run (ms) | {mmm([lat(r, 'send_to_screen', 'p99') for r in reps], 1)} | | |",
             f"| send-to-screen p99.9 / max whole run (ms) | {mmm([lat(r, 'send_to_screen', 'p999') for r in reps], 1)} / {mmm([lat(r, 'send_to_screen', 'max') for r in reps], 1)} | | |",
             f"| gift ack p99 (ms) | {mmm([lat(r, 'gift_ack', 'p99') for r in reps], 1)} | | |",
@@ -654,6 +758,22 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
     else:
         ack = [lat(r, "gift_ack", "p99") for r in reps]
         scr = [lat(r, "send_to_screen", "p99") for r in reps]
+        sec.summary = [
+            Row(
+                label,
+                "gift ack p99 (ms)",
+                fmt(med(ack)[0], 1),
+                target="≤ 10",
+                met=met(med(ack)[0] <= 10),
+            ),
+            Row(
+                label,
+                "send-to-screen p99 (ms)",
+                fmt(med(scr)[0], 1),
+                target="≤ 60",
+                met=met(med(scr)[0] <= 60),
+            ),
+        ]
         rows += [
             f"| gift ack p99 (ms) | {mmm(ack, 1)} | ≤ 10 | {'yes' if med(ack)[0] <= 10 else 'no'} |",
             f"| send-to-screen p99 (ms) | {mmm(scr, 1)} | ≤ 60 | {'yes' if med(scr)[0] <= 60 else 'no'} |",
@@ -662,9 +782,18 @@ async def scenario_mixed(b: Bench, storm: bool) -> Section:
             f"| gift events delivered/s | {mmm([r['totals']['gift_events_per_s'] for r in reps])} | | |",
             f"| send lag p99 (ms: the generator's own delay) | {mmm([lat(r, 'send_lag', 'p99') for r in reps], 1)} | | |",
         ]
+    sec.summary.append(
+        Row(
+            label,
+            "errors; money check",
+            f"{fmt(med(errors)[0])}; {', '.join(money)}",
+            target="0; PASS",
+            met=money_met,
+        )
+    )
     rows += [
-        f"| errors (all codes) | {mmm(errors)} | 0 | {'yes' if not any(errors) else 'no'} |",
-        f"| money check | {', '.join(check_status(r) for r in reps)} | PASS | {'yes' if all(r['result'] == 'PASS' for r in reps) else 'no'} |",
+        f"| errors (all codes) | {mmm(errors)} | 0 | {met(not any(errors))} |",
+        f"| money check | {', '.join(money)} | PASS | {met(all(r['result'] == 'PASS' for r in reps))} |",
         f"| server CPU (% of a core, mean) | {mmm([r['server']['cpu_percent_mean'] for r in reps])} | | |",
         f"| load generator CPU (% of a core, mean) | {mmm([r['load_generator']['cpu_percent_mean'] for r in reps])} | | |",
         "",
@@ -749,15 +878,33 @@ async def scenario_connections(b: Bench) -> Section:
     finally:
         gs.stop()
     per = [r[4] for r in rows]
+    held = [r[3] for r in rows]
+    held_met = met(all(h >= n for h in held))
+    sec.summary = [
+        Row(
+            "4. Connections",
+            "connections held (peak)",
+            fmt(med(held)[0]),
+            target=f"{n:,}",
+            met=held_met,
+        ),
+        Row(
+            "4. Connections",
+            "RSS per connection (KiB)",
+            fmt(med(per)[0], 1),
+            target="≤ 20",
+            met=met(med(per)[0] <= 20),
+        ),
+    ]
     sec.body += [
         f"Conditions: {cond}.",
         "",
         "| figure | median (min–max) | target | met |",
         "| --- | --- | --- | --- |",
-        f"| connections held (peak) | {mmm([r[3] for r in rows])} | {n:,} | {'yes' if all(r[3] >= n for r in rows) else 'no'} |",
+        f"| connections held (peak) | {mmm(held)} | {n:,} | {held_met} |",
         f"| server RSS before (MiB, fresh process) | {mmm([r[1] / 2**20 for r in rows], 1)} | | |",
         f"| server RSS with every connection held (MiB) | {mmm([r[2] / 2**20 for r in rows], 1)} | | |",
-        f"| RSS per connection (KiB) | {mmm(per, 1)} | ≤ 20 | {'yes' if med(per)[0] <= 20 else 'no'} |",
+        f"| RSS per connection (KiB) | {mmm(per, 1)} | ≤ 20 | {met(med(per)[0] <= 20)} |",
         f"| time to connect all (s: hello + join each, from the load test's `connecting` to `connected`) | {mmm([r[5] for r in rows], 1)} | | |",
         f"| money/delivery checks | {', '.join(check_status(r[0]) for r in rows)} | PASS | |",
         "",
@@ -857,74 +1004,150 @@ async def scenario_fleet(b: Bench) -> Section:
 
 
 # ---- the document -----------------------------------------------------------------------
-HEADER = """# Benchmarks
+TITLE = "# Benchmarks"
 
-Written by `make bench` (bench/run.py); do not edit by hand, except the section *How to read
-this*, which the runner keeps. Each figure is the median of the runs (min–max in brackets),
-with the command that reproduces it. The machine is shared (2 cores: server, Redis and the
-load generator on the same cores, and other engineers' test runs at times): the load average
-and the other busy processes are recorded before each scenario. Ratios against a peer
-measured in the same run count more than absolute figures (see DESIGN.md §6).
-"""
+SUMMARY_HEAD = (
+    "| scenario | figure | giftstream | compared with | its figure | ratio | target | met |"
+)
+
+AFTER_SUMMARY = """Written by `make bench` (bench/run.py): do not edit by hand, except the section
+*How to read this*, which the runner keeps. Rerun it all with `make bench` (about 25 minutes),
+or a subset: `BENCH_SCENARIOS=fanout,settle BENCH_RUNS=3 make bench`. The machine is shared
+(2 cores: server, Redis and the load generator on the same cores, and other engineers' test
+runs at times), so each section records the load average and the other busy processes before
+it ran, and ratios against a peer measured in the same run count more than absolute figures
+(DESIGN.md §6)."""
 
 HOW_TO_READ_MARK = "## How to read this"
+MACHINE_TITLE = "The machine and the run"
 
 
-def how_to_read() -> str:
+def how_to_read(old: str) -> str:
     """Keep the hand-written section of the existing document, if any."""
-    try:
-        text = OUT.read_text()
-    except OSError:
-        text = ""
-    if HOW_TO_READ_MARK in text:
-        part = text[text.index(HOW_TO_READ_MARK) :]
+    if HOW_TO_READ_MARK in old:
+        part = old[old.index(HOW_TO_READ_MARK) :]
         end = part.find("\n## ", len(HOW_TO_READ_MARK))
         return part if end < 0 else part[: end + 1]
     return (ROOT / "bench" / "how_to_read.md").read_text()
 
 
-def _old_sections() -> dict[str, str]:
-    """The numbered scenario sections of the document as it is, by number."""
-    try:
-        text = OUT.read_text()
-    except OSError:
-        return {}
+def old_sections(old: str) -> dict[str, str]:
+    """The numbered scenario sections of the document as it was, by number."""
     found: dict[str, str] = {}
-    for part in re.split(r"(?m)^(?=## )", text):
+    for part in re.split(r"(?m)^(?=## )", old):
         m = re.match(r"## (\d+)\. ", part)
         if m:
             found[m.group(1)] = part.rstrip() + "\n"
     return found
 
 
-def write_doc(b: Bench, elapsed: float, argv: str) -> None:
-    """Write the document; a scenario not run this time keeps its section from before (with
-    its own date and load average), so a subset run updates only what it measured."""
+def old_summary(old: str) -> dict[str, list[str]]:
+    """The lines of the table of results of the document as it was, by scenario number (a
+    line with no scenario of its own belongs to the one above it)."""
+    found: dict[str, list[str]] = {}
+    lines = old.splitlines()
+    if SUMMARY_HEAD not in lines:
+        return found
+    number = ""
+    for line in lines[lines.index(SUMMARY_HEAD) + 2 :]:
+        if not line.startswith("|"):
+            break
+        m = re.match(r"\| (\d+)\. ", line)
+        number = m.group(1) if m else number
+        if number:
+            found.setdefault(number, []).append(line)
+    return found
+
+
+def table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def summary_lines(rows: list[Row]) -> list[str]:
+    """A section's lines of the table of results; the scenario, the figure and giftstream's
+    figure are written once for the rows under them that repeat them (one row per peer)."""
+    lines = []
+    above = ["", "", ""]
+    for row in rows:
+        cells = row.cells()
+        lead = cells[:3]
+        shown = [
+            "" if all(lead[j] == above[j] for j in range(i + 1)) else cell
+            for i, cell in enumerate(lead)
+        ]
+        lines.append(table_row(shown + cells[3:]))
+        above = lead
+    return lines
+
+
+def summary_table(rows: dict[str, list[str]]) -> list[str]:
+    """The table of results that opens the document: its lines by scenario number, in order."""
+    return [
+        SUMMARY_HEAD,
+        table_row(["---"] * (SUMMARY_HEAD.count(" | ") + 1)),
+        *(line for no in sorted(rows, key=int) for line in rows[no]),
+    ]
+
+
+def anchor(title: str) -> str:
+    """The id GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return "#" + re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def render_doc(old: str, sections: list[Section], machine: dict[str, str], last_run: str) -> str:
+    """The document: the table of results, then the method, the machine and each scenario's
+    section. A scenario not run this time keeps its section and its lines of the table from
+    the document as it was (with its own date and load average), so a subset run updates only
+    what it measured."""
+    by_no = old_sections(old)
+    rows = old_summary(old)
+    for sec in sections:
+        by_no[sec.number] = "\n".join([f"## {sec.title}", "", *sec.body])
+        rows[sec.number] = summary_lines(sec.summary)
+    titles = [HOW_TO_READ_MARK[3:], MACHINE_TITLE]
+    titles += [by_no[no].splitlines()[0][3:] for no in sorted(by_no, key=int)]
+    contents = " · ".join(f"[{t.split(':', 1)[0]}]({anchor(t)})" for t in titles)
     lines = [
-        HEADER,
-        how_to_read().rstrip(),
+        TITLE,
         "",
-        "## The machine and the run",
+        "Medians of the runs of `make bench`; each scenario's section below gives the spread",
+        "(min–max), its conditions and its command.",
+        "",
+        *summary_table(rows),
+        "",
+        AFTER_SUMMARY,
+        "",
+        f"Contents: {contents}",
+        "",
+        how_to_read(old).rstrip(),
+        "",
+        f"## {MACHINE_TITLE}",
         "",
         "| | |",
         "| --- | --- |",
-    ]
-    for k, v in b.machine.items():
-        lines.append(f"| {k} | {v} |")
-    lines += [
-        f"| last run | {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min, "
-        f"`{argv}` ({RUNS} run(s) per figure{', SMOKE: small and short' if SMOKE else ''}); "
-        "a section it did not run is kept from an earlier run, whose date and load average "
-        "it states |",
+        *(f"| {k} | {v} |" for k, v in machine.items()),
+        f"| last run | {last_run} |",
         "",
     ]
-    sections = _old_sections()
-    for sec in b.sections:
-        sections[sec.title.split(".", 1)[0]] = "\n".join([f"## {sec.title}", "", *sec.body])
-    for no in sorted(sections, key=int):
-        lines += [sections[no].rstrip(), ""]
+    for no in sorted(by_no, key=int):
+        lines += [by_no[no].rstrip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_doc(b: Bench, elapsed: float, argv: str) -> None:
+    """Render the document over the one there is (see render_doc) and write it."""
+    try:
+        old = OUT.read_text()
+    except OSError:
+        old = ""
+    last_run = (
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min, "
+        f"`{argv}` ({RUNS} run(s) per figure{', SMOKE: small and short' if SMOKE else ''}); "
+        "a section it did not run is kept from an earlier run, whose date and load average "
+        "it states"
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines).rstrip() + "\n")
+    OUT.write_text(render_doc(old, b.sections, b.machine, last_run))
     log(f"wrote {OUT}")
 
 
@@ -943,7 +1166,7 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="giftstream-bench-") as tmp:
         b = Bench(Path(tmp), own_pids={os.getpid()})
         b.machine = machine_info(versions)
-        runners = {
+        runners: dict[str, Callable[[Bench], Awaitable[Section]]] = {
             "fanout": scenario_fanout,
             "settle": scenario_settle,
             "mixed": lambda b: scenario_mixed(b, storm=False),
@@ -960,7 +1183,11 @@ async def main() -> int:
             except Exception as exc:
                 log(f"[{name}] failed: {exc!r}")
                 b.sections.append(
-                    Section(f"{NUMBER[name]}. {name}: FAILED", [f"Failed: `{exc!r}`", ""])
+                    Section(
+                        f"{NUMBER[name]}. {name}: FAILED",
+                        [f"Failed: `{exc!r}`", ""],
+                        [Row(f"{NUMBER[name]}. {name}", "failed: see its section", "n/a")],
+                    )
                 )
             log(f"[{name}] {time.monotonic() - s0:.0f} s")
         knobs = " ".join(f"{k}={ENV[k]}" for k in sorted(ENV) if k.startswith("BENCH_"))
