@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def report(name: str, verdict: Verdict, crashes: int) -> None:
 
 
 @pytest.fixture
-def durable_redis(tmp_path: Path):
+def durable_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     """A Redis of our own that fsyncs every write, so we can kill it."""
     redis = EmbeddedRedis(tmp_path / "redis", appendfsync="always").start()
     yield redis
@@ -197,7 +198,9 @@ async def _assert_keys_match_ledger(redis_url: str) -> None:
         records = {}
         async for raw in client.scan_iter(match=keys.PREFIX + "gift_key:*", count=1000):
             sender, key = raw.decode().removeprefix(keys.PREFIX + "gift_key:").rsplit(":", 1)
-            records[(sender, key)] = (await client.hget(raw, "event")).decode()
+            event = await client.hget(raw, "event")
+            assert isinstance(event, bytes)
+            records[(sender, key)] = event.decode()
     finally:
         await client.aclose()
     assert records == ledger

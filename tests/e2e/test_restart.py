@@ -8,7 +8,7 @@ from pathlib import Path
 
 from giftstream.server.app import App
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
-from tests.helpers import AdminClient, TokenMaker, WsClient
+from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 from tests.processes import ServerProcess
 
 
@@ -50,7 +50,7 @@ def test_embedded_redis_keeps_balances_across_process_restarts(tmp_path: Path) -
     """No --redis-url: the server's own Redis keeps its AOF in the data dir."""
     import asyncio
 
-    async def buy_and_read(proc: ServerProcess, buy: bool) -> dict:
+    async def buy_and_read(proc: ServerProcess, buy: bool) -> Frame:
         async with AdminClient(proc.admin_url, WEBHOOK_SECRET) as admin:
             if buy:
                 await admin.buy("ann", "coins_350", receipt="embedded-receipt")

@@ -6,7 +6,7 @@ failed movement wrote nothing at all."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -44,7 +44,7 @@ class LoopRedis:
     async def _connect(url: str) -> aioredis.Redis:
         return aioredis.Redis.from_url(url)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
 
     def snapshot(self) -> Snapshot:

@@ -18,7 +18,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -59,9 +59,12 @@ def bad(*leave_out: str) -> list[Any]:
     return [pytest.param(v, id=k) for k, v in BAD_VALUES.items() if k not in leave_out]
 
 
+E = TypeVar("E", bound=Exception)
+
+
 async def refused_unchanged(
-    state: Everything, call: Callable[[], Awaitable[Any]], error: type[Exception]
-) -> Exception:
+    state: Everything, call: Callable[[], Awaitable[Any]], error: type[E]
+) -> E:
     before = await state()
     with pytest.raises(error) as info:
         await call()
@@ -173,6 +176,7 @@ async def test_a_float_from_the_economics_fails_its_own_movement_only(
     )
     paid, sent = await asyncio.wait_for(asyncio.gather(payout, settled, return_exceptions=True), 5)
     assert isinstance(paid, TypeError)
+    assert not isinstance(sent, BaseException)
     assert sent.coins == 85
     after = await snapshot(redis_client)
     assert keys.payout("payout-key-1") not in after
@@ -320,9 +324,8 @@ async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
     )
     if name == "dead_letter":
         await redis.xgroup_create(keys.LEDGER, "earnings", id="0")
-        (_, [(stream_id, _), *_]), *_ = await redis.xreadgroup(
-            "earnings", "consumer-1", {keys.LEDGER: ">"}, count=1
-        )
+        reply: Any = await redis.xreadgroup("earnings", "consumer-1", {keys.LEDGER: ">"}, count=1)
+        (_, [(stream_id, _), *_]), *_ = reply
         args = [*raw.args]
         args[1] = stream_id.decode()
         return raw._replace(args=args)

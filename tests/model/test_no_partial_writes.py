@@ -80,7 +80,8 @@ async def build_world(money: Wallet, redis: aioredis.Redis, evalsha: Eval) -> Wo
         )
     gifts = [entry async for entry in read_entries(redis) if entry.kind == "gift"]
     await redis.xgroup_create(keys.LEDGER, GROUP, id="0")
-    ((_, [(pending_id, _)]),) = await redis.xreadgroup(GROUP, CONSUMER, {keys.LEDGER: ">"}, count=1)
+    reply: Any = await redis.xreadgroup(GROUP, CONSUMER, {keys.LEDGER: ">"}, count=1)
+    ((_, [(pending_id, _)]),) = reply
     return World(money, redis, evalsha, gifts[0], pending_id.decode())
 
 
@@ -157,7 +158,7 @@ def checkpoint(new_last: str | None = None, counts: tuple[int, ...] | None = Non
     """A chunk laid out as checkpoint.py's _dump lays it out, one item for every key."""
 
     async def call(w: World) -> Any:
-        items = [
+        items: list[list[Any]] = [
             ["entries", 5, "coins_purchased", 1000],  # main pairs
             ["ann", '{"coins":100,"diamonds":0,"debt":0}'],  # wallet pairs
             [RECEIPT, '{"user":"ann","coins":100,"refunded":false}'],  # receipt pairs
@@ -166,7 +167,8 @@ def checkpoint(new_last: str | None = None, counts: tuple[int, ...] | None = Non
             ["a breach"],  # breaches
         ]
         sizes = [len(items[0]) // 2, 1, 1, 1, 1, 1]
-        last = new_last or (await w.redis.xrevrange(keys.LEDGER, count=1))[0][0].decode()
+        newest: Any = await w.redis.xrevrange(keys.LEDGER, count=1)
+        last = new_last or newest[0][0].decode()
         args = ["", last, *(counts or sizes), *(x for part in items for x in part)]
         return await w.evalsha("checkpoint", CP.all(), args)
 
@@ -211,7 +213,8 @@ class WrongType:
 
 def hset(key: str, **fields: Any) -> Break:
     async def apply(w: World) -> None:
-        await w.redis.hset(key, mapping=fields)
+        mapping: dict[Any, Any] = fields  # redis-py's key type is a union, not str
+        await w.redis.hset(key, mapping=mapping)
 
     return apply
 

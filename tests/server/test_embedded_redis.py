@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
 
 from giftstream.server.embedded_redis import EmbeddedRedis
@@ -22,7 +23,7 @@ def test_data_survives_a_clean_restart(tmp_path: Path) -> None:
         client.close()
 
 
-def test_relative_data_dir_works(tmp_path: Path, monkeypatch) -> None:
+def test_relative_data_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`make run` passes ./data; redis-server resolves paths after changing directory."""
     monkeypatch.chdir(tmp_path)
     with EmbeddedRedis(Path("data") / "redis") as embedded:

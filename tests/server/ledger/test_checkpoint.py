@@ -124,9 +124,12 @@ async def test_the_checkpoint_keys(redis_client: aioredis.Redis) -> None:
     main = {text(f): text(v) for f, v in (await redis_client.hgetall(k.main)).items()}
     entries = await ledger(redis_client)
     assert main["last_id"] == entries[-1].id and int(main["entries"]) == len(entries)
-    cara = orjson.loads(await redis_client.hget(k.wallets, "cara"))
+    folded = await redis_client.hget(k.wallets, "cara")
+    assert folded is not None
+    cara = orjson.loads(folded)
     assert cara == {"coins": 0, "diamonds": 2 + 7 + 15_000 - 10_000, "debt": 0}
-    assert int(await redis_client.hget(keys.wallet("cara"), "diamonds")) == 5009
+    diamonds = await redis_client.hget(keys.wallet("cara"), "diamonds")
+    assert diamonds is not None and int(diamonds) == 5009
     assert await redis_client.sismember(k.payouts, "q-payout-1")
     # another ledger key has a checkpoint of its own
     assert CheckpointKeys.of("test:ledger").main == "test:ledger:checkpoint"
@@ -140,7 +143,7 @@ async def test_the_save_script_refuses_a_stale_or_old_chunk(redis_client: aiored
     k = CheckpointKeys.of(keys.LEDGER)
     before = {key: await redis_client.dump(key) for key in k.all()}
     save = redis_client.register_script(script_source("checkpoint"))
-    one_breach = [0, 0, 0, 0, 0, 1, "a breach that must not land"]
+    one_breach: list[int | str] = [0, 0, 0, 0, 0, 1, "a breach that must not land"]
     for expected, new_last, outcome in (
         (entries[3].id, entries[7].id, b"conflict"),  # read before another folder moved it
         ("", entries[7].id, b"conflict"),  # read when there was no checkpoint

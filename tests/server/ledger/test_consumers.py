@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
@@ -76,7 +77,8 @@ async def pending(redis: aioredis.Redis, group: str) -> int:
 
 
 async def dead_letters(redis: aioredis.Redis) -> list[dict[str, str]]:
-    return [{text(k): text(v) for k, v in fields.items()} for _, fields in await redis.xrange(DEAD)]
+    dead: Any = await redis.xrange(DEAD)
+    return [{text(k): text(v) for k, v in fields.items()} for _, fields in dead]
 
 
 async def test_every_entry_is_handled_once_and_acked(redis_client: aioredis.Redis) -> None:
@@ -166,7 +168,8 @@ async def test_a_poison_entry_is_dead_lettered_after_max_deliveries(
     assert handler.calls[poison.event] == 3
     assert all(handler.calls[e.event] == 1 for e in entries if e.event != poison.event)
     (letter,) = await dead_letters(redis_client)
-    raw = dict((await redis_client.xrange(keys.LEDGER, poison.id, poison.id))[0][1])
+    poisoned: Any = await redis_client.xrange(keys.LEDGER, poison.id, poison.id)
+    raw = dict(poisoned[0][1])
     assert letter == {
         "data": text(raw[b"data"]),
         "stream_id": poison.id,
@@ -289,7 +292,8 @@ async def _good_entries(redis: aioredis.Redis) -> list[LedgerEntry]:
     from giftstream.server.ledger.audit import LedgerError, parse_entry
 
     good = []
-    for stream_id, fields in await redis.xrange(keys.LEDGER):
+    entries: Any = await redis.xrange(keys.LEDGER)
+    for stream_id, fields in entries:
         try:
             good.append(parse_entry(text(stream_id), fields))
         except LedgerError:

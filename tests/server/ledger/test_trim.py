@@ -3,6 +3,8 @@ checkpoint bounds every trim, and `audit` passes after trims and still names tam
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import redis.asyncio as aioredis
 
@@ -37,7 +39,8 @@ async def caught_up(consumer: LedgerConsumer) -> None:
 
 
 async def stream_ids(redis: aioredis.Redis) -> list[str]:
-    return [text(i) for i, _ in await redis.xrange(keys.LEDGER)]
+    entries: Any = await redis.xrange(keys.LEDGER)
+    return [text(i) for i, _ in entries]
 
 
 async def assert_audit_ok(redis: aioredis.Redis, entries: int) -> None:
@@ -81,7 +84,7 @@ async def test_a_lagging_group_loses_nothing_and_trimming_follows_it(
     await caught_up(earnings)
     # the laggard read 8 entries and acked 5 of them, then stopped
     await redis_client.xgroup_create(keys.LEDGER, "laggard", id="0")
-    read = await redis_client.xreadgroup("laggard", "slow", {keys.LEDGER: ">"}, count=8)
+    read: Any = await redis_client.xreadgroup("laggard", "slow", {keys.LEDGER: ">"}, count=8)
     first_read = [text(i) for i, _ in read[0][1]]
     await redis_client.xack(keys.LEDGER, "laggard", *first_read[:5])
     await assert_audit_ok(redis_client, added)

@@ -120,7 +120,8 @@ async def test_a_cancelled_caller_still_runs_its_script(redis_client: aioredis.R
     task.cancel()
     await batcher.drain()
     assert task.cancelled()
-    assert seen == [1] and int(await redis_client.get("cancelled")) == 1
+    cancelled = await redis_client.get("cancelled")
+    assert seen == [1] and cancelled is not None and int(cancelled) == 1
 
 
 def test_only_str_int_and_bytes_are_packed() -> None:
@@ -140,7 +141,7 @@ async def test_a_bad_argument_fails_its_own_call_only(redis_client: aioredis.Red
         with pytest.raises(TypeError):
             batcher.submit(incr, ["counter"], [bad], lambda reply: reply)
     after = asyncio.ensure_future(batcher.call(incr, ["counter"], []))
-    assert await asyncio.wait_for(asyncio.gather(before, after), 5) == [1, 2]
+    assert list(await asyncio.wait_for(asyncio.gather(before, after), 5)) == [1, 2]
     await asyncio.wait_for(batcher.drain(), 5)
     assert batcher.writes == 1
 
@@ -154,7 +155,8 @@ async def test_password_and_database_come_from_the_client(own_redis: EmbeddedRed
         batcher = ScriptBatcher(client)
         incr = client.register_script(INCR)
         assert await batcher.call(incr, ["in-db-3"], []) == 1
-        assert int(await client.get("in-db-3")) == 1  # db 3, through redis-py
+        in_db_3 = await client.get("in-db-3")
+        assert in_db_3 is not None and int(in_db_3) == 1  # db 3, through redis-py
 
         wrong = aioredis.Redis.from_url(f"redis://:wrong@{own_redis.host}:{own_redis.port}/3")
         with pytest.raises(RedisConnectionError):

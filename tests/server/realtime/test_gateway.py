@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import jwt
@@ -12,11 +13,12 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from giftstream.server.app import App
+from giftstream.server.money.catalog import Catalog
 from tests.conftest import JWT_SECRET, make_settings
-from tests.helpers import TokenMaker, WsClient
+from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 
 
-async def test_hello_gets_exact_welcome(app: App, tokens: TokenMaker, admin) -> None:
+async def test_hello_gets_exact_welcome(app: App, tokens: TokenMaker, admin: AdminClient) -> None:
     await admin.buy("ann", "coins_700")
     before = int(time.time() * 1000)
     client, welcome = await WsClient.login(app.ws_url, tokens("ann", name="Ann"))
@@ -172,7 +174,7 @@ async def test_flood_of_bad_frames_closes_4429(make_app: Callable[..., App]) -> 
         assert await client.closed_with() == 4429
 
 
-async def test_origin_allow_list(redis_url: str, data_dir, catalog) -> None:
+async def test_origin_allow_list(redis_url: str, data_dir: Path, catalog: Catalog) -> None:
     settings = make_settings(redis_url, data_dir)
     settings = type(settings)(
         **{
@@ -217,16 +219,17 @@ async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> Non
         for round_ in range(400):
             room = node.hub.rooms["cara"]
             for _ in range(20):
-                node.hub.publish(
-                    room,
-                    lambda seq, n=round_: {
+
+                def viewers(seq: int, n: int = round_) -> Frame:
+                    return {
                         "type": "viewers",
                         "room": "cara",
                         "seq": seq,
                         "count": n,
                         "pad": "x" * 2000,
-                    },
-                )
+                    }
+
+                node.hub.publish(room, viewers)
             await node.hub.flush()
             if node.metrics.slow_consumer_closes._value.get() > closes_before:
                 break
@@ -264,7 +267,7 @@ async def test_keepalive_pings_drop_a_dead_peer(make_app: Callable[..., App]) ->
 
 
 @pytest.mark.parametrize("hello", [{"type": "hello"}, {"type": "hello", "token": 7}])
-async def test_hello_without_a_token_string_closes_4401(app: App, hello: dict) -> None:
+async def test_hello_without_a_token_string_closes_4401(app: App, hello: Frame) -> None:
     client = await WsClient.open(app.ws_url)
     await client.send(hello)
     assert await client.closed_with() == 4401

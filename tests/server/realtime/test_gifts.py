@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from giftstream.server.app import App
+from giftstream.server.money.catalog import Catalog
 from tests.helpers import AdminClient, TokenMaker, WsClient
 
 
@@ -89,7 +92,9 @@ async def test_gift_refusals(stage: Any, message: dict[str, Any], code: str) -> 
     assert (await ann.request({"type": "balance"}))["coins"] == 700
 
 
-async def test_not_joined_and_not_live(app: App, stage: Any, tokens: TokenMaker, admin) -> None:
+async def test_not_joined_and_not_live(
+    app: App, stage: Any, tokens: TokenMaker, admin: AdminClient
+) -> None:
     await admin.buy("dee", "coins_70")
     dee, _ = await WsClient.login(app.ws_url, tokens("dee"))
     assert (await dee.request(gift("not-joined-key")))["code"] == "not_joined"
@@ -123,7 +128,9 @@ async def test_spending_limit(stage: Any, admin: AdminClient) -> None:
     assert (await ann.request({"type": "balance"}))["coins"] == 690
 
 
-async def test_debt_blocks_gifts(app: App, tokens: TokenMaker, admin: AdminClient, stage) -> None:
+async def test_debt_blocks_gifts(
+    app: App, tokens: TokenMaker, admin: AdminClient, stage: Any
+) -> None:
     await admin.buy("eve", "coins_70", receipt="receipt-eve-1")
     eve, _ = await WsClient.login(app.ws_url, tokens("eve"))
     await eve.request({"type": "join", "room": "cara"})
@@ -194,7 +201,9 @@ async def test_same_key_at_once_on_many_connections_debits_once(
         await client.close()
 
 
-async def test_200_concurrent_gifts_end_at_the_exact_balance(make_app, tokens: TokenMaker) -> None:
+async def test_200_concurrent_gifts_end_at_the_exact_balance(
+    make_app: Callable[..., App], tokens: TokenMaker
+) -> None:
     async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
         async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
             await admin.buy("ann", "coins_700")
@@ -237,7 +246,7 @@ async def _ann_in_caras_room(
 
 
 async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
-    make_app, tokens: TokenMaker
+    make_app: Callable[..., App], tokens: TokenMaker
 ) -> None:
     """One connection's gifts settle while it reads on: a burst of 30 shares a few Redis
     writes (one at a time took 30), the replies keep the request order, and a request after
@@ -258,7 +267,7 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
 
 
 async def test_a_gift_flood_is_closed_4429_without_waiting_for_another_frame(
-    make_app, tokens: TokenMaker
+    make_app: Callable[..., App], tokens: TokenMaker
 ) -> None:
     """The strike that ends the connection is taken by a gift still settling, while the
     reader waits for a frame that never comes: the close must not wait for one."""
@@ -282,7 +291,9 @@ async def test_a_gift_flood_is_closed_4429_without_waiting_for_another_frame(
         await creator.close()
 
 
-async def test_no_gift_behind_the_flood_decision_is_served(make_app, tokens: TokenMaker) -> None:
+async def test_no_gift_behind_the_flood_decision_is_served(
+    make_app: Callable[..., App], tokens: TokenMaker
+) -> None:
     """Gifts read before the flood was found, and any frame after it, move no coin."""
     async with make_app(
         gifts_per_s=2.0,
@@ -330,7 +341,7 @@ async def test_key_replayed_after_room_ended_still_answers(stage: Any) -> None:
     assert (await ann.request({"type": "balance"}))["coins"] == 699
 
 
-async def test_gift_rate_limit(make_app, tokens: TokenMaker) -> None:
+async def test_gift_rate_limit(make_app: Callable[..., App], tokens: TokenMaker) -> None:
     async with make_app(gifts_per_s=0.01, gifts_burst=2) as node:
         creator, ann = await _ann_in_caras_room(node, tokens, "coins_70")
         replies = [await ann.request(gift(f"rate-limit-{i}")) for i in range(3)]
@@ -342,7 +353,7 @@ async def test_gift_rate_limit(make_app, tokens: TokenMaker) -> None:
 
 
 async def test_redis_down_is_internal_and_the_key_retry_settles_once(
-    tmp_path, catalog, tokens: TokenMaker
+    tmp_path: Path, catalog: Catalog, tokens: TokenMaker
 ) -> None:
     from giftstream.server.app import App
     from giftstream.server.embedded_redis import EmbeddedRedis
@@ -371,7 +382,9 @@ async def test_redis_down_is_internal_and_the_key_retry_settles_once(
         redis.stop()
 
 
-async def test_shutdown_finishes_money_in_flight(make_app, tokens: TokenMaker) -> None:
+async def test_shutdown_finishes_money_in_flight(
+    make_app: Callable[..., App], tokens: TokenMaker
+) -> None:
     node = make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000)
     await node.__aenter__()
     async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
@@ -398,9 +411,12 @@ async def test_shutdown_finishes_money_in_flight(make_app, tokens: TokenMaker) -
 
     from giftstream.server.ledger.audit import read_entries
 
+    assert node.redis_url is not None
     check = aioredis.Redis.from_url(node.redis_url)
     ledger = {e.event async for e in read_entries(check) if e.kind == "gift"}
-    coins = int(await check.hget("giftstream:wallet:ann", "coins"))
+    ann_coins = await check.hget("giftstream:wallet:ann", "coins")
+    assert ann_coins is not None
+    coins = int(ann_coins)
     await check.aclose()
     assert ok_events == ledger  # every settled gift was answered before the 1001
     assert coins == 700 - len(ledger)  # and nothing else moved

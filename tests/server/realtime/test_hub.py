@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 from giftstream.server.app import App
 from tests.conftest import JWT_SECRET
-from tests.helpers import TokenMaker, WsClient
+from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 
 
-async def live_room(app: App, tokens: TokenMaker, creator: str = "cara", title: str = "Hi"):
+async def live_room(
+    app: App, tokens: TokenMaker, creator: str = "cara", title: str = "Hi"
+) -> WsClient:
     client, _ = await WsClient.login(app.ws_url, tokens(creator, "creator", name=creator.title()))
     assert await client.request({"type": "go_live", "title": title}) == {
         "type": "live",
@@ -99,7 +101,9 @@ async def test_viewer_counts_are_announced_on_change_with_seq(app: App, tokens: 
     await creator.close()
 
 
-async def test_since_recovers_missed_events_in_order(app: App, tokens: TokenMaker, admin) -> None:
+async def test_since_recovers_missed_events_in_order(
+    app: App, tokens: TokenMaker, admin: AdminClient
+) -> None:
     await admin.buy("ann", "coins_700")
     creator = await live_room(app, tokens)
     sender, _ = await WsClient.login(app.ws_url, tokens("ann"))
@@ -139,9 +143,11 @@ async def test_since_past_history_says_not_recovered(make_app: Callable[..., App
         await viewer.request({"type": "join", "room": "cara"})
         room = node.hub.rooms["cara"]
         for n in range(10):
-            node.hub.publish(
-                room, lambda seq, n=n: {"type": "viewers", "room": "cara", "seq": seq, "count": n}
-            )
+
+            def viewers(seq: int, n: int = n) -> Frame:
+                return {"type": "viewers", "room": "cara", "seq": seq, "count": n}
+
+            node.hub.publish(room, viewers)
         await node.hub.flush()
         await viewer.wait_for_room_events(10)
         late, _ = await WsClient.login(node.ws_url, tokens("bob"))
@@ -155,7 +161,7 @@ async def test_since_past_history_says_not_recovered(make_app: Callable[..., App
             await client.close()
 
 
-async def test_ops_feed(app: App, tokens: TokenMaker, admin) -> None:
+async def test_ops_feed(app: App, tokens: TokenMaker, admin: AdminClient) -> None:
     await admin.buy("ann", "coins_700")
     ops, _ = await WsClient.login(app.ws_url, tokens("otto", "ops"))
     assert await ops.request({"type": "watch", "rooms": ["*"]}) == {
