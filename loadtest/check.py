@@ -131,7 +131,8 @@ async def check_redis(
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from giftstream.server.ledger.audit import LedgerError, audit, read_entries
+    from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.entries import LedgerError, read_entries
 
     client = aioredis.Redis.from_url(redis_url)
     audit_check = Check("audit")

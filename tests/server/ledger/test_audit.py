@@ -8,7 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from giftstream.protocol.errors import ProtocolError
-from giftstream.server.ledger.audit import LedgerError, audit, read_entries
+from giftstream.server.ledger.audit import audit
+from giftstream.server.ledger.entries import LedgerError, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.wallet import MoneyError, Wallet

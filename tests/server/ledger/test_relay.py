@@ -28,22 +28,18 @@ from nats.js.errors import APIError
 from redis.asyncio.connection import Connection
 
 from giftstream.server.embedded_redis import free_port
-from giftstream.server.ledger.audit import audit, read_entries
+from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.checkpoint import GROUP as CHECKPOINT_GROUP
 from giftstream.server.ledger.checkpoint import CheckpointFolder
-from giftstream.server.ledger.consumer import LedgerConsumer, trim_ledger
+from giftstream.server.ledger.consumer import LedgerConsumer
 from giftstream.server.ledger.earnings import EarningsConsumer
+from giftstream.server.ledger.entries import read_entries
 from giftstream.server.ledger.lease import Lease, lease_holder
-from giftstream.server.ledger.relay import (
-    CONSUMER,
-    GROUP,
-    STREAM_ID_HEADER,
-    Lag,
-    Relay,
-    RelayConfig,
-    lease_key,
-    relay_lag,
-)
+from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
+from giftstream.server.ledger.relay.jetstream import STREAM_ID_HEADER, JetStream, Message
+from giftstream.server.ledger.relay.lag import Lag, relay_lag
+from giftstream.server.ledger.relay.worker import Relay
+from giftstream.server.ledger.trim import trim_ledger
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import load_catalog
 from giftstream.server.money.wallet import Wallet
@@ -235,21 +231,29 @@ async def test_every_entry_once_in_order_by_kind(
     assert lag.entries == 0 and lag.oldest_age_s == 0
 
 
-class CrashAfterPublish(Relay):
-    """A relay that dies once JetStream has stored `crash_after` entries, before Redis heard
-    of the last batch: the batch that reaches that count is published only up to it."""
+class StoreThenCrash(JetStream):
+    """JetStream as a relay that dies once it has stored `crash_after` entries sees it: the
+    batch that reaches that count is published only up to it, then the relay is gone."""
 
-    def __init__(self, *args: Any, crash_after: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: RelayConfig, *, crash_after: int) -> None:
+        super().__init__(config)
         self.crash_after = crash_after
 
-    async def _publish_all(self, batch: list[Any]) -> tuple[int, Exception | None]:
-        stored, error = await super()._publish_all(batch[: self.crash_after])
+    async def publish(self, batch: list[Message]) -> tuple[int, Exception | None]:
+        stored, error = await super().publish(batch[: self.crash_after])
         assert error is None, error
         self.crash_after -= stored
         if self.crash_after == 0:
             raise _Crash
         return stored, error
+
+
+class CrashAfterPublish(Relay):
+    """A relay that dies once JetStream has stored `crash_after` entries, before Redis heard
+    of the last batch: the batch that reaches that count is published only up to it."""
+
+    def __init__(self, redis: aioredis.Redis, config: RelayConfig, *, crash_after: int) -> None:
+        super().__init__(redis, config, jetstream=StoreThenCrash(config, crash_after=crash_after))
 
     async def start(self) -> None:
         """What run() does before relaying: the group, the lease, JetStream's last message."""
@@ -259,7 +263,7 @@ class CrashAfterPublish(Relay):
 
     async def crashed(self) -> None:
         """Dead: NATS gone, and the lease released (a dead process's would expire)."""
-        await self._close_nats()
+        await self.jetstream.close()
         await self.lease.release()
 
 
@@ -885,7 +889,7 @@ async def test_a_refused_message_mid_batch_stores_and_acks_only_the_prefix(
         await relay._open()
         with pytest.raises(APIError, match="exceeds maximum"):
             await relay.relay_once()
-        await relay._close_nats()
+        await relay.jetstream.close()
         ledger = await ledger_events(redis_client)
         assert_exactly_once(ledger[:5], await jetstream_messages(config))
         summary: Any = await redis_client.xpending(keys.LEDGER, GROUP)
@@ -928,7 +932,7 @@ async def test_an_entry_read_by_a_lapsed_relay_during_handover_is_still_publishe
         assert await relay._relay_batch(">") == 1  # the new holder's read of new entries
         await relay_until_caught_up(redis_client, relay)  # its next pass finds entry 3
     finally:
-        await relay._close_nats()
+        await relay.jetstream.close()
     sent = await jetstream_messages(relay_config)
     ledger = await ledger_events(redis_client)
     assert sorted(msg_id for msg_id, _, _ in sent) == sorted(event for _, event in ledger)
@@ -963,6 +967,6 @@ async def test_a_relay_that_slept_through_losing_its_lease_cannot_add_a_stale_ba
         assert len(await jetstream_messages(config)) == 3
         await relay_until_caught_up(redis_client, holder)
     finally:
-        await sleeper._close_nats()
-        await holder._close_nats()
+        await sleeper.jetstream.close()
+        await holder.jetstream.close()
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))

@@ -396,7 +396,7 @@ async def test_shutdown_finishes_money_in_flight(make_app, tokens: TokenMaker) -
     ok_events = {f["event"] for f in answered if f["type"] == "gift_ok"}
     import redis.asyncio as aioredis
 
-    from giftstream.server.ledger.audit import read_entries
+    from giftstream.server.ledger.entries import read_entries
 
     check = aioredis.Redis.from_url(node.redis_url)
     ledger = {e.event async for e in read_entries(check) if e.kind == "gift"}
