@@ -402,12 +402,14 @@ async def _run_audit(url: str, ledger_key: str) -> int:
     from redis.exceptions import RedisError
 
     from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.runtime import redact_url
 
     client = aioredis.Redis.from_url(url)
     try:
         report = await audit(client, ledger_key=ledger_key)
     except (RedisError, OSError) as exc:
-        print(f"giftstream: error: cannot audit Redis at {url}: {exc}", file=sys.stderr)
+        where = redact_url(url)
+        print(f"giftstream: error: cannot audit Redis at {where}: {exc}", file=sys.stderr)
         return 2
     finally:
         await client.aclose()

@@ -1,5 +1,5 @@
-"""server/ledger/runtime.py: URLs fit for a log line, and the relay and consumer processes
-logging only those (real processes, a real Redis)."""
+"""server/ledger/runtime.py: URLs fit for a log line, and the relay, consumer and audit
+commands showing only those (real processes, a real Redis)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def test_relay_and_consume_never_log_a_password() -> None:
         assert result.returncode == 1, result.stderr
         assert "hunter2" not in result.stderr, result.stderr
         assert f"cannot reach Redis at {redact_url(bad_redis)}" in result.stderr
+
+
+def test_audit_never_prints_a_password() -> None:
+    """`giftstream audit` with Redis unreachable: its one error line names the URL redacted."""
+    bad_redis = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = run_cli("audit", "--redis-url", bad_redis, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr, result.stderr
+    assert f"cannot audit Redis at {redact_url(bad_redis)}" in result.stderr
 
 
 def test_relay_logs_its_nats_url_without_the_password(redis_url: str) -> None:
