@@ -1,6 +1,8 @@
-"""The audit: replay the ledger and compare the result with every wallet in Redis (DESIGN.md
-§2, the money invariants). The replay starts from the checkpoint (server/ledger/checkpoint.py)
-when there is one, so a trimmed ledger still audits as if it were whole."""
+"""The audit: replay the ledger and compare every wallet in Redis with it (DESIGN.md §2).
+
+The replay starts from the checkpoint (server/ledger/checkpoint.py) when there is one, so a
+trimmed ledger still audits as if it were whole; the money invariants are checked on the way.
+"""
 
 from __future__ import annotations
 

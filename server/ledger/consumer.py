@@ -1,5 +1,4 @@
-"""Consumer groups on the ledger stream: LedgerConsumer runs a handler over every entry, and
-`giftstream consume` runs one as a process (docs/queue.md).
+"""Consumer groups on the ledger: LedgerConsumer, its metrics, and `giftstream consume`.
 
 Delivery is at least once. An entry is acked only after its handler returned; a consumer that
 dies first leaves it pending, and another (or itself, restarted) reclaims it once it has been

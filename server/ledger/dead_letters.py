@@ -1,5 +1,4 @@
-"""The dead-letter stream: where a consumer moves an entry it cannot handle, and replaying
-those entries once the handler is fixed."""
+"""The dead-letter stream: its name, and replaying its entries once the handler is fixed."""
 
 from __future__ import annotations
 

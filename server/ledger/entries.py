@@ -1,5 +1,4 @@
-"""The ledger stream's entries: the fields each kind carries, parsing and checking one, stream
-ids, and reading the stream in pages (DESIGN.md §2)."""
+"""The ledger's entries: the fields of each kind, parsing one, stream ids, reading them."""
 
 from __future__ import annotations
 

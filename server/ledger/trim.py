@@ -1,5 +1,7 @@
-"""Trimming the ledger: remove only what every consumer group has acked and the checkpoint
-has folded, by stream id, never by count (docs/queue.md)."""
+"""Trimming the ledger: only what every group has acked and the checkpoint has folded.
+
+By stream id (XTRIM MINID), never by count (docs/queue.md).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""What a relay is told and what it is called: its settings with their defaults, its consumer
-group on the ledger and its lease key in Redis."""
+"""The relay's settings with their defaults, its consumer group and its lease key."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The relay's JetStream side: one NATS connection, the stream made sure of, the last entry
-it holds learned, and a batch published in order with only its stored prefix counted.
+"""The relay's JetStream side: connect, learn what it holds, publish a batch in order.
 
 Strictly in order, and still a batch at a time: the relay writes a whole batch to its one
 NATS connection in order and then waits for the acknowledgements, so JetStream receives and

@@ -1,5 +1,4 @@
-"""`giftstream relay --status`: the relay's lag and who holds its lease, as data for the
-command to print."""
+"""`giftstream relay --status`: the relay's lag and its lease holder, as data to print."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The relay worker: holds the relay lease, reads the ledger as consumer group `relay`, has
-JetStream store each batch and acks in Redis what it stored; `giftstream relay` runs one.
+"""The relay worker: the lease, the loop over the ledger, and `giftstream relay` running it.
 
 Exactly once downstream rests on two things. Each message carries `Nats-Msg-Id` = the event
 id, so JetStream drops a re-publish inside its duplicate window. And each carries the Redis
