@@ -131,7 +131,9 @@ async def check_redis(
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from giftstream.server.ledger.audit import LedgerError, audit, read_entries
+    from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.entries import LedgerError, read_entries
+    from giftstream.server.ledger.runtime import redact_url
 
     client = aioredis.Redis.from_url(redis_url)
     audit_check = Check("audit")
@@ -155,7 +157,7 @@ async def check_redis(
                 purchased[data["user"]] += int(data["credited"])
     except (RedisError, OSError) as exc:
         for check in (audit_check, ledger):
-            check.breach(f"cannot read Redis at {redis_url}: {exc}")
+            check.breach(f"cannot read Redis at {redact_url(redis_url)}: {exc}")
         return [audit_check, ledger]
     except LedgerError as exc:
         ledger.breach(f"the ledger does not parse: {exc}")

@@ -49,6 +49,7 @@ from giftstream.loadtest.plan import Plan, make_plan
 from giftstream.loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
 from giftstream.loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
 from giftstream.loadtest.worker import Control, worker_main
+from giftstream.server.ledger.runtime import redact_url
 from giftstream.server.realtime.auth import Role, mint_token
 
 START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then
@@ -249,7 +250,7 @@ async def _ledger_position(redis_url: str | None, ledger_key: str) -> str | None
     try:
         last = await client.xrevrange(ledger_key, count=1)
     except (RedisError, OSError) as exc:
-        raise RunError(f"cannot read the ledger at {redis_url}: {exc}") from exc
+        raise RunError(f"cannot read the ledger at {redact_url(redis_url)}: {exc}") from exc
     finally:
         await client.aclose()
     if not last:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvloop
 
 from giftstream.server.config import (
@@ -277,14 +278,20 @@ def _running_redis(values: dict[str, Any]) -> str:
 
 
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
-    from giftstream.server.ledger.relay import RelayConfig, print_status, run_relay
+    from giftstream.server.ledger.relay.config import RelayConfig
+    from giftstream.server.ledger.relay.status import read_status
+    from giftstream.server.ledger.relay.worker import run_relay
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     url = _running_redis(values)
     if args.status:
-        return uvloop.run(print_status(url, args.ledger_key))
+        status = uvloop.run(read_status(url, args.ledger_key))
+        if status is None:
+            return 1
+        print(orjson.dumps(status).decode())
+        return 0
     if not args.nats:
         raise ConfigError("--nats / GIFTSTREAM_NATS_URL is required, e.g. nats://127.0.0.1:4222")
     config = RelayConfig(
@@ -299,7 +306,7 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
 
 def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from giftstream.server.ledger.consumer import HANDLERS, run_consumer
-    from giftstream.server.ledger.relay import GROUP as RELAY_GROUP
+    from giftstream.server.ledger.relay.config import GROUP as RELAY_GROUP
 
     group, group_from = _flag_or_env(args.group, "--group", "GIFTSTREAM_GROUP", None)
     if not group:
@@ -354,7 +361,7 @@ async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from giftstream.server.ledger.consumer import trim
+    from giftstream.server.ledger.trim import trim
 
     client = aioredis.Redis.from_url(url)
     try:
@@ -395,12 +402,14 @@ async def _run_audit(url: str, ledger_key: str) -> int:
     from redis.exceptions import RedisError
 
     from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.runtime import redact_url
 
     client = aioredis.Redis.from_url(url)
     try:
         report = await audit(client, ledger_key=ledger_key)
     except (RedisError, OSError) as exc:
-        print(f"giftstream: error: cannot audit Redis at {url}: {exc}", file=sys.stderr)
+        where = redact_url(url)
+        print(f"giftstream: error: cannot audit Redis at {where}: {exc}", file=sys.stderr)
         return 2
     finally:
         await client.aclose()

@@ -30,16 +30,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from giftstream.server.ledger.audit import (
-    AuditReport,
-    Balances,
-    LedgerEntry,
-    LedgerError,
-    Replay,
-    StreamState,
-    parse_entry,
-    stream_id_key,
-)
+from giftstream.server.ledger.audit import AuditReport, Balances, Replay, StreamState
+from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry, stream_id_key
 from giftstream.server.money import keys
 from giftstream.server.money.wallet import script_source
 

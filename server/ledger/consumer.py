@@ -1,5 +1,4 @@
-"""Consumer groups on the ledger stream: run a handler over every entry, and trim the stream
-without losing anything a group or the audit still needs (docs/queue.md).
+"""Consumer groups on the ledger: LedgerConsumer, its metrics, and `giftstream consume`.
 
 Delivery is at least once. An entry is acked only after its handler returned; a consumer that
 dies first leaves it pending, and another (or itself, restarted) reclaims it once it has been
@@ -16,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 
@@ -26,16 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
-from giftstream.server.ledger.audit import (
-    LedgerEntry,
-    LedgerError,
-    next_stream_id,
-    parse_entry,
-    read_raw,
-    stream_id_key,
-)
-from giftstream.server.ledger.checkpoint import CheckpointFolder, checkpoint_last_id
+from giftstream.server.ledger.checkpoint import CheckpointFolder
+from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer
+from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry
 from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
 from giftstream.server.money import keys
 from giftstream.server.money.wallet import script_source
@@ -55,11 +47,6 @@ DEFAULT_BLOCK_MS = 1000
 DEFAULT_CLAIM_IDLE_MS = 30_000  # longer than any handler takes: a live consumer keeps its own
 DEFAULT_MAX_DELIVERIES = 5
 MAX_REASON = 2000  # characters of an exception's text kept in a dead letter
-
-
-def dead_letter_stream(ledger_key: str = keys.LEDGER) -> str:
-    """The default dead-letter stream of a ledger: giftstream:ledger:dead."""
-    return ledger_key + ":dead"
 
 
 class ConsumerMetrics:
@@ -392,131 +379,6 @@ async def group_lag(redis: aioredis.Redis, ledger_key: str, group: str) -> int:
                 )
             return int(info["pending"]) + int(unread)
     return 0
-
-
-async def replay_dead_letters(
-    redis: aioredis.Redis,
-    group: str,
-    handler: Handler,
-    *,
-    ledger_key: str = keys.LEDGER,
-    dead_letter_key: str | None = None,
-) -> tuple[int, int]:
-    """Hand `group`'s dead letters to `handler` again (once its bug is fixed), oldest first;
-    each one it now handles is deleted from the dead-letter stream, the others stay.
-    Returns (handled, still failing). Safe to run twice: handlers are idempotent."""
-    dead_key = dead_letter_key or dead_letter_stream(ledger_key)
-    handled = failing = 0
-    async for dead_id, fields in read_raw(redis, dead_key):
-        if keys.text(fields.get(b"group", fields.get("group", ""))) != group:
-            continue
-        stream_id = keys.text(fields.get(b"stream_id", fields.get("stream_id", "")))
-        try:
-            await handler(parse_entry(stream_id, {b"data": fields.get(b"data", b"")}))
-        except Exception as exc:
-            failing += 1
-            log.warning("dead letter %s (entry %s) still fails: %s", dead_id, stream_id, exc)
-            continue
-        await redis.xdel(dead_key, dead_id)
-        handled += 1
-    return handled, failing
-
-
-# ---- trimming -------------------------------------------------------------------------
-
-
-async def group_trim_points(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER
-) -> dict[str, str] | None:
-    """Per consumer group, the oldest stream id it still needs: its oldest pending entry, or
-    (nothing pending) the id right after its last delivered one. None when there is no
-    stream; {} when it has no group."""
-    try:
-        groups = await redis.xinfo_groups(ledger_key)
-    except ResponseError:  # no stream
-        return None
-    points: dict[str, str] = {}
-    for info in groups:
-        name = keys.text(info["name"])
-        after_delivered = next_stream_id(keys.text(info["last-delivered-id"]))
-        if int(info["pending"]):
-            oldest = (await redis.xpending(ledger_key, info["name"]))["min"]
-            # acked meanwhile: all it had pending was at or below its last delivered id
-            points[name] = after_delivered if oldest is None else keys.text(oldest)
-        else:
-            points[name] = after_delivered
-    return points
-
-
-async def safe_trim_point(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
-    """The oldest stream id some consumer group still needs (see group_trim_points). None
-    when the stream has no group: nothing may go, since a consumer may come later."""
-    points = await group_trim_points(redis, ledger_key)
-    return min(points.values(), key=stream_id_key) if points else None
-
-
-@dataclass(frozen=True, slots=True)
-class Trim:
-    """What one trim did: `removed` entries below `min_id` (None: nothing could go), held
-    there by `held_by` (a group, the checkpoint, or the entries kept), `left` entries left."""
-
-    removed: int
-    min_id: str | None
-    held_by: str
-    left: int
-
-    def summary(self, ledger_key: str) -> str:
-        if self.min_id is None:
-            return f"trimmed nothing from {ledger_key}: {self.held_by}; {self.left} entries left"
-        return (
-            f"trimmed {self.removed} entries of {ledger_key} below {self.min_id} (held "
-            f"there by {self.held_by}); {self.left} entries left"
-        )
-
-
-async def trim(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
-) -> Trim:
-    """Remove the entries every consumer group has acked and the checkpoint has folded,
-    keeping at least the last `keep_min_entries`. XTRIM MINID, exact: never MAXLEN, which
-    cuts by count whoever still needs the entries. No groups, or no checkpoint yet (the
-    audit replays what is not folded): nothing goes."""
-    if type(keep_min_entries) is not int or keep_min_entries < 0:
-        raise ValueError(f"keep_min_entries must be an integer >= 0, not {keep_min_entries!r}")
-
-    async def nothing(why: str) -> Trim:
-        return Trim(0, None, why, int(await redis.xlen(ledger_key)))
-
-    points = await group_trim_points(redis, ledger_key)
-    if points is None:
-        return Trim(0, None, "no such stream", 0)
-    if not points:
-        return await nothing("no consumer group (one may come later)")
-    folded = await checkpoint_last_id(redis, ledger_key)
-    if folded is None:
-        return await nothing("no checkpoint yet (run the checkpoint consumer)")
-    bounds = {f"group {name}": point for name, point in points.items()}
-    bounds["the checkpoint"] = next_stream_id(folded)
-    if keep_min_entries:
-        tail = await redis.xrevrange(ledger_key, count=keep_min_entries) or []
-        if len(tail) < keep_min_entries:
-            return await nothing(f"it holds fewer than the {keep_min_entries} entries kept")
-        bounds[f"the last {keep_min_entries} entries kept"] = keys.text(tail[-1][0])
-    held_by, min_id = min(bounds.items(), key=lambda bound: stream_id_key(bound[1]))
-    removed = int(await redis.xtrim(ledger_key, minid=min_id, approximate=False))
-    return Trim(removed, min_id, held_by, int(await redis.xlen(ledger_key)))
-
-
-async def trim_ledger(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
-) -> int:
-    """trim(), logged; how many entries went."""
-    done = await trim(redis, ledger_key, keep_min_entries=keep_min_entries)
-    if done.min_id is None and done.held_by.startswith("no checkpoint"):
-        log.warning("%s", done.summary(ledger_key))
-    elif done.removed:
-        log.info("%s", done.summary(ledger_key))
-    return done.removed
 
 
 # ---- `giftstream consume` -------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from giftstream.server.ledger.audit import LedgerEntry
+from giftstream.server.ledger.entries import LedgerEntry
 from giftstream.server.money import keys
 from giftstream.server.money.wallet import script_source
 

@@ -188,7 +188,8 @@ async def verify(redis_url: str, record: BankRecord, coins_bought: int) -> Verdi
     """Audit the wallets against the ledger, and the ledger against the clients' acks."""
     import redis.asyncio as aioredis
 
-    from giftstream.server.ledger.audit import audit, read_entries
+    from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.entries import read_entries
 
     client = aioredis.Redis.from_url(redis_url)
     try:

@@ -185,7 +185,7 @@ async def _assert_keys_match_ledger(redis_url: str) -> None:
     """Every gift in the ledger still has its key record, and every key record its entry."""
     import redis.asyncio as aioredis
 
-    from giftstream.server.ledger.audit import read_entries
+    from giftstream.server.ledger.entries import read_entries
     from giftstream.server.money import keys
 
     client = aioredis.Redis.from_url(redis_url)

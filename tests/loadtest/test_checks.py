@@ -14,6 +14,8 @@ from giftstream.loadtest.check import Outcome, check_answers, check_deliveries
 from giftstream.loadtest.cli import resolve_secrets
 from giftstream.loadtest.scenario import build
 from giftstream.server.config import ConfigError
+from giftstream.server.embedded_redis import free_port
+from giftstream.server.ledger.runtime import redact_url
 
 
 def viewer(user: str, **fields: Any) -> dict[str, Any]:
@@ -181,3 +183,20 @@ async def test_a_run_that_hangs_is_stopped_at_its_budget(tmp_path: Path) -> None
         silent.close()
     assert time.monotonic() - started < 10
     assert runner.time_budget(scenario) > scenario.duration
+
+
+async def test_an_unreachable_redis_is_named_without_its_password() -> None:
+    """The end-of-run Redis checks, and the ledger position read before the run."""
+    from giftstream.loadtest.check import check_redis
+    from giftstream.loadtest.runner import RunError, _ledger_position
+
+    bad_redis = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    checks = await check_redis(bad_redis, "giftstream:ledger", None, outcome(), {"g"}, {})
+    for check in checks:
+        assert check.status == "fail"
+        assert check.breaches[0].startswith(f"cannot read Redis at {redact_url(bad_redis)}: ")
+        assert "hunter2" not in " ".join(check.breaches)
+    with pytest.raises(RunError) as raised:
+        await _ledger_position(bad_redis, "giftstream:ledger")
+    assert str(raised.value).startswith(f"cannot read the ledger at {redact_url(bad_redis)}: ")
+    assert "hunter2" not in str(raised.value)

@@ -29,10 +29,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from giftstream.protocol.errors import ProtocolError
-from giftstream.server.ledger.audit import LedgerEntry, read_entries
 from giftstream.server.ledger.checkpoint import CheckpointKeys
-from giftstream.server.ledger.consumer import dead_letter_stream
+from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer, earnings_key, seen_key
+from giftstream.server.ledger.entries import LedgerEntry, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.wallet import MAX_BALANCE, MoneyError, Wallet

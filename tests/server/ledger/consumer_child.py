@@ -13,8 +13,8 @@ import sys
 
 import redis.asyncio as aioredis
 
-from giftstream.server.ledger.audit import LedgerEntry
 from giftstream.server.ledger.consumer import HANDLERS, LedgerConsumer
+from giftstream.server.ledger.entries import LedgerEntry
 from giftstream.server.money import keys
 
 CONSUMER = "doomed"

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from giftstream.server.ledger.audit import LedgerEntry, read_entries
 from giftstream.server.ledger.earnings import earnings
+from giftstream.server.ledger.entries import LedgerEntry, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.wallet import Wallet

@@ -27,7 +27,9 @@ import orjson
 import redis.asyncio as aioredis
 
 from giftstream.server.embedded_redis import EmbeddedRedis, free_port
-from giftstream.server.ledger.relay import Relay, RelayConfig, relay_lag
+from giftstream.server.ledger.relay.config import RelayConfig
+from giftstream.server.ledger.relay.lag import relay_lag
+from giftstream.server.ledger.relay.worker import Relay
 from giftstream.server.money import keys
 
 

@@ -1,5 +1,5 @@
-"""The ledger read back, and the audit: replaying it from empty reproduces every wallet after
-a mixed workload, and any wallet or entry changed behind the scripts' back is named."""
+"""The audit: replaying the ledger from empty reproduces every wallet after a mixed
+workload, and any wallet or entry changed behind the scripts' back is named."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from giftstream.protocol.errors import ProtocolError
-from giftstream.server.ledger.audit import LedgerError, audit, read_entries
+from giftstream.server.ledger.audit import audit
+from giftstream.server.ledger.entries import read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.wallet import MoneyError, Wallet
@@ -201,24 +202,6 @@ async def test_a_gift_whose_split_does_not_add_up(redis_client: aioredis.Redis) 
     stream_id = await add_entry(redis_client, {"data": orjson.dumps(entry)})
     report = await audit(redis_client)
     assert f"event e1 (gift, {stream_id}): coins 5 != diamonds 3 + platform 3" in report.breaches
-
-
-async def test_read_entries_pages_in_order_from_any_start(
-    wallet: Wallet, fund_coins: Fund, redis_client: aioredis.Redis
-) -> None:
-    for i in range(25):
-        await fund_coins(f"user{i}", 1 + i)
-    entries = [e async for e in read_entries(redis_client, count=10)]
-    assert [e.data["coins"] for e in entries] == list(range(1, 26))
-    assert all(e.kind == "purchase" and e.ts == NOW_MS for e in entries)
-    tail = [e async for e in read_entries(redis_client, keys.LEDGER, start=entries[12].id, count=4)]
-    assert [e.event for e in tail] == [e.event for e in entries[12:]]
-
-
-async def test_read_entries_refuses_a_bad_entry(redis_client: aioredis.Redis) -> None:
-    await redis_client.xadd(keys.LEDGER, {"data": b"[1, 2]"})
-    with pytest.raises(LedgerError, match="not a JSON object"):
-        [e async for e in read_entries(redis_client)]
 
 
 async def test_a_configured_ledger_key(redis_client: aioredis.Redis) -> None:

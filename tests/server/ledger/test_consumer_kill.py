@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 
 from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.checkpoint import CheckpointFolder, checkpoint_last_id
-from giftstream.server.ledger.consumer import LedgerConsumer, group_lag, trim_ledger
+from giftstream.server.ledger.consumer import LedgerConsumer, group_lag
 from giftstream.server.ledger.earnings import EarningsConsumer
+from giftstream.server.ledger.trim import trim_ledger
 from giftstream.server.money import keys
 from tests.server.ledger.consumer_child import CONSUMER
 from tests.server.ledger.ledger_workload import (

@@ -9,7 +9,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from giftstream.server.ledger.audit import LedgerEntry
 from giftstream.server.ledger.earnings import (
     SEEN_KEEP_MS,
     EarningsConsumer,
@@ -17,6 +16,7 @@ from giftstream.server.ledger.earnings import (
     earnings_key,
     seen_key,
 )
+from giftstream.server.ledger.entries import LedgerEntry
 from tests.server.ledger.ledger_workload import (
     DAY1_MS,
     expected_earnings,

@@ -13,7 +13,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,25 +25,20 @@ import pytest
 import redis.asyncio as aioredis
 from nats.js import api
 from nats.js.errors import APIError
-from redis.asyncio.connection import Connection
 
 from giftstream.server.embedded_redis import free_port
-from giftstream.server.ledger.audit import audit, read_entries
+from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.checkpoint import GROUP as CHECKPOINT_GROUP
 from giftstream.server.ledger.checkpoint import CheckpointFolder
-from giftstream.server.ledger.consumer import LedgerConsumer, trim_ledger
+from giftstream.server.ledger.consumer import LedgerConsumer
 from giftstream.server.ledger.earnings import EarningsConsumer
+from giftstream.server.ledger.entries import read_entries
 from giftstream.server.ledger.lease import Lease, lease_holder
-from giftstream.server.ledger.relay import (
-    CONSUMER,
-    GROUP,
-    STREAM_ID_HEADER,
-    Lag,
-    Relay,
-    RelayConfig,
-    lease_key,
-    relay_lag,
-)
+from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
+from giftstream.server.ledger.relay.jetstream import STREAM_ID_HEADER, JetStream, Message
+from giftstream.server.ledger.relay.lag import relay_lag
+from giftstream.server.ledger.relay.worker import Relay
+from giftstream.server.ledger.trim import trim_ledger
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import load_catalog
 from giftstream.server.money.wallet import Wallet
@@ -235,21 +230,29 @@ async def test_every_entry_once_in_order_by_kind(
     assert lag.entries == 0 and lag.oldest_age_s == 0
 
 
-class CrashAfterPublish(Relay):
-    """A relay that dies once JetStream has stored `crash_after` entries, before Redis heard
-    of the last batch: the batch that reaches that count is published only up to it."""
+class StoreThenCrash(JetStream):
+    """JetStream as a relay that dies once it has stored `crash_after` entries sees it: the
+    batch that reaches that count is published only up to it, then the relay is gone."""
 
-    def __init__(self, *args: Any, crash_after: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: RelayConfig, *, crash_after: int) -> None:
+        super().__init__(config)
         self.crash_after = crash_after
 
-    async def _publish_all(self, batch: list[Any]) -> tuple[int, Exception | None]:
-        stored, error = await super()._publish_all(batch[: self.crash_after])
+    async def publish(self, batch: list[Message]) -> tuple[int, Exception | None]:
+        stored, error = await super().publish(batch[: self.crash_after])
         assert error is None, error
         self.crash_after -= stored
         if self.crash_after == 0:
             raise _Crash
         return stored, error
+
+
+class CrashAfterPublish(Relay):
+    """A relay that dies once JetStream has stored `crash_after` entries, before Redis heard
+    of the last batch: the batch that reaches that count is published only up to it."""
+
+    def __init__(self, redis: aioredis.Redis, config: RelayConfig, *, crash_after: int) -> None:
+        super().__init__(redis, config, jetstream=StoreThenCrash(config, crash_after=crash_after))
 
     async def start(self) -> None:
         """What run() does before relaying: the group, the lease, JetStream's last message."""
@@ -259,7 +262,7 @@ class CrashAfterPublish(Relay):
 
     async def crashed(self) -> None:
         """Dead: NATS gone, and the lease released (a dead process's would expire)."""
-        await self._close_nats()
+        await self.jetstream.close()
         await self.lease.release()
 
 
@@ -431,107 +434,6 @@ async def test_nats_away_then_back_relay_catches_up(
     nats_server.start()
     await wait_until_relayed(redis_client, 30)
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(relay_config))
-
-
-# ---- relay_lag, and the race that made it fail ------------------------------------------
-
-
-async def test_relay_lag_at_every_stage_of_the_group(
-    redis_url: str, redis_client: aioredis.Redis
-) -> None:
-    """No stream, an empty stream, unread, pending, acked, trimmed and deleted entries."""
-    assert await relay_lag(redis_client) == Lag(0, 0.0, None)  # no stream at all
-    await redis_client.xadd("other:ledger", {"data": b"{}"})
-    no_group = await relay_lag(redis_client, "other:ledger")  # entries, the relay never ran
-    assert (no_group.entries, no_group.last_delivered) == (1, None)
-
-    await redis_client.xgroup_create(keys.LEDGER, GROUP, id="0", mkstream=True)
-    assert await relay_lag(redis_client) == Lag(0, 0.0, "0-0")  # empty stream, a group
-
-    now_ms = int(time.time() * 1000)
-    ids = [f"{now_ms - 9000 + 1000 * i}-0" for i in range(4)]  # 9, 8, 7 and 6 s old
-    for stream_id in ids[:3]:
-        await redis_client.xadd(keys.LEDGER, {"data": b"{}"}, id=stream_id)
-
-    def close_to(age: float, want: float) -> bool:
-        return want <= age < want + 5  # the clock moves on while the test runs
-
-    lag = await relay_lag(redis_client)  # unread only
-    assert (lag.entries, lag.last_delivered) == (3, "0-0") and close_to(lag.oldest_age_s, 9)
-    await redis_client.xreadgroup(GROUP, "relay", {keys.LEDGER: ">"}, count=2)
-    lag = await relay_lag(redis_client)  # two pending, one unread
-    assert (lag.entries, lag.last_delivered) == (3, ids[1]) and close_to(lag.oldest_age_s, 9)
-    await redis_client.xack(keys.LEDGER, GROUP, *ids[:2])
-    lag = await relay_lag(redis_client)  # nothing pending, one unread
-    assert (lag.entries, lag.last_delivered) == (1, ids[1]) and close_to(lag.oldest_age_s, 7)
-    await redis_client.xreadgroup(GROUP, "relay", {keys.LEDGER: ">"})
-    await redis_client.xack(keys.LEDGER, GROUP, ids[2])
-    assert await relay_lag(redis_client) == Lag(0, 0.0, ids[2])  # everything acked
-    await redis_client.xtrim(keys.LEDGER, minid="9999999999999-0")
-    assert await relay_lag(redis_client) == Lag(0, 0.0, ids[2])  # acked and trimmed: empty
-
-    # an unread entry deleted: Redis no longer knows the lag (nil); it is counted instead
-    await redis_client.xadd(keys.LEDGER, {"data": b"{}"}, id=ids[3])
-    gone = await redis_client.xadd(keys.LEDGER, {"data": b"{}"})
-    await redis_client.xdel(keys.LEDGER, gone)
-    lag = await relay_lag(redis_client)
-    assert (lag.entries, lag.last_delivered) == (1, ids[2]) and close_to(lag.oldest_age_s, 6)
-    for ledger_key in (keys.LEDGER, "other:ledger"):  # and `relay --status` says the same
-        status = await asyncio.to_thread(
-            run_cli, "relay", "--status", "--redis-url", redis_url, "--ledger-key", ledger_key
-        )
-        assert status.returncode == 0 and status.stderr == "", status.stderr
-        assert status.stdout.startswith('{"entries":1,'), status.stdout
-
-
-def _sending(command: str | bytes | Iterable[bytes]) -> bytes:
-    if isinstance(command, str):
-        return command.encode()
-    if isinstance(command, bytes):
-        return command
-    return b"".join(bytes(part) for part in command)
-
-
-def _acks_before_xpending(ack: Callable[[], Awaitable[None]]) -> type[Connection]:
-    """A connection that, just before it sends an XPENDING, lets another client ack: what a
-    running relay does whenever its batch ends between two of relay_lag's reads."""
-
-    class AckFirst(Connection):
-        async def send_packed_command(
-            self, command: str | bytes | Iterable[bytes], check_health: bool = True
-        ) -> None:
-            if b"XPENDING" in _sending(command).upper():
-                await ack()
-            await super().send_packed_command(command, check_health)
-
-    return AckFirst
-
-
-async def test_relay_lag_while_the_relay_acks_its_last_pending_entries(
-    redis_url: str, redis_client: aioredis.Redis
-) -> None:
-    """The intermittent `ValueError: invalid literal for int() … 'None'`: relay_lag read
-    XINFO GROUPS (pending 2), the relay acked its batch, and the XPENDING summary read next
-    had no oldest entry (None). Here the ack always lands at that moment."""
-    for _ in range(3):
-        await redis_client.xadd(keys.LEDGER, {"data": b"{}"})
-    await redis_client.xgroup_create(keys.LEDGER, GROUP, id="0")
-    read: Any = await redis_client.xreadgroup(GROUP, "relay", {keys.LEDGER: ">"}, count=2)
-    batch: list[bytes] = [i for i, _ in read[0][1]]
-    acks = 0
-
-    async def ack() -> None:
-        nonlocal acks
-        acks += await redis_client.xack(keys.LEDGER, GROUP, *batch)
-
-    racing = aioredis.Redis.from_url(redis_url, connection_class=_acks_before_xpending(ack))
-    try:
-        lag = await relay_lag(racing)
-    finally:
-        await racing.aclose()
-    assert acks == 2  # the ack did land while relay_lag was reading
-    assert (lag.entries, lag.last_delivered) == (1, batch[1].decode())  # one left unread
-    assert 0 <= lag.oldest_age_s < 5
 
 
 # ---- a stopped relay, and trimming meanwhile ---------------------------------------------
@@ -885,7 +787,7 @@ async def test_a_refused_message_mid_batch_stores_and_acks_only_the_prefix(
         await relay._open()
         with pytest.raises(APIError, match="exceeds maximum"):
             await relay.relay_once()
-        await relay._close_nats()
+        await relay.jetstream.close()
         ledger = await ledger_events(redis_client)
         assert_exactly_once(ledger[:5], await jetstream_messages(config))
         summary: Any = await redis_client.xpending(keys.LEDGER, GROUP)
@@ -928,7 +830,7 @@ async def test_an_entry_read_by_a_lapsed_relay_during_handover_is_still_publishe
         assert await relay._relay_batch(">") == 1  # the new holder's read of new entries
         await relay_until_caught_up(redis_client, relay)  # its next pass finds entry 3
     finally:
-        await relay._close_nats()
+        await relay.jetstream.close()
     sent = await jetstream_messages(relay_config)
     ledger = await ledger_events(redis_client)
     assert sorted(msg_id for msg_id, _, _ in sent) == sorted(event for _, event in ledger)
@@ -963,6 +865,6 @@ async def test_a_relay_that_slept_through_losing_its_lease_cannot_add_a_stale_ba
         assert len(await jetstream_messages(config)) == 3
         await relay_until_caught_up(redis_client, holder)
     finally:
-        await sleeper._close_nats()
-        await holder._close_nats()
+        await sleeper.jetstream.close()
+        await holder.jetstream.close()
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))

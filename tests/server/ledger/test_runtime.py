@@ -1,11 +1,12 @@
-"""server/ledger/runtime.py: URLs fit for a log line, and the relay and consumer processes
-logging only those (real processes, a real Redis)."""
+"""server/ledger/runtime.py: URLs fit for a log line, and the commands (relay, consume,
+audit, trim, serve) showing only those (real processes, a real Redis)."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,27 @@ def test_relay_and_consume_never_log_a_password() -> None:
         assert result.returncode == 1, result.stderr
         assert "hunter2" not in result.stderr, result.stderr
         assert f"cannot reach Redis at {redact_url(bad_redis)}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code", "says"),
+    [
+        (["audit"], 2, "cannot audit Redis at"),
+        (["trim"], 1, "cannot trim in Redis at"),
+        (["serve", "--port", "0", "--admin-port", "0"], 1, "cannot reach Redis at"),
+    ],
+)
+def test_commands_never_print_a_password(
+    tmp_path: Path, command: list[str], exit_code: int, says: str
+) -> None:
+    """`giftstream audit`, `trim` and `serve` with Redis unreachable: the one error line
+    names the URL redacted."""
+    bad_redis = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    args = [*command, "--data-dir", str(tmp_path), "--redis-url", bad_redis]
+    result = run_cli(*args, timeout=20)
+    assert result.returncode == exit_code, result.stderr
+    assert "hunter2" not in result.stdout + result.stderr, result.stderr
+    assert f"{says} {redact_url(bad_redis)}" in result.stderr
 
 
 def test_relay_logs_its_nats_url_without_the_password(redis_url: str) -> None:

@@ -8,15 +8,17 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from giftstream.server.ledger.audit import LedgerEntry, audit, next_stream_id
+from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.checkpoint import (
     GROUP,
     CheckpointFolder,
     checkpoint_last_id,
     fold_checkpoint,
 )
-from giftstream.server.ledger.consumer import LedgerConsumer, safe_trim_point, trim_ledger
+from giftstream.server.ledger.consumer import LedgerConsumer
 from giftstream.server.ledger.earnings import EarningsConsumer
+from giftstream.server.ledger.entries import LedgerEntry, next_stream_id
+from giftstream.server.ledger.trim import safe_trim_point, trim_ledger
 from giftstream.server.money import keys
 from tests.server.ledger.ledger_workload import ledger, new_wallet, settle, text
 

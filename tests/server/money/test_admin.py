@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.server.embedded_redis import EmbeddedRedis
-from giftstream.server.ledger.audit import read_entries
+from giftstream.server.ledger.entries import read_entries
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.admin import SIGNATURE_HEADER, AdminServer, build_admin_app, sign

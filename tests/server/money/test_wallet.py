@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from giftstream.protocol.errors import ErrorCode, ProtocolError
-from giftstream.server.ledger.audit import read_entries
+from giftstream.server.ledger.entries import read_entries
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package

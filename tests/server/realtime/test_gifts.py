@@ -409,7 +409,7 @@ async def test_shutdown_finishes_money_in_flight(
     ok_events = {f["event"] for f in answered if f["type"] == "gift_ok"}
     import redis.asyncio as aioredis
 
-    from giftstream.server.ledger.audit import read_entries
+    from giftstream.server.ledger.entries import read_entries
 
     assert node.redis_url is not None
     check = aioredis.Redis.from_url(node.redis_url)

@@ -17,17 +17,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from giftstream.server.embedded_redis import free_port
-from giftstream.server.ledger.audit import LedgerEntry
 from giftstream.server.ledger.consumer import (
     HANDLERS,
     UNREAD_COUNT_CAP,
     ConsumerMetrics,
     LedgerConsumer,
     group_lag,
-    replay_dead_letters,
     run_consumer,
 )
+from giftstream.server.ledger.dead_letters import replay_dead_letters
 from giftstream.server.ledger.earnings import EarningsConsumer
+from giftstream.server.ledger.entries import LedgerEntry
 from giftstream.server.money import keys
 from tests.server.ledger.ledger_workload import (
     expected_earnings,
@@ -289,7 +289,7 @@ async def test_malformed_entries_are_dead_lettered_at_once(redis_client: aioredi
 
 
 async def _good_entries(redis: aioredis.Redis) -> list[LedgerEntry]:
-    from giftstream.server.ledger.audit import LedgerError, parse_entry
+    from giftstream.server.ledger.entries import LedgerError, parse_entry
 
     good = []
     entries: Any = await redis.xrange(keys.LEDGER)

@@ -1,0 +1,1 @@
+"""The JetStream relay: every ledger entry published to NATS JetStream once, in order."""

@@ -1,0 +1,336 @@
+"""The relay worker: the lease, the loop over the ledger, and `giftstream relay` running it.
+
+Exactly once downstream rests on two things. Each message carries `Nats-Msg-Id` = the event
+id, so JetStream drops a re-publish inside its duplicate window. And each carries the Redis
+stream id in a header; the relay publishes strictly in order, so on start it reads the last
+message JetStream holds and acks, without publishing again, every pending entry at or below
+that id. A relay killed between publish and ack therefore never publishes twice, however
+long it stayed down. Of a batch, only the prefix JetStream stored (jetstream.py) is acked;
+the rest is published again (the last-message check acks what is already there).
+
+The single-publisher argument needs one relay per ledger: a Redis lease
+(server/ledger/lease.py, key `giftstream:relay:lease:<ledger key>`) is taken before publishing
+and checked before every batch; a relay that cannot renew it stops publishing and waits to take
+it again, and a second relay waits for it: a standby that takes over once the holder dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import RedisError, ResponseError
+
+from giftstream.server.ledger.entries import stream_id_key
+from giftstream.server.ledger.lease import Lease, lease_holder
+from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
+from giftstream.server.ledger.relay.jetstream import JetStream
+from giftstream.server.ledger.relay.lag import Lag, relay_lag
+from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
+from giftstream.server.money import keys
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """The relay no longer holds (or cannot be sure it holds) the lease: stop publishing."""
+
+
+class RelayMetrics:
+    """The relay's own registry, served by `giftstream relay --metrics-port`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.published = Counter(
+            "giftstream_relay_published", "Entries stored by JetStream", registry=r
+        )
+        self.skipped = Counter(
+            "giftstream_relay_already_published",
+            "Pending entries found already in JetStream after a restart, acked without publishing",
+            registry=r,
+        )
+        self.errors = Counter(
+            "giftstream_relay_errors", "Failed attempts, by cause", ["cause"], registry=r
+        )
+        self.lag_entries = Gauge(
+            "giftstream_relay_lag_entries", "Ledger entries not yet relayed", registry=r
+        )
+        self.oldest_age = Gauge(
+            "giftstream_relay_oldest_age_seconds",
+            "Age of the oldest entry not yet relayed",
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "giftstream_relay_lease_held",
+            "1 while this relay holds the lease and may publish",
+            registry=r,
+        )
+
+
+class Relay:
+    """Reads the ledger as consumer group `relay` and publishes to JetStream in order,
+    while it holds the relay lease."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        config: RelayConfig,
+        metrics: RelayMetrics | None = None,
+        *,
+        jetstream: JetStream | None = None,
+        lease_token: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.config = config
+        self.metrics = metrics or RelayMetrics()
+        self.lease = Lease(redis, lease_key(config.ledger_key), config.lease_ttl_ms, lease_token)
+        self.jetstream = jetstream or JetStream(config)
+        self._refresh_lag = LagRefresh(
+            lambda: relay_lag(self.redis, self.config.ledger_key), self._show_lag
+        )
+        self._holding = False  # we took the lease and have not seen it go
+        self._waiting_for: str | None = None  # the holder we last said we wait for
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set, while holding the lease (waiting for it otherwise);
+        NATS or Redis being away only delays, with backoff. The lease is released at the
+        end, so a standby takes over at once."""
+        await self._ensure_group()
+        renewer = asyncio.create_task(self._keep_lease(), name="relay-lease")
+        try:
+            await self._run(stop)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self.jetstream.close()
+            await self._let_go()
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                if not self.lease.held():
+                    if self._holding:  # a renewal was refused, or none got through in time
+                        await self._lost(
+                            "it lapsed before a renewal got through, or another relay has it"
+                        )
+                    if not await self._take_lease():
+                        await self._refresh_lag(LAG_REFRESH_S)
+                        await _sleep_or_stop(stop, self._lease_poll_s(), 0)
+                        continue
+                if not self.jetstream.is_open:
+                    await self._open()
+                moved = await self.relay_once()
+                backoff = 0.1
+            except LeaseLost as exc:
+                await self._lost(str(exc))
+                continue
+            except (NatsError, JetStreamError, OSError, TimeoutError) as exc:
+                self.metrics.errors.labels("nats").inc()
+                log.warning(
+                    "JetStream unavailable or refused a message (%s); retrying in %.1fs",
+                    exc,
+                    backoff,
+                )
+                await self.jetstream.close()
+                await self._refresh_lag(LAG_REFRESH_S)  # the backlog grows meanwhile: show it
+                backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
+                continue
+            except RedisError as exc:
+                self.metrics.errors.labels("redis").inc()
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
+                continue
+            await self._refresh_lag(LAG_REFRESH_S if moved else 0.0)  # idle: every pass
+
+    # ---- the lease ----------------------------------------------------------------------
+
+    def _lease_poll_s(self) -> float:
+        return min(self.config.lease_ttl_ms / 3000, 1.0)
+
+    async def _lost(self, why: str) -> None:
+        """Stop publishing: close NATS, so that whoever holds the lease next (we, again,
+        perhaps) starts from the last message JetStream holds."""
+        self._holding = False
+        self.metrics.lease_held.set(0)
+        log.error(
+            "lost the relay lease %s (%s): stopped publishing; waiting to take it again",
+            self.lease.key,
+            why,
+        )
+        await self.jetstream.close()
+
+    async def _take_lease(self) -> bool:
+        """Take the lease if it is free; say so, or say (once per holder) who has it."""
+        await self.jetstream.close()  # not holding: never publish on a connection from before
+        if await self.lease.acquire():
+            self._holding = True
+            self._waiting_for = None
+            self.metrics.lease_held.set(1)
+            log.info(
+                "took the relay lease %s as %s (ttl %d ms): publishing",
+                self.lease.key,
+                self.lease.token,
+                self.config.lease_ttl_ms,
+            )
+            return True
+        self.metrics.lease_held.set(0)
+        holder = await lease_holder(self.redis, self.lease.key)
+        who = holder.token if holder else "nobody (just released)"
+        if who != self._waiting_for:
+            self._waiting_for = who
+            log.warning(
+                "another relay holds the lease, waiting: %s held by %s, %s ms left",
+                self.lease.key,
+                who,
+                holder.ttl_ms if holder else 0,
+            )
+        return False
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease every third of its TTL while we hold it, until run() ends (not
+        when stop is set: the pass under way may still publish). A renewal refused (the
+        lease is someone else's) or failing until the lease may have lapsed makes `held()`
+        False, and the relay stops before its next publish."""
+        every = self.config.lease_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(every)
+            if not self.lease.held():
+                continue
+            try:  # bounded: a renewal hung on a dead socket must not stop the next ones
+                renewed = await asyncio.wait_for(self.lease.renew(), max(every, 0.1))
+                if not renewed:
+                    log.error(
+                        "relay lease %s is no longer ours (expired, or taken by "
+                        "another relay): stopping publishing",
+                        self.lease.key,
+                    )
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "cannot renew the relay lease (%r); it lapses in %.1fs unless a "
+                    "renewal gets through",
+                    exc,
+                    self.lease.remaining_s(),
+                )
+
+    async def _let_go(self) -> None:
+        """Release the lease on a clean stop, so a standby takes over without waiting."""
+        self.metrics.lease_held.set(0)
+        try:
+            released = await self.lease.release()
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "could not release the relay lease %s (%s): a standby takes over when it expires",
+                self.lease.key,
+                exc,
+            )
+            return
+        if released:
+            log.info("released the relay lease %s", self.lease.key)
+        elif self._holding:
+            log.warning("the relay lease %s was no longer ours at stop", self.lease.key)
+
+    # ---- relaying -----------------------------------------------------------------------
+
+    async def relay_once(self) -> int:
+        """Publish our pending entries (a restart's leftovers), then new ones; returns how
+        many moved. New entries are awaited for at most `block_ms`. Raises LeaseLost,
+        without publishing, if the lease is not held."""
+        moved = await self._relay_batch("0")  # our own pending entries first
+        if moved == 0:
+            moved = await self._relay_batch(">")
+        return moved
+
+    async def _relay_batch(self, start: str) -> int:
+        block = self.config.block_ms if start == ">" else None
+        self._check_lease()  # a lapsed holder must not even read: its reads hide entries
+        reply: Any = await self.redis.xreadgroup(
+            GROUP, CONSUMER, {self.config.ledger_key: start}, count=self.config.batch, block=block
+        )
+        entries = [(keys.text(raw_id), fields) for raw_id, fields in (reply[0][1] if reply else [])]
+        if not entries:
+            return 0
+        self._check_lease()  # the read may have blocked: read, not published, still pending
+        batch = [
+            self.jetstream.message(stream_id, fields)
+            for stream_id, fields in entries
+            if fields and stream_id_key(stream_id) > self.jetstream.stored_upto
+        ]
+        stored, error = await self.jetstream.publish(batch) if batch else (0, None)
+        # ack every entry before the first message JetStream did not store
+        first_unstored = stream_id_key(batch[stored].stream_id) if stored < len(batch) else None
+        done = [
+            (i, f)
+            for i, f in entries
+            if first_unstored is None or stream_id_key(i) < first_unstored
+        ]
+        if stored:
+            self.metrics.published.inc(stored)
+        for stream_id, fields in done:
+            if not fields:  # deleted while pending: only a trim that ignored our group does it
+                self.metrics.errors.labels("deleted").inc()
+                log.error("ledger entry %s was deleted before it was relayed", stream_id)
+        skipped = len(done) - stored - sum(1 for _, f in done if not f)
+        self.metrics.skipped.inc(skipped)
+        if done:
+            await self.redis.xack(self.config.ledger_key, GROUP, *(i for i, _ in done))
+        if error is not None:
+            raise error
+        return len(entries)
+
+    def _check_lease(self) -> None:
+        if not self.lease.held():
+            raise LeaseLost("it lapsed before a renewal got through, or another relay has it")
+
+    async def _open(self) -> None:
+        """Connect to JetStream and learn the last entry it holds."""
+        await self.jetstream.open()
+        log.info("relaying %s to JetStream stream %s", self.config.ledger_key, self.config.stream)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.config.ledger_key, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _show_lag(self, lag: Lag) -> None:
+        self.metrics.lag_entries.set(lag.entries)
+        self.metrics.oldest_age.set(lag.oldest_age_s)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> float:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+    return min(delay * 2, limit)
+
+
+async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | None) -> int:
+    """`giftstream relay`: relay until SIGTERM or SIGINT, while holding the relay lease.
+    Exit code: 0 stopped by a signal, 1 Redis unreachable, 2 the metrics port taken."""
+    metrics = RelayMetrics()
+    stop = start_worker(metrics.registry, metrics_port)
+    if stop is None:
+        return 2
+    client = aioredis.Redis.from_url(redis_url)
+    where = redact_url(redis_url)
+    try:
+        await client.ping()
+        log.info(
+            "relay ready: %s -> %s stream %s", where, redact_url(config.nats_url), config.stream
+        )
+        await Relay(client, config, metrics).run(stop)
+    except (RedisError, OSError) as exc:
+        log.error("cannot reach Redis at %s: %s", where, exc)
+        return 1
+    finally:
+        await client.aclose()
+    return 0
