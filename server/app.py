@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from giftstream.server.config import Settings
 from giftstream.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from giftstream.server.ledger.runtime import redact_url
 from giftstream.server.metrics import Metrics
 from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
@@ -72,7 +73,8 @@ class App:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
-            raise StartupError(f"cannot reach Redis at {self.redis_url}: {exc}") from exc
+            where = redact_url(self.redis_url)
+            raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
         self.wallet = Wallet(
             self.redis, self.catalog.economics, ledger_key=settings.ledger_key, metrics=self.metrics
         )
@@ -120,10 +122,11 @@ class App:
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
         log.info(
-            "giftstream ready: ws=%s admin=%s redis=%s rooms restored=%d",
+            "giftstream ready: ws=%s admin=%s redis=%s ledger=%s rooms restored=%d",
             self.ws_url,
             self.admin_url,
-            self.redis_url,
+            redact_url(self.redis_url),
+            settings.ledger_key,
             restored,
         )
 
