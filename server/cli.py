@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     redis_url = commands.add_parser(
         "redis-url",
-        help="print the URL of the data dir's running embedded Redis (exit 1 when none runs)",
+        help="print the URL of the data dir's running embedded Redis",
         description="Print the URL of the embedded Redis running in the data dir, e.g. for "
         'redis-cli -u "$(giftstream redis-url)"; its port changes at each start. '
         "Exit 1 when none runs.",

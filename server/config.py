@@ -143,7 +143,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "GIFTSTREAM_REDIS_URL",
         None,
         _redis_url,
-        "Redis to use (default: start an embedded redis-server in the data dir)",
+        "Redis to use (default: an embedded redis-server in the data dir, started and stopped "
+        "with the server)",
     ),
     Option(
         "--data-dir",
