@@ -310,8 +310,9 @@ def _print_redis_url(values: dict[str, Any]) -> int:
     redis_dir = values["data_dir"] / "redis"
     url = running_embedded_url(redis_dir)
     if url is None:
+        serve = f"{_invoked_as()} serve"
         print(
-            f"giftstream: no embedded Redis running in {redis_dir} (`giftstream serve` starts it)",
+            f"giftstream: no embedded Redis running in {redis_dir} (`{serve}` starts it)",
             file=sys.stderr,
         )
         return 1
@@ -333,7 +334,7 @@ def _ledger_redis(values: dict[str, Any], worker: str | None = None) -> Iterator
         if not redis_dir.is_dir():
             raise ConfigError(
                 f"no --redis-url, and no embedded Redis data in {redis_dir} "
-                "(`giftstream serve` makes it)"
+                f"(`{_invoked_as()} serve` makes it)"
             )
         try:
             embedded = EmbeddedRedis(redis_dir).start()
