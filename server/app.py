@@ -120,10 +120,11 @@ class App:
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
         log.info(
-            "giftstream ready: ws=%s admin=%s redis=%s rooms restored=%d",
+            "giftstream ready: ws=%s admin=%s redis=%s ledger=%s rooms restored=%d",
             self.ws_url,
             self.admin_url,
-            self.redis_url,
+            redact_url(self.redis_url),
+            settings.ledger_key,
             restored,
         )
 

@@ -1,14 +1,18 @@
-"""`giftstream serve | token | relay | consume | trim | audit`: the command line, and nothing
-but turning arguments into settings and a clear one-line error when they are wrong."""
+"""`giftstream serve | token | redis-url | relay | consume | trim | audit`: the command line,
+and nothing but turning arguments into settings and a clear one-line error when they are
+wrong."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
 import socket
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,14 @@ from giftstream.server.config import (
     load_or_create_secret,
     resolve,
 )
-from giftstream.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError, running_embedded_url
+from giftstream.server.embedded_redis import (
+    EmbeddedRedis,
+    EmbeddedRedisBusy,
+    EmbeddedRedisError,
+    running_embedded_url,
+)
+from giftstream.server.ledger.runtime import redact_url
+from giftstream.server.money import keys
 from giftstream.server.money.catalog import CatalogError, load_catalog
 from giftstream.server.realtime.auth import Role, mint_token
 
@@ -42,6 +53,13 @@ CONSUME_NUMBERS = (  # flag, default, lowest, help; as run_consumer's keyword ar
     ("--claim-idle-ms", 30_000, 1, "reclaim an entry left pending this long"),
     ("--max-deliveries", 5, 1, "deliveries before a failing entry is dead-lettered"),
 )
+LEDGER_OPTIONS = ("--data-dir", "--redis-url", "--ledger-key")  # where the ledger is
+WORKER_OPTIONS = (*LEDGER_OPTIONS, "--log-level")  # and the long-running ones log
+LEDGER_HELPS = {
+    "--redis-url": "Redis to use (default: the data dir's embedded redis-server: the "
+    "server's while it runs, else one started for this command and stopped when it ends)",
+}
+BUSY_WAIT_S = 10.0  # how long a command waits for an embedded Redis another one is starting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,11 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print ready-to-paste demo tokens and give the demo viewer coins",
     )
-    serve.add_argument(
-        "--log-level",
-        default=os.environ.get("GIFTSTREAM_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
 
     token = commands.add_parser("token", help="print a client token signed with the server secret")
     token.add_argument("--user", required=True, help="user id (the token's sub)")
@@ -70,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--minor", action="store_true", help="the user is not a verified adult")
     token.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
     add_options(token, only=("--data-dir", "--jwt-secret"))
+
+    redis_url = commands.add_parser(
+        "redis-url",
+        help="print the URL of the data dir's running embedded Redis",
+        description="Print the URL of the embedded Redis running in the data dir, e.g. for "
+        'redis-cli -u "$(giftstream redis-url)"; its port changes at each start. '
+        "Exit 1 when none runs.",
+    )
+    add_options(redis_url, only=("--data-dir",))
 
     relay = commands.add_parser("relay", help="forward the ledger to NATS JetStream")
     relay.add_argument(
@@ -92,13 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the relay lease's TTL: a standby relay takes over this long after the holder "
         "dies (renewed every third of it)",
     )
-    relay.add_argument("--ledger-key", default="giftstream:ledger")
-    relay.add_argument(
-        "--log-level",
-        default=os.environ.get("GIFTSTREAM_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
-    add_options(relay, only=("--data-dir", "--redis-url"))
+    add_options(relay, only=WORKER_OPTIONS, helps=LEDGER_HELPS)
 
     consume = commands.add_parser(
         "consume", help="run a ledger consumer (a handler in a consumer group) until signalled"
@@ -122,13 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     consume.add_argument(
         "--metrics-port", type=_at_least(1), help="serve Prometheus metrics on 127.0.0.1:PORT"
     )
-    consume.add_argument("--ledger-key", default="giftstream:ledger")
-    consume.add_argument(
-        "--log-level",
-        default=os.environ.get("GIFTSTREAM_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-    )
-    add_options(consume, only=("--data-dir", "--redis-url"))
+    add_options(consume, only=WORKER_OPTIONS, helps=LEDGER_HELPS)
 
     trim = commands.add_parser(
         "trim", help="trim the ledger below what every consumer group and the checkpoint need"
@@ -138,12 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="always keep the last KEEP entries, whatever the groups say "
         f"(env GIFTSTREAM_TRIM_KEEP; default {DEFAULT_TRIM_KEEP})",
     )
-    trim.add_argument("--ledger-key", default="giftstream:ledger")
-    add_options(trim, only=("--data-dir", "--redis-url"))
+    add_options(trim, only=LEDGER_OPTIONS, helps=LEDGER_HELPS)
 
     audit = commands.add_parser("audit", help="replay the ledger and compare every wallet")
-    add_options(audit, only=("--data-dir", "--redis-url"))
-    audit.add_argument("--ledger-key", default="giftstream:ledger")
+    add_options(audit, only=LEDGER_OPTIONS, helps=LEDGER_HELPS)
 
     from giftstream.loadtest.cli import (
         add_loadtest_parser,  # light: the load generator loads on use
@@ -185,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, values)
         if args.command == "token":
             return _token(args, values)
+        if args.command == "redis-url":
+            return _print_redis_url(values)
         if args.command == "relay":
             return _relay(args, values)
         if args.command == "consume":
@@ -203,12 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _log_at(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from giftstream.server.app import StartupError, serve_until_signalled
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _log_at(values["log_level"])
     catalog = load_catalog(values.get("catalog"))
     settings = build_settings(values)
     on_ready = _print_demo if args.demo else None
@@ -221,7 +233,8 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
 
 
 async def _print_demo(app: Any) -> None:
-    """Tokens for a viewer, a creator and an ops user, and coins for the viewer."""
+    """Tokens for a viewer, a creator and an ops user, coins for the viewer, and how to reach
+    the server, its Redis and its ledger, in commands that paste as they are."""
     from giftstream.server.realtime.session import now_ms
 
     settings: Settings = app.settings
@@ -229,10 +242,21 @@ async def _print_demo(app: Any) -> None:
     await app.wallet.purchase(
         receipt="demo-welcome-ann", user="ann", package=package, adult=True, now_ms=now_ms()
     )
+    command = _invoked_as()
+    data_dir = "" if settings.data_dir == Path("data") else f" --data-dir {settings.data_dir}"
+    ledger = "" if settings.ledger_key == keys.LEDGER else f" --ledger-key {settings.ledger_key}"
+    if app.embedded_redis is not None:
+        redis = f"{app.redis_url} (embedded; its port changes at each start: "
+        redis += f"`{command} redis-url{data_dir}` prints it)"
+        stops = "the server and its Redis"
+    else:
+        redis, stops = f"{redact_url(app.redis_url)} (--redis-url)", "the server"
     lines = [
         "",
         f"  giftstream is running. WebSocket: {app.ws_url}   admin API: {app.admin_url}",
-        "  Demo tokens (valid 24 h; `giftstream token --help` makes more):",
+        f"  Redis: {redis}",
+        f"  Ledger: {settings.ledger_key}   check it: `{command} audit{data_dir}{ledger}`",
+        f"  Demo tokens (valid 24 h; `{command} token --help` makes more):",
     ]
     for user, name, role in DEMO_USERS:
         token = mint_token(settings.jwt_secret, user, name=name, role=role)
@@ -242,10 +266,24 @@ async def _print_demo(app: Any) -> None:
         '    {"type":"hello","token":"<token>"}',
         '    creator: {"type":"go_live","title":"Hello"}   viewer: {"type":"join","room":"cara"}',
         '    viewer:  {"type":"gift","room":"cara","gift":"rose","count":1,"key":"my-first-rose"}',
-        "  Ctrl-C stops the server and its Redis.",
+        f"  Ctrl-C stops {stops}.",
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _invoked_as() -> str:
+    """This command as the operator can type it again: `giftstream` when that is the one on
+    PATH, else its path (`.venv/bin/giftstream` after `make run`)."""
+    script = Path(sys.argv[0])
+    if script.name != "giftstream":  # python -m giftstream.server.cli
+        return "giftstream"
+    on_path = shutil.which("giftstream")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "giftstream"
+    with contextlib.suppress(ValueError):
+        return str(script.resolve().relative_to(Path.cwd().resolve()))
+    return str(script)
 
 
 def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
@@ -268,13 +306,62 @@ def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
     return 0
 
 
-def _running_redis(values: dict[str, Any]) -> str:
-    """--redis-url, else the data dir's embedded Redis if it runs (a relay, consumer or trim
-    never starts one: the server owns it)."""
-    url = values.get("redis_url") or running_embedded_url(values["data_dir"] / "redis")
+def _print_redis_url(values: dict[str, Any]) -> int:
+    """The running embedded Redis's URL on stdout (nothing else, for $(...)); else exit 1."""
+    redis_dir = values["data_dir"] / "redis"
+    url = running_embedded_url(redis_dir)
     if url is None:
-        raise ConfigError("no --redis-url, and no embedded Redis running in the data dir")
-    return str(url)
+        serve = f"{_invoked_as()} serve"
+        print(
+            f"giftstream: no embedded Redis running in {redis_dir} (`{serve}` starts it)",
+            file=sys.stderr,
+        )
+        return 1
+    print(url)
+    return 0
+
+
+@contextlib.contextmanager
+def _ledger_redis(values: dict[str, Any], worker: str | None = None) -> Iterator[str]:
+    """--redis-url; else the data dir's embedded Redis: the server's while it runs, else one
+    started for this command and stopped when it ends (a long-running `worker` says so)."""
+    url: str | None = values.get("redis_url")
+    if url is not None:
+        yield url
+        return
+    redis_dir: Path = values["data_dir"] / "redis"
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while (running := running_embedded_url(redis_dir)) is None:
+        if not redis_dir.is_dir():
+            raise ConfigError(
+                f"no --redis-url, and no embedded Redis data in {redis_dir} "
+                f"(`{_invoked_as()} serve` makes it)"
+            )
+        try:
+            embedded = EmbeddedRedis(redis_dir).start()
+        except EmbeddedRedisBusy as exc:  # another command is starting it: use that one
+            if time.monotonic() > deadline:
+                raise ConfigError(str(exc)) from exc
+            time.sleep(0.1)
+            continue
+        except EmbeddedRedisError as exc:
+            raise ConfigError(f"embedded Redis: {exc}") from exc
+        if worker is not None:
+            log.warning(
+                "no server runs the embedded Redis of %s: started it at %s for this %s; it "
+                "stops when the %s does, and `giftstream serve` of this data dir cannot "
+                "start until then",
+                redis_dir,
+                embedded.url,
+                worker,
+                worker,
+            )
+        try:
+            yield embedded.url
+        finally:
+            embedded.stop()
+        return
+    yield running
 
 
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
@@ -282,12 +369,11 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from giftstream.server.ledger.relay.status import read_status
     from giftstream.server.ledger.relay.worker import run_relay
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    url = _running_redis(values)
+    _log_at(values["log_level"])
+    ledger_key: str = values["ledger_key"]
     if args.status:
-        status = uvloop.run(read_status(url, args.ledger_key))
+        with _ledger_redis(values) as url:
+            status = uvloop.run(read_status(url, ledger_key))
         if status is None:
             return 1
         print(orjson.dumps(status).decode())
@@ -296,12 +382,13 @@ def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
         raise ConfigError("--nats / GIFTSTREAM_NATS_URL is required, e.g. nats://127.0.0.1:4222")
     config = RelayConfig(
         nats_url=args.nats,
-        ledger_key=args.ledger_key,
+        ledger_key=ledger_key,
         stream=args.stream,
         subject_prefix=args.subject_prefix,
         lease_ttl_ms=args.lease_ttl_ms,
     )
-    return uvloop.run(run_relay(url, config, args.metrics_port))
+    with _ledger_redis(values, "relay") as url:
+        return uvloop.run(run_relay(url, config, args.metrics_port))
 
 
 def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
@@ -326,24 +413,22 @@ def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
         raise ConfigError(
             f"{handler_from} {handler!r}: no such handler; one of " + ", ".join(sorted(HANDLERS))
         )
-    url = _running_redis(values)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    consumer_run = run_consumer(
-        url,
-        group,
-        consumer,
-        handler,
-        ledger_key=args.ledger_key,
-        dead_letter_key=args.dead_letter_key,
-        batch=args.batch,
-        block_ms=args.block_ms,
-        claim_idle_ms=args.claim_idle_ms,
-        max_deliveries=args.max_deliveries,
-        metrics_port=args.metrics_port,
-    )
-    return uvloop.run(consumer_run)
+    _log_at(values["log_level"])
+    with _ledger_redis(values, "consume") as url:
+        consumer_run = run_consumer(
+            url,
+            group,
+            consumer,
+            handler,
+            ledger_key=values["ledger_key"],
+            dead_letter_key=args.dead_letter_key,
+            batch=args.batch,
+            block_ms=args.block_ms,
+            claim_idle_ms=args.claim_idle_ms,
+            max_deliveries=args.max_deliveries,
+            metrics_port=args.metrics_port,
+        )
+        return uvloop.run(consumer_run)
 
 
 def _trim(args: argparse.Namespace, values: dict[str, Any]) -> int:
@@ -354,7 +439,8 @@ def _trim(args: argparse.Namespace, values: dict[str, Any]) -> int:
             keep = _at_least(0)(raw)
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
-    return uvloop.run(_run_trim(_running_redis(values), args.ledger_key, keep))
+    with _ledger_redis(values) as url:
+        return uvloop.run(_run_trim(url, values["ledger_key"], keep))
 
 
 async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
@@ -367,8 +453,6 @@ async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
     try:
         done = await trim(client, ledger_key, keep_min_entries=keep)
     except (RedisError, OSError) as exc:
-        from giftstream.server.ledger.runtime import redact_url
-
         where = redact_url(url)
         print(f"giftstream: error: cannot trim in Redis at {where}: {exc}", file=sys.stderr)
         return 1
@@ -379,22 +463,8 @@ async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
 
 
 def _audit(args: argparse.Namespace, values: dict[str, Any]) -> int:
-    """Audit the configured Redis; with none configured, the embedded one of the data dir
-    (the running server's, or started just for the audit when the server is down)."""
-    url = values.get("redis_url")
-    if url is not None:
-        return uvloop.run(_run_audit(url, args.ledger_key))
-    redis_dir = values["data_dir"] / "redis"
-    running = running_embedded_url(redis_dir)
-    if running is not None:
-        return uvloop.run(_run_audit(running, args.ledger_key))
-    if not redis_dir.is_dir():
-        raise ConfigError(f"no Redis configured and no embedded Redis data in {redis_dir}")
-    try:
-        with EmbeddedRedis(redis_dir) as embedded:
-            return uvloop.run(_run_audit(embedded.url, args.ledger_key))
-    except EmbeddedRedisError as exc:
-        raise ConfigError(str(exc)) from exc
+    with _ledger_redis(values) as url:
+        return uvloop.run(_run_audit(url, values["ledger_key"]))
 
 
 async def _run_audit(url: str, ledger_key: str) -> int:

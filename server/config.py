@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from giftstream.server.money import keys
+
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the flag and the variable."""
@@ -26,7 +28,6 @@ class Limits:
     """Per-connection and per-room bounds; defaults suit a phone client on a real network."""
 
     hello_timeout_s: float = 10.0
-    max_frame_bytes: int = 4096
     messages_per_s: float = 30.0  # sustained request rate per connection
     messages_burst: int = 60
     gifts_per_s: float = 20.0  # sustained gift rate per connection
@@ -55,14 +56,15 @@ class Settings:
     webhook_secret: str = ""
     catalog: Path | None = None  # None: the bundled demo catalog
     allowed_origins: tuple[str, ...] | None = None  # None: any origin
-    ledger_key: str = "giftstream:ledger"
+    ledger_key: str = keys.LEDGER  # the stream every money movement is appended to
     redis_pool_size: int = 64  # concurrent Redis calls; more wait for a free connection
     limits: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """One `serve` option: its flag, environment variable, default and parser."""
+    """One option of `serve` (and of the commands that share it): its flag, environment
+    variable, default and parser."""
 
     flag: str
     env: str
@@ -109,6 +111,21 @@ def _rate(text: str) -> float:
     return rate
 
 
+def _ledger_key(text: str) -> str:
+    if not text or any(c.isspace() for c in text):
+        raise ValueError("must be a Redis key without spaces, e.g. giftstream:ledger")
+    return text
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise ValueError("must be one of " + ", ".join(LOG_LEVELS))
+    return text.upper()
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
@@ -116,6 +133,7 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+# Every option of `serve`; the other commands add those they share with it (server/cli.py).
 SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--host", "GIFTSTREAM_HOST", "127.0.0.1", str, "address to listen on"),
     Option("--port", "GIFTSTREAM_PORT", "8765", _port, "WebSocket port (plus public GET pages)"),
@@ -125,7 +143,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "GIFTSTREAM_REDIS_URL",
         None,
         _redis_url,
-        "Redis to use (default: start an embedded redis-server in the data dir)",
+        "Redis to use (default: an embedded redis-server in the data dir, started and stopped "
+        "with the server)",
     ),
     Option(
         "--data-dir",
@@ -133,6 +152,21 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "./data",
         Path,
         "embedded Redis files and generated secrets",
+    ),
+    Option(
+        "--ledger-key",
+        "GIFTSTREAM_LEDGER_KEY",
+        keys.LEDGER,
+        _ledger_key,
+        "the ledger stream: the server appends every money movement to it, and consume, "
+        "relay, trim and audit read it; give them all the same one",
+    ),
+    Option(
+        "--log-level",
+        "GIFTSTREAM_LOG_LEVEL",
+        "INFO",
+        _log_level,
+        "logging: " + ", ".join(LOG_LEVELS),
     ),
     Option(
         "--jwt-secret",
@@ -179,12 +213,18 @@ SERVE_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def add_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """Add the options (all, or those named in `only`) to a sub-command's parser."""
+def add_options(
+    parser: argparse.ArgumentParser,
+    only: tuple[str, ...] | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> None:
+    """Add the options (all, or those named in `only`) to a sub-command's parser; `helps`
+    replaces an option's help where that command uses it differently."""
     for opt in SERVE_OPTIONS:
         if only is None or opt.flag in only:
-            default = f" (env {opt.env}; default {opt.default or 'see above'})"
-            parser.add_argument(opt.flag, dest=opt.dest, default=None, help=opt.help + default)
+            what = (helps or {}).get(opt.flag, opt.help)
+            where = f"env {opt.env}" + (f"; default {opt.default}" if opt.default else "")
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{what} ({where})")
 
 
 def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -255,5 +295,6 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         webhook_secret=webhook_secret,
         catalog=values.get("catalog"),
         allowed_origins=values.get("allowed_origins"),
+        ledger_key=values.get("ledger_key") or keys.LEDGER,
         limits=dataclasses.replace(limits, **rates),
     )

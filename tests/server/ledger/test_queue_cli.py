@@ -129,7 +129,7 @@ def test_consume_runs_a_handler_in_its_group_until_sigterm(
         (["--group", "g", "--metrics-port", "-1"], {}, "argument --metrics-port"),
         (["--group", "g", "--redis-url", "http://x"], {}, "--redis-url"),
         (["--group", "g", "--redis-url", "redis://127.0.0.1:1/0"], {}, "cannot reach Redis"),
-        (["--group", "g", "--data-dir", "{tmp}"], {}, "no embedded Redis running"),
+        (["--group", "g", "--data-dir", "{tmp}"], {}, "no embedded Redis data in"),
     ],
 )
 def test_consume_bad_start_is_one_clear_line(
