@@ -36,6 +36,7 @@ from tests.processes import ServerProcess
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 API_DOC = ROOT / "docs" / "api.md"
+PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 DOC_WS_URL = "ws://127.0.0.1:8765/ws"  # the addresses `make run` uses, as the docs write them
 DOC_ADMIN_URL = "http://127.0.0.1:8766"
 DOC_VENV_BIN = ".venv/bin/"
@@ -279,7 +280,7 @@ class Terminal:
                 await asyncio.wait_for(self.arrived.wait(), left)
 
 
-# ---- the README ---------------------------------------------------------------------------
+# ---- the README's and protocol.md's sessions -------------------------------------------------
 
 
 def test_the_readme_starts_with_make_run_and_make_test() -> None:
@@ -292,12 +293,14 @@ def test_the_readme_starts_with_make_run_and_make_test() -> None:
     )
 
 
-async def test_the_readme_session_runs_as_written(tmp_path: Path) -> None:
-    """Every request of the README's session, over real WebSockets, as the users it names,
+@pytest.mark.parametrize("doc", [README, PROTOCOL_DOC], ids=lambda doc: doc.name)
+async def test_the_first_session_runs_as_written(doc: Path, tmp_path: Path) -> None:
+    """Every request of the doc's session, over real WebSockets, as the users it names,
     with the tokens `make run` prints; every reply and event it shows arrives as shown; its
-    shell steps (a purchase, the payout, the audit) print what it shows."""
-    blocks = [b for b in code_blocks(README) if is_ws_session(b) or b.lang == "sh"]
-    assert blocks, "the README shows no session"
+    shell steps (the README's purchase, payout and audit) print what it shows."""
+    name = doc.relative_to(ROOT).as_posix()
+    blocks = [b for b in code_blocks(doc) if is_ws_session(b) or b.lang == "sh"]
+    assert blocks, f"{name} shows no session"
     with doc_server(tmp_path, "--demo") as server:
         tokens = await wait_for_demo_tokens(server)
         terminals: dict[str, Terminal] = {}
@@ -305,18 +308,18 @@ async def test_the_readme_session_runs_as_written(tmp_path: Path) -> None:
         try:
             for block in blocks:
                 if is_ws_session(block):
-                    await run_ws_block(block, server, tokens, terminals)
+                    await run_ws_block(block, name, server, tokens, terminals)
                     continue
                 skip = tools_for_shell()
                 if skip:
-                    pytest.skip(f"README line {block.line_no}: {skip}")
+                    pytest.skip(f"{name} line {block.line_no}: {skip}")
                 shell = shell or Shell(tmp_path)
                 script = to_local("\n".join(block.lines), server)
                 output = await asyncio.to_thread(shell.run, script)
-                check_output(block, output, "README.md")
+                check_output(block, output, name)
             for user, terminal in terminals.items():
                 errors = [f for f in terminal.frames if f.get("type") == "error"]
-                assert not errors, f"{user} got errors the README does not show: {errors}"
+                assert not errors, f"{user} got errors {name} does not show: {errors}"
         finally:
             for terminal in terminals.values():
                 await terminal.conn.close()
@@ -339,12 +342,16 @@ async def wait_for_demo_tokens(server: ServerProcess) -> dict[str, str]:
 
 
 async def run_ws_block(
-    block: Block, server: ServerProcess, tokens: dict[str, str], terminals: dict[str, Terminal]
+    block: Block,
+    doc: str,
+    server: ServerProcess,
+    tokens: dict[str, str],
+    terminals: dict[str, Terminal],
 ) -> None:
     user: str | None = None
     for offset, line in enumerate(block.lines, 1):
-        where = f"README.md line {block.line_no + offset}"
-        named = re.match(r"#.*\bas (\w+)", line)
+        where = f"{doc} line {block.line_no + offset}"
+        named = re.match(r"#.*?\bas (\w+)", line)
         if named:
             user = named.group(1)
         elif line.startswith("$ "):
