@@ -374,16 +374,25 @@ async def run_ws_block(
 
 
 def test_api_worked_example_digests_are_right() -> None:
-    """The test vector in Signing: each digest is the HMAC of the value above it."""
+    """The test vector in Signing: each digest is the HMAC of the value above it, by the
+    project's `sign`, by the standard library and, where it is installed, by `openssl`."""
     text = API_DOC.read_text(encoding="utf-8")
     secret = re.search(r"^\s+secret:\s+(\S+)$", text, re.M)
     pairs = re.findall(r"^\s+(?:body|path):\s+(\S+)\n\s+->\s+([0-9a-f]{64})$", text, re.M)
     assert secret and len(pairs) == 2, "the worked example is gone or changed shape"
+    key = secret.group(1)
     for payload, digest in pairs:
-        assert sign(secret.group(1), payload.encode()) == digest, payload
-        assert hmac.new(secret.group(1).encode(), payload.encode(), hashlib.sha256).hexdigest() == (
-            digest
-        )
+        assert sign(key, payload.encode()) == digest, payload
+        assert hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest() == digest
+        if shutil.which("openssl"):
+            openssl = subprocess.run(
+                ["openssl", "dgst", "-sha256", "-hmac", key, "-r"],
+                input=payload.encode(),
+                capture_output=True,
+                check=True,
+                timeout=30,
+            )
+            assert openssl.stdout.split()[0].decode() == digest, payload
 
 
 def test_api_examples_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
