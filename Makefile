@@ -32,7 +32,7 @@ $(LTSTAMP): $(STAMP) pyproject.toml
 	touch $(LTSTAMP)
 
 # Load-test the server `make run` started (another terminal), then check its money:
-#   make loadtest LOADTEST_ARGS="--viewers 2000 --gift-rate 300 --report run.json --plot run.png"
+#   make loadtest LOADTEST_ARGS="--viewers 2000 --gift-rate 300 --report /tmp/giftstream-run.json --plot /tmp/giftstream-run.png"
 loadtest: $(LTSTAMP)
 	$(BIN)/giftstream loadtest $(LOADTEST_ARGS)
 
