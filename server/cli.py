@@ -265,7 +265,7 @@ async def _print_demo(app: Any) -> None:
         "  Connect (e.g. `python -m websockets " + app.ws_url + "`) and send:",
         '    {"type":"hello","token":"<token>"}',
         '    creator: {"type":"go_live","title":"Hello"}   viewer: {"type":"join","room":"cara"}',
-        '    viewer:  {"type":"gift","room":"cara","gift":"heart","count":2,"key":"my-first-heart"}',
+        '    viewer:  {"type":"gift","room":"cara","gift":"heart","count":2,"key":"first-heart"}',
         f"  Ctrl-C stops {stops}.",
         "",
     ]
