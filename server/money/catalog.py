@@ -9,7 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+from giftstream.protocol.rules import ID_RULE, is_id
+
 _MAX_COINS = 10**9  # a single gift above a billion coins is a typo, not a price
 
 
@@ -145,8 +146,8 @@ def _tables(raw: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 def _ident(table: dict[str, Any], where: str) -> str:
     value = table.get("id")
-    if not isinstance(value, str) or not _ID.match(value):
-        raise CatalogError(f"{where}.id must be 1-64 characters of [A-Za-z0-9_.:-]")
+    if not is_id(value):
+        raise CatalogError(f"{where}.id must be {ID_RULE}")
     return value
 
 
