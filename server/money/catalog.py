@@ -11,7 +11,7 @@ from typing import Any
 
 from giftstream.protocol.rules import ID_RULE, is_id
 
-_MAX_COINS = 10**9  # a single gift above a billion coins is a typo, not a price
+MAX_COINS = 10**9  # a single gift or package above a billion coins is a typo, not a price
 
 
 class CatalogError(ValueError):
@@ -112,7 +112,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         gift = Gift(
             id=_ident(g, where),
             name=_str(g, "name", where),
-            coins=_int(g, "coins", where, None, 1, _MAX_COINS),
+            coins=_int(g, "coins", where, None, 1, MAX_COINS),
             animation=_str(g, "animation", where),
         )
         if gift.id in gifts:
@@ -123,7 +123,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         where = f"packages[{i}]"
         package = Package(
             id=_ident(p, where),
-            coins=_int(p, "coins", where, None, 1, _MAX_COINS),
+            coins=_int(p, "coins", where, None, 1, MAX_COINS),
             price_cents=_int(p, "price_cents", where, None, 0, 10**9),
             currency=currency,
         )
