@@ -15,13 +15,13 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
+from giftstream.server import scripts
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.batcher import ScriptBatcher
@@ -125,14 +125,6 @@ class PayoutResult:
         return {"payout": self.payout, "cents": self.cents, "diamonds": self.diamonds}
 
 
-def script_source(name: str) -> str:
-    """A script as Redis runs it: the shebang (Redis 7 refuses it whole under OOM instead of
-    failing at its first write), the shared helpers, then the script."""
-    lua = resources.files("giftstream.server").joinpath("lua")
-    prelude = lua.joinpath("_prelude.lua").read_text(encoding="utf-8")
-    return "#!lua\n" + prelude + "\n" + lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-
-
 def _answers_websocket(
     method: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -165,7 +157,7 @@ class Wallet:
         self._ledger_key = ledger_key
         self._metrics = metrics
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(script_source(name)) for name in SCRIPTS
+            name: scripts.register(redis, name) for name in SCRIPTS
         }
         self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
         self._lua_seconds = (

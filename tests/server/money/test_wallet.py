@@ -25,8 +25,8 @@ from giftstream.server.money.wallet import (
     PayoutResult,
     SettledGift,
     Wallet,
-    script_source,
 )
+from giftstream.server.scripts import script_source
 from tests.server.conftest import NOW_MS, Fund, Snapshot
 
 ROSE = Gift(id="rose", name="Rose", coins=1, animation="rose.webp")
