@@ -9,8 +9,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from giftstream.protocol.rules import MAX_AMOUNT, MAX_COUNT
 from giftstream.server import scripts
 from giftstream.server.ledger.lease import Lease
+from giftstream.server.money.catalog import MAX_COINS
 
 LUA = resources.files("giftstream.server").joinpath("lua")
 NAMES = sorted(
@@ -24,6 +26,20 @@ def test_every_script_is_found() -> None:
     assert {"send_gift", "purchase", "refund", "payout", "lease_renew", "lease_release"} <= set(
         NAMES
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "guard", "rule"),
+    [
+        ("send_gift", "local count = int_arg(7, 1, 99)", MAX_COUNT == 99),
+        ("purchase", "local coins = int_arg(6, 1, 1e9)", MAX_COINS == 10**9),
+        ("payout", "local diamonds = int_arg(5, 1, 1e12)", MAX_AMOUNT == 10**12),
+    ],
+)
+def test_the_scripts_own_guards_match_the_rules(name: str, guard: str, rule: bool) -> None:
+    """The scripts restate a few bounds for callers that bypass wallet.py; they must not
+    drift from the rules' one source."""
+    assert guard in scripts.script_source(name) and rule
 
 
 @pytest.mark.parametrize("name", NAMES)
