@@ -26,14 +26,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from giftstream.protocol.rules import ID_RULE, KEY_RULE, MAX_AMOUNT, is_id, is_key
+from giftstream.protocol.rules import ID_CHARS, ID_RULE, KEY_RULE, MAX_AMOUNT, is_id, is_key
 from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import Wallet
 
 __all__ = [
-    "MAX_AMOUNT",
     "MAX_BODY_BYTES",
     "SIGNATURE_HEADER",
     "AdminServer",
@@ -47,7 +46,8 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-Giftstream-Signature"
 MAX_BODY_BYTES = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0  # a hung Redis must not hang the load balancer's probe
-RECEIPT = re.compile(r"[A-Za-z0-9_.:-]{8,128}")  # fullmatch, never match(...$)
+# Receipts take the ids' alphabet, longer (a payments backend's own ids).
+RECEIPT = re.compile(f"[{ID_CHARS}]{{8,128}}")  # fullmatch, never match(...$)
 UNMATCHED = "unmatched"  # the metrics label of requests no route took: bounded cardinality
 UNSIGNED_ROUTES = frozenset({"/healthz", "/metrics"})  # probes and scrapers hold no secret
 
@@ -142,7 +142,7 @@ def _amount(body: dict[str, Any], name: str, low: int) -> int:
     return value
 
 
-_RECEIPT_TEXT = "8-128 characters of [A-Za-z0-9_.:-]"
+_RECEIPT_TEXT = f"8-128 characters of [{ID_CHARS}]"
 
 
 def _is_receipt(value: object) -> TypeGuard[str]:
