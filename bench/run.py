@@ -455,7 +455,7 @@ def redis_benchmark(gs: Giftstream, n: int) -> tuple[float, str]:
     import redis
 
     from giftstream.server.money.catalog import load_catalog
-    from giftstream.server.money.wallet import script_source
+    from giftstream.server.scripts import script_source
 
     r = redis.Redis(host=gs.redis.host, port=gs.redis.port, db=1)
     sha = r.script_load(script_source("send_gift"))

@@ -1,7 +1,8 @@
 """The giftstream wire contract, version 1, as pure Python: no I/O, no asyncio, no Redis.
 
 Everything a server or a test needs is importable from here: the request types and
-`parse_message`, the event types, the codec, and the error and close codes.
+`parse_message`, the event types, the codec, the error and close codes, and the wire rules
+(`rules`: ids, keys, counts, the room wildcard).
 """
 
 from giftstream.protocol.codec import (
@@ -38,9 +39,6 @@ from giftstream.protocol.events import (
     Wire,
 )
 from giftstream.protocol.messages import (
-    ALL_ROOMS,
-    MAX_COUNT,
-    MAX_ID_CHARS,
     MAX_SINCE,
     MAX_TITLE_CHARS,
     MAX_TOKEN_CHARS,
@@ -57,9 +55,15 @@ from giftstream.protocol.messages import (
     RequestId,
     SendGift,
     Watch,
-    is_id,
     is_integer,
     parse_message,
+)
+from giftstream.protocol.rules import (
+    ALL_ROOMS,
+    MAX_COUNT,
+    MAX_ID_CHARS,
+    is_id,
+    is_key,
 )
 
 __all__ = [
@@ -114,6 +118,7 @@ __all__ = [
     "encode_room_frame",
     "is_id",
     "is_integer",
+    "is_key",
     "join_room_frame",
     "parse_message",
 ]

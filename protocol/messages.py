@@ -7,27 +7,29 @@ see a malformed value.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, TypeGuard
 
 from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.rules import (
+    ALL_ROOMS,
+    ID_RULE,
+    KEY_RULE,
+    MAX_COUNT,
+    MAX_ID_CHARS,
+    is_count,
+    is_id,
+    is_key,
+)
 
 RequestId = str | int | None
 
-MAX_ID_CHARS = 64
-MAX_COUNT = 99
 MAX_TITLE_CHARS = 200
 MAX_TOKEN_CHARS = 4096
 MAX_WATCHED_ROOMS = 1000
 MAX_SINCE = 2**53
-ALL_ROOMS = "*"
-
-# fullmatch, never `match(...$)`: `$` also matches before a trailing newline.
-_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 # An integer request id's decimal form (with its sign) is at most 64 characters.
 _MIN_INT_ID = -(10**63) + 1
 _MAX_INT_ID = 10**64 - 1
@@ -124,11 +126,6 @@ class Ping:
 ClientMessage = Hello | Join | Leave | SendGift | GetBalance | GoLive | EndLive | Watch | Ping
 
 
-def is_id(value: object) -> TypeGuard[str]:
-    """A user, room or gift id: 1-64 characters of [A-Za-z0-9_.:-]."""
-    return isinstance(value, str) and _ID.fullmatch(value) is not None
-
-
 def is_integer(value: object) -> TypeGuard[int]:
     """A JSON integer: not a bool, not a float (1.0 is refused), not a numeric string."""
     return type(value) is int
@@ -169,7 +166,7 @@ def _bad(message: str, request_id: RequestId) -> ProtocolError:
 def _room(obj: dict[str, Any], request_id: RequestId) -> str:
     room = obj.get("room")
     if not is_id(room):
-        raise _bad("`room` must be a room id: 1-64 characters of [A-Za-z0-9_.:-]", request_id)
+        raise _bad(f"`room` must be a room id: {ID_RULE}", request_id)
     return room
 
 
@@ -207,13 +204,13 @@ def _gift(obj: dict[str, Any], request_id: RequestId) -> SendGift:
         # A string that cannot be an id cannot be in the catalog either: same answer.
         raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {gift[:MAX_ID_CHARS]!r}", request_id)
     count = obj.get("count")
-    if not is_integer(count) or not 1 <= count <= MAX_COUNT:
+    if not is_count(count):
         raise ProtocolError(
             ErrorCode.BAD_COUNT, f"`count` must be an integer from 1 to {MAX_COUNT}", request_id
         )
     key = obj.get("key")
-    if not isinstance(key, str) or _KEY.fullmatch(key) is None:
-        raise _bad("`key` must be 8-64 characters of [A-Za-z0-9_-]", request_id)
+    if not is_key(key):
+        raise _bad(f"`key` must be {KEY_RULE}", request_id)
     return SendGift(room=room, gift=gift, count=count, key=key, id=request_id)
 
 
@@ -266,9 +263,6 @@ _PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
 }
 
 __all__ = [
-    "ALL_ROOMS",
-    "MAX_COUNT",
-    "MAX_ID_CHARS",
     "MAX_SINCE",
     "MAX_TITLE_CHARS",
     "MAX_TOKEN_CHARS",
@@ -285,7 +279,6 @@ __all__ = [
     "RequestId",
     "SendGift",
     "Watch",
-    "is_id",
     "is_integer",
     "parse_message",
 ]

@@ -30,10 +30,10 @@ import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from giftstream.server import scripts
 from giftstream.server.ledger.audit import AuditReport, Balances, Replay, StreamState
 from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry, stream_id_key
 from giftstream.server.money import keys
-from giftstream.server.money.wallet import script_source
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class CheckpointFolder:
         self.ledger_key = ledger_key
         self.keys = CheckpointKeys.of(ledger_key)
         self.chunk = chunk
-        self._script: AsyncScript = redis.register_script(script_source("checkpoint"))
+        self._script: AsyncScript = scripts.register(redis, "checkpoint")
         # Highest id known folded: the checkpoint only moves forward, so this is never ahead
         # of it (unless the checkpoint is deleted: restart the folders after resetting it).
         self._folded: tuple[int, int] | None = None

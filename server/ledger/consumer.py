@@ -24,13 +24,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
+from giftstream.server import scripts
 from giftstream.server.ledger.checkpoint import CheckpointFolder
 from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer
 from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry
 from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
 from giftstream.server.money import keys
-from giftstream.server.money.wallet import script_source
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class LedgerConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.metrics = metrics
-        self._bury: AsyncScript = redis.register_script(script_source("dead_letter"))
+        self._bury: AsyncScript = scripts.register(redis, "dead_letter")
         self._group_ready = False
         self._claim_cursor = "0-0"  # XAUTOCLAIM's, kept across passes
         self._stop: asyncio.Event | None = None

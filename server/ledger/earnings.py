@@ -23,9 +23,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from giftstream.server import scripts
 from giftstream.server.ledger.entries import LedgerEntry
 from giftstream.server.money import keys
-from giftstream.server.money.wallet import script_source
 
 SEEN_KEEP_MS = 3 * 24 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -57,7 +57,7 @@ class EarningsConsumer:
         self.seen_keep_ms = seen_keep_ms
         self.counted = 0
         self.duplicates = 0
-        self._script: AsyncScript = redis.register_script(script_source("earnings"))
+        self._script: AsyncScript = scripts.register(redis, "earnings")
 
     async def __call__(self, entry: LedgerEntry) -> None:
         await self.apply(entry)

@@ -1,7 +1,7 @@
 """A lease in Redis: at most one holder at a time, for a worker that must run alone (the
-JetStream relay). Taken with SET key token NX PX ttl; renewed and released by scripts that
-act only while the key still holds our token, so a holder that lost it never touches the
-next holder's lease.
+JetStream relay). Taken with SET key token NX PX ttl; renewed and released by scripts
+(server/lua/lease_*.lua) that act only while the key still holds our token, so a holder that
+lost it never touches the next holder's lease.
 
 The holder believes it holds the lease until `ttl_ms` after it *sent* its last successful
 take or renewal, less a margin: Redis started the key's TTL later than that, so the holder
@@ -19,21 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-# KEYS[1] lease, ARGV[1] token, ARGV[2] ttl ms: 1 renewed, 0 not ours (lost or expired)
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-# KEYS[1] lease, ARGV[1] token: 1 released, 0 not ours
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+from giftstream.server import scripts
 
 
 def new_token() -> str:
@@ -74,8 +60,8 @@ class Lease:
         self.token = token or new_token()
         self.margin_s = min(ttl_ms / 10, 1000) / 1000  # clock drift and scheduling slack
         self._valid_until = float("-inf")  # monotonic
-        self._renew = redis.register_script(RENEW)
-        self._release = redis.register_script(RELEASE)
+        self._renew = scripts.register(redis, "lease_renew")
+        self._release = scripts.register(redis, "lease_release")
 
     def held(self) -> bool:
         return time.monotonic() < self._valid_until

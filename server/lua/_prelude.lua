@@ -1,4 +1,4 @@
--- Helpers shared by every money script: server/money/wallet.py loads "#!lua" + this file + the
+-- Helpers shared by every script: server/scripts.py loads the shebang + this file + the
 -- script as one script. Reads may stop a script with error(); writes come after all reads,
 -- because Redis does not roll back a script that fails midway.
 

@@ -3,7 +3,7 @@
 Every route but /healthz and /metrics is signed: `X-Giftstream-Signature` is the hex
 HMAC-SHA256 of the raw body (of the path, for GET) with the webhook secret. The signature is
 checked before the body is parsed, so a bad one changes nothing. Money rules live in
-server/money/wallet.py; this module only authenticates, validates and maps failures to statuses.
+server/money/wallet.py; this module only authenticates, validates and maps refusals to statuses.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 import redis.asyncio as aioredis
@@ -26,17 +26,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from giftstream.protocol.rules import ID_CHARS, ID_RULE, KEY_RULE, MAX_AMOUNT, is_id, is_key
 from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from giftstream.server.money.catalog import Catalog
-from giftstream.server.money.wallet import IDEMPOTENCY_KEY, MoneyError, Wallet
+from giftstream.server.money.refusal import Reason, Refusal
+from giftstream.server.money.wallet import Wallet
 
 __all__ = [
-    "MAX_AMOUNT",
     "MAX_BODY_BYTES",
     "SIGNATURE_HEADER",
     "AdminServer",
-    "ApiError",
     "build_admin_app",
+    "http_status",
     "sign",
 ]
 
@@ -44,12 +45,9 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Giftstream-Signature"
 MAX_BODY_BYTES = 64 * 1024
-MAX_AMOUNT = 10**12  # far below 2**53: every amount stays exact in Lua's doubles
 HEALTH_TIMEOUT_S = 2.0  # a hung Redis must not hang the load balancer's probe
-ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-RECEIPT = re.compile(r"[A-Za-z0-9_.:-]{8,128}")
-# Payout keys are the wallet's idempotency keys: no '.' or ':' (server/money/keys.py relies on it).
-PAYOUT_KEY = IDEMPOTENCY_KEY
+# Receipts take the ids' alphabet, longer (a payments backend's own ids).
+RECEIPT = re.compile(f"[{ID_CHARS}]{{8,128}}")  # fullmatch, never match(...$)
 UNMATCHED = "unmatched"  # the metrics label of requests no route took: bounded cardinality
 UNSIGNED_ROUTES = frozenset({"/healthz", "/metrics"})  # probes and scrapers hold no secret
 
@@ -63,14 +61,31 @@ def sign(secret: str, payload: bytes) -> str:
     return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
 
 
-class ApiError(Exception):
-    """A refusal found here (not by the wallet): HTTP status, machine code, human message."""
+# Every refusal's HTTP status: the one place they are mapped (PROTOCOL.md §3). The gift
+# path's refusals never reach this API; they have a status all the same.
+_HTTP_STATUS = {
+    Reason.BAD_REQUEST: 400,
+    Reason.BAD_COUNT: 400,
+    Reason.BAD_SIGNATURE: 401,
+    Reason.UNDERAGE: 403,
+    Reason.UNKNOWN_RECEIPT: 404,
+    Reason.RECEIPT_REUSED: 409,
+    Reason.KEY_REUSED: 409,
+    Reason.BALANCE_LIMIT: 409,
+    Reason.INSUFFICIENT_COINS: 409,
+    Reason.INSUFFICIENT_DIAMONDS: 409,
+    Reason.DEBT: 409,
+    Reason.SPENDING_LIMIT: 409,
+    Reason.BAD_VALUE: 422,
+    Reason.UNKNOWN_PACKAGE: 422,
+    Reason.BELOW_MINIMUM: 422,
+    Reason.UNAVAILABLE: 503,
+}
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
+
+def http_status(refusal: Refusal) -> int:
+    """The HTTP status that answers `refusal`."""
+    return _HTTP_STATUS[refusal.reason]
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -83,6 +98,10 @@ def _error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return _json(status, {"error": code, "message": message}, headers)
+
+
+def _refused(refusal: Refusal) -> web.Response:
+    return _error(http_status(refusal), refusal.code, refusal.message)
 
 
 def _now_ms() -> int:
@@ -98,16 +117,18 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "bad_request", f"body is not valid JSON: {exc}") from None
+        raise Refusal(Reason.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "body must be a JSON object")
+        raise Refusal(Reason.BAD_REQUEST, "body must be a JSON object")
     return body
 
 
-def _string(body: dict[str, Any], name: str, pattern: re.Pattern[str], what: str) -> str:
+def _string(
+    body: dict[str, Any], name: str, valid: Callable[[object], TypeGuard[str]], what: str
+) -> str:
     value = body.get(name)
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        raise ApiError(400, "bad_request", f"`{name}` must be {what}")
+    if not valid(value):
+        raise Refusal(Reason.BAD_REQUEST, f"`{name}` must be {what}")
     return value
 
 
@@ -115,21 +136,23 @@ def _amount(body: dict[str, Any], name: str, low: int) -> int:
     """A JSON integer only: `type(...) is int` refuses bools, and floats (1.0, 1e3) stay floats."""
     value = body.get(name)
     if type(value) is not int or not low <= value <= MAX_AMOUNT:
-        raise ApiError(
-            400, "bad_request", f"`{name}` must be a JSON integer from {low} to {MAX_AMOUNT}"
+        raise Refusal(
+            Reason.BAD_REQUEST, f"`{name}` must be a JSON integer from {low} to {MAX_AMOUNT}"
         )
     return value
 
 
-_ID_TEXT = "1-64 characters of [A-Za-z0-9_.:-]"
-_RECEIPT_TEXT = "8-128 characters of [A-Za-z0-9_.:-]"
-_KEY_TEXT = "8-64 characters of [A-Za-z0-9_-]"
+_RECEIPT_TEXT = f"8-128 characters of [{ID_CHARS}]"
+
+
+def _is_receipt(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and RECEIPT.fullmatch(value) is not None
 
 
 def _path_user(request: web.Request) -> str:
     user = request.match_info["user"]
-    if ID.fullmatch(user) is None:
-        raise ApiError(400, "bad_request", f"the user id in the path must be {_ID_TEXT}")
+    if not is_id(user):
+        raise Refusal(Reason.BAD_REQUEST, f"the user id in the path must be {ID_RULE}")
     return user
 
 
@@ -137,14 +160,14 @@ async def _check_signature(request: web.Request, secret: bytes) -> None:
     """401 unless the signature matches: the raw body for writes, the raw path for GET."""
     given = request.headers.get(SIGNATURE_HEADER)
     if not given:
-        raise ApiError(401, "bad_signature", f"missing {SIGNATURE_HEADER} header")
+        raise Refusal(Reason.BAD_SIGNATURE, f"missing {SIGNATURE_HEADER} header")
     if request.method == "GET":
         payload = request.raw_path.partition("?")[0].encode()
     else:
         payload = await request.read()  # past client_max_size aiohttp raises 413 here
     expected = hmac.new(secret, payload, hashlib.sha256).hexdigest().encode()
     if not hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected):
-        raise ApiError(401, "bad_signature", f"{SIGNATURE_HEADER} does not match the request")
+        raise Refusal(Reason.BAD_SIGNATURE, f"{SIGNATURE_HEADER} does not match the request")
 
 
 # ---- the routes ----------------------------------------------------------------------------
@@ -162,15 +185,15 @@ class _Api:
 
     async def purchase(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        receipt = _string(body, "receipt", RECEIPT, _RECEIPT_TEXT)
-        user = _string(body, "user", ID, _ID_TEXT)
-        package_id = _string(body, "package", ID, _ID_TEXT)
+        receipt = _string(body, "receipt", _is_receipt, _RECEIPT_TEXT)
+        user = _string(body, "user", is_id, ID_RULE)
+        package_id = _string(body, "package", is_id, ID_RULE)
         adult = body.get("adult", True)  # absent: the payments backend vouches for its buyer
         if not isinstance(adult, bool):
-            raise ApiError(400, "bad_request", "`adult` must be true or false when present")
+            raise Refusal(Reason.BAD_REQUEST, "`adult` must be true or false when present")
         package = self.catalog.packages.get(package_id)
         if package is None:
-            raise ApiError(422, "unknown_package", f"no coin package {package_id!r}")
+            raise Refusal(Reason.UNKNOWN_PACKAGE, f"no coin package {package_id!r}")
         result = await self.wallet.purchase(
             receipt=receipt, user=user, package=package, adult=adult, now_ms=self.clock()
         )
@@ -178,7 +201,7 @@ class _Api:
 
     async def refund(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        receipt = _string(body, "receipt", RECEIPT, _RECEIPT_TEXT)
+        receipt = _string(body, "receipt", _is_receipt, _RECEIPT_TEXT)
         result = await self.wallet.refund(receipt=receipt, now_ms=self.clock())
         return _json(200, result.as_wire())
 
@@ -190,16 +213,16 @@ class _Api:
         user = _path_user(request)
         body = await _body(request)
         if "daily_limit" not in body:
-            raise ApiError(400, "bad_request", "`daily_limit` is required: an integer or null")
+            raise Refusal(Reason.BAD_REQUEST, "`daily_limit` is required: an integer or null")
         limit = None if body["daily_limit"] is None else _amount(body, "daily_limit", 0)
         view = await self.wallet.set_daily_limit(user, limit, now_ms=self.clock())
         return _json(200, view.as_wire())
 
     async def payout(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        creator = _string(body, "creator", ID, _ID_TEXT)
+        creator = _string(body, "creator", is_id, ID_RULE)
         diamonds = _amount(body, "diamonds", 1)
-        key = _string(body, "key", PAYOUT_KEY, _KEY_TEXT)
+        key = _string(body, "key", is_key, KEY_RULE)
         result = await self.wallet.payout(
             creator=creator, diamonds=diamonds, key=key, now_ms=self.clock()
         )
@@ -258,14 +281,16 @@ def build_admin_app(
             if resource is not None and template not in UNSIGNED_ROUTES:
                 await _check_signature(request, secret)
             response = await handler(request)
-        except (ApiError, MoneyError) as exc:
-            response = _error(exc.status, exc.code, exc.message)
+        except Refusal as refusal:
+            response = _refused(refusal)
         except web.HTTPException as exc:  # 404, 405 from the router; 413 from request.read()
             response = _answer_http_exception(exc)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             # Safe to retry: receipts and payout keys make a repeated request a replay.
             log.warning("internal API %s %s: Redis unavailable: %r", request.method, template, exc)
-            response = _error(503, "unavailable", "storage unavailable; retry the same request")
+            response = _refused(
+                Refusal(Reason.UNAVAILABLE, "storage unavailable; retry the same request")
+            )
         except Exception:
             log.exception("internal API %s %s failed", request.method, request.path)
             response = _error(500, "internal", "internal error")

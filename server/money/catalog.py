@@ -9,8 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_MAX_COINS = 10**9  # a single gift above a billion coins is a typo, not a price
+from giftstream.protocol.rules import ID_RULE, is_id
+
+MAX_COINS = 10**9  # a single gift or package above a billion coins is a typo, not a price
 
 
 class CatalogError(ValueError):
@@ -111,7 +112,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         gift = Gift(
             id=_ident(g, where),
             name=_str(g, "name", where),
-            coins=_int(g, "coins", where, None, 1, _MAX_COINS),
+            coins=_int(g, "coins", where, None, 1, MAX_COINS),
             animation=_str(g, "animation", where),
         )
         if gift.id in gifts:
@@ -122,7 +123,7 @@ def parse_catalog(raw: dict[str, Any]) -> Catalog:
         where = f"packages[{i}]"
         package = Package(
             id=_ident(p, where),
-            coins=_int(p, "coins", where, None, 1, _MAX_COINS),
+            coins=_int(p, "coins", where, None, 1, MAX_COINS),
             price_cents=_int(p, "price_cents", where, None, 0, 10**9),
             currency=currency,
         )
@@ -145,8 +146,8 @@ def _tables(raw: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 def _ident(table: dict[str, Any], where: str) -> str:
     value = table.get("id")
-    if not isinstance(value, str) or not _ID.match(value):
-        raise CatalogError(f"{where}.id must be 1-64 characters of [A-Za-z0-9_.:-]")
+    if not is_id(value):
+        raise CatalogError(f"{where}.id must be {ID_RULE}")
     return value
 
 

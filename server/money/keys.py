@@ -9,8 +9,9 @@
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
 
 User, room and gift ids are 1-64 characters of [A-Za-z0-9_.:-] and idempotency keys have
-no ':', so `giftstream:wallet:*` matches wallets only and the last part of each key reads
-back unambiguously; the combo key joins two ids that may both hold ':' with '/'.
+no ':' (protocol/rules.py), so `giftstream:wallet:*` matches wallets only and the last part
+of each key reads back unambiguously; the combo key joins two ids that may both hold ':'
+with '/'.
 `giftstream:room:*` and `giftstream:rooms:*` belong to server/realtime/hub.py.
 
 What is read back comes as bytes (no client here decodes replies, so binary stays binary);

@@ -3,80 +3,45 @@ checks before its first write and appends its ledger entry in the same atomic st
 
 Python validates inputs, computes the economics and makes ids; the scripts decide against the
 stored state. Amounts stay far below 2**53, where Lua's doubles stop being exact integers.
+A refusal is a `Refusal` (refusal.py); the gift path's leave as ProtocolErrors.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
+from giftstream.server import scripts
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.batcher import ScriptBatcher
-from giftstream.server.money.catalog import Economics, Gift, Package
+from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
+from giftstream.server.money.refusal import Reason, Refusal, protocol_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
-MAX_COUNT = 99
-MAX_GIFT_COINS = 10**9
-MAX_PACKAGE_COINS = 10**9
+# The catalog's and the HTTP API's bounds, checked again here for direct callers: the wallet
+# never refuses a value that the API or the catalog let through.
+MAX_GIFT_COINS = MAX_COINS
+MAX_PACKAGE_COINS = MAX_COINS
 MAX_PRICE_CENTS = 10**12
 MAX_BALANCE = 10**15  # a purchase past this is refused: balances stay exact in Lua
-MAX_DAILY_LIMIT = 10**12
-MAX_PAYOUT_DIAMONDS = 10**12
+MAX_DAILY_LIMIT = MAX_AMOUNT
+MAX_PAYOUT_DIAMONDS = MAX_AMOUNT
 MAX_RECEIPT_LEN = 256
-IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 SCRIPTS = ("send_gift", "purchase", "refund", "payout")
-
-
-class MoneyError(Exception):
-    """A refused internal-API money request: HTTP status, machine code, human message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def as_wire(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message}
-
-
-# Every refusal a script can reply, and what the caller sees: the one place they are mapped.
-_GIFT_REFUSALS = {
-    "key_reused": ErrorCode.KEY_REUSED,
-    "debt": ErrorCode.INSUFFICIENT_COINS,  # the message says it is debt
-    "underage": ErrorCode.UNDERAGE,
-    "spending_limit": ErrorCode.SPENDING_LIMIT,
-    "insufficient_coins": ErrorCode.INSUFFICIENT_COINS,
-}
-_MONEY_REFUSALS = {  # code -> HTTP status
-    "receipt_reused": 409,
-    "underage": 403,
-    "balance_limit": 409,
-    "unknown_receipt": 404,
-    "key_reused": 409,
-    "insufficient_diamonds": 409,
-}
-
-
-def refusal(script: str, code: str, message: str) -> ProtocolError | MoneyError:
-    """The exception for a script's refusal: gifts answer the WebSocket, the rest HTTP."""
-    if script == "send_gift":
-        return ProtocolError(_GIFT_REFUSALS[code], message)
-    return MoneyError(_MONEY_REFUSALS[code], code, message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +125,19 @@ class PayoutResult:
         return {"payout": self.payout, "cents": self.cents, "diamonds": self.diamonds}
 
 
-def script_source(name: str) -> str:
-    """A script as Redis runs it: the shebang (Redis 7 refuses it whole under OOM instead of
-    failing at its first write), the shared helpers, then the script."""
-    lua = resources.files("giftstream.server").joinpath("lua")
-    prelude = lua.joinpath("_prelude.lua").read_text(encoding="utf-8")
-    return "#!lua\n" + prelude + "\n" + lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+def _answers_websocket(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """The gift path answers a WebSocket session: its refusals leave as ProtocolErrors."""
+
+    @functools.wraps(method)
+    async def answered(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except Refusal as refusal:
+            raise protocol_error(refusal) from None
+
+    return answered
 
 
 class Wallet:
@@ -185,7 +157,7 @@ class Wallet:
         self._ledger_key = ledger_key
         self._metrics = metrics
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(script_source(name)) for name in SCRIPTS
+            name: scripts.register(redis, name) for name in SCRIPTS
         }
         self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
         self._lua_seconds = (
@@ -211,6 +183,7 @@ class Wallet:
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
+    @_answers_websocket
     async def send_gift(
         self,
         *,
@@ -228,10 +201,10 @@ class Wallet:
         as soon as Redis answers, even if the caller was cancelled meanwhile: what must follow
         a debit (the room's event) cannot be cut from it by a dropped connection."""
         now_ms = _ms(now_ms)
-        if type(count) is not int or not 1 <= count <= MAX_COUNT:
-            raise ProtocolError(ErrorCode.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
-        if not IDEMPOTENCY_KEY.fullmatch(key):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "key must be 8-64 of [A-Za-z0-9_-]")
+        if not is_count(count):
+            raise Refusal(Reason.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
+        if not is_key(key):
+            raise Refusal(Reason.BAD_REQUEST, f"key must be {KEY_RULE}")
         _check_int("gift coins", gift.coins, 1, MAX_GIFT_COINS)
         coins = gift.coins * count
         diamonds = self._economics.diamonds_for(coins)
@@ -287,6 +260,7 @@ class Wallet:
             settled,
         )
 
+    @_answers_websocket
     async def settled_gift(
         self, *, sender: str, key: str, room: str, gift: str, count: int
     ) -> SettledGift | None:
@@ -299,7 +273,7 @@ class Wallet:
         if stored[0] is None:
             return None
         if (keys.text(stored[0]), keys.text(stored[1]), _int(stored[2])) != (room, gift, count):
-            raise ProtocolError(ErrorCode.KEY_REUSED, f"key {key} was used for another gift")
+            raise Refusal(Reason.KEY_REUSED, f"key {key} was used for another gift")
         if self._metrics is not None:
             self._metrics.gift_replays.inc()
         return SettledGift(
@@ -365,7 +339,7 @@ class Wallet:
         _check_receipt(receipt)
         owner = await self._redis.hget(keys.receipt(receipt), "user")  # never changes once set
         if owner is None:
-            raise refusal("refund", "unknown_receipt", f"no purchase with receipt {receipt}")
+            raise Refusal(Reason.UNKNOWN_RECEIPT, f"no purchase with receipt {receipt}")
         user = keys.text(owner)
         event = _new_id()
 
@@ -402,7 +376,7 @@ class Wallet:
         """Set (None: clear) the user's cap on coins spent per UTC day; returns the wallet.
         Not a money movement, so a MULTI rather than a script, and no ledger entry."""
         if daily_limit is not None:
-            _check_int("daily_limit", daily_limit, 0, MAX_DAILY_LIMIT, status=422)
+            _check_int("daily_limit", daily_limit, 0, MAX_DAILY_LIMIT, refuse=True)
         now_ms = _ms(now_ms if now_ms is not None else time.time_ns() // 1_000_000)
         async with self._redis.pipeline(transaction=True) as pipe:
             if daily_limit is None:
@@ -415,13 +389,13 @@ class Wallet:
     async def payout(self, *, creator: str, diamonds: int, key: str, now_ms: int) -> PayoutResult:
         """Turn diamonds into cents once per key."""
         now_ms = _ms(now_ms)
-        _check_int("diamonds", diamonds, 1, MAX_PAYOUT_DIAMONDS, status=422)
-        if not IDEMPOTENCY_KEY.fullmatch(key):
-            raise MoneyError(422, "bad_request", "key must be 8-64 of [A-Za-z0-9_-]")
+        _check_int("diamonds", diamonds, 1, MAX_PAYOUT_DIAMONDS, refuse=True)
+        if not is_key(key):
+            raise Refusal(Reason.BAD_VALUE, f"key must be {KEY_RULE}")
         minimum = self._economics.payout_min_diamonds
         if diamonds < minimum:
-            raise MoneyError(
-                422, "below_minimum", f"a payout needs at least {minimum} diamonds, not {diamonds}"
+            raise Refusal(
+                Reason.BELOW_MINIMUM, f"a payout needs at least {minimum} diamonds, not {diamonds}"
             )
         event = _new_id()
 
@@ -452,7 +426,7 @@ class Wallet:
         args: Sequence[Any],
         result: Callable[[list[Any]], T],
     ) -> T:
-        """Run a script; a refusal becomes its exception. A cancelled caller does not stop it:
+        """Run a script; a refusal becomes a Refusal. A cancelled caller does not stop it:
         the reply is still read and `result` still runs (a retry is answered by its key)."""
         started = time.perf_counter()
         latency = self._lua_seconds.get(name)
@@ -462,7 +436,7 @@ class Wallet:
                 latency.observe(time.perf_counter() - started)
             status = keys.text(reply[0])
             if status != "ok":
-                raise refusal(name, status, keys.text(reply[1]))
+                raise Refusal(Reason(status), keys.text(reply[1]))
             return result(reply[1:])
 
         return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
@@ -504,17 +478,17 @@ def _ms(now_ms: int) -> int:
     return now_ms
 
 
-def _check_int(name: str, value: object, low: int, high: int, *, status: int = 0) -> None:
-    """Only true ints reach a script (never a bool or a float); `status` makes it a
-    MoneyError for the HTTP API, else a ValueError (a caller's bug)."""
+def _check_int(name: str, value: object, low: int, high: int, *, refuse: bool = False) -> None:
+    """Only true ints reach a script (never a bool or a float). `refuse`: a value the API
+    caller chose, so a Refusal; else a ValueError (a bug of the calling code)."""
     if type(value) is int and low <= value <= high:
         return
     message = f"{name} must be an integer from {low} to {high}, not {value!r}"
-    if status:
-        raise MoneyError(status, "bad_request", message)
+    if refuse:
+        raise Refusal(Reason.BAD_VALUE, message)
     raise ValueError(message)
 
 
 def _check_receipt(receipt: object) -> None:
     if not isinstance(receipt, str) or not 1 <= len(receipt) <= MAX_RECEIPT_LEN:
-        raise MoneyError(422, "bad_request", f"receipt must be 1 to {MAX_RECEIPT_LEN} characters")
+        raise Refusal(Reason.BAD_VALUE, f"receipt must be 1 to {MAX_RECEIPT_LEN} characters")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 
 import jwt
 
-_USER_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+from giftstream.protocol.rules import ID_RULE, is_id
+
 _ALGORITHMS = ["HS256"]  # a token naming any other algorithm, `none` included, is refused
 
 
@@ -50,8 +50,8 @@ def mint_token(
     now: float | None = None,
 ) -> str:
     """A signed token for `user`, as the platform's login service would issue it."""
-    if not _USER_ID.fullmatch(user):
-        raise ValueError("user id must be 1-64 characters of [A-Za-z0-9_.:-]")
+    if not is_id(user):
+        raise ValueError(f"user id must be {ID_RULE}")
     issued = int(now if now is not None else time.time())
     claims = {
         "sub": user,
@@ -77,7 +77,7 @@ def verify_token(secret: str, token: object) -> Identity:
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token: {exc}") from exc
     user = claims.get("sub")
-    if not isinstance(user, str) or not _USER_ID.fullmatch(user):
+    if not is_id(user):
         raise AuthError("token sub is not a valid user id")
     name = claims.get("name", user)
     if not isinstance(name, str) or not name.strip() or len(name) > 64:

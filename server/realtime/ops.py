@@ -10,9 +10,8 @@ from websockets.asyncio.server import ServerConnection
 
 from giftstream.protocol.codec import encode
 from giftstream.protocol.events import RoomOpened, Stats
+from giftstream.protocol.rules import ALL_ROOMS
 from giftstream.server.realtime.fanout import Fanout
-
-ALL_ROOMS = "*"
 
 
 class OpsFeed:

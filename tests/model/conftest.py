@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from giftstream.server.money.catalog import Economics, Package
-from giftstream.server.money.wallet import PurchaseResult, Wallet, script_source
+from giftstream.server.money.wallet import PurchaseResult, Wallet
+from giftstream.server.scripts import script_source
 from tests.model.keyspace import Snapshot, snapshot
 from tests.server.conftest import NOW_MS
 

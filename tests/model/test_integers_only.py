@@ -29,8 +29,10 @@ from giftstream.server.app import App
 from giftstream.server.ledger.checkpoint import CheckpointKeys
 from giftstream.server.ledger.earnings import earnings_key, seen_key
 from giftstream.server.money import keys
+from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
-from giftstream.server.money.wallet import MAX_BALANCE, MoneyError, Wallet
+from giftstream.server.money.refusal import Refusal
+from giftstream.server.money.wallet import MAX_BALANCE, Wallet
 from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.model.conftest import Eval, Everything, fund
 from tests.model.keyspace import snapshot
@@ -139,17 +141,17 @@ async def test_payout_diamonds(money: Wallet, state: Everything, diamonds: Any) 
     error = await refused_unchanged(
         state,
         lambda: money.payout(creator="cara", diamonds=diamonds, key="payout-key-1", now_ms=NOW_MS),
-        MoneyError,
+        Refusal,
     )
-    assert (error.status, error.code) == (422, "bad_request")
+    assert (http_status(error), error.code) == (422, "bad_request")
 
 
 # test_wallet.py::test_bad_daily_limit has -1, True, 1.5 and "5"
 @pytest.mark.parametrize("limit", bad("negative", "true", "float-1.5", "str-5"))
 async def test_daily_limit(money: Wallet, state: Everything, limit: Any) -> None:
     await money.set_daily_limit("ann", 50)
-    error = await refused_unchanged(state, lambda: money.set_daily_limit("ann", limit), MoneyError)
-    assert (error.status, error.code) == (422, "bad_request")
+    error = await refused_unchanged(state, lambda: money.set_daily_limit("ann", limit), Refusal)
+    assert (http_status(error), error.code) == (422, "bad_request")
 
 
 async def test_a_float_from_the_economics_fails_its_own_movement_only(

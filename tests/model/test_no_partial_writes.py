@@ -35,7 +35,8 @@ from giftstream.server.ledger.earnings import EarningsConsumer, earnings_key, se
 from giftstream.server.ledger.entries import LedgerEntry, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
-from giftstream.server.money.wallet import MAX_BALANCE, MoneyError, Wallet
+from giftstream.server.money.refusal import Refusal
+from giftstream.server.money.wallet import MAX_BALANCE, Wallet
 from tests.model.conftest import SCRIPT_NAMES, Eval, everything, fund
 from tests.server.conftest import NOW_MS
 
@@ -585,7 +586,7 @@ def outcome_of(result: Any) -> str:
     """What a call came to, in the table's terms."""
     if isinstance(result, ProtocolError):
         return result.code.value
-    if isinstance(result, MoneyError):
+    if isinstance(result, Refusal):
         return result.code
     if isinstance(result, ResponseError):
         return f"error:{result}"
@@ -614,7 +615,7 @@ async def test_a_failed_script_writes_nothing(
     before = await everything(redis_client)
     try:
         result = await case.call(world)
-    except (ProtocolError, MoneyError, ResponseError) as error:
+    except (ProtocolError, Refusal, ResponseError) as error:
         result = error
     after = await everything(redis_client)
     if case.name == "control":

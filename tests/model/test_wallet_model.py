@@ -28,10 +28,12 @@ from hypothesis.stateful import (
 )
 
 from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.rules import MAX_COUNT
 from giftstream.server.ledger.audit import audit
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
-from giftstream.server.money.wallet import MAX_COUNT, MAX_PAYOUT_DIAMONDS, MoneyError
+from giftstream.server.money.refusal import Refusal as MoneyRefusal
+from giftstream.server.money.wallet import MAX_PAYOUT_DIAMONDS
 from tests.model.keyspace import LoopRedis, Snapshot
 from tests.model.wallet_model import Refusal, WalletModel, replay
 from tests.server.conftest import NOW_MS
@@ -151,7 +153,7 @@ def refusal_of(error: Exception) -> Refusal:
         if error.code is ErrorCode.INSUFFICIENT_COINS and error.message.startswith("you owe"):
             return Refusal("debt")
         return Refusal(error.code.value)
-    if isinstance(error, MoneyError):
+    if isinstance(error, MoneyRefusal):
         return Refusal(error.code)
     return Refusal("value_error")
 
@@ -175,7 +177,7 @@ class WalletMachine(RuleBasedStateMachine):
         self._seen = None
         try:
             return self.io.run(coro)
-        except (ProtocolError, MoneyError, ValueError) as error:
+        except (ProtocolError, MoneyRefusal, ValueError) as error:
             return refusal_of(error)
 
     def observed(self) -> Snapshot:

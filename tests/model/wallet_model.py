@@ -19,17 +19,16 @@ TTL, so the 5 s gap and the day rollover are fully exercised).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from giftstream.protocol.rules import MAX_COUNT, is_key
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.wallet import (
     MAX_BALANCE,
-    MAX_COUNT,
     MAX_DAILY_LIMIT,
     MAX_GIFT_COINS,
     MAX_PACKAGE_COINS,
@@ -41,8 +40,6 @@ from giftstream.server.money.wallet import (
     SettledGift,
     WalletView,
 )
-
-_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +168,7 @@ class WalletModel:
         if not _is_int(count, 1, MAX_COUNT):
             return Refusal("bad_count")
         assert isinstance(count, int)
-        if not _KEY.fullmatch(key):
+        if not is_key(key):
             return Refusal("bad_request")
         if not _is_int(gift.coins, 1, MAX_GIFT_COINS):
             return Refusal("value_error")
@@ -359,7 +356,7 @@ class WalletModel:
         if not _is_int(diamonds, 1, MAX_PAYOUT_DIAMONDS):
             return Refusal("bad_request")
         assert isinstance(diamonds, int)
-        if not _KEY.fullmatch(key):
+        if not is_key(key):
             return Refusal("bad_request")
         if diamonds < self.economics.payout_min_diamonds:
             return Refusal("below_minimum")

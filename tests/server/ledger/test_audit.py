@@ -12,7 +12,8 @@ from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.entries import read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
-from giftstream.server.money.wallet import MoneyError, Wallet
+from giftstream.server.money.refusal import Refusal
+from giftstream.server.money.wallet import Wallet
 from tests.server.conftest import NOW_MS, Fund
 
 HEART = Gift(id="heart", name="Heart", coins=5, animation="heart.webp")
@@ -56,7 +57,7 @@ async def mixed_workload(wallet: Wallet) -> None:
     await buy("rc-eve-2", "eve")  # repays 60, credits 10
     await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-1", now_ms=NOW_MS)
     await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-1", now_ms=NOW_MS)
-    with pytest.raises(MoneyError):
+    with pytest.raises(Refusal):
         await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-2", now_ms=NOW_MS)
     await wallet.set_daily_limit("bob", 100)
 

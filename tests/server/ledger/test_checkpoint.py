@@ -18,7 +18,7 @@ from giftstream.server.ledger.checkpoint import (
     snapshot,
 )
 from giftstream.server.money import keys
-from giftstream.server.money.wallet import script_source
+from giftstream.server.scripts import script_source
 from tests.server.ledger.ledger_workload import DAY2_MS, SMALL, ledger, new_wallet, settle, text
 
 

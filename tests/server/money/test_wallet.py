@@ -17,15 +17,16 @@ from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.server.ledger.entries import read_entries
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
+from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
+from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import (
     MAX_BALANCE,
-    MoneyError,
     PayoutResult,
     SettledGift,
     Wallet,
-    script_source,
 )
+from giftstream.server.scripts import script_source
 from tests.server.conftest import NOW_MS, Fund, Snapshot
 
 ROSE = Gift(id="rose", name="Rose", coins=1, animation="rose.webp")
@@ -531,9 +532,9 @@ async def test_receipt_used_for_another_user_or_package(
         lambda: wallet.purchase(
             receipt="rc-shared", user=user, package=package, adult=True, now_ms=NOW_MS
         ),
-        MoneyError,
+        Refusal,
     )
-    assert (error.status, error.code) == (409, "receipt_reused")
+    assert (http_status(error), error.code) == (409, "receipt_reused")
 
 
 async def test_minor_cannot_buy_coins(wallet: Wallet, redis_snapshot: Snapshot) -> None:
@@ -542,9 +543,9 @@ async def test_minor_cannot_buy_coins(wallet: Wallet, redis_snapshot: Snapshot) 
         lambda: wallet.purchase(
             receipt="rc-kid", user="kid", package=PACK_70, adult=False, now_ms=NOW_MS
         ),
-        MoneyError,
+        Refusal,
     )
-    assert (error.status, error.code) == (403, "underage")
+    assert (http_status(error), error.code) == (403, "underage")
 
 
 async def test_purchase_past_the_balance_cap_is_refused(
@@ -556,9 +557,9 @@ async def test_purchase_past_the_balance_cap_is_refused(
         lambda: wallet.purchase(
             receipt="rc-whale", user="whale", package=PACK_70, adult=True, now_ms=NOW_MS
         ),
-        MoneyError,
+        Refusal,
     )
-    assert (error.status, error.code) == (409, "balance_limit")
+    assert (http_status(error), error.code) == (409, "balance_limit")
 
 
 async def test_ledger_integers_keep_every_digit(
@@ -610,9 +611,9 @@ async def test_refund_takes_the_coins_back_once(
 
 async def test_refund_of_unknown_receipt(wallet: Wallet, redis_snapshot: Snapshot) -> None:
     error = await refused_unchanged(
-        redis_snapshot, lambda: wallet.refund(receipt="rc-none", now_ms=NOW_MS), MoneyError
+        redis_snapshot, lambda: wallet.refund(receipt="rc-none", now_ms=NOW_MS), Refusal
     )
-    assert (error.status, error.code) == (404, "unknown_receipt")
+    assert (http_status(error), error.code) == (404, "unknown_receipt")
 
 
 async def test_refund_after_spending_records_debt_which_blocks_gifts_until_repaid(
@@ -718,9 +719,9 @@ async def test_payout_refusals_with_a_used_key(
         lambda: wallet.payout(
             creator=creator, diamonds=diamonds, key="payout-key-01", now_ms=NOW_MS
         ),
-        MoneyError,
+        Refusal,
     )
-    assert (error.status, error.code) == (status, code)
+    assert (http_status(error), error.code) == (status, code)
 
 
 async def test_payout_of_more_than_held(
@@ -730,9 +731,9 @@ async def test_payout_of_more_than_held(
     error = await refused_unchanged(
         redis_snapshot,
         lambda: wallet.payout(creator="cara", diamonds=15_001, key="payout-key-02", now_ms=NOW_MS),
-        MoneyError,
+        Refusal,
     )
-    assert (error.status, error.code) == (409, "insufficient_diamonds")
+    assert (http_status(error), error.code) == (409, "insufficient_diamonds")
     assert "cara holds 15000" in error.message
 
 
@@ -754,9 +755,9 @@ async def test_unknown_wallet_is_empty(wallet: Wallet) -> None:
 @pytest.mark.parametrize("limit", [-1, 10**12 + 1, True, 1.5, "5"])
 async def test_bad_daily_limit(wallet: Wallet, redis_snapshot: Snapshot, limit: Any) -> None:
     error = await refused_unchanged(
-        redis_snapshot, lambda: wallet.set_daily_limit("ann", limit), MoneyError
+        redis_snapshot, lambda: wallet.set_daily_limit("ann", limit), Refusal
     )
-    assert (error.status, error.code) == (422, "bad_request")
+    assert (http_status(error), error.code) == (422, "bad_request")
 
 
 async def test_daily_limit_round_trip(wallet: Wallet, fund_coins: Fund) -> None:
