@@ -16,6 +16,7 @@ import redis
 
 from giftstream.server.embedded_redis import (
     LOCK_FILE,
+    OWNER_FILE,
     EmbeddedRedis,
     EmbeddedRedisBusy,
     answers_ping,
@@ -189,4 +190,4 @@ def test_the_owner_lock_is_not_inherited_by_redis_server(tmp_path: Path) -> None
             pytest.skip("no /proc to list redis-server's open files")
         held = {os.path.realpath(fd) for fd in fds.iterdir()}
         assert str(tmp_path.resolve() / LOCK_FILE) in held
-        assert str(tmp_path.resolve() / "redis.owner") not in held
+        assert str(tmp_path.resolve() / OWNER_FILE) not in held
