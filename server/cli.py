@@ -324,44 +324,54 @@ def _print_redis_url(values: dict[str, Any]) -> int:
 @contextlib.contextmanager
 def _ledger_redis(values: dict[str, Any], worker: str | None = None) -> Iterator[str]:
     """--redis-url; else the data dir's embedded Redis: the server's while it runs, else one
-    started for this command and stopped when it ends (a long-running `worker` says so)."""
+    started (or adopted from a killed server) for this command and stopped when it ends (a
+    long-running `worker` says so)."""
     url: str | None = values.get("redis_url")
     if url is not None:
         yield url
         return
     redis_dir: Path = values["data_dir"] / "redis"
+    if not redis_dir.is_dir():
+        raise ConfigError(
+            f"no --redis-url, and no embedded Redis data in {redis_dir} "
+            f"(`{_invoked_as()} serve` makes it)"
+        )
+    embedded = _own_embedded_redis(redis_dir)
+    if isinstance(embedded, str):  # a live server (or command) runs it: use that one
+        yield embedded
+        return
+    if worker is not None:
+        how = "adopted the one a killed process left" if embedded.adopted else "started it"
+        log.warning(
+            "no server runs the embedded Redis of %s: %s at %s for this %s; it stops when the "
+            "%s does, and `giftstream serve` of this data dir cannot start until then",
+            redis_dir,
+            how,
+            embedded.url,
+            worker,
+            worker,
+        )
+    try:
+        yield embedded.url
+    finally:
+        embedded.stop()
+
+
+def _own_embedded_redis(redis_dir: Path) -> EmbeddedRedis | str:
+    """The data dir's embedded Redis, started or adopted by us; else the URL of the one its
+    live owner runs (waiting while that owner starts it)."""
     deadline = time.monotonic() + BUSY_WAIT_S
-    while (running := running_embedded_url(redis_dir)) is None:
-        if not redis_dir.is_dir():
-            raise ConfigError(
-                f"no --redis-url, and no embedded Redis data in {redis_dir} "
-                f"(`{_invoked_as()} serve` makes it)"
-            )
+    while True:
         try:
-            embedded = EmbeddedRedis(redis_dir).start()
-        except EmbeddedRedisBusy as exc:  # another command is starting it: use that one
+            return EmbeddedRedis(redis_dir).start()
+        except EmbeddedRedisBusy as exc:
+            if (running := running_embedded_url(redis_dir)) is not None:
+                return running
             if time.monotonic() > deadline:
                 raise ConfigError(str(exc)) from exc
             time.sleep(0.1)
-            continue
         except EmbeddedRedisError as exc:
             raise ConfigError(f"embedded Redis: {exc}") from exc
-        if worker is not None:
-            log.warning(
-                "no server runs the embedded Redis of %s: started it at %s for this %s; it "
-                "stops when the %s does, and `giftstream serve` of this data dir cannot "
-                "start until then",
-                redis_dir,
-                embedded.url,
-                worker,
-                worker,
-            )
-        try:
-            yield embedded.url
-        finally:
-            embedded.stop()
-        return
-    yield running
 
 
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -27,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from giftstream.server.app import GC_YOUNG_THRESHOLD, tune_gc
 from giftstream.server.cli import LEDGER_OPTIONS, build_parser
 from giftstream.server.config import Limits, add_options, build_settings, resolve
+from giftstream.server.embedded_redis import answers_ping
 from giftstream.server.money import keys
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.helpers import AdminClient, TokenMaker, WsClient
@@ -569,27 +571,118 @@ async def stream_messages(nats_url: str, stream: str, *, delete: bool) -> int:
         await nc.close()
 
 
-def test_a_redis_left_by_a_killed_server_is_never_doubled(tmp_path: Path) -> None:
-    """kill -9 of the server leaves its redis-server running: a new server refuses to start
-    a second one on the same files, and says how to stop the one left."""
-    data_dir = tmp_path / "data"
+def server_killed_with_9(data_dir: Path) -> str:
+    """A server that bought ann 70 coins and sent a 5-coin gift, then was killed with -9:
+    its redis-server lives on (an orphan, holding the data dir's lock); its URL."""
     first = ServerProcess(data_dir).start()
-    first.kill()
+    try:
+        asyncio.run(buy_and_gift(first, "before-kill-9"))
+    finally:
+        first.kill()
     left = redis_url_of(data_dir)
     assert left.returncode == 0, left.stderr
-    url = left.stdout.strip()
+    return left.stdout.strip()
+
+
+def no_redis_left(data_dir: Path, url: str) -> bool:
+    """Nothing answers at url and no redis-server holds the data dir's lock."""
+    host, port = url.removeprefix("redis://").split("/")[0].split(":")
+    fd = os.open(data_dir / "redis" / "redis.lock", os.O_RDWR)
     try:
-        refused = run_cli("serve", "--data-dir", str(data_dir), "--port", "0", "--admin-port", "0")
-        assert refused.returncode == 1
-        errors = [line for line in refused.stderr.splitlines() if "error" in line]
-        assert len(errors) == 1, refused.stderr
-        assert f"at {url}: stop that process first" in errors[0]
-        assert f"redis-cli -u {url} shutdown" in errors[0]
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return not answers_ping(host, int(port))
+
+
+@contextlib.contextmanager
+def shut_down_if_left(url: str) -> Iterator[None]:
+    """A failed test leaves no redis-server behind."""
+    try:
+        yield
     finally:
         client = redis.Redis.from_url(url)
         with contextlib.suppress(redis.ConnectionError):
             client.shutdown()
         client.close()
-    assert redis_url_of(data_dir).returncode == 1
-    second = ServerProcess(data_dir).start()
-    assert second.stop() == 0
+
+
+async def coins_of_ann(proc: ServerProcess) -> int:
+    ann, welcome = await WsClient.login(proc.ws_url, TokenMaker(JWT_SECRET)("ann"))
+    await ann.close()
+    return int(welcome["coins"])
+
+
+def test_a_redis_left_by_a_killed_server_is_adopted_by_the_next(tmp_path: Path) -> None:
+    """kill -9 of the server leaves its redis-server running: the next server adopts it (no
+    second one on the same files, no refusal), finds every balance, and stops it when it
+    stops. While that server lives, another one still refuses to start."""
+    data_dir = tmp_path / "data"
+    url = server_killed_with_9(data_dir)
+    with shut_down_if_left(url):
+        second = ServerProcess(data_dir).start()
+        try:
+            assert any(f"redis={url} " in line for line in second.log), second.log
+            assert any(
+                f"adopted the embedded Redis of {data_dir.resolve() / 'redis'} at {url}" in line
+                for line in second.log
+            ), second.log
+            assert asyncio.run(coins_of_ann(second)) == 65  # 70 bought, a 5-coin gift sent
+            assert second.proc is not None
+            refused = run_cli(
+                "serve", "--data-dir", str(data_dir), "--port", "0", "--admin-port", "0"
+            )
+            assert refused.returncode == 1
+            errors = [line for line in refused.stderr.splitlines() if "error" in line]
+            assert len(errors) == 1, refused.stderr
+            assert (
+                f"another process (pid {second.proc.pid}) already runs "
+                f"the embedded Redis of {data_dir.resolve() / 'redis'} at {url}: "
+                "stop that process first"
+            ) in errors[0]
+            assert second.running
+        finally:
+            assert second.stop() == 0
+        assert no_redis_left(data_dir, url)
+        assert redis_url_of(data_dir).returncode == 1
+    third = ServerProcess(data_dir).start()  # its own redis-server now, on the same files
+    try:
+        assert not any("adopted" in line for line in third.log), third.log
+        assert asyncio.run(coins_of_ann(third)) == 65
+    finally:
+        assert third.stop() == 0
+
+
+def test_a_ledger_command_adopts_the_redis_of_a_killed_server(tmp_path: Path) -> None:
+    """No server runs the data dir's Redis, a dead one's does: audit adopts it and stops it
+    when done, as it would the one it starts; a consumer adopts it, and once the consumer is
+    killed with -9 too, the next server adopts it from the consumer."""
+    data_dir = tmp_path / "data"
+    url = server_killed_with_9(data_dir)
+    with shut_down_if_left(url):
+        audited = run_cli("audit", "--data-dir", str(data_dir))
+        assert audited.returncode == 0 and "audit PASSED" in audited.stdout, audited.stderr
+        assert audited.stdout.startswith("2 ledger entries")
+        assert no_redis_left(data_dir, url)
+    url = server_killed_with_9(data_dir)
+    with shut_down_if_left(url):
+        consume = WorkerProcess(
+            ["consume", "--group", "earnings", "--block-ms", "50", "--data-dir", str(data_dir)]
+        )
+        try:
+            consume.wait_for_log("consumer ready")
+            adopted = f"adopted the one a killed process left at {url} for this consume"
+            assert consume.said(adopted), consume.log
+        finally:
+            consume.proc.kill()  # as a crash would: the redis-server lives on again
+            consume.proc.wait(10)
+        assert redis_url_of(data_dir).stdout.strip() == url
+        proc = ServerProcess(data_dir).start()
+        try:
+            assert any(f"redis={url} " in line for line in proc.log), proc.log
+            assert asyncio.run(coins_of_ann(proc)) == 65  # the same receipt and gift key again
+        finally:
+            assert proc.stop() == 0
+        assert no_redis_left(data_dir, url)
