@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from giftstream.loadtest.scenario import Scenario, Secrets
-from giftstream.server.config import ConfigError
+from giftstream.server.config import ConfigError, add_options, given
 
 EXTRA_HINT = "giftstream loadtest needs its extra: pip install 'giftstream[loadtest]'"
 
@@ -68,26 +69,20 @@ def add_loadtest_parser(commands: Any) -> None:
         type=int,
         help="server process for CPU/RSS (default: the local listener, if found)",
     )
-    p.add_argument("--ledger-key", help="the ledger stream (default giftstream:ledger)")
-    # The server's own options, read the same way (flag, then GIFTSTREAM_* variable):
-    p.add_argument(
-        "--redis-url",
-        help="the server's Redis, for the audit and ledger checks "
-        "(env GIFTSTREAM_REDIS_URL; local default: the data dir's embedded Redis)",
-    )
-    p.add_argument(
-        "--data-dir",
-        help="where the server keeps its secrets (env GIFTSTREAM_DATA_DIR; default ./data)",
-    )
-    p.add_argument(
-        "--jwt-secret",
-        help="the server's token secret (env GIFTSTREAM_JWT_SECRET; "
-        "default: read from the data dir)",
-    )
-    p.add_argument(
-        "--webhook-secret",
-        help="the server's internal API secret (env "
-        "GIFTSTREAM_WEBHOOK_SECRET; default: read from the data dir)",
+    # The server's own options, read as the server reads them (flag, then GIFTSTREAM_*
+    # variable, then default); a scenario file's ledger_key stands when neither is given.
+    add_options(
+        p,
+        only=("--redis-url", "--data-dir", "--ledger-key", "--jwt-secret", "--webhook-secret"),
+        helps={
+            "--redis-url": "the server's Redis, for the audit and ledger checks (local "
+            "default: the data dir's embedded Redis)",
+            "--data-dir": "where the server keeps its secrets and embedded Redis",
+            "--ledger-key": "the server's ledger stream, for the audit and ledger checks",
+            "--jwt-secret": "the server's token secret (default: read from the data dir)",
+            "--webhook-secret": "the server's internal API secret (default: read from the "
+            "data dir)",
+        },
     )
 
 
@@ -111,7 +106,6 @@ FLAGS = (
     "plot",
     "seed",
     "server_pid",
-    "ledger_key",
 )
 
 
@@ -126,16 +120,13 @@ def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from rich.console import Console
 
     from giftstream.loadtest import runner
-    from giftstream.loadtest.scenario import ScenarioError, build, load_toml, redact_argv
+    from giftstream.loadtest.scenario import ScenarioError, load_toml, redact_argv
 
     # A file or pipe (CI) gets 120 columns rather than rich's 80, so tables stay readable.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     try:
         file_values = load_toml(args.scenario) if args.scenario else {}
-        flags = {name: getattr(args, name) for name in FLAGS}
-        flags["redis_url"] = values.get("redis_url")
-        scenario = build(file_values, flags)
-        scenario = _locate(scenario, values)
+        scenario = _locate(scenario_of(args, values, file_values), values)
         keys = resolve_secrets(scenario, values)
         command = redact_argv(sys.argv[1:])
         result = uvloop.run(runner.run(scenario, keys, console, command=command))
@@ -143,6 +134,23 @@ def run_loadtest(args: argparse.Namespace, values: dict[str, Any]) -> int:
         print(f"giftstream: error: {exc}", file=sys.stderr)
         return 2
     return 0 if result.passed else 1
+
+
+def scenario_of(
+    args: argparse.Namespace,
+    values: dict[str, Any],
+    file_values: dict[str, Any],
+    env: Mapping[str, str] | None = None,
+) -> Scenario:
+    """The run's scenario: defaults, then the file, then the flags; the server's options
+    (`values`, resolved as the server resolves them) win over the file only when given."""
+    from giftstream.loadtest.scenario import build
+
+    flags = {name: getattr(args, name) for name in FLAGS}
+    flags["redis_url"] = values.get("redis_url")
+    if given(args, "ledger_key", env) or "ledger_key" not in file_values:
+        flags["ledger_key"] = values["ledger_key"]
+    return build(file_values, flags)
 
 
 def _locate(scenario: Scenario, values: dict[str, Any]) -> Scenario:

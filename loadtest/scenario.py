@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from giftstream.server.ledger.runtime import redact_url
+from giftstream.server.money import keys
 
 MAX_DURATION_S = 3600.0  # a run is bounded; longer soaks are several runs
 MAX_CONNECTIONS_PER_WORKER = 19_000  # the machines cap a process at 20,000 descriptors
@@ -67,7 +68,7 @@ class Scenario:
     plot: Path | None = None
     server_pid: int | None = None
     redis_url: str | None = None
-    ledger_key: str = "giftstream:ledger"
+    ledger_key: str = keys.LEDGER
 
     @property
     def admin(self) -> str:

@@ -209,17 +209,10 @@ async def serve_until_signalled(
 
 
 def tune_gc() -> None:
-    """Keep full garbage collections, which stall every room, rare and short on a serving
-    node (called once it is up; tests leave the collector as it is).
-
-    A full collection walks every live object: 65-80 ms at 1,000 viewers on these machines,
-    150-300 ms at 5,000. CPython starts one when the old generation has grown by a quarter,
-    and at its default young threshold a gift's state in flight (its task, coroutines and
-    closures, alive for a Redis round trip) reached the old generation at every middle
-    collection: at 2,000 gifts/s, one full collection every ~5 s. Collected every 10,000
-    allocations instead, that state dies young. What start-up built (modules, classes, the
-    app) lives as long as the process, so it is frozen out of every later collection.
-    """
+    """Keep full garbage collections, which stall every room, rare on a serving node (called
+    once it is up; tests leave the collector as it is): a gift's state in flight dies young
+    under a higher young threshold, and what start-up built is frozen out of every later
+    collection. docs/operations.md says what this bought, with the measurements."""
     gc.collect()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     gc.freeze()

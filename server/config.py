@@ -250,6 +250,14 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> d
     return values
 
 
+def given(args: argparse.Namespace, dest: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether option `dest` was set by its flag or its variable (not left to its default):
+    for a command whose own settings file sits between the two."""
+    env = os.environ if env is None else env
+    opt = next(opt for opt in SERVE_OPTIONS if opt.dest == dest)
+    return getattr(args, dest, None) is not None or bool(env.get(opt.env))
+
+
 def load_or_create_secret(data_dir: Path, name: str) -> str:
     """A secret kept in the data dir, created on first use, readable by its owner only."""
     path = data_dir / name

@@ -11,7 +11,6 @@ import redis.asyncio as aioredis
 
 from giftstream.server.money import keys
 
-KINDS = ("gift", "purchase", "refund", "payout")
 
 # The fields each kind of entry must carry, besides event, kind and ts; what a consumer may
 # rely on. Every int is a non-negative integer.

@@ -97,3 +97,23 @@ def test_reports_never_carry_secrets() -> None:
     ]
     s = build({}, {"redis_url": "redis://user:pw@127.0.0.1:6379/0"})
     assert s.as_dict()["redis_url"] == "redis://user:***@127.0.0.1:6379/0"
+
+
+def test_the_ledger_key_is_read_as_the_server_reads_it(tmp_path: Path) -> None:
+    """Flag, then GIFTSTREAM_LEDGER_KEY, then the scenario file, then the server's default:
+    a load test and the server it checks never silently read different ledgers."""
+    from giftstream.loadtest.cli import scenario_of
+    from giftstream.server.cli import build_parser
+    from giftstream.server.config import resolve
+    from giftstream.server.money import keys
+
+    def ledger_of(argv: list[str], env: dict[str, str], file_values: dict[str, object]) -> str:
+        args = build_parser().parse_args(["loadtest", *argv])
+        return scenario_of(args, resolve(args, env), dict(file_values), env).ledger_key
+
+    from_file = {"ledger_key": "file:ledger"}
+    assert ledger_of([], {}, {}) == keys.LEDGER
+    assert ledger_of([], {}, from_file) == "file:ledger"
+    assert ledger_of([], {"GIFTSTREAM_LEDGER_KEY": "env:ledger"}, from_file) == "env:ledger"
+    flag = ["--ledger-key", "flag:ledger"]
+    assert ledger_of(flag, {"GIFTSTREAM_LEDGER_KEY": "env:ledger"}, from_file) == "flag:ledger"
