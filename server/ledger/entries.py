@@ -11,7 +11,6 @@ import redis.asyncio as aioredis
 
 from giftstream.server.money import keys
 
-
 # The fields each kind of entry must carry, besides event, kind and ts; what a consumer may
 # rely on. Every int is a non-negative integer.
 FIELDS: dict[str, dict[str, type]] = {
