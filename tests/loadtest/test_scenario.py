@@ -107,7 +107,7 @@ def test_the_ledger_key_is_read_as_the_server_reads_it(tmp_path: Path) -> None:
     from giftstream.server.config import resolve
     from giftstream.server.money import keys
 
-    def ledger_of(argv: list[str], env: dict[str, str], file_values: dict[str, object]) -> str:
+    def ledger_of(argv: list[str], env: dict[str, str], file_values: dict[str, str]) -> str:
         args = build_parser().parse_args(["loadtest", *argv])
         return scenario_of(args, resolve(args, env), dict(file_values), env).ledger_key
 
