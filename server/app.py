@@ -27,7 +27,7 @@ from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
 from giftstream.server.realtime.hub import Hub
 from giftstream.server.realtime.ops import OpsFeed
-from giftstream.server.realtime.session import Services
+from giftstream.server.realtime.session import NodeParts, NodeState
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class App:
         )
         self.hub = Hub(self.redis, self.broker, self.fanout, self.ops, self.metrics)
         restored = await self.hub.restore()
-        self.services = Services(
+        self.node_state = NodeState()
+        self.parts = NodeParts(
             limits=settings.limits,
             jwt_secret=settings.jwt_secret,
             catalog=self.catalog,
@@ -98,7 +99,7 @@ class App:
             metrics=self.metrics,
         )
         self.gateway = Gateway(
-            self.services, settings.host, settings.port, settings.allowed_origins
+            self.parts, self.node_state, settings.host, settings.port, settings.allowed_origins
         )
         try:
             await self._stack.enter_async_context(self.gateway)
@@ -145,7 +146,7 @@ class App:
         self._tasks.append(task)
 
     def _counts(self) -> tuple[int, int]:
-        return len(self.hub.rooms), self.services.connections
+        return len(self.hub.rooms), self.node_state.connections
 
     @property
     def ws_url(self) -> str:
@@ -170,11 +171,11 @@ class App:
         queued, then close every socket with 1001 and release Redis."""
         log.info("shutting down: no new connections")
         self.gateway.stop_accepting()
-        self.services.draining = True
+        self.node_state.draining = True
         left = await self.wallet.drain(self.settings.limits.shutdown_grace_s)
         if left:
             log.warning("%d money movements still running at shutdown", left)
-        gifts = self.services.gifts_in_flight
+        gifts = self.node_state.gifts_in_flight
         if gifts:  # settled: their replies go out before the sockets close
             await asyncio.wait(set(gifts), timeout=self.settings.limits.close_timeout_s)
         with contextlib.suppress(Exception):

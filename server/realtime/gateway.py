@@ -12,7 +12,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from giftstream.protocol.events import PROTOCOL_VERSION
-from giftstream.server.realtime.session import Services, Session
+from giftstream.server.realtime.session import NodeParts, NodeState, Session
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,14 @@ class Gateway:
 
     def __init__(
         self,
-        services: Services,
+        parts: NodeParts,
+        node: NodeState,
         host: str,
         port: int,
         allowed_origins: tuple[str, ...] | None,
     ) -> None:
-        self.services = services
+        self.parts = parts
+        self.node = node
         self.host = host
         self.requested_port = port
         # Native apps and servers send no Origin; only browsers do, so a missing one passes.
@@ -42,7 +44,7 @@ class Gateway:
         self.server: Server | None = None
 
     async def __aenter__(self) -> Gateway:
-        limits = self.services.limits
+        limits = self.parts.limits
         self.server = await serve(
             self._handle,
             self.host,
@@ -83,7 +85,7 @@ class Gateway:
             await self.server.wait_closed()
 
     async def _handle(self, conn: ServerConnection) -> None:
-        await Session(conn, self.services).run()
+        await Session(conn, self.parts, self.node).run()
 
     def _route(self, conn: ServerConnection, request: Request) -> Response | None:
         """Let upgrades to /ws through; answer the plain pages; 404 for the rest."""

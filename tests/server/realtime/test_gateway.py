@@ -258,10 +258,10 @@ async def test_keepalive_pings_drop_a_dead_peer(make_app: Callable[..., App]) ->
         dead, _ = await WsClient.login(node.ws_url, tokens("bob"))
         dead.conn.transport.pause_reading()  # a phone gone out of coverage: no pong
         for _ in range(50):
-            if node.services.connections == 1:
+            if node.node_state.connections == 1:
                 break
             await asyncio.sleep(0.1)
-        assert node.services.connections == 1
+        assert node.node_state.connections == 1
         assert (await alive.request({"type": "ping"}))["type"] == "pong"
         await alive.close()
 
