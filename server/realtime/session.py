@@ -55,6 +55,11 @@ from giftstream.server.realtime.ops import OpsFeed
 
 log = logging.getLogger(__name__)
 
+# Members bound once for the per-message path: on Python 3.11 `Step.SERVE` is a metaclass
+# lookup of ~0.1 µs.
+_READY, _CLOSED = State.READY, State.CLOSED
+_REFUSE, _SERVE, _START_GIFT, _WAIT = Step.REFUSE, Step.SERVE, Step.START_GIFT, Step.WAIT
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -107,7 +112,7 @@ class Session:
             if await self._authenticate():
                 async for frame in self.conn:
                     await self._serve(frame)
-                    if core.state is State.CLOSED:
+                    if core.state is _CLOSED:
                         break
             if core.close_with is not None:
                 await self._gifts_answered()  # their replies go before the close frame
@@ -165,18 +170,18 @@ class Session:
     async def _serve(self, frame: str | bytes) -> None:
         core = self.core
         step = core.receive(frame, time.monotonic())
-        if step is Step.WAIT:
+        if step is _WAIT:
             await self._gifts_answered()  # replies stay in request order
             step = core.resume(time.monotonic())
-        if step is Step.START_GIFT:
-            self._start_gift(core.request, core.ticket)
-        elif step is Step.SERVE:
+        if step is _SERVE:
             message = core.request
             assert message is not None
             outcome = await self._outcome(message)
             core.answered(outcome, time.monotonic())
             self._deliver(outcome)
-        elif step is Step.REFUSE:
+        elif step is _START_GIFT:
+            self._start_gift(core.request, core.ticket)
+        elif step is _REFUSE:
             assert core.refusal is not None
             self._refuse(core.refusal)
 
@@ -236,7 +241,7 @@ class Session:
         core = self.core
         outcome: Outcome = None  # found flooding meanwhile: not served, like later frames
         try:
-            if core.state is State.READY:
+            if core.state is _READY:
                 outcome = await self._outcome(message)
         except ConnectionClosed:
             pass
