@@ -1,7 +1,7 @@
 """The rules of one WebSocket connection, Sans-I/O: its states, the hello deadline, the rate
 buckets, the strikes and the order of its replies.
 
-    AWAITING_HELLO --valid hello--> READY --flood / connection lost--> CLOSED
+    AWAITING_HELLO --valid hello--> READY --connection lost--> CLOSED
     AWAITING_HELLO --bad token / other first message--> CLOSED (4401)
     AWAITING_HELLO --hello deadline passed--> CLOSED (4408)
     AWAITING_HELLO / READY --too many strikes--> CLOSED (4429, once earlier replies are out)
@@ -32,7 +32,7 @@ MAX_CLOSE_REASON = 100
 FLOOD_REASON = "too many bad or excess messages"
 
 # What a request came to: its encoded reply, the error that refuses it, or None when there
-# is nothing (more) to write. Opaque here but for the refusal, which may be a strike.
+# is nothing (more) to write. Opaque here: only its place in the order matters.
 Outcome = bytes | ProtocolError | None
 # The refusals that are strikes: a client that keeps sending them is flooding.
 _STRIKES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.RATE_LIMITED})
@@ -50,7 +50,7 @@ class Step(Enum):
     NOTHING = "nothing"  # nothing to do: the connection is closed, nothing more is served
     REFUSE = "refuse"  # write `refusal` (its strike is already counted)
     AUTHENTICATE = "authenticate"  # check the `Hello` in `request`; `welcomed`/`token_refused`
-    SERVE = "serve"  # run `request`; hand its outcome to `answered`
+    SERVE = "serve"  # run `request`, then `answered` (a refusal to `refused` first)
     START_GIFT = "start_gift"  # settle `request` while reading on; outcome to `gift_answered`
     WAIT = "wait"  # wait until every gift in flight is answered, then `resume`
     CLOSE = "close"  # close the socket with `close_with`
@@ -75,23 +75,33 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
     State.CLOSED: frozenset({State.CLOSED}),
 }
 
-# The events each state accepts. A closed connection still takes the frames and gift outcomes
-# already on their way, and serves none of them.
+# The events each state accepts. A closed connection still takes the frames and outcomes
+# already on their way (a refusal may be what closed it), and serves none of them.
 _ACCEPTS: dict[State, frozenset[str]] = {
     State.AWAITING_HELLO: frozenset(
         {"receive", "hello_deadline_passed", "welcomed", "token_refused", "connection_lost"}
     ),
     State.READY: frozenset(
-        {"receive", "resume", "answered", "admit_gift", "gift_answered", "connection_lost"}
+        {
+            "receive",
+            "resume",
+            "answered",
+            "admit_gift",
+            "refused",
+            "gift_answered",
+            "connection_lost",
+        }
     ),
-    State.CLOSED: frozenset({"receive", "resume", "gift_answered", "connection_lost"}),
+    State.CLOSED: frozenset(
+        {"receive", "resume", "answered", "refused", "gift_answered", "connection_lost"}
+    ),
 }
 
 
 class Connection:
     """One connection's rules, fed by its session. Thousands live at once: slotted, and the
-    hot path (`receive`, `answered`, `gift_answered`) allocates nothing of its own but the
-    refusals it makes.
+    per-message path allocates nothing but the refusals it makes and the list of outcomes
+    `gift_answered` releases.
 
     Reply order: a gift to a room that is live here and joined (`goes_straight`) is started
     at once and settles while the connection reads on, up to `MAX_GIFTS_IN_FLIGHT`; each
@@ -242,13 +252,19 @@ class Connection:
 
     # ---- outcomes -------------------------------------------------------------------------
 
-    def answered(self, outcome: Outcome, now: float) -> None:
-        """The request of the last `Step.SERVE` came to `outcome`; the caller writes it."""
-        if self.state is not _READY or not self._serving:  # "answered" in _ACCEPTS, inlined
+    def answered(self) -> None:
+        """The request of the last `Step.SERVE` is answered (its refusal, if any, went to
+        `refused`); the next frame may come."""
+        if self.state is _AWAITING_HELLO or not self._serving:  # _ACCEPTS, inlined
             self._illegal("answered", "" if self._serving else "with no request being served")
         self._serving = False
-        if isinstance(outcome, ProtocolError):
-            self._count(outcome, now)
+
+    def refused(self, error: ProtocolError, now: float) -> None:
+        """A request (a gift in flight, or the one being served) was refused at `now`,
+        counted as soon as it is decided, so that a flood stops the gifts behind it."""
+        if self.state is _AWAITING_HELLO:  # "refused" in _ACCEPTS, inlined
+            self._illegal("refused")
+        self._count(error, now)
 
     def admit_gift(self, now: float) -> None:
         """Take one gift from the gift budget; `ProtocolError(rate_limited)` when over."""
@@ -257,16 +273,14 @@ class Connection:
         if not self._gifts.take(now):
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many gifts; slow down")
 
-    def gift_answered(self, ticket: int, outcome: Outcome, now: float) -> list[Outcome]:
-        """Gift `ticket` came to `outcome` (None: not served, or cancelled). Its refusal is
-        counted now; what is returned is every outcome whose turn has come, in order."""
+    def gift_answered(self, ticket: int, outcome: Outcome) -> list[Outcome]:
+        """Gift `ticket` came to `outcome` (None: not served, or cancelled): every outcome
+        whose turn has come, in order, for the caller to write."""
         if self.state is _AWAITING_HELLO:  # "gift_answered" in _ACCEPTS, inlined
             self._illegal("gift_answered")
         next_answer = self._next_answer
         if not next_answer <= ticket < self._gifts_started or ticket in self._early:
             self._illegal("gift_answered", f"for ticket {ticket}, not in flight")
-        if isinstance(outcome, ProtocolError):
-            self._count(outcome, now)
         if ticket != next_answer:
             self._early[ticket] = outcome
             return []
@@ -302,7 +316,7 @@ class Connection:
     def _refuse(self, error: ProtocolError, now: float) -> Step:
         self.refusal = error
         self._count(error, now)
-        return Step.REFUSE
+        return _REFUSE
 
     def _count(self, error: ProtocolError, now: float) -> None:
         """Bad frames and rate-limited requests are strikes: past the budget, the connection

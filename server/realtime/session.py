@@ -9,6 +9,8 @@ and its rooms' events reach it in the order they were produced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -99,7 +101,9 @@ class Session:
         self.conn = conn
         self.parts = parts
         self.node = node
-        self.core = Connection(parts.limits, time.monotonic(), self._joined_live)
+        # the predicate holds the hub and the socket, not the session: no reference cycle
+        goes_straight = functools.partial(_joined_live, parts.hub, conn)
+        self.core = Connection(parts.limits, time.monotonic(), goes_straight)
         self.identity: Identity | None = None
         # set while the reader waits for every gift in flight to be answered
         self._all_answered: asyncio.Future[None] | None = None
@@ -177,7 +181,7 @@ class Session:
             message = core.request
             assert message is not None
             outcome = await self._outcome(message)
-            core.answered(outcome, time.monotonic())
+            core.answered()
             self._deliver(outcome)
         elif step is _START_GIFT:
             self._start_gift(core.request, core.ticket)
@@ -187,7 +191,7 @@ class Session:
 
     async def _outcome(self, message: ClientMessage) -> Outcome:
         """Run the request's handler: its encoded reply, None when the handler wrote it, or
-        the refusal (counted in the metrics here, as soon as it is decided)."""
+        the refusal (counted here, strikes included, as soon as it is decided)."""
         request_id = message.id
         try:
             reply = await _HANDLERS[type(message)](self, message)
@@ -200,6 +204,7 @@ class Session:
             log.exception("request failed on %s", self.conn.remote_address)
             refusal = ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
         self.parts.metrics.errors.labels(refusal.code.value).inc()
+        self.core.refused(refusal, time.monotonic())
         return refusal
 
     def _deliver(self, outcome: Outcome) -> None:
@@ -222,14 +227,6 @@ class Session:
     # Redis in the order they came (their path to the batcher does not suspend, and tasks
     # start in order); the core releases their outcomes for writing in that order.
 
-    def _joined_live(self, room_id: str) -> bool:
-        """Whether a gift to `room_id` goes straight to the script (the room is live here and
-        joined). Any other takes the one-at-a-time path: its answer may need a Redis read
-        first (a retry after the room ended), which must not overtake the gifts before it,
-        nor hold one pooled Redis connection per gift of a burst."""
-        hub = self.parts.hub
-        return room_id in hub.rooms and hub.is_member(self.conn, room_id)
-
     def _start_gift(self, message: ClientMessage | None, ticket: int) -> None:
         assert isinstance(message, SendGift)
         task = asyncio.get_running_loop().create_task(self._gift(message, ticket))
@@ -247,18 +244,17 @@ class Session:
             pass
         finally:
             # cancelled or not, the gifts behind this one get their turn
-            for answer in core.gift_answered(ticket, outcome, time.monotonic()):
+            for answer in core.gift_answered(ticket, outcome):
                 self._deliver(answer)
             waiter = self._all_answered
             if waiter is not None and not core.gifts_in_flight and not waiter.done():
                 waiter.set_result(None)
-        close = core.close_due
-        if close is not None:
-            # the reader may be waiting for a frame that never comes: close from here
-            try:
-                await self.conn.close(*close)
-            except ConnectionClosed:
-                pass
+        if core.close_with is not None:  # the cheap test first: this runs per gift
+            close = core.close_due
+            if close is not None:
+                # the reader may be waiting for a frame that never comes: close from here
+                with contextlib.suppress(ConnectionClosed):
+                    await self.conn.close(*close)
 
     async def _gifts_answered(self) -> None:
         """Wait until every gift this connection sent so far has been answered."""
@@ -396,6 +392,14 @@ class Session:
             now_ms=now_ms(),
             on_settled=publish,
         )
+
+
+def _joined_live(hub: Hub, conn: ServerConnection, room_id: str) -> bool:
+    """Whether a gift to `room_id` goes straight to the script (the room is live here and
+    joined). Any other takes the one-at-a-time path: its answer may need a Redis read
+    first (a retry after the room ended), which must not overtake the gifts before it,
+    nor hold one pooled Redis connection per gift of a burst."""
+    return room_id in hub.rooms and hub.is_member(conn, room_id)
 
 
 # Each request type's handler, shared by every session.

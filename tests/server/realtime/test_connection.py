@@ -75,7 +75,7 @@ def serve(core: Connection, message: str, now: float = 0.0) -> Any:
     """Receive a frame that must be served now; its request."""
     assert core.receive(message, now) is Step.SERVE
     request = core.request
-    core.answered(b"reply", now)
+    core.answered()
     return request
 
 
@@ -109,9 +109,10 @@ _EVENTS: dict[str, Any] = {
     "hello_deadline_passed": lambda core: core.hello_deadline_passed(),
     "welcomed": lambda core: core.welcomed(),
     "token_refused": lambda core: core.token_refused("bad"),
-    "answered": lambda core: core.answered(None, 0.0),
+    "answered": lambda core: core.answered(),
+    "refused": lambda core: core.refused(ProtocolError(ErrorCode.BAD_REQUEST, "no"), 0.0),
     "admit_gift": lambda core: core.admit_gift(0.0),
-    "gift_answered": lambda core: core.gift_answered(0, None, 0.0),
+    "gift_answered": lambda core: core.gift_answered(0, None),
     "connection_lost": lambda core: core.connection_lost(),
 }
 
@@ -146,13 +147,13 @@ def test_steps_out_of_turn_fail_loudly() -> None:
         core.hello_deadline_passed()
     core.welcomed()
     with illegal("can't handle event answered in state READY with no request being served"):
-        core.answered(b"reply", 0.0)
+        core.answered()
     with illegal("can't handle event resume in state READY with nothing waiting"):
         core.resume(0.0)
     assert core.receive(frame("ping"), 0.0) is Step.SERVE
     with illegal("can't handle event receive in state READY while a request is with the caller"):
         core.receive(frame("ping"), 0.0)  # the ping is not answered yet
-    core.answered(b"pong", 0.0)
+    core.answered()
     (ticket,) = start_gifts(core, 1)
     assert core.receive(frame("ping"), 0.0) is Step.WAIT
     with illegal(
@@ -160,10 +161,10 @@ def test_steps_out_of_turn_fail_loudly() -> None:
     ):
         core.resume(0.0)
     with illegal("can't handle event gift_answered in state READY for ticket 7, not in flight"):
-        core.gift_answered(7, b"gift_ok", 0.0)
-    core.gift_answered(ticket, b"gift_ok", 0.0)
+        core.gift_answered(7, b"gift_ok")
+    core.gift_answered(ticket, b"gift_ok")
     with illegal("can't handle event gift_answered in state READY for ticket 0, not in flight"):
-        core.gift_answered(ticket, b"gift_ok", 0.0)  # answered twice
+        core.gift_answered(ticket, b"gift_ok")  # answered twice
     assert core.resume(0.0) is Step.SERVE
 
 
@@ -306,22 +307,26 @@ def test_strikes_are_forgiven_with_time() -> None:
 def test_which_refusals_are_strikes(code: ErrorCode, strike: bool) -> None:
     core = ready(flood_strikes=1, flood_strikes_per_s=0.01)
     for _ in range(2):
-        core.receive(frame("balance"), 0.0)
-        core.answered(ProtocolError(code, "no"), 0.0)
+        assert core.receive(frame("balance"), 0.0) is Step.SERVE
+        core.refused(ProtocolError(code, "no"), 0.0)
+        core.answered()  # its refusal is written even if it closed the connection
     assert state_of(core) is (State.CLOSED if strike else State.READY)
+    assert core.close_due == ((CloseCode.FLOOD, FLOOD_REASON) if strike else None)
 
 
 def test_flood_found_by_a_gift_closes_once_earlier_replies_are_out() -> None:
     core = ready(flood_strikes=1, flood_strikes_per_s=0.01)
     first, second, third = start_gifts(core, 3)
     refusal = ProtocolError(ErrorCode.RATE_LIMITED, "too many gifts; slow down", "g1")
-    assert core.gift_answered(second, refusal, 0.0) == []  # strike one, counted at once
-    assert core.gift_answered(third, refusal, 0.0) == []  # strike two: the flood
+    core.refused(refusal, 0.0)  # strike one, counted as soon as it is decided
+    assert core.gift_answered(second, refusal) == []
+    core.refused(refusal, 0.0)  # strike two: the flood
+    assert core.gift_answered(third, refusal) == []
     assert state_of(core) is State.CLOSED
     assert core.close_with == (CloseCode.FLOOD, FLOOD_REASON)
     assert core.close_due is None  # the first gift is still settling
     assert core.receive(gift("late"), 100.0) is Step.NOTHING  # the bucket would admit it
-    assert core.gift_answered(first, b"gift_ok", 0.0) == [b"gift_ok", refusal, refusal]
+    assert core.gift_answered(first, b"gift_ok") == [b"gift_ok", refusal, refusal]
     assert core.close_due == (CloseCode.FLOOD, FLOOD_REASON)
 
 
@@ -330,10 +335,12 @@ def test_gifts_read_before_the_flood_are_not_served() -> None:
     core = ready(flood_strikes=0, flood_strikes_per_s=0.01)
     tickets = start_gifts(core, MAX_GIFTS_IN_FLIGHT)
     assert core.receive(gift("waits"), 0.0) is Step.WAIT
-    core.gift_answered(tickets[0], ProtocolError(ErrorCode.BAD_REQUEST, "no"), 0.0)
+    refusal = ProtocolError(ErrorCode.BAD_REQUEST, "no")
+    core.refused(refusal, 0.0)
+    core.gift_answered(tickets[0], refusal)
     assert state_of(core) is State.CLOSED
     for ticket in tickets[1:]:
-        core.gift_answered(ticket, None, 0.0)
+        core.gift_answered(ticket, None)
     assert core.resume(0.0) is Step.NOTHING
 
 
@@ -342,7 +349,7 @@ def test_a_refusal_waiting_for_gifts_is_counted_when_it_resumes() -> None:
     (ticket,) = start_gifts(core, 1)
     assert core.receive(b"\x00", 0.0) is Step.WAIT
     assert state_of(core) is State.READY  # not counted yet: the gift's reply goes first
-    core.gift_answered(ticket, b"gift_ok", 0.0)
+    core.gift_answered(ticket, b"gift_ok")
     assert core.resume(0.0) is Step.REFUSE
     assert state_of(core) is State.CLOSED
     assert core.close_due == (CloseCode.FLOOD, FLOOD_REASON)
@@ -356,9 +363,9 @@ def test_gift_outcomes_are_released_in_request_order() -> None:
     a, b, c = start_gifts(core, 3)
     assert (a, b, c) == (0, 1, 2)
     assert core.gifts_in_flight == 3
-    assert core.gift_answered(c, b"c", 0.0) == []
-    assert core.gift_answered(b, b"b", 0.0) == []
-    assert core.gift_answered(a, b"a", 0.0) == [b"a", b"b", b"c"]
+    assert core.gift_answered(c, b"c") == []
+    assert core.gift_answered(b, b"b") == []
+    assert core.gift_answered(a, b"a") == [b"a", b"b", b"c"]
     assert core.gifts_in_flight == 0
 
 
@@ -366,7 +373,7 @@ def test_any_other_request_waits_for_the_gifts_before_it() -> None:
     core = ready()
     (ticket,) = start_gifts(core, 1)
     assert core.receive(frame("balance", id="after"), 0.0) is Step.WAIT
-    assert core.gift_answered(ticket, b"gift_ok", 0.0) == [b"gift_ok"]
+    assert core.gift_answered(ticket, b"gift_ok") == [b"gift_ok"]
     assert core.resume(0.0) is Step.SERVE
     assert core.request is not None and core.request.id == "after"
 
@@ -382,7 +389,7 @@ def test_gifts_that_do_not_go_straight_and_bad_frames_wait_too(message: str | by
     core = ready()
     (ticket,) = start_gifts(core, 1)
     assert core.receive(message, 0.0) is Step.WAIT
-    core.gift_answered(ticket, b"gift_ok", 0.0)
+    core.gift_answered(ticket, b"gift_ok")
     assert core.resume(0.0) in {Step.SERVE, Step.REFUSE}
 
 
@@ -390,7 +397,7 @@ def test_over_budget_gift_is_refused_in_order_not_started() -> None:
     core = ready(messages_per_s=0.01, messages_burst=2)  # the hello took one
     (ticket,) = start_gifts(core, 1)
     assert core.receive(gift("over"), 0.0) is Step.WAIT
-    core.gift_answered(ticket, b"gift_ok", 0.0)
+    core.gift_answered(ticket, b"gift_ok")
     assert core.resume(0.0) is Step.REFUSE
     assert core.refusal is not None
     assert (core.refusal.code, core.refusal.request_id) == (ErrorCode.RATE_LIMITED, "over")
@@ -400,9 +407,9 @@ def test_at_most_max_gifts_in_flight() -> None:
     core = ready(messages_burst=1000)
     tickets = start_gifts(core, MAX_GIFTS_IN_FLIGHT)
     assert core.receive(gift("one-too-many"), 0.0) is Step.WAIT
-    core.gift_answered(tickets[-1], b"last", 0.0)
+    core.gift_answered(tickets[-1], b"last")
     for ticket in tickets[:-1]:
-        core.gift_answered(ticket, b"ok", 0.0)
+        core.gift_answered(ticket, b"ok")
     assert core.resume(0.0) is Step.START_GIFT
     assert core.ticket == MAX_GIFTS_IN_FLIGHT
     assert isinstance(core.request, SendGift) and core.request.id == "one-too-many"
@@ -415,7 +422,7 @@ def test_any_order_of_outcomes_is_written_in_ticket_order(order: list[int]) -> N
     replies = [f"reply {ticket}".encode() for ticket in range(12)]
     written: list[Any] = []
     for ticket in order:
-        written += core.gift_answered(ticket, replies[ticket], 0.0)
+        written += core.gift_answered(ticket, replies[ticket])
         assert written == replies[: len(written)]
     assert written == replies
     assert core.gifts_in_flight == 0

@@ -175,6 +175,19 @@ async def test_flood_of_bad_frames_closes_4429(make_app: Callable[..., App]) -> 
         assert await client.closed_with() == 4429
 
 
+async def test_flood_of_refused_requests_closes_4429(make_app: Callable[..., App]) -> None:
+    """Refusals a handler decides (here a second hello) are strikes too, and each is
+    answered before the close."""
+    async with make_app(flood_strikes=2, flood_strikes_per_s=0.01) as node:
+        tokens = TokenMaker(JWT_SECRET)
+        client, _ = await WsClient.login(node.ws_url, tokens("ann"))
+        for n in range(3):
+            await client.send({"type": "hello", "token": tokens("ann"), "id": f"again-{n}"})
+        assert await client.closed_with() == 4429
+        refused = [(f["id"], f["code"]) for f in client.unread]
+        assert refused == [(f"again-{n}", "bad_request") for n in range(3)]
+
+
 async def test_origin_allow_list(redis_url: str, data_dir: Path, catalog: Catalog) -> None:
     settings = make_settings(redis_url, data_dir)
     settings = type(settings)(
