@@ -146,7 +146,8 @@ class Connection:
         self._deferred: Step | None = None  # the step that waits for the gifts in flight
         self._gifts_started = 0  # tickets handed out
         self._next_answer = 0  # the ticket whose outcome is written next
-        self._early: dict[int, Outcome] = {}  # outcomes that came before their turn
+        # outcomes that came before their turn; made when the first one does
+        self._early: dict[int, Outcome] | None = None
 
     # ---- frames ---------------------------------------------------------------------------
 
@@ -278,18 +279,20 @@ class Connection:
         whose turn has come, in order, for the caller to write."""
         if self.state is _AWAITING_HELLO:  # "gift_answered" in _ACCEPTS, inlined
             self._illegal("gift_answered")
-        next_answer = self._next_answer
-        if not next_answer <= ticket < self._gifts_started or ticket in self._early:
+        next_answer, early = self._next_answer, self._early
+        if not next_answer <= ticket < self._gifts_started or (early and ticket in early):
             self._illegal("gift_answered", f"for ticket {ticket}, not in flight")
         if ticket != next_answer:
-            self._early[ticket] = outcome
+            if early is None:
+                early = self._early = {}
+            early[ticket] = outcome
             return []
         answers = [outcome]
         ticket += 1
-        early = self._early
-        while ticket in early:
-            answers.append(early.pop(ticket))
-            ticket += 1
+        if early:
+            while ticket in early:
+                answers.append(early.pop(ticket))
+                ticket += 1
         self._next_answer = ticket
         return answers
 

@@ -228,6 +228,8 @@ class Session:
     # start in order); the core releases their outcomes for writing in that order.
 
     def _start_gift(self, message: ClientMessage | None, ticket: int) -> None:
+        """Nothing cancels a gift task (shutdown waits for them): one cancelled before its
+        first step would never answer its ticket, and the gifts behind it would wait."""
         assert isinstance(message, SendGift)
         task = asyncio.get_running_loop().create_task(self._gift(message, ticket))
         in_flight = self.node.gifts_in_flight  # shutdown answers them before it closes sockets

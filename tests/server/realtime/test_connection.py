@@ -168,6 +168,14 @@ def test_steps_out_of_turn_fail_loudly() -> None:
     assert core.resume(0.0) is Step.SERVE
 
 
+def test_an_early_outcome_given_twice_fails_loudly() -> None:
+    core = ready()
+    _, second = start_gifts(core, 2)
+    assert core.gift_answered(second, b"second") == []  # kept until the first is answered
+    with illegal("can't handle event gift_answered in state READY for ticket 1, not in flight"):
+        core.gift_answered(second, b"second")
+
+
 def test_no_way_back_from_closed() -> None:
     core = ready()
     core.connection_lost()
