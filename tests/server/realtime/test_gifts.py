@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from giftstream.server.app import App
 from giftstream.server.money.catalog import Catalog
+from giftstream.server.realtime.connection import MAX_GIFTS_IN_FLIGHT
 from tests.helpers import AdminClient, TokenMaker, WsClient
 
 
@@ -263,6 +264,26 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
         assert [r["coins"] for r in replies[:30]] == [700 - 5 * (i + 1) for i in range(30)]
         assert replies[30]["coins"] == 550
         assert node.wallet._batcher.writes - writes_before < 15
+        for client in (ann, creator):
+            await client.close()
+
+
+async def test_a_burst_past_the_in_flight_cap_and_a_bad_frame_keep_their_order(
+    make_app: Callable[..., App], tokens: TokenMaker
+) -> None:
+    """Past MAX_GIFTS_IN_FLIGHT the next gift waits for those before it, and a bad frame
+    after them is refused only once they are all answered: replies in request order."""
+    count = MAX_GIFTS_IN_FLIGHT + 8
+    async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
+        creator, ann = await _ann_in_caras_room(node, tokens)
+        for i in range(count):
+            await ann.send({**gift(f"capped-gift-{i:03d}", "heart"), "id": f"g{i}"})
+        await ann.send(b"\x00")  # binary: refused bad_request, with no id to echo
+        replies = [await ann.next(timeout=10) for _ in range(count + 1)]
+        assert [r.get("id") for r in replies[:count]] == [f"g{i}" for i in range(count)]
+        assert [r["coins"] for r in replies[:count]] == [700 - 5 * (i + 1) for i in range(count)]
+        assert replies[count]["type"] == "error" and replies[count]["code"] == "bad_request"
+        assert (await ann.request({"type": "balance"}))["coins"] == 700 - 5 * count
         for client in (ann, creator):
             await client.close()
 
