@@ -117,12 +117,15 @@ _EVENTS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("state", list(State))
-@pytest.mark.parametrize("event", list(_EVENTS))
-def test_an_event_the_state_does_not_accept_fails_loudly(state: State, event: str) -> None:
+def test_every_event_is_in_the_table() -> None:
     assert set(_EVENTS) == set().union(*_ACCEPTS.values())
-    if event in _ACCEPTS[state]:
-        return  # accepted: its rules are tested below
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [(state, event) for state in State for event in _EVENTS if event not in _ACCEPTS[state]],
+)
+def test_an_event_the_state_does_not_accept_fails_loudly(state: State, event: str) -> None:
     core = _put_in(state)
     with pytest.raises(IllegalEvent, match=f"can't handle event {event} in state {state.name}"):
         _EVENTS[event](core)
