@@ -176,6 +176,11 @@ class Wallet:
         """Money movements sent to Redis whose outcome is not handled yet."""
         return self._batcher.in_flight
 
+    @property
+    def redis_writes(self) -> int:
+        """Writes the money path has made to Redis: how many round trips its calls shared."""
+        return self._batcher.writes
+
     async def drain(self, timeout_s: float | None = None) -> int:
         """Wait for every movement in progress, callers cancelled or not (SIGTERM, tests);
         returns how many were still running after `timeout_s` (their keys answer retries)."""

@@ -255,7 +255,7 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
     them (balance) waits until every one is answered."""
     async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
         creator, ann = await _ann_in_caras_room(node, tokens)
-        writes_before = node.wallet._batcher.writes
+        writes_before = node.wallet.redis_writes
         for i in range(30):
             await ann.send({**gift(f"burst-gift-{i:03d}", "heart"), "id": f"g{i}"})
         await ann.send({"type": "balance", "id": "after"})
@@ -263,7 +263,7 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
         assert [r.get("id") for r in replies] == [f"g{i}" for i in range(30)] + ["after"]
         assert [r["coins"] for r in replies[:30]] == [700 - 5 * (i + 1) for i in range(30)]
         assert replies[30]["coins"] == 550
-        assert node.wallet._batcher.writes - writes_before < 15
+        assert node.wallet.redis_writes - writes_before < 15
         for client in (ann, creator):
             await client.close()
 
