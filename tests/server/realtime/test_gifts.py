@@ -423,7 +423,10 @@ async def test_shutdown_finishes_money_in_flight(
         clients.append(client)
     for i in range(100):
         await clients[i % 5].send({**gift(f"in-flight-{i:03d}"), "id": f"g{i}"})
-    await asyncio.sleep(0.01)  # some are being settled right now
+    deadline = asyncio.get_running_loop().time() + 30
+    while node.wallet.in_flight == 0:  # shut down while some are being settled
+        assert asyncio.get_running_loop().time() < deadline, "no gift reached Redis"
+        await asyncio.sleep(0)
     await node.shutdown()
     assert node.wallet.in_flight == 0  # nothing was left running
     for client in clients:
