@@ -103,11 +103,13 @@ class Relay:
         NATS or Redis being away only delays, with backoff. The lease is released at the
         end, so a standby takes over at once."""
         await self._ensure_group()
-        renewer = asyncio.create_task(self._keep_lease(), name="relay-lease")
+        ended = asyncio.Event()
+        renewer = asyncio.create_task(self._keep_lease(ended), name="relay-lease")
         try:
             await self._run(stop)
         finally:
-            renewer.cancel()
+            ended.set()  # the renewer's own way out: a cancel alone can be lost (_keep_lease)
+            renewer.cancel()  # not to wait out its sleep or a renewal under way
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
             await self.jetstream.close()
@@ -195,18 +197,26 @@ class Relay:
             )
         return False
 
-    async def _keep_lease(self) -> None:
+    async def _keep_lease(self, ended: asyncio.Event) -> None:
         """Renew the lease every third of its TTL while we hold it, until run() ends (not
         when stop is set: the pass under way may still publish). A renewal refused (the
         lease is someone else's) or failing until the lease may have lapsed makes `held()`
-        False, and the relay stops before its next publish."""
+        False, and the relay stops before its next publish.
+
+        The loop ends on `ended`, not on run()'s cancel alone: on Python 3.11 an
+        asyncio.wait_for whose operation completes as the cancel lands returns normally
+        and the cancel is lost. redis-py wraps each command's send in one (socket_timeout),
+        so a cancel landing in a renewal could vanish, and run() awaited this loop for
+        ever: a SIGTERM'd relay hung."""
         every = self.config.lease_ttl_ms / 3000
-        while True:
+        while not ended.is_set():
             await asyncio.sleep(every)
             if not self.lease.held():
                 continue
             try:  # bounded: a renewal hung on a dead socket must not stop the next ones
-                renewed = await asyncio.wait_for(self.lease.renew(), max(every, 0.1))
+                # asyncio.timeout rather than wait_for: one wait_for less to lose the cancel
+                async with asyncio.timeout(max(every, 0.1)):
+                    renewed = await self.lease.renew()
                 if not renewed:
                     log.error(
                         "relay lease %s is no longer ours (expired, or taken by "

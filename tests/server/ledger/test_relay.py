@@ -4,6 +4,7 @@ through kill -9 between publish and ack, NATS going away, and restarts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import shutil
@@ -628,6 +629,38 @@ async def test_lease_take_renew_release_and_expiry(redis_client: aioredis.Redis)
     assert not await first.renew()  # and it cannot get it back while second holds it
     assert await second.release() and await lease_holder(redis_client, key) is None
     assert await first.acquire()
+
+
+@pytest.mark.parametrize("lost", ["as the renewal completes", "inside the renewal"])
+async def test_the_lease_renewer_ends_even_if_run_s_cancel_is_lost(
+    redis_client: aioredis.Redis, lost: str
+) -> None:
+    """run() ends the lease renewer and awaits it. The cancel it sends can be lost: on
+    Python 3.11 an asyncio.wait_for whose operation completes as the cancel lands returns
+    normally, as ours around the renewal did and redis-py's around each command's send
+    does. A renewer stopped by the cancel alone renewed on, and a SIGTERM'd relay hung.
+    Here run() ends during a real renewal, and its cancel is lost in either place."""
+    relay = Relay(redis_client, RelayConfig(nats_url="nats://127.0.0.1:4222", lease_ttl_ms=300))
+    assert await relay.lease.acquire()
+    ended = asyncio.Event()
+    renew = relay.lease.renew
+    renewals: list[bool] = []
+
+    async def renew_as_run_ends() -> bool:
+        renewals.append(await renew())  # answered by Redis
+        ended.set()  # run() ends, as it does
+        renewer.cancel()
+        if lost == "inside the renewal":
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0)  # as a wait_for inside redis-py would
+        return renewals[-1]
+
+    relay.lease.renew = renew_as_run_ends  # type: ignore[method-assign]
+    renewer = asyncio.create_task(relay._keep_lease(ended))
+    await asyncio.wait({renewer}, timeout=5)
+    assert renewer.done(), "the renewer went on after run() ended"
+    renewer.cancel()  # a no-op once done; ends it if the check above failed
+    assert renewals == [True]
 
 
 async def test_two_relays_started_at_once_only_one_publishes(
