@@ -50,6 +50,7 @@ class App:
         self.redis_url = settings.redis_url
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()  # the tick loops end on it (see Hub.run)
 
     # ---- start --------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class App:
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.host}: {exc.strerror or exc}") from exc
         limits = settings.limits
-        self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s))
+        self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s, self._stopping))
         self._spawn(self.ops.run_stats(limits.stats_interval_s, self._counts))
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
@@ -180,6 +181,7 @@ class App:
             await asyncio.wait(set(gifts), timeout=self.settings.limits.close_timeout_s)
         with contextlib.suppress(Exception):
             await self.hub.flush()
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -233,12 +233,14 @@ class Hub:
             self.fanout.send(watchers, frame)
         self.metrics.broadcast_frames.inc()
 
-    async def run(self, tick_s: float, viewers_interval_s: float) -> None:
-        """The fan-out clock: flush every tick, announce viewer counts every interval.
-        Runs until cancelled."""
+    async def run(self, tick_s: float, viewers_interval_s: float, stop: asyncio.Event) -> None:
+        """The fan-out clock: flush every tick, announce viewer counts every interval, until
+        `stop` is set. Shutdown also cancels it, to cut a sleep short; the loop does not rely
+        on that cancel alone: on Python 3.11 an `asyncio.wait_for` (redis-py has one around
+        each command's send) whose operation completes as a cancel lands swallows it."""
         loop = asyncio.get_running_loop()
         next_viewers = loop.time() + viewers_interval_s
-        while True:
+        while not stop.is_set():
             await asyncio.sleep(tick_s)
             if loop.time() >= next_viewers:
                 next_viewers = loop.time() + viewers_interval_s

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+
+import pytest
 
 from giftstream.server.app import App
 from tests.conftest import JWT_SECRET
@@ -198,3 +201,35 @@ async def test_watching_one_room_only(app: App, tokens: TokenMaker) -> None:
     assert [e["room"] for e in ended] == ["dan"]
     for client in (cara, dan, ops):
         await client.close()
+
+
+async def test_shutdown_ends_the_tick_even_if_its_cancel_is_lost(
+    make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the tick loop and waits for it. On Python 3.11 a cancel that lands
+    as an `asyncio.wait_for` completes (redis-py wraps each command's send in one) is
+    swallowed; a loop that ended on the cancel alone then ticked on, and shutdown waited
+    for ever. Here the tick's flush swallows the cancel, and shutdown still ends."""
+    node = make_app()
+    await node.__aenter__()
+    real_flush = node.hub.flush
+    in_tick = asyncio.Event()
+    calls = 0
+
+    async def flush_that_loses_the_cancel() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # shutdown's own last flush, and any later tick
+            await real_flush()
+            return
+        in_tick.set()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        except asyncio.CancelledError:
+            return  # lost, as wait_for loses it
+
+    monkeypatch.setattr(node.hub, "flush", flush_that_loses_the_cancel)
+    async with asyncio.timeout(30):
+        await in_tick.wait()
+    async with asyncio.timeout(30):
+        await node.shutdown()
