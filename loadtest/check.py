@@ -131,9 +131,9 @@ async def check_redis(
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
+    from giftstream.server.config import redact_url
     from giftstream.server.ledger.audit import audit
     from giftstream.server.ledger.entries import LedgerError, read_entries
-    from giftstream.server.ledger.runtime import redact_url
 
     client = aioredis.Redis.from_url(redis_url)
     audit_check = Check("audit")

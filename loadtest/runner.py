@@ -49,7 +49,7 @@ from giftstream.loadtest.plan import Plan, make_plan
 from giftstream.loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
 from giftstream.loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
 from giftstream.loadtest.worker import Control, worker_main
-from giftstream.server.ledger.runtime import redact_url
+from giftstream.server.config import redact_url
 from giftstream.server.realtime.auth import Role, mint_token
 
 START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then

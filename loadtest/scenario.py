@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from giftstream.server.ledger.runtime import redact_url
+from giftstream.server.config import redact_url
 from giftstream.server.money import keys
 
 MAX_DURATION_S = 3600.0  # a run is bounded; longer soaks are several runs

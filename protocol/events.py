@@ -1,8 +1,8 @@
 """Server events as typed values; `as_dict` gives the exact wire object, keys in the
 documented order (PROTOCOL.md §2).
 
-A room event becomes a dict once, when published; the hub encodes it once at the tick that
-sends it and keeps only those bytes in the room's history (`codec.join_room_frame`).
+A room event becomes a dict once, when published; the broker encodes it once at the tick
+that sends it and keeps only those bytes as the room's history (`codec.join_room_frame`).
 """
 
 from __future__ import annotations

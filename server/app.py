@@ -15,9 +15,8 @@ from types import TracebackType
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from giftstream.server.config import Settings
+from giftstream.server.config import Settings, redact_url
 from giftstream.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from giftstream.server.ledger.runtime import redact_url
 from giftstream.server.metrics import Metrics
 from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
@@ -176,7 +175,7 @@ class App:
         left = await self.wallet.drain(self.settings.limits.shutdown_grace_s)
         if left:
             log.warning("%d money movements still running at shutdown", left)
-        gifts = self.node_state.gifts_in_flight
+        gifts = self.node_state.gift_tasks
         if gifts:  # settled: their replies go out before the sockets close
             await asyncio.wait(set(gifts), timeout=self.settings.limits.close_timeout_s)
         with contextlib.suppress(Exception):

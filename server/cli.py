@@ -25,6 +25,7 @@ from giftstream.server.config import (
     add_options,
     build_settings,
     load_or_create_secret,
+    redact_url,
     resolve,
 )
 from giftstream.server.embedded_redis import (
@@ -33,7 +34,6 @@ from giftstream.server.embedded_redis import (
     EmbeddedRedisError,
     running_embedded_url,
 )
-from giftstream.server.ledger.runtime import redact_url
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import CatalogError, load_catalog
 from giftstream.server.realtime.auth import Role, mint_token
@@ -482,7 +482,6 @@ async def _run_audit(url: str, ledger_key: str) -> int:
     from redis.exceptions import RedisError
 
     from giftstream.server.ledger.audit import audit
-    from giftstream.server.ledger.runtime import redact_url
 
     client = aioredis.Redis.from_url(url)
     try:

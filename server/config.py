@@ -14,9 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
 
 from giftstream.server.money import keys
+
+# Query parameters that hold a secret in a Redis or NATS URL.
+SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jwt"})
 
 
 class ConfigError(ValueError):
@@ -306,3 +309,33 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         ledger_key=values.get("ledger_key") or keys.LEDGER,
         limits=dataclasses.replace(limits, **rates),
     )
+
+
+def redact_url(url: str) -> str:
+    """The URL with its secrets replaced by ***: a password (redis://:***@host:6379/0), a NATS
+    token in the user part (nats://***@host:4222) and password-like query parameters. A
+    comma-separated list of URLs (NATS servers) is redacted URL by URL."""
+    parts_of_list = url.split(",")
+    if len(parts_of_list) > 1 and all("://" in part for part in parts_of_list):
+        return ",".join(redact_url(part) for part in parts_of_list)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"  # unparseable: it may hold anything
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at:
+        name, colon, _ = user.partition(":")
+        if colon:
+            user = f"{name}:***"
+        elif parts.scheme.startswith("nats") or parts.scheme in ("tls", "ws", "wss"):
+            user = "***"  # nats://TOKEN@host: the user part alone is the token
+        netloc = f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in SECRET_QUERY for k, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in pairs], safe="*"
+            )
+    return parts._replace(netloc=netloc, query=query).geturl()

@@ -25,11 +25,12 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from giftstream.server import scripts
+from giftstream.server.config import redact_url
 from giftstream.server.ledger.checkpoint import CheckpointFolder
 from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer
 from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry
-from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
+from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, start_worker
 from giftstream.server.money import keys
 
 log = logging.getLogger(__name__)

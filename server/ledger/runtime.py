@@ -1,6 +1,5 @@
 """What `giftstream relay` and `giftstream consume` share as processes: a stop event set by
-SIGTERM or SIGINT, the Prometheus metrics port, their lag gauges' refresh, and URLs fit for
-a log line."""
+SIGTERM or SIGINT, the Prometheus metrics port and their lag gauges' refresh."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.exceptions import RedisError
@@ -18,7 +16,6 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 LAG_REFRESH_S = 1.0  # a worker's lag gauges are set at least this often: idle, busy or retrying
-SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jwt"})
 T = TypeVar("T")
 
 
@@ -43,36 +40,6 @@ class LagRefresh(Generic[T]):
             return
         self._set_at = now
         self._show(lag)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its secrets replaced by ***: a password (redis://:***@host:6379/0), a NATS
-    token in the user part (nats://***@host:4222) and password-like query parameters. A
-    comma-separated list of URLs (NATS servers) is redacted URL by URL."""
-    parts_of_list = url.split(",")
-    if len(parts_of_list) > 1 and all("://" in part for part in parts_of_list):
-        return ",".join(redact_url(part) for part in parts_of_list)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"  # unparseable: it may hold anything
-    netloc = parts.netloc
-    user, at, host = netloc.rpartition("@")
-    if at:
-        name, colon, _ = user.partition(":")
-        if colon:
-            user = f"{name}:***"
-        elif parts.scheme.startswith("nats") or parts.scheme in ("tls", "ws", "wss"):
-            user = "***"  # nats://TOKEN@host: the user part alone is the token
-        netloc = f"{user}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() in SECRET_QUERY for k, _ in pairs):
-            query = urlencode(
-                [(k, "***" if k.lower() in SECRET_QUERY else v) for k, v in pairs], safe="*"
-            )
-    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def start_worker(registry: CollectorRegistry, metrics_port: int | None) -> asyncio.Event | None:

@@ -12,7 +12,8 @@ User, room and gift ids are 1-64 characters of [A-Za-z0-9_.:-] and idempotency k
 no ':' (protocol/rules.py), so `giftstream:wallet:*` matches wallets only and the last part
 of each key reads back unambiguously; the combo key joins two ids that may both hold ':'
 with '/'.
-`giftstream:room:*` and `giftstream:rooms:*` belong to server/realtime/hub.py.
+`giftstream:room:*` and `giftstream:rooms:*` belong to the realtime path: hub.py keeps
+each room's record and the live set, broker.py (`room_key`) the seq bound in the record.
 
 What is read back comes as bytes (no client here decodes replies, so binary stays binary);
 `text` reads a key, id or field as str.

@@ -101,6 +101,8 @@ class Hub:
                 room.title = title
                 await self.redis.hset(room_key(creator), "title", title)
             return room
+        # the seq first: Redis never records a room live that this node could not number
+        await self.broker.subscribe(creator, self._deliver)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 room_key(creator),
@@ -108,7 +110,6 @@ class Hub:
             )
             pipe.sadd(LIVE_ROOMS_KEY, creator)
             await pipe.execute()
-        await self.broker.subscribe(creator, self._deliver)
         if creator in self.rooms:  # two go_live from the same creator raced; keep the first
             return self.rooms[creator]
         room = Room(id=creator, creator=creator, title=title, started_ms=now_ms)
@@ -235,9 +236,7 @@ class Hub:
 
     async def run(self, tick_s: float, viewers_interval_s: float, stop: asyncio.Event) -> None:
         """The fan-out clock: flush every tick, announce viewer counts every interval, until
-        `stop` is set. Shutdown also cancels it, to cut a sleep short; the loop does not rely
-        on that cancel alone: on Python 3.11 an `asyncio.wait_for` (redis-py has one around
-        each command's send) whose operation completes as a cancel lands swallows it."""
+        `stop` is set (a cancel, which cuts a sleep short, can be swallowed by redis-py)."""
         loop = asyncio.get_running_loop()
         next_viewers = loop.time() + viewers_interval_s
         while not stop.is_set():

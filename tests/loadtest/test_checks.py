@@ -13,9 +13,8 @@ import pytest
 from giftstream.loadtest.check import Outcome, check_answers, check_deliveries
 from giftstream.loadtest.cli import resolve_secrets
 from giftstream.loadtest.scenario import build
-from giftstream.server.config import ConfigError
+from giftstream.server.config import ConfigError, redact_url
 from giftstream.server.embedded_redis import free_port
-from giftstream.server.ledger.runtime import redact_url
 
 
 def viewer(user: str, **fields: Any) -> dict[str, Any]:

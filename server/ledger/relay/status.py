@@ -8,10 +8,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from giftstream.server.config import redact_url
 from giftstream.server.ledger.lease import Holder, lease_holder
 from giftstream.server.ledger.relay.config import lease_key
 from giftstream.server.ledger.relay.lag import relay_lag
-from giftstream.server.ledger.runtime import redact_url
 from giftstream.server.money import keys
 
 log = logging.getLogger(__name__)

@@ -27,12 +27,13 @@ from nats.js.errors import Error as JetStreamError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError, ResponseError
 
+from giftstream.server.config import redact_url
 from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.ledger.lease import Lease, lease_holder
 from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
 from giftstream.server.ledger.relay.jetstream import JetStream
 from giftstream.server.ledger.relay.lag import Lag, relay_lag
-from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, redact_url, start_worker
+from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, start_worker
 from giftstream.server.money import keys
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,8 @@ class Relay:
         """Renew the lease every third of its TTL while we hold it, until run() ends (not
         when stop is set: the pass under way may still publish). A renewal refused (the
         lease is someone else's) or failing until the lease may have lapsed makes `held()`
-        False, and the relay stops before its next publish.
-
-        The loop ends on `ended`, not on run()'s cancel alone: on Python 3.11 an
-        asyncio.wait_for whose operation completes as the cancel lands returns normally
-        and the cancel is lost. redis-py wraps each command's send in one (socket_timeout),
-        so a cancel landing in a renewal could vanish, and run() awaited this loop for
-        ever: a SIGTERM'd relay hung."""
+        False, and the relay stops before its next publish. It ends on `ended`, not on
+        run()'s cancel alone, which redis-py can swallow."""
         every = self.config.lease_ttl_ms / 3000
         while not ended.is_set():
             await asyncio.sleep(every)

@@ -1,4 +1,4 @@
-"""server/ledger/runtime.py: URLs fit for a log line, and the commands (relay, consume,
+"""`redact_url` (server/config.py): URLs fit for a log line, and the commands (relay, consume,
 audit, trim, serve) showing only those (real processes, a real Redis)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from giftstream.server.config import redact_url
 from giftstream.server.embedded_redis import free_port
-from giftstream.server.ledger.runtime import redact_url
 from tests.processes import GIFTSTREAM, run_cli
 
 
