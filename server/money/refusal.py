@@ -1,15 +1,13 @@
 """The one refusal the money layer raises (wallet and internal API): why, what the caller
 reads, and whether the same request can succeed later.
 
-Each transport maps a refusal once: `protocol_error` here for the WebSocket (the gift path),
-`admin.http_status` for the internal HTTP API.
+Each transport maps a refusal once: `realtime.refusals.protocol_error` for the WebSocket (the
+gift path), `admin.http_status` for the internal HTTP API.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-
-from giftstream.protocol.errors import ErrorCode, ProtocolError
 
 
 class Reason(StrEnum):
@@ -57,22 +55,4 @@ class Refusal(Exception):
         return self.reason.retryable
 
 
-# The gift path's refusals as the WebSocket answers them: the one place they are mapped.
-_ERROR_CODES = {
-    Reason.BAD_REQUEST: ErrorCode.BAD_REQUEST,
-    Reason.BAD_COUNT: ErrorCode.BAD_COUNT,
-    Reason.KEY_REUSED: ErrorCode.KEY_REUSED,
-    Reason.DEBT: ErrorCode.INSUFFICIENT_COINS,  # the message says it is debt
-    Reason.UNDERAGE: ErrorCode.UNDERAGE,
-    Reason.SPENDING_LIMIT: ErrorCode.SPENDING_LIMIT,
-    Reason.INSUFFICIENT_COINS: ErrorCode.INSUFFICIENT_COINS,
-}
-
-
-def protocol_error(refusal: Refusal, request_id: str | int | None = None) -> ProtocolError:
-    """The WebSocket error for a refusal of the gift path; a KeyError for any other refusal,
-    which no WebSocket request can cause (a bug, answered `internal`)."""
-    return ProtocolError(_ERROR_CODES[refusal.reason], refusal.message, request_id)
-
-
-__all__ = ["Reason", "Refusal", "protocol_error"]
+__all__ = ["Reason", "Refusal"]

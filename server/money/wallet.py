@@ -3,19 +3,18 @@ checks before its first write and appends its ledger entry in the same atomic st
 
 Python validates inputs, computes the economics and makes ids; the scripts decide against the
 stored state. Amounts stay far below 2**53, where Lua's doubles stop being exact integers.
-A refusal is a `Refusal` (refusal.py); the gift path's leave as ProtocolErrors.
+A refusal is a `Refusal` (refusal.py), which each transport maps to its own answer.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -26,11 +25,10 @@ from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.batcher import ScriptBatcher
 from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
-from giftstream.server.money.refusal import Reason, Refusal, protocol_error
+from giftstream.server.money.refusal import Reason, Refusal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-P = ParamSpec("P")
 
 # The catalog's and the HTTP API's bounds, checked again here for direct callers: the wallet
 # never refuses a value that the API or the catalog let through.
@@ -125,21 +123,6 @@ class PayoutResult:
         return {"payout": self.payout, "cents": self.cents, "diamonds": self.diamonds}
 
 
-def _answers_websocket(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """The gift path answers a WebSocket session: its refusals leave as ProtocolErrors."""
-
-    @functools.wraps(method)
-    async def answered(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except Refusal as refusal:
-            raise protocol_error(refusal) from None
-
-    return answered
-
-
 class Wallet:
     """The money path: gifts for the WebSocket sessions; purchases, refunds, wallets, limits
     and payouts for the internal HTTP API."""
@@ -188,7 +171,6 @@ class Wallet:
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
-    @_answers_websocket
     async def send_gift(
         self,
         *,
@@ -265,7 +247,6 @@ class Wallet:
             settled,
         )
 
-    @_answers_websocket
     async def settled_gift(
         self, *, sender: str, key: str, room: str, gift: str, count: int
     ) -> SettledGift | None:

@@ -48,12 +48,14 @@ from giftstream.protocol.messages import (
 from giftstream.server.config import Limits
 from giftstream.server.metrics import Metrics
 from giftstream.server.money.catalog import Catalog, Gift
+from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import SettledGift, Wallet
 from giftstream.server.realtime.auth import AuthError, Identity, verify_token
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
 from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.hub import Hub, Room
 from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.refusals import protocol_error
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,12 @@ class Session:
             return None if reply is None else encode_reply(reply, request_id)
         except ProtocolError as error:
             refusal = error.with_request_id(request_id) if request_id is not None else error
+        except Refusal as money_refusal:
+            mapped = protocol_error(money_refusal, request_id)
+            if mapped is None:  # a refusal no WebSocket request can cause: a bug
+                log.exception("request failed on %s", self.conn.remote_address)
+                mapped = ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
+            refusal = mapped
         except ConnectionClosed:
             raise
         except Exception:

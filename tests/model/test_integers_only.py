@@ -24,14 +24,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.server.app import App
 from giftstream.server.ledger.checkpoint import CheckpointKeys
 from giftstream.server.ledger.earnings import earnings_key, seen_key
 from giftstream.server.money import keys
 from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
-from giftstream.server.money.refusal import Refusal
+from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import MAX_BALANCE, Wallet
 from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.model.conftest import Eval, Everything, fund
@@ -94,8 +93,8 @@ async def gift(money: Wallet, *, count: Any = 1, gift: Gift = HEART, now_ms: Any
 @pytest.mark.parametrize("count", bad("negative", "true"))
 async def test_gift_count(money: Wallet, state: Everything, count: Any) -> None:
     await fund(money, "ann", 1000)
-    error = await refused_unchanged(state, lambda: gift(money, count=count), ProtocolError)
-    assert error.code is ErrorCode.BAD_COUNT
+    error = await refused_unchanged(state, lambda: gift(money, count=count), Refusal)
+    assert error.reason is Reason.BAD_COUNT
 
 
 @pytest.mark.parametrize("coins", bad())

@@ -28,7 +28,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from giftstream.protocol.errors import ProtocolError
 from giftstream.server.ledger.checkpoint import CheckpointKeys
 from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer, earnings_key, seen_key
@@ -284,7 +283,7 @@ CASES = [
         send_gift(),
         "key_reused",
     ),
-    Case("send_gift", "debt", hset(SENDER, debt=1), send_gift(), "insufficient_coins"),
+    Case("send_gift", "debt", hset(SENDER, debt=1), send_gift(), "debt"),
     Case("send_gift", "minor", nothing, send_gift(adult=False), "underage"),
     Case("send_gift", "daily limit", hset(SENDER, daily_limit=4), send_gift(), "spending_limit"),
     Case(
@@ -584,8 +583,6 @@ CASES = [
 
 def outcome_of(result: Any) -> str:
     """What a call came to, in the table's terms."""
-    if isinstance(result, ProtocolError):
-        return result.code.value
     if isinstance(result, Refusal):
         return result.code
     if isinstance(result, ResponseError):
@@ -615,7 +612,7 @@ async def test_a_failed_script_writes_nothing(
     before = await everything(redis_client)
     try:
         result = await case.call(world)
-    except (ProtocolError, Refusal, ResponseError) as error:
+    except (Refusal, ResponseError) as error:
         result = error
     after = await everything(redis_client)
     if case.name == "control":

@@ -7,7 +7,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from giftstream.protocol.errors import ProtocolError
 from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.entries import read_entries
 from giftstream.server.money import keys
@@ -50,7 +49,7 @@ async def mixed_workload(wallet: Wallet) -> None:
     await gift("gift-key-ann-1", "ann", CASTLE, 3)  # replay
     await gift("gift-key-bob-1", "bob", HEART, 3)  # 15 -> 7 diamonds, 8 platform
     await gift("gift-key-eve-1", "eve", HEART, 12)  # 60 -> 30 diamonds
-    with pytest.raises(ProtocolError):
+    with pytest.raises(Refusal):
         await gift("gift-key-ann-2", "ann")  # no coins left
     await wallet.refund(receipt="rc-eve-1", now_ms=NOW_MS)  # takes 10, 60 becomes debt
     await wallet.refund(receipt="rc-eve-1", now_ms=NOW_MS)  # replay

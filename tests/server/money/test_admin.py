@@ -14,13 +14,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.server.embedded_redis import EmbeddedRedis
 from giftstream.server.ledger.entries import read_entries
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.admin import SIGNATURE_HEADER, AdminServer, build_admin_app, sign
 from giftstream.server.money.catalog import Catalog
+from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import Wallet
 from tests.server.conftest import NOW_MS, Snapshot
 
@@ -278,9 +278,9 @@ async def test_refund_after_spending_makes_debt(
         200,
         wallet_view("ann", spent_today=495, debt=495),
     )
-    with pytest.raises(ProtocolError) as refused:  # a user in debt cannot gift
+    with pytest.raises(Refusal) as refused:  # a user in debt cannot gift
         await gift(money, "gift-key-0002", gift_id="rose", catalog=catalog)
-    assert refused.value.code is ErrorCode.INSUFFICIENT_COINS
+    assert refused.value.reason is Reason.DEBT
     # The next purchase pays the debt down first.
     assert await api.buy("ann", "coins_700", "receipt-0002") == {"coins": 205, "credited": True}
     assert await api.call("GET", "/v1/wallets/ann") == (
@@ -332,9 +332,9 @@ async def test_daily_limit_set_enforced_and_cleared(
     )
     await gift(money, "gift-key-0001", catalog=catalog)  # 99 of 100
     before = await redis_snapshot()
-    with pytest.raises(ProtocolError) as refused:
+    with pytest.raises(Refusal) as refused:
         await gift(money, "gift-key-0002", gift_id="heart", catalog=catalog)
-    assert refused.value.code is ErrorCode.SPENDING_LIMIT
+    assert refused.value.reason is Reason.SPENDING_LIMIT
     assert await redis_snapshot() == before
     assert await api.call("PUT", "/v1/wallets/ann/limit", {"daily_limit": None}) == (
         200,

@@ -13,13 +13,12 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.server.ledger.entries import read_entries
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
-from giftstream.server.money.refusal import Refusal
+from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import (
     MAX_BALANCE,
     PayoutResult,
@@ -66,7 +65,7 @@ async def ledger(redis: aioredis.Redis) -> list[dict[str, Any]]:
 
 
 async def refused_unchanged(
-    snapshot: Snapshot, call: Callable[[], Awaitable[Any]], error: type[Exception] = ProtocolError
+    snapshot: Snapshot, call: Callable[[], Awaitable[Any]], error: type[Exception] = Refusal
 ) -> Any:
     """Run a call that must be refused; returns the error after checking no key changed."""
     before = await snapshot()
@@ -147,13 +146,13 @@ async def test_insufficient_coins(
     error = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-poor", gift=DOUGHNUT)
     )
-    assert error.code is ErrorCode.INSUFFICIENT_COINS
+    assert error.reason is Reason.INSUFFICIENT_COINS
     assert error.message == "this gift costs 30 coins; you have 10"
 
 
 async def test_unknown_sender_has_no_coins(wallet: Wallet, redis_snapshot: Snapshot) -> None:
     error = await refused_unchanged(redis_snapshot, lambda: send(wallet, "gift-key-nobody"))
-    assert error.code is ErrorCode.INSUFFICIENT_COINS
+    assert error.reason is Reason.INSUFFICIENT_COINS
 
 
 async def test_minor_cannot_send_a_paid_gift(
@@ -163,7 +162,7 @@ async def test_minor_cannot_send_a_paid_gift(
     error = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-minor", sender="kid", adult=False)
     )
-    assert error.code is ErrorCode.UNDERAGE
+    assert error.reason is Reason.UNDERAGE
 
 
 async def test_checks_come_in_the_contract_order(wallet: Wallet, redis_snapshot: Snapshot) -> None:
@@ -172,9 +171,9 @@ async def test_checks_come_in_the_contract_order(wallet: Wallet, redis_snapshot:
     minor = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-ord1", adult=False)
     )
-    assert minor.code is ErrorCode.UNDERAGE  # not the limit, not the balance
+    assert minor.reason is Reason.UNDERAGE  # not the limit, not the balance
     limited = await refused_unchanged(redis_snapshot, lambda: send(wallet, "gift-key-ord2"))
-    assert limited.code is ErrorCode.SPENDING_LIMIT  # not the balance
+    assert limited.reason is Reason.SPENDING_LIMIT  # not the balance
 
 
 async def test_spending_limit_allows_exactly_the_limit(
@@ -187,7 +186,7 @@ async def test_spending_limit_allows_exactly_the_limit(
     error = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-lim2", gift=ROSE)
     )
-    assert error.code is ErrorCode.SPENDING_LIMIT
+    assert error.reason is Reason.SPENDING_LIMIT
     assert "daily limit of 20" in error.message
     assert (await wallet.wallet("ann", NOW_MS)).spent_today == 20
 
@@ -197,9 +196,9 @@ async def test_spending_limit_counts_per_utc_day(wallet: Wallet, fund_coins: Fun
     await wallet.set_daily_limit("ann", 5)
     midnight = (NOW_MS // DAY_MS + 1) * DAY_MS
     await send(wallet, "gift-key-day1", now_ms=midnight - 1)
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(Refusal) as info:
         await send(wallet, "gift-key-day1b", gift=ROSE, now_ms=midnight - 1)
-    assert info.value.code is ErrorCode.SPENDING_LIMIT
+    assert info.value.reason is Reason.SPENDING_LIMIT
     assert (await send(wallet, "gift-key-day2", now_ms=midnight)).coins == 90
     assert (await wallet.wallet("ann", midnight - 1)).spent_today == 5
     assert (await wallet.wallet("ann", midnight)).spent_today == 5
@@ -225,7 +224,7 @@ async def test_key_reused_with_other_params(
     error = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-reuse", **change)
     )
-    assert error.code is ErrorCode.KEY_REUSED
+    assert error.reason is Reason.KEY_REUSED
 
 
 @pytest.mark.parametrize("count", [0, 100, -1, True])
@@ -236,7 +235,7 @@ async def test_bad_count_is_refused_before_redis(
     error = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-count", count=count)
     )
-    assert error.code is ErrorCode.BAD_COUNT
+    assert error.reason is Reason.BAD_COUNT
 
 
 async def test_bad_key_is_refused(
@@ -245,7 +244,7 @@ async def test_bad_key_is_refused(
     await fund_coins("ann", 100)
     for key in ("short", "has space in it", "x" * 65, "colon:key:1"):
         error = await refused_unchanged(redis_snapshot, functools.partial(send, wallet, key))
-        assert error.code is ErrorCode.BAD_REQUEST
+        assert error.reason is Reason.BAD_REQUEST
 
 
 async def test_a_float_never_reaches_a_balance(
@@ -388,19 +387,19 @@ async def test_concurrent_gifts_past_the_balance_accept_exactly_what_fits(
 ) -> None:
     await fund_coins("ann", 1000)
 
-    async def attempt(i: int) -> SettledGift | ErrorCode:
+    async def attempt(i: int) -> SettledGift | Reason:
         try:
             return await send(wallet, f"gift-key-race-{i}", gift=DOUGHNUT)
-        except ProtocolError as exc:
-            return exc.code
+        except Refusal as exc:
+            return exc.reason
 
     results = await asyncio.gather(*(attempt(i) for i in range(60)))
     accepted = [r for r in results if isinstance(r, SettledGift)]
     assert len(accepted) == 1000 // 30
     assert min(r.coins for r in accepted) == 1000 % 30
-    assert [r for r in results if not isinstance(r, SettledGift)] == [
-        ErrorCode.INSUFFICIENT_COINS
-    ] * (60 - 1000 // 30)
+    assert [r for r in results if not isinstance(r, SettledGift)] == [Reason.INSUFFICIENT_COINS] * (
+        60 - 1000 // 30
+    )
     assert await wallet.balance("ann") == (10, 0)
 
 
@@ -631,7 +630,7 @@ async def test_refund_after_spending_records_debt_which_blocks_gifts_until_repai
     error = await refused_unchanged(
         redis_snapshot, lambda: send(wallet, "gift-key-eve-2", sender="eve")
     )
-    assert error.code is ErrorCode.INSUFFICIENT_COINS
+    assert error.reason is Reason.DEBT  # the WebSocket reads it as insufficient_coins
     assert "owe 60 coins" in error.message
 
     repaid = await wallet.purchase(
