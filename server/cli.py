@@ -262,7 +262,7 @@ async def _print_demo(app: Any) -> None:
         token = mint_token(settings.jwt_secret, user, name=name, role=role)
         lines.append(f"    {role.value:8} {user:5} {token}")
     lines += [
-        "  Connect (e.g. `python -m websockets " + app.ws_url + "`) and send:",
+        f"  Connect (e.g. `{_python_beside(command)} -m websockets {app.ws_url}`) and send:",
         '    {"type":"hello","token":"<token>"}',
         '    creator: {"type":"go_live","title":"Hello"}   viewer: {"type":"join","room":"cara"}',
         '    viewer:  {"type":"gift","room":"cara","gift":"heart","count":2,"key":"first-heart"}',
@@ -284,6 +284,12 @@ def _invoked_as() -> str:
     with contextlib.suppress(ValueError):
         return str(script.resolve().relative_to(Path.cwd().resolve()))
     return str(script)
+
+
+def _python_beside(command: str) -> str:
+    """The Python that has giftstream's packages (websockets among them), as typed: the
+    venv's beside `.venv/bin/giftstream`, else `python3`."""
+    return str(Path(command).with_name("python")) if "/" in command else "python3"
 
 
 def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:

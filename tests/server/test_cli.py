@@ -414,6 +414,8 @@ def test_the_demo_block_writes_commands_as_they_were_run(
         block
     )
     assert f"(valid 24 h; `{as_run} token --help` makes more)" in block
+    python = str(Path(as_run).with_name("python"))  # .venv/bin/python: it has websockets
+    assert f"Connect (e.g. `{python} -m websockets ws://" in block
     assert "`giftstream " not in block
 
 
