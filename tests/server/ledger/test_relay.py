@@ -38,7 +38,7 @@ from giftstream.server.ledger.lease import Lease, lease_holder
 from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
 from giftstream.server.ledger.relay.jetstream import STREAM_ID_HEADER, JetStream, Message
 from giftstream.server.ledger.relay.lag import relay_lag
-from giftstream.server.ledger.relay.worker import Relay
+from giftstream.server.ledger.relay.worker import Relay, RelayMetrics
 from giftstream.server.ledger.trim import trim_ledger
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import load_catalog
@@ -292,7 +292,8 @@ async def test_crash_between_publish_and_ack_never_publishes_twice(
     await wait_until_relayed(redis_client, 20)
     stop.set()
     await task
-    assert finisher.metrics.skipped._value.get() >= 1  # a crash left a published, unacked entry
+    # a crash left a published, unacked entry
+    assert reading(finisher.metrics, "giftstream_relay_already_published_total") >= 1
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))
 
 
@@ -398,6 +399,12 @@ async def relay_lag_of(redis_url: str) -> int:
         await client.aclose()
 
 
+def reading(metrics: RelayMetrics, name: str, **labels: str) -> float:
+    """A sample of the relay's registry, read through its public API (0 before its first
+    change, as a counter or gauge starts)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def _sample(metrics: str, name: str, missing: int | None = None) -> int:
     """A sample's value from a Prometheus text page; `missing` if it is not there (yet)."""
     for line in metrics.splitlines():
@@ -423,15 +430,18 @@ async def test_nats_away_then_back_relay_catches_up(
     deadline = time.monotonic() + 10
     gauges = running_relay.metrics
     # the relay's own gauges show the backlog while it retries, as relay_lag does
-    while gauges.lag_entries._value.get() < 100 or gauges.oldest_age._value.get() <= 1.0:
+    while (
+        reading(gauges, "giftstream_relay_lag_entries") < 100
+        or reading(gauges, "giftstream_relay_oldest_age_seconds") <= 1.0
+    ):
         assert time.monotonic() < deadline, (
-            gauges.lag_entries._value.get(),
-            gauges.oldest_age._value.get(),
+            reading(gauges, "giftstream_relay_lag_entries"),
+            reading(gauges, "giftstream_relay_oldest_age_seconds"),
         )
         await asyncio.sleep(0.05)
     lag = await relay_lag(redis_client)
     assert lag.entries == 100 and lag.oldest_age_s > 1.0  # nothing relayed meanwhile
-    assert gauges.errors.labels("nats")._value.get() >= 1
+    assert reading(gauges, "giftstream_relay_errors_total", cause="nats") >= 1
     nats_server.start()
     await wait_until_relayed(redis_client, 30)
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(relay_config))
@@ -504,7 +514,8 @@ async def test_a_stopped_relay_loses_nothing_while_the_ledger_is_trimmed(
     await wait_until_relayed(redis_client, 20)
     stop.set()
     await asyncio.wait_for(task, 10)
-    assert finisher.metrics.skipped._value.get() == 5  # published before the crash
+    # published before the crash
+    assert reading(finisher.metrics, "giftstream_relay_already_published_total") == 5
     assert_exactly_once(settled, await jetstream_messages(config))
 
     # every group has acked everything: the trim keeps only the last `keep`
@@ -539,7 +550,7 @@ async def test_an_emptied_jetstream_stream_does_not_stall_the_relay(
     await settle(wallet, 10, prefix="b")
     relay = Relay(redis_client, relay_config)
     await relay_until_caught_up(redis_client, relay)
-    assert relay.metrics.errors.labels("nats")._value.get() == 0
+    assert reading(relay.metrics, "giftstream_relay_errors_total", cause="nats") == 0
     assert_exactly_once(
         (await ledger_events(redis_client))[10:], await jetstream_messages(relay_config)
     )
@@ -673,8 +684,10 @@ async def test_two_relays_started_at_once_only_one_publishes(
     try:
         await settle(wallet, 300)  # while both run
         await wait_until_relayed(redis_client, 30)
-        published = [int(relay.metrics.published._value.get()) for relay in relays]
-        held = [relay.metrics.lease_held._value.get() for relay in relays]
+        published = [
+            int(reading(relay.metrics, "giftstream_relay_published_total")) for relay in relays
+        ]
+        held = [reading(relay.metrics, "giftstream_relay_lease_held") for relay in relays]
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
@@ -773,11 +786,11 @@ async def test_a_relay_whose_lease_is_stolen_stops_publishing(
             return not relay.lease.held()
 
         await until(lost, 5, "the relay seeing its lease gone")
-        published = relay.metrics.published._value.get()
+        published = reading(relay.metrics, "giftstream_relay_published_total")
         await settle(wallet, 20, prefix="b")
         await asyncio.sleep(1.0)  # several of its passes and renewals
-        assert relay.metrics.published._value.get() == published
-        assert relay.metrics.lease_held._value.get() == 0
+        assert reading(relay.metrics, "giftstream_relay_published_total") == published
+        assert reading(relay.metrics, "giftstream_relay_lease_held") == 0
         assert (await relay_lag(redis_client)).entries == 20
         assert len(await jetstream_messages(config)) == 20
 
@@ -786,7 +799,7 @@ async def test_a_relay_whose_lease_is_stolen_stops_publishing(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
-    assert relay.metrics.published._value.get() == 40
+    assert reading(relay.metrics, "giftstream_relay_published_total") == 40
     assert_exactly_once(await ledger_events(redis_client), await jetstream_messages(config))
 
 
@@ -825,12 +838,12 @@ async def test_a_refused_message_mid_batch_stores_and_acks_only_the_prefix(
         assert_exactly_once(ledger[:5], await jetstream_messages(config))
         summary: Any = await redis_client.xpending(keys.LEDGER, GROUP)
         assert summary["pending"] == 5 and summary["min"].decode() == ledger[5][0]
-        assert relay.metrics.published._value.get() == 5
+        assert reading(relay.metrics, "giftstream_relay_published_total") == 5
 
         await nc.jsm().update_stream(replace(stream, max_msg_size=-1))
         await relay_until_caught_up(redis_client, relay)
         assert_exactly_once(ledger, await jetstream_messages(config))
-        assert relay.metrics.published._value.get() == 12
+        assert reading(relay.metrics, "giftstream_relay_published_total") == 12
     finally:
         await nc.close()
 
