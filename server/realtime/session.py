@@ -42,6 +42,7 @@ from giftstream.protocol.messages import (
     Join,
     Leave,
     Ping,
+    RequestId,
     SendGift,
     Watch,
 )
@@ -199,20 +200,21 @@ class Session:
             return None if reply is None else encode_reply(reply, request_id)
         except ProtocolError as error:
             refusal = error.with_request_id(request_id) if request_id is not None else error
-        except Refusal as money_refusal:
-            mapped = protocol_error(money_refusal, request_id)
-            if mapped is None:  # a refusal no WebSocket request can cause: a bug
-                log.exception("request failed on %s", self.conn.remote_address)
-                mapped = ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
-            refusal = mapped
+        except Refusal as money_refusal:  # unmapped: no WebSocket request causes it, a bug
+            refusal = protocol_error(money_refusal, request_id) or self._failed(request_id)
         except ConnectionClosed:
             raise
         except Exception:
-            log.exception("request failed on %s", self.conn.remote_address)
-            refusal = ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
+            refusal = self._failed(request_id)
         self.parts.metrics.errors.labels(refusal.code.value).inc()
         self.core.refused(refusal, time.monotonic())
         return refusal
+
+    def _failed(self, request_id: RequestId) -> ProtocolError:
+        """A request that failed on our side (called while its exception is handled): logged
+        with its traceback, answered `internal`."""
+        log.exception("request failed on %s", self.conn.remote_address)
+        return ProtocolError(ErrorCode.INTERNAL, "internal error", request_id)
 
     def _deliver(self, outcome: Outcome) -> None:
         if isinstance(outcome, ProtocolError):
