@@ -1,10 +1,11 @@
 """The server's signed internal API as the load test uses it: the catalog, purchases for the
-gifters, wallets for the money check. Each request is signed as server/money/admin.py checks it:
-hex HMAC-SHA256 of the raw body, or of the path for a GET."""
+gifters, wallets for the money check. Each request is signed when it is sent, as
+protocol/signing.py says: its time, method, path and raw body."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 
-from giftstream.server.money.admin import SIGNATURE_HEADER, sign
+from giftstream.protocol.signing import SIGNATURE_HEADER, sign_request
 
 T = TypeVar("T")
 CONCURRENCY = 32  # requests in flight: enough to fund thousands of gifters in seconds
@@ -45,7 +46,8 @@ class Api:
         """One signed request; the JSON answer, or ApiError naming the status and code."""
         assert self.session is not None, "use `async with Api(...)`"
         data = b"" if body is None else orjson.dumps(body)
-        headers = {SIGNATURE_HEADER: sign(self.secret, path.encode() if method == "GET" else data)}
+        signature = sign_request(self.secret, method, path, data, int(time.time()))
+        headers = {SIGNATURE_HEADER: signature}
         if data:
             headers["Content-Type"] = "application/json"
         try:

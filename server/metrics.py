@@ -72,6 +72,12 @@ class Metrics:
             ["route", "status"],
             registry=r,
         )
+        self.http_previous_secret = Counter(
+            "giftstream_http_previous_secret",
+            "Internal API requests signed with the previous webhook secret (a rotation is "
+            "done once this stops growing)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from giftstream.server.money.admin import sign
+from giftstream.protocol.signing import SIGNATURE_HEADER, sign_request
 from giftstream.server.realtime.auth import Role, mint_token
 
 Frame = dict[str, Any]
@@ -175,8 +176,10 @@ class AdminClient:
     ) -> tuple[int, Any]:
         assert self.session is not None
         data = b"" if body is None else (body if isinstance(body, bytes) else orjson.dumps(body))
-        signed = path.encode() if method == "GET" else data
-        headers = {"X-Giftstream-Signature": signature or sign(self.secret, signed)}
+        now_s = int(time.time())
+        headers = {
+            SIGNATURE_HEADER: signature or sign_request(self.secret, method, path, data, now_s)
+        }
         if data:
             headers["Content-Type"] = "application/json"
         async with self.session.request(

@@ -1,16 +1,14 @@
 """The internal HTTP API (PROTOCOL.md §3) for the platform's own services, on its own port.
 
-Every route but /healthz and /metrics is signed: `X-Giftstream-Signature` is the hex
-HMAC-SHA256 of the raw body (of the path, for GET) with the webhook secret. The signature is
-checked before the body is parsed, so a bad one changes nothing. Money rules live in
+Every route but /healthz and /metrics is signed (protocol/signing.py: the time, method, path
+and raw body, with the webhook secret or, during a rotation, the previous one). The signature
+is checked before the body is parsed, so a bad one changes nothing. Money rules live in
 server/money/wallet.py; this module only authenticates, validates and maps refusals to statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import re
 import time
@@ -27,6 +25,12 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from giftstream.protocol.rules import ID_CHARS, ID_RULE, KEY_RULE, MAX_AMOUNT, is_id, is_key
+from giftstream.protocol.signing import (
+    SIGNATURE_HEADER,
+    SignatureError,
+    parse_signature_header,
+    verify,
+)
 from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.refusal import Reason, Refusal
@@ -38,12 +42,10 @@ __all__ = [
     "AdminServer",
     "build_admin_app",
     "http_status",
-    "sign",
 ]
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Giftstream-Signature"
 MAX_BODY_BYTES = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0  # a hung Redis must not hang the load balancer's probe
 # Receipts take the ids' alphabet, longer (a payments backend's own ids).
@@ -53,12 +55,6 @@ UNSIGNED_ROUTES = frozenset({"/healthz", "/metrics"})  # probes and scrapers hol
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Clock = Callable[[], int]
-
-
-def sign(secret: str, payload: bytes) -> str:
-    """The signature a caller sends: hex HMAC-SHA256 of `payload` with the webhook secret.
-    The payload is the raw body, or for a GET the path as sent (without the query string)."""
-    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
 
 
 # Every refusal's HTTP status: the one place they are mapped (PROTOCOL.md §3). The gift
@@ -156,18 +152,30 @@ def _path_user(request: web.Request) -> str:
     return user
 
 
-async def _check_signature(request: web.Request, secret: bytes) -> None:
-    """401 unless the signature matches: the raw body for writes, the raw path for GET."""
-    given = request.headers.get(SIGNATURE_HEADER)
-    if not given:
-        raise Refusal(Reason.BAD_SIGNATURE, f"missing {SIGNATURE_HEADER} header")
-    if request.method == "GET":
-        payload = request.raw_path.partition("?")[0].encode()
-    else:
-        payload = await request.read()  # past client_max_size aiohttp raises 413 here
-    expected = hmac.new(secret, payload, hashlib.sha256).hexdigest().encode()
-    if not hmac.compare_digest(given.strip().lower().encode("ascii", "replace"), expected):
-        raise Refusal(Reason.BAD_SIGNATURE, f"{SIGNATURE_HEADER} does not match the request")
+async def _check_signature(
+    request: web.Request, secrets: tuple[str, ...], now_s: int, metrics: Metrics
+) -> None:
+    """401 unless the signature is fresh and matches this method, path (with its query
+    string, as sent) and raw body under one of `secrets` (current, then previous)."""
+    headers = request.headers.getall(SIGNATURE_HEADER, [])
+    if len(headers) > 1:  # which one would count is a guess: refuse rather than pick
+        raise Refusal(Reason.BAD_SIGNATURE, f"send one {SIGNATURE_HEADER} header, not several")
+    header = headers[0] if headers else None
+    try:
+        parse_signature_header(header)  # a malformed header is refused before the body is read
+        body = await request.read()  # past client_max_size aiohttp raises 413 here
+        used = verify(
+            header,
+            secrets=secrets,
+            method=request.method,
+            path=request.raw_path,
+            body=body,
+            now_s=now_s,
+        )
+    except SignatureError as exc:
+        raise Refusal(Reason.BAD_SIGNATURE, str(exc)) from None
+    if used > 0:
+        metrics.http_previous_secret.inc()
 
 
 # ---- the routes ----------------------------------------------------------------------------
@@ -267,11 +275,15 @@ def build_admin_app(
     webhook_secret: str,
     metrics: Metrics,
     clock: Clock | None = None,
+    webhook_secret_previous: str | None = None,
 ) -> web.Application:
     """The internal API: signing, size limit, error mapping and counting in one middleware,
-    so no handler can forget them. `clock` gives now in ms (tests move it by hand)."""
-    api = _Api(wallet, catalog, redis, metrics, clock or _now_ms)
-    secret = webhook_secret.encode()
+    so no handler can forget them. `clock` gives now in ms (tests move it by hand); the
+    signature's time window is checked against it too. `webhook_secret_previous` is also
+    accepted while the callers move to a new secret."""
+    now_ms = clock or _now_ms
+    api = _Api(wallet, catalog, redis, metrics, now_ms)
+    secrets = (webhook_secret,) + ((webhook_secret_previous,) if webhook_secret_previous else ())
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -279,7 +291,7 @@ def build_admin_app(
         template = resource.canonical if resource is not None else UNMATCHED
         try:
             if resource is not None and template not in UNSIGNED_ROUTES:
-                await _check_signature(request, secret)
+                await _check_signature(request, secrets, now_ms() // 1000, metrics)
             response = await handler(request)
         except Refusal as refusal:
             response = _refused(refusal)

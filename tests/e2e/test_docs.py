@@ -30,7 +30,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from giftstream.server.money.admin import sign
+from giftstream.protocol.signing import sign_request
 from tests.processes import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -373,26 +373,33 @@ async def run_ws_block(
 # ---- docs/api.md --------------------------------------------------------------------------
 
 
-def test_api_worked_example_digests_are_right() -> None:
-    """The test vector in Signing: each digest is the HMAC of the value above it, by the
-    project's `sign`, by the standard library and, where it is installed, by `openssl`."""
-    text = API_DOC.read_text(encoding="utf-8")
-    secret = re.search(r"^\s+secret:\s+(\S+)$", text, re.M)
-    pairs = re.findall(r"^\s+(?:body|path):\s+(\S+)\n\s+->\s+([0-9a-f]{64})$", text, re.M)
-    assert secret and len(pairs) == 2, "the worked example is gone or changed shape"
-    key = secret.group(1)
-    for payload, digest in pairs:
-        assert sign(key, payload.encode()) == digest, payload
-        assert hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest() == digest
+WORKED_EXAMPLE = re.compile(
+    r"^ +secret: +(\S+)\n +t: +(\d+)\n +method: +([A-Z]+)\n +path: +(\S+)\n +body:(?: +(\S+))?\n"
+    r" +-> +(t=\d+,v1=[0-9a-f]{64})$",
+    re.M,
+)
+
+
+def test_api_worked_example_signatures_are_right() -> None:
+    """The test vectors in Signing: each header is the signature of the request above it,
+    by the project's `sign_request`, by the standard library and, where it is installed, by
+    `openssl` as the doc's by-hand command runs it."""
+    examples = WORKED_EXAMPLE.findall(API_DOC.read_text(encoding="utf-8"))
+    assert {example[2] for example in examples} == {"GET", "POST"}, "the worked example changed"
+    for secret, t, method, path, body, header in examples:
+        text = f"{t}\n{method}\n{path}\n{body}".encode()
+        assert sign_request(secret, method, path, body.encode(), int(t)) == header, path
+        digest = hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()
+        assert header == f"t={t},v1={digest}", path
         if shutil.which("openssl"):
             openssl = subprocess.run(
-                ["openssl", "dgst", "-sha256", "-hmac", key, "-r"],
-                input=payload.encode(),
+                ["openssl", "dgst", "-sha256", "-hmac", secret, "-r"],
+                input=text,
                 capture_output=True,
                 check=True,
                 timeout=30,
             )
-            assert openssl.stdout.split()[0].decode() == digest, payload
+            assert openssl.stdout.split()[0].decode() == digest, path
 
 
 def test_api_examples_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

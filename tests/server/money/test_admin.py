@@ -4,6 +4,7 @@ input validation, health with Redis up and down, and the request counters."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,11 +15,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from giftstream.protocol.signing import SIGNATURE_HEADER, sign_request
 from giftstream.server.embedded_redis import EmbeddedRedis
 from giftstream.server.ledger.entries import read_entries
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
-from giftstream.server.money.admin import SIGNATURE_HEADER, AdminServer, build_admin_app, sign
+from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import Wallet
@@ -39,12 +41,22 @@ class Clock:
         return self.now_ms
 
 
+def sign_at(
+    clock: Clock, method: str, path: str, body: bytes, secret: str = SECRET, skew_s: int = 0
+) -> str:
+    """The header a caller whose clock reads the API's clock (plus `skew_s`) sends."""
+    return sign_request(secret, method, path, body, clock.now_ms // 1000 + skew_s)
+
+
 class Api:
     """Raw HTTP to the admin server: signs as the payments backend does, or as told not to."""
 
-    def __init__(self, http: aiohttp.ClientSession, base_url: str, secret: str = SECRET) -> None:
+    def __init__(
+        self, http: aiohttp.ClientSession, base_url: str, clock: Clock, secret: str = SECRET
+    ) -> None:
         self.http = http
         self.base_url = base_url
+        self.clock = clock
         self.secret = secret
         self.headers: Any = None  # the last reply's headers
 
@@ -59,7 +71,7 @@ class Api:
         data = orjson.dumps(body) if isinstance(body, dict) else (body or b"")
         headers = {"Content-Type": "application/json"}
         if signature == SIGN:
-            signature = sign(self.secret, path.encode() if method == "GET" else data)
+            signature = sign_at(self.clock, method, path, data, self.secret)
         if signature is not None:
             headers[SIGNATURE_HEADER] = signature
         async with self.http.request(
@@ -116,7 +128,7 @@ async def api(
         clock=clock,
     )
     async with AdminServer(app, "127.0.0.1", 0) as server, aiohttp.ClientSession() as http:
-        yield Api(http, server.url)
+        yield Api(http, server.url, clock)
 
 
 async def gift(
@@ -486,18 +498,25 @@ SIGNED_ROUTES = [
 ]
 
 
-def bad_signatures(method: str, path: str, body: dict[str, Any] | None) -> dict[str, str | None]:
+def bad_signatures(
+    clock: Clock, method: str, path: str, body: dict[str, Any] | None
+) -> dict[str, str | None]:
     data = orjson.dumps(body) if body else b""
-    right_payload = path.encode() if method == "GET" else data
-    wrong_payload = data if method == "GET" else path.encode()
+    right = sign_at(clock, method, path, data)
+    revision_1 = hmac.new(SECRET.encode(), path.encode() if method == "GET" else data, "sha256")
+    other_method = "POST" if method != "POST" else "PUT"
     return {
         "missing": None,
         "empty": "",
         "garbage": "not-a-signature",
-        "other secret": sign("another-secret", right_payload),
-        "other payload": sign(SECRET, wrong_payload),
-        "truncated": sign(SECRET, right_payload)[:-1],
-        "non-ascii": "é" * 64,
+        "revision 1": revision_1.hexdigest(),
+        "other secret": sign_at(clock, method, path, data, secret="another-secret-0123456789"),
+        "other method": sign_at(clock, other_method, path, data),
+        "other path": sign_at(clock, method, path + "x", data),
+        "other body": sign_at(clock, method, path, data + b" "),
+        "stale": sign_at(clock, method, path, data, skew_s=-301),
+        "truncated": right[:-1],
+        "non-ascii": right[:-1] + "é",
     }
 
 
@@ -511,7 +530,7 @@ async def test_bad_or_missing_signature_is_401_and_changes_nothing(
     body: dict[str, Any] | None,
 ) -> None:
     before = await redis_snapshot()
-    for name, signature in bad_signatures(method, path, body).items():
+    for name, signature in bad_signatures(api.clock, method, path, body).items():
         status, reply = await api.call(method, path, body, signature=signature)
         assert (status, reply["error"]) == (401, "bad_signature"), name
         assert set(reply) == {"error", "message"}
@@ -519,18 +538,18 @@ async def test_bad_or_missing_signature_is_401_and_changes_nothing(
     assert (await api.call(method, path, body))[0] == 200  # the same request, signed
 
 
-async def test_get_signs_the_path(api: Api) -> None:
+async def test_get_signs_the_path_and_query(api: Api) -> None:
     await api.buy("ann", "coins_70", "receipt-0001")
-    status, _ = await api.call("GET", "/v1/wallets/ann", signature=sign(SECRET, b"/v1/wallets/bob"))
-    assert status == 401
-    status, body = await api.call(
-        "GET", "/v1/wallets/ann", signature=sign(SECRET, b"/v1/wallets/ann").upper()
-    )
+    bob = sign_at(api.clock, "GET", "/v1/wallets/bob", b"")
+    assert (await api.call("GET", "/v1/wallets/ann", signature=bob))[0] == 401
+    upper = sign_at(api.clock, "GET", "/v1/wallets/ann", b"").upper().replace("T=", "t=", 1)
+    upper = upper.replace("V1=", "v1=", 1)  # the hex digits in upper case, the names as they are
+    status, body = await api.call("GET", "/v1/wallets/ann", signature=upper)
     assert (status, body) == (200, wallet_view("ann", coins=70))
-    # The query string is not signed, and no route reads it.
-    status, body = await api.call(
-        "GET", "/v1/wallets/ann?x=1", signature=sign(SECRET, b"/v1/wallets/ann")
-    )
+    # The query string is signed, as sent: no route reads one, but a later one may.
+    no_query = sign_at(api.clock, "GET", "/v1/wallets/ann", b"")
+    assert (await api.call("GET", "/v1/wallets/ann?x=1", signature=no_query))[0] == 401
+    status, body = await api.call("GET", "/v1/wallets/ann?x=1")
     assert (status, body) == (200, wallet_view("ann", coins=70))
 
 
@@ -538,8 +557,8 @@ async def test_signature_is_over_the_raw_body(api: Api) -> None:
     """The exact bytes sent: whitespace and key order are part of what is signed."""
     raw = b'{ "package" : "coins_70",\n  "user": "ann", "receipt": "receipt-0001" }'
     assert await api.call("POST", "/v1/purchases", raw) == (200, {"coins": 70, "credited": True})
-    reformatted = orjson.dumps(orjson.loads(raw))
-    status, _ = await api.call("POST", "/v1/purchases", raw, signature=sign(SECRET, reformatted))
+    reformatted = sign_at(api.clock, "POST", "/v1/purchases", orjson.dumps(orjson.loads(raw)))
+    status, _ = await api.call("POST", "/v1/purchases", raw, signature=reformatted)
     assert status == 401
 
 
@@ -670,7 +689,8 @@ async def test_chunked_body_over_64_kib_is_413(api: Api, redis_snapshot: Snapsho
         for start in range(0, len(raw), 8192):
             yield raw[start : start + 8192]
 
-    headers = {SIGNATURE_HEADER: sign(SECRET, raw), "Content-Type": "application/json"}
+    signature = sign_at(api.clock, "POST", "/v1/purchases", raw)
+    headers = {SIGNATURE_HEADER: signature, "Content-Type": "application/json"}
     async with api.http.post(
         api.base_url + "/v1/purchases", data=chunks(), headers=headers
     ) as response:
@@ -729,7 +749,7 @@ async def test_healthz_follows_redis(
             clock=clock,
         )
         async with AdminServer(app, "127.0.0.1", 0) as server, aiohttp.ClientSession() as http:
-            api = Api(http, server.url)
+            api = Api(http, server.url, clock)
             assert await api.call("GET", "/healthz", signature=None) == (
                 200,
                 {"ok": True, "redis": "up"},
