@@ -101,6 +101,7 @@ class App:
         self.gateway = Gateway(
             self.parts, self.node_state, settings.host, settings.port, settings.allowed_origins
         )
+        listening = f"{settings.host}:{settings.port}"  # what a bind failure names
         try:
             await self._stack.enter_async_context(self.gateway)
             admin_app = build_admin_app(
@@ -108,13 +109,15 @@ class App:
                 catalog=self.catalog,
                 redis=self.redis,
                 webhook_secret=settings.webhook_secret,
+                webhook_secret_previous=settings.webhook_secret_previous,
                 metrics=self.metrics,
             )
+            listening = f"{settings.admin_host}:{settings.admin_port} (--admin-host)"
             self.admin = await self._stack.enter_async_context(
-                AdminServer(admin_app, settings.host, settings.admin_port)
+                AdminServer(admin_app, settings.admin_host, settings.admin_port)
             )
         except OSError as exc:
-            raise StartupError(f"cannot listen on {settings.host}: {exc.strerror or exc}") from exc
+            raise StartupError(f"cannot listen on {listening}: {exc.strerror or exc}") from exc
         limits = settings.limits
         self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s, self._stopping))
         self._spawn(self.ops.run_stats(limits.stats_interval_s, self._counts))
@@ -154,7 +157,7 @@ class App:
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.settings.host}:{self.admin.port}"
+        return self.admin.url
 
     # ---- stop ---------------------------------------------------------------------------
 

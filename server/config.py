@@ -53,10 +53,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8765
     admin_port: int = 8766
+    admin_host: str = "127.0.0.1"  # the internal API's own: --host 0.0.0.0 must not open it
     redis_url: str | None = None  # None: start the embedded Redis
     data_dir: Path = Path("data")
     jwt_secret: str = ""
     webhook_secret: str = ""
+    webhook_secret_previous: str | None = None  # also accepted, during a rotation
     catalog: Path | None = None  # None: the bundled demo catalog
     allowed_origins: tuple[str, ...] | None = None  # None: any origin
     ledger_key: str = keys.LEDGER  # the stream every money movement is appended to
@@ -142,6 +144,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--port", "GIFTSTREAM_PORT", "8765", _port, "WebSocket port (plus public GET pages)"),
     Option("--admin-port", "GIFTSTREAM_ADMIN_PORT", "8766", _port, "internal HTTP API port"),
     Option(
+        "--admin-host",
+        "GIFTSTREAM_ADMIN_HOST",
+        "127.0.0.1",
+        str,
+        "address the internal HTTP API listens on (its own: --host does not open it)",
+    ),
+    Option(
         "--redis-url",
         "GIFTSTREAM_REDIS_URL",
         None,
@@ -184,6 +193,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         None,
         _secret,
         "HMAC secret of the internal API (default: generated once into the data dir)",
+    ),
+    Option(
+        "--webhook-secret-previous",
+        "GIFTSTREAM_WEBHOOK_SECRET_PREVIOUS",
+        None,
+        _secret,
+        "the webhook secret being replaced, also accepted while callers move to the new one "
+        "(default: unset)",
     ),
     Option(
         "--catalog",
@@ -300,10 +317,12 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         host=values.get("host") or "127.0.0.1",
         port=values.get("port", 8765) if values.get("port") is not None else 8765,
         admin_port=values["admin_port"] if values.get("admin_port") is not None else 8766,
+        admin_host=values.get("admin_host") or "127.0.0.1",
         redis_url=values.get("redis_url"),
         data_dir=data_dir,
         jwt_secret=jwt_secret,
         webhook_secret=webhook_secret,
+        webhook_secret_previous=values.get("webhook_secret_previous"),
         catalog=values.get("catalog"),
         allowed_origins=values.get("allowed_origins"),
         ledger_key=values.get("ledger_key") or keys.LEDGER,
