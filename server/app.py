@@ -27,6 +27,7 @@ from giftstream.server.realtime.gateway import WS_PATH, Gateway
 from giftstream.server.realtime.hub import Hub
 from giftstream.server.realtime.ops import OpsFeed
 from giftstream.server.realtime.session import NodeParts, NodeState
+from giftstream.server.redis_check import assess, read_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class App:
         except (RedisError, OSError) as exc:
             where = redact_url(self.redis_url)
             raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
+        await self._check_redis()
         self.wallet = Wallet(
             self.redis, self.catalog.economics, ledger_key=settings.ledger_key, metrics=self.metrics
         )
@@ -131,6 +133,20 @@ class App:
             settings.ledger_key,
             restored,
         )
+
+    async def _check_redis(self) -> None:
+        """Refuse a Redis that may evict money; warn of one that keeps no AOF."""
+        assert self.redis_url is not None
+        try:
+            found = await read_settings(self.redis)
+        except (RedisError, OSError) as exc:
+            where = redact_url(self.redis_url)
+            raise StartupError(f"cannot read the settings of Redis at {where}: {exc}") from exc
+        assessment = assess(found, redact_url(self.redis_url))
+        if assessment.refusal is not None:
+            raise StartupError(assessment.refusal)
+        for warning in assessment.warnings:
+            log.warning("%s", warning)
 
     def _start_embedded_redis(self) -> str:
         try:

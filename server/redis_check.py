@@ -1,0 +1,102 @@
+"""Whether a Redis is safe to hold money, asked once at start (PROTOCOL.md §5 r2).
+
+A Redis that may evict keys under memory pressure (any `maxmemory-policy` but `noeviction`)
+can drop a wallet or an idempotency record: a coin would vanish, or a retried gift would be
+debited twice. The server refuses such a Redis. One that keeps no AOF loses the last
+acknowledged movements when it restarts: the server warns and goes on (a replica or RDB
+snapshots may be the operator's choice). Managed Redis often renames or denies CONFIG: then
+INFO tells, and when neither does the server warns and goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+__all__ = ["NOEVICTION", "Assessment", "RedisSettings", "assess", "read_settings"]
+
+NOEVICTION = "noeviction"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """What a Redis told about itself; None where it would not say."""
+
+    maxmemory_policy: str | None
+    appendonly: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """`refusal`: the one line that stops start-up, or None; `warnings`: lines to log."""
+
+    refusal: str | None
+    warnings: tuple[str, ...]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def _config_get(redis: aioredis.Redis, name: str) -> str | None:
+    """One CONFIG GET value, or None where CONFIG is renamed, denied or does not know it."""
+    try:
+        found = await redis.config_get(name)
+    except ResponseError:  # unknown command (renamed), NOPERM (ACL)
+        return None
+    for key, value in found.items():
+        if _text(key) == name:
+            return _text(value)
+    return None
+
+
+async def _info(redis: aioredis.Redis, section: str) -> dict[str, object]:
+    try:
+        info: dict[str, object] = await redis.info(section)
+    except ResponseError:
+        return {}
+    return info
+
+
+async def read_settings(redis: aioredis.Redis) -> RedisSettings:
+    """The eviction policy and AOF setting: CONFIG GET, else INFO memory / persistence."""
+    policy = await _config_get(redis, "maxmemory-policy")
+    if policy is None:
+        found = (await _info(redis, "memory")).get("maxmemory_policy")
+        policy = None if found is None else _text(found)
+    appendonly_text = await _config_get(redis, "appendonly")
+    appendonly: bool | None
+    if appendonly_text is not None:
+        appendonly = appendonly_text == "yes"
+    else:
+        enabled = (await _info(redis, "persistence")).get("aof_enabled")
+        appendonly = None if enabled is None else _text(enabled) == "1"
+    return RedisSettings(maxmemory_policy=policy, appendonly=appendonly)
+
+
+def assess(found: RedisSettings, where: str) -> Assessment:
+    """Refuse an evicting Redis; warn of one without AOF, or one that would not say."""
+    warnings: list[str] = []
+    policy = found.maxmemory_policy
+    if policy is None:
+        warnings.append(
+            f"cannot read the maxmemory-policy of Redis at {where} (CONFIG and INFO denied): "
+            f"make sure it is {NOEVICTION}, or an evicted wallet or idempotency record would "
+            "lose or double money"
+        )
+    elif policy != NOEVICTION:
+        return Assessment(
+            refusal=(
+                f"Redis at {where} has maxmemory-policy {policy}: it may evict a wallet or an "
+                f"idempotency record and lose or double money; set maxmemory-policy {NOEVICTION}"
+            ),
+            warnings=(),
+        )
+    if found.appendonly is False:
+        warnings.append(
+            f"Redis at {where} keeps no AOF (appendonly no): a Redis restart loses the money "
+            "movements since its last snapshot; set appendonly yes"
+        )
+    return Assessment(refusal=None, warnings=tuple(warnings))
