@@ -9,7 +9,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from tests.processes import ServerProcess

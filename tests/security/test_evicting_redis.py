@@ -60,8 +60,15 @@ def app_user(url: str, *denied: str) -> str:
     services set one), with a password that must never reach a log line."""
     admin = redis.Redis.from_url(url)
     try:
-        rules = ["reset", "on", f">{APP_PASSWORD}", "~*", "&*", "+@all"]
-        admin.execute_command("ACL", "SETUSER", "app", *rules, *(f"-{cmd}" for cmd in denied))
+        admin.acl_setuser(
+            "app",
+            enabled=True,
+            reset=True,
+            passwords=[f"+{APP_PASSWORD}"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", *(f"-{command}" for command in denied)],
+        )
     finally:
         admin.close()
     return url.replace("redis://", f"redis://app:{APP_PASSWORD}@")
