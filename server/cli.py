@@ -235,13 +235,9 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
 async def _print_demo(app: Any) -> None:
     """Tokens for a viewer, a creator and an ops user, coins for the viewer, and how to reach
     the server, its Redis and its ledger, in commands that paste as they are."""
-    from giftstream.server.realtime.session import now_ms
-
     settings: Settings = app.settings
     package = app.catalog.packages.get(DEMO_PACKAGE) or next(iter(app.catalog.packages.values()))
-    await app.wallet.purchase(
-        receipt="demo-welcome-ann", user="ann", package=package, adult=True, now_ms=now_ms()
-    )
+    await app.wallet.purchase(receipt="demo-welcome-ann", user="ann", package=package, adult=True)
     command = _invoked_as()
     data_dir = "" if settings.data_dir == Path("data") else f" --data-dir {settings.data_dir}"
     ledger = "" if settings.ledger_key == keys.LEDGER else f" --ledger-key {settings.ledger_key}"
