@@ -26,12 +26,11 @@ async def run(url: str, senders: int, seconds: float) -> tuple[int, float]:
     redis = aioredis.Redis.from_pool(pool)
     wallet = Wallet(redis, catalog.economics)
     await wallet.load_scripts()
-    now = int(time.time() * 1000)
     big = catalog.packages["coins_17500"]
     for i in range(senders):
         for r in range(20):
             await wallet.purchase(
-                receipt=f"bench-{i}-{r:03d}", user=f"s{i}", package=big, adult=True, now_ms=now
+                receipt=f"bench-{i}-{r:03d}", user=f"s{i}", package=big, adult=True
             )
     rose = catalog.gifts["rose"]
     settled = 0
@@ -49,7 +48,6 @@ async def run(url: str, senders: int, seconds: float) -> tuple[int, float]:
                 gift=rose,
                 count=1,
                 key=f"k-{i}-{n:08d}",
-                now_ms=int(time.time() * 1000),
             )
             n += 1
             settled += 1

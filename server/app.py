@@ -79,7 +79,12 @@ class App:
             raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
         await self._check_redis()
         self.wallet = Wallet(
-            self.redis, self.catalog.economics, ledger_key=settings.ledger_key, metrics=self.metrics
+            self.redis,
+            self.catalog.economics,
+            ledger_key=settings.ledger_key,
+            metrics=self.metrics,
+            payout_hold_days=settings.payout_hold_days,
+            payout_daily_cap=settings.payout_daily_cap,
         )
         await self.wallet.load_scripts()
         self.fanout = Fanout(settings.limits.max_backlog_bytes, self.metrics)

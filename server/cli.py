@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from giftstream.server.config import (
     Settings,
     add_options,
     build_settings,
+    given,
     load_or_create_secret,
     redact_url,
     resolve,
@@ -73,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo",
         action="store_true",
-        help="print ready-to-paste demo tokens and give the demo viewer coins",
+        help="print ready-to-paste demo tokens and give the demo viewer coins; payouts are "
+        "not held unless --payout-hold-days is given (a local tryout)",
     )
 
     token = commands.add_parser("token", help="print a client token signed with the server secret")
@@ -223,6 +226,9 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
     _log_at(values["log_level"])
     catalog = load_catalog(values.get("catalog"))
     settings = build_settings(values)
+    if args.demo and not given(args, "payout_hold_days"):
+        # A local tryout: its first payout (README) is not held a week. Anything else holds.
+        settings = dataclasses.replace(settings, payout_hold_days=0)
     on_ready = _print_demo if args.demo else None
     try:
         uvloop.run(serve_until_signalled(settings, catalog, on_ready))
@@ -235,13 +241,9 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
 async def _print_demo(app: Any) -> None:
     """Tokens for a viewer, a creator and an ops user, coins for the viewer, and how to reach
     the server, its Redis and its ledger, in commands that paste as they are."""
-    from giftstream.server.realtime.session import now_ms
-
     settings: Settings = app.settings
     package = app.catalog.packages.get(DEMO_PACKAGE) or next(iter(app.catalog.packages.values()))
-    await app.wallet.purchase(
-        receipt="demo-welcome-ann", user="ann", package=package, adult=True, now_ms=now_ms()
-    )
+    await app.wallet.purchase(receipt="demo-welcome-ann", user="ann", package=package, adult=True)
     command = _invoked_as()
     data_dir = "" if settings.data_dir == Path("data") else f" --data-dir {settings.data_dir}"
     ledger = "" if settings.ledger_key == keys.LEDGER else f" --ledger-key {settings.ledger_key}"

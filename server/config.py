@@ -17,6 +17,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
 
 from giftstream.server.money import keys
+from giftstream.server.money.wallet import (
+    DEFAULT_PAYOUT_DAILY_CAP,
+    DEFAULT_PAYOUT_HOLD_DAYS,
+    MAX_PAYOUT_DAILY_CAP,
+    MAX_PAYOUT_HOLD_DAYS,
+)
 
 # Query parameters that hold a secret in a Redis or NATS URL.
 SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jwt"})
@@ -63,6 +69,8 @@ class Settings:
     allowed_origins: tuple[str, ...] | None = None  # None: any origin
     ledger_key: str = keys.LEDGER  # the stream every money movement is appended to
     redis_pool_size: int = 64  # concurrent Redis calls; more wait for a free connection
+    payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS  # diamonds wait this long to be payable
+    payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP  # diamonds paid out per creator a UTC day
     limits: Limits = field(default_factory=Limits)
 
 
@@ -114,6 +122,20 @@ def _rate(text: str) -> float:
     if not 0 < rate <= 100_000:
         raise ValueError("must be a rate per second above 0 and at most 100000")
     return rate
+
+
+def _hold_days(text: str) -> int:
+    days = int(text)
+    if not 0 <= days <= MAX_PAYOUT_HOLD_DAYS:
+        raise ValueError(f"must be whole days from 0 to {MAX_PAYOUT_HOLD_DAYS}")
+    return days
+
+
+def _daily_cap(text: str) -> int:
+    cap = int(text)
+    if not 1 <= cap <= MAX_PAYOUT_DAILY_CAP:
+        raise ValueError(f"must be diamonds from 1 to {MAX_PAYOUT_DAILY_CAP}")
+    return cap
 
 
 def _ledger_key(text: str) -> str:
@@ -230,6 +252,21 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _rate,
         "sustained messages per second one connection may send (bursts of twice that)",
     ),
+    Option(
+        "--payout-hold-days",
+        "GIFTSTREAM_PAYOUT_HOLD_DAYS",
+        str(DEFAULT_PAYOUT_HOLD_DAYS),
+        _hold_days,
+        "diamonds a gift credits become payable at the start of the UTC day this many days "
+        "after the gift's day plus one (0: at once); a chargeback's window",
+    ),
+    Option(
+        "--payout-daily-cap",
+        "GIFTSTREAM_PAYOUT_DAILY_CAP",
+        str(DEFAULT_PAYOUT_DAILY_CAP),
+        _daily_cap,
+        "diamonds one creator may be paid out per UTC day",
+    ),
 )
 
 
@@ -326,8 +363,15 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         catalog=values.get("catalog"),
         allowed_origins=values.get("allowed_origins"),
         ledger_key=values.get("ledger_key") or keys.LEDGER,
+        payout_hold_days=_given_or(values, "payout_hold_days", DEFAULT_PAYOUT_HOLD_DAYS),
+        payout_daily_cap=_given_or(values, "payout_daily_cap", DEFAULT_PAYOUT_DAILY_CAP),
         limits=dataclasses.replace(limits, **rates),
     )
+
+
+def _given_or(values: Mapping[str, Any], name: str, default: int) -> int:
+    value = values.get(name)
+    return default if value is None else int(value)
 
 
 def redact_url(url: str) -> str:

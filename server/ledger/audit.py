@@ -2,6 +2,11 @@
 
 The replay starts from the checkpoint (server/ledger/checkpoint.py) when there is one, so a
 trimmed ledger still audits as if it were whole; the money invariants are checked on the way.
+
+Diamonds on hold: each gift entry says when its diamonds become payable (`payable_at`), so
+the ledger alone says, at any time, how many of a creator's diamonds are on hold; no payout
+may take more than the rest (credited - paid out - on hold, at the payout's ts), and the
+holds in Redis must match the ledger's at the audit's time (Redis's clock).
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ class Balances:
     coins: int = 0
     diamonds: int = 0
     debt: int = 0
+    held: dict[int, int] = field(default_factory=dict)  # payable_at ms -> diamonds on hold
+
+    def mature(self, now_ms: int) -> int:
+        """Drop the holds over at now_ms; the diamonds still on hold."""
+        for at in [at for at in self.held if at <= now_ms]:
+            del self.held[at]
+        return sum(self.held.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,7 @@ class AuditReport:
     cents_paid_out: int = 0
     coins_held: int = 0  # in Redis wallets now
     diamonds_held: int = 0
+    diamonds_on_hold: int = 0  # of diamonds_held, those not payable yet (Redis, at the audit)
     debt: int = 0  # owed in Redis wallets now
     checkpoint: str | None = None  # the last entry the checkpoint had folded; None: no checkpoint
     replayed: int = 0  # entries read from the stream by this audit
@@ -79,7 +92,8 @@ class AuditReport:
             f"coins: {self.coins_purchased} purchased, {self.coins_refunded} refunded, "
             f"{self.coins_spent} spent, {self.coins_held} held; "
             f"diamonds: {self.diamonds_credited} credited, {self.diamonds_paid_out} paid out "
-            f"({self.cents_paid_out} cents), {self.diamonds_held} held; "
+            f"({self.cents_paid_out} cents), {self.diamonds_held} held "
+            f"({self.diamonds_on_hold} of them on hold); "
             f"platform share {self.platform_share} coins; debt {self.debt}"
             + (
                 f"; from the checkpoint at {self.checkpoint}, {self.replayed} entries replayed"
@@ -93,7 +107,11 @@ AUDIT_ATTEMPTS = 3  # a trim racing the audit (see below) is retried this often
 
 
 async def audit(
-    redis: aioredis.Redis, *, ledger_key: str = keys.LEDGER, from_checkpoint: bool = True
+    redis: aioredis.Redis,
+    *,
+    ledger_key: str = keys.LEDGER,
+    from_checkpoint: bool = True,
+    now_ms: int | None = None,
 ) -> AuditReport:
     """Replay the ledger and compare every wallet (coins, diamonds, debt).
 
@@ -101,7 +119,8 @@ async def audit(
     reads only the entries after it, which trimming never removes; it also counts entries
     against the stream's `entries-added`, so an entry deleted or trimmed before it was
     folded is named even when no wallet shows it. `from_checkpoint=False` replays from empty:
-    the checkpoint itself can be checked against that while nothing has been trimmed."""
+    the checkpoint itself can be checked against that while nothing has been trimmed.
+    Holds are judged at now_ms: Redis's time unless a test's money clock says otherwise."""
     from giftstream.server.ledger.checkpoint import checkpoint_last_id  # it builds on Replay, below
 
     for attempt in range(1, AUDIT_ATTEMPTS + 1):
@@ -114,7 +133,10 @@ async def audit(
             break
     if gap is not None:
         replay.report.breaches.append(gap)
-    replay.compare(await _stored_wallets(redis, replay.report))
+    if now_ms is None:
+        seconds, micros = await redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+    replay.compare(await _stored_wallets(redis, replay.report, now_ms), now_ms)
     return replay.report
 
 
@@ -154,13 +176,24 @@ async def _replay(
     )
 
 
-async def _stored_wallets(redis: aioredis.Redis, report: AuditReport) -> dict[str, Balances]:
+async def _stored_wallets(
+    redis: aioredis.Redis, report: AuditReport, now_ms: int
+) -> dict[str, Balances]:
+    """Every wallet in Redis, its holds not over at now_ms keyed by when they end."""
     wallets: dict[str, Balances] = {}
+    today = keys.epoch_day(now_ms)
     async for key in redis.scan_iter(match=keys.WALLET_MATCH, count=1000):
         user = keys.user_of_wallet(keys.text(key))
-        values = await redis.hmget(key, ["coins", "diamonds", "debt"])
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(key, ["coins", "diamonds", "debt"])
+            pipe.hgetall(keys.held(user))
+            values, buckets = await pipe.execute()
         try:
-            wallets[user] = Balances(*(int(v) if v is not None else 0 for v in values))
+            coins, diamonds, debt = (int(v) if v is not None else 0 for v in values)
+            wallets[user] = Balances(coins, diamonds, debt)
+            for day, diamonds in buckets.items():
+                if int(day) > today:
+                    wallets[user].held[int(day) * keys.DAY_MS] = int(diamonds)
         except ValueError:
             report.breaches.append(f"wallet {user}: a balance is not an integer: {values!r}")
     return wallets
@@ -208,7 +241,12 @@ class Replay:
                     f"coins {d['coins']} != diamonds {d['diamonds']} + platform {d['platform']}",
                 )
             self.wallet(d["sender"]).coins -= d["coins"]
-            self.wallet(d["creator"]).diamonds += d["diamonds"]
+            creator = self.wallet(d["creator"])
+            creator.diamonds += d["diamonds"]
+            creator.mature(entry.ts)
+            payable_at = d.get("payable_at", 0)  # absent: a gift from before holds
+            if payable_at > entry.ts and d["diamonds"] > 0:
+                creator.held[payable_at] = creator.held.get(payable_at, 0) + d["diamonds"]
             r.coins_spent += d["coins"]
             r.diamonds_credited += d["diamonds"]
             r.platform_share += d["platform"]
@@ -248,7 +286,16 @@ class Replay:
             if d["key"] in self.payout_keys:
                 self.breach(entry, f"payout key {d['key']} paid twice")
             self.payout_keys.add(d["key"])
-            self.wallet(d["creator"]).diamonds -= d["diamonds"]
+            creator = self.wallet(d["creator"])
+            on_hold = creator.mature(entry.ts)
+            payable = creator.diamonds - on_hold
+            if d["diamonds"] > payable:
+                self.breach(
+                    entry,
+                    f"pays {d['diamonds']} diamonds; only {payable} were payable, "
+                    f"{on_hold} on hold",
+                )
+            creator.diamonds -= d["diamonds"]
             r.diamonds_paid_out += d["diamonds"]
             r.cents_paid_out += d["cents"]
             touched = [d["creator"]]
@@ -258,7 +305,8 @@ class Replay:
                     self.negative.add((user, name))
                     self.breach(entry, f"wallet {user}: {name} {value} by the ledger")
 
-    def compare(self, stored: dict[str, Balances]) -> None:
+    def compare(self, stored: dict[str, Balances], now_ms: int) -> None:
+        """Every wallet in Redis against the ledger's, holds as they stand at now_ms."""
         r = self.report
         r.wallets = len(stored.keys() | self.wallets.keys())
         for user in sorted(stored.keys() | self.wallets.keys()):
@@ -267,6 +315,13 @@ class Replay:
             r.coins_held += in_redis.coins
             r.diamonds_held += in_redis.diamonds
             r.debt += in_redis.debt
+            held, replayed_held = in_redis.mature(now_ms), by_ledger.mature(now_ms)
+            r.diamonds_on_hold += held
+            if in_redis.held != by_ledger.held:
+                r.breaches.append(
+                    f"wallet {user}: {held} diamonds on hold in Redis, {replayed_held} by the "
+                    f"ledger ({_days(in_redis.held)} against {_days(by_ledger.held)})"
+                )
             for (name, held), (_, replayed) in zip(
                 _fields(in_redis), _fields(by_ledger), strict=True
             ):
@@ -276,6 +331,11 @@ class Replay:
                     )
                 if held < 0:
                     r.breaches.append(f"wallet {user}: {name} {held} in Redis is negative")
+
+
+def _days(held: dict[int, int]) -> dict[str, int]:
+    """Holds by the UTC day they end, for a breach's message."""
+    return {keys.utc_day(at): diamonds for at, diamonds in sorted(held.items())}
 
 
 def _fields(balances: Balances) -> tuple[tuple[str, int], ...]:

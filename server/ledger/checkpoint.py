@@ -4,7 +4,8 @@ ledger can be trimmed and `giftstream audit` still checks every wallet as if it 
 
     LEDGER:checkpoint            hash: last_id (the last entry folded), entries, the audit's
                                  totals (coins_purchased, ..., cents_paid_out), updated_ms
-    LEDGER:checkpoint:wallets    hash: user -> {"coins":…,"diamonds":…,"debt":…} by the ledger
+    LEDGER:checkpoint:wallets    hash: user -> {"coins":…,"diamonds":…,"debt":…} by the ledger,
+                                 and "held": {payable_at ms: diamonds} while any are on hold
     LEDGER:checkpoint:receipts   hash: receipt -> {"user":…,"coins":…,"refunded":…} (refund checks)
     LEDGER:checkpoint:payouts    set: payout keys paid (a key paid twice is a breach)
     LEDGER:checkpoint:negative   set: "balance:user" already reported negative
@@ -267,7 +268,13 @@ def _restore(
     replay = Replay(report)
     for user, raw in wallets.items():
         saved = orjson.loads(raw)
-        replay.wallets[keys.text(user)] = Balances(*(int(saved[name]) for name in BALANCES))
+        balances = Balances(
+            int(saved["coins"]),
+            int(saved["diamonds"]),
+            int(saved["debt"]),
+            {int(at): int(diamonds) for at, diamonds in saved.get("held", {}).items()},
+        )
+        replay.wallets[keys.text(user)] = balances
     for receipt, raw in receipts.items():
         saved = orjson.loads(raw)
         if saved.get("user") is not None:
@@ -290,7 +297,10 @@ def _dump(replay: Replay) -> list[Any]:
         main += [name, getattr(report, name)]
     wallets: list[Any] = []
     for user, balances in replay.wallets.items():
-        wallets += [user, orjson.dumps({n: getattr(balances, n) for n in BALANCES})]
+        saved_wallet: dict[str, Any] = {n: getattr(balances, n) for n in BALANCES}
+        if balances.held:  # a creator's holds not over when last touched
+            saved_wallet["held"] = {str(at): diamonds for at, diamonds in balances.held.items()}
+        wallets += [user, orjson.dumps(saved_wallet)]
     receipts: list[Any] = []
     for receipt in replay.receipts.keys() | replay.refunded:
         purchase = replay.receipts.get(receipt)

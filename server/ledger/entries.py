@@ -40,6 +40,11 @@ FIELDS: dict[str, dict[str, type]] = {
 }
 
 
+# Fields a kind of entry carries since a later revision; an older entry lacks them. Checked
+# like FIELDS when present. A gift's `payable_at`: when its diamonds stop being on hold (ms).
+OPTIONAL_FIELDS: dict[str, dict[str, type]] = {"gift": {"payable_at": int}}
+
+
 class LedgerError(ValueError):
     """An entry that does not parse or lacks a field; the message names its stream id."""
 
@@ -77,6 +82,9 @@ def parse_entry(stream_id: str, fields: dict[Any, Any]) -> LedgerEntry:
     if kind not in FIELDS:
         raise LedgerError(f"entry {stream_id}: unknown kind {kind!r}")
     wanted = {"event": str, "ts": int, **FIELDS[kind]}
+    for name, kind_of in OPTIONAL_FIELDS.get(kind, {}).items():
+        if name in data:
+            wanted[name] = kind_of
     for name, kind_of in wanted.items():
         value = data.get(name)
         if kind_of is int:

@@ -51,3 +51,73 @@ local function append_ledger(ledger, ...)
   end
   return redis.call('XADD', ledger, '*', 'data', '{' .. table.concat(parts, ',') .. '}')
 end
+
+-- Money time, in ms: Redis's own clock (TIME), so the UTC day of a spend, a combo's gap and
+-- every entry's ts are the same whichever gateway asks, however skewed its clock. ARGV[i] is
+-- '' from every production Wallet; only a Wallet built with a test clock fills it in.
+local function money_now(i)
+  if ARGV[i] == '' then
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return int_arg(i, 0, 2^50)
+end
+
+local DAY_MS = 86400000
+
+-- The UTC day of ms, as days since 1970-01-01.
+local function epoch_day(ms)
+  return math.floor(ms / DAY_MS)
+end
+
+-- The ISO week (Monday to Sunday, UTC) of an epoch day, as its Monday's epoch day
+-- (1970-01-01 was a Thursday).
+local function iso_week(day)
+  return day - (day + 3) % 7
+end
+
+-- An epoch day as YYYY-MM-DD, for messages (Hinnant's civil_from_days; Redis's Lua has no os.date).
+local function day_name(day)
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400 + (m <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02d', y, m, d)
+end
+
+-- A creator's held diamonds (KEYS hash: release epoch day -> diamonds) as of `today`: the
+-- total still held, the fields already due (to delete), and the earliest release still ahead.
+-- Every field and value must be an exact integer, checked here before any write.
+local function held_buckets(key, today)
+  local flat = redis.call('HGETALL', key)
+  local held, due, next_day = 0, {}, nil
+  for i = 1, #flat, 2 do
+    local day, diamonds = exact_int(flat[i]), exact_int(flat[i + 1])
+    if not day or not diamonds then
+      error('giftstream: ' .. key .. ' ' .. flat[i] .. ' is not an exact integer: ' .. flat[i + 1])
+    end
+    if day <= today then
+      due[#due + 1] = flat[i]
+    else
+      held = held + diamonds
+      if not next_day or day < next_day then next_day = day end
+    end
+  end
+  return held, due, next_day
+end
+
+-- A day-stamped counter kept in a hash (fields stamp and count): its count when the stamp is
+-- `current`, else 0 (the day or week it counted is over).
+local function stamped(key, stamp_field, count_field, current)
+  if stored_int(key, stamp_field) == current then
+    return stored_int(key, count_field)
+  end
+  stored_int(key, count_field)  -- a corrupt count stops the script here, not midway
+  return 0
+end

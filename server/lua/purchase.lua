@@ -8,7 +8,7 @@ local event, user, receipt, package, currency = ARGV[1], ARGV[2], ARGV[3], ARGV[
 local coins = int_arg(6, 1, 1e9)
 local price_cents = int_arg(7, 0, 1e12)
 local adult = int_arg(8, 0, 1)
-local now = int_arg(9, 0, 2^50)
+local now = money_now(9)  -- '' in production: Redis's TIME
 local max_balance = int_arg(10, 1, 2^50)
 
 local first = redis.call('HMGET', receipt_key, 'user', 'package', 'event', 'credited',

@@ -5,7 +5,7 @@
 -- result on a replay -- or {refusal code, message}.
 local receipt_key, wallet, ledger = KEYS[1], KEYS[2], KEYS[3]
 local event, user, receipt = ARGV[1], ARGV[2], ARGV[3]
-local now = int_arg(4, 0, 2^50)
+local now = money_now(4)  -- '' in production: Redis's TIME
 
 local purchase = redis.call('HMGET', receipt_key, 'user', 'coins', 'event', 'refund_event',
   'refund_coins', 'refund_debt')

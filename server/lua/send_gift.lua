@@ -1,18 +1,25 @@
 -- Settles one gift. Checks in the contract's order: the key (a replay answers with the first
--- result, even at balance 0), debt, age, daily limit, balance. Then, and only then: ledger
--- entry, debit, credit, key record (24 h), the day's spend, the combo.
+-- result, even at balance 0), debt, age, daily and weekly limits, balance. Then, and only
+-- then: ledger entry, debit, credit, the creator's held diamonds, key record (24 h), the
+-- day's and week's spend, the combo. Time, day and week are Redis's own (money_now).
+-- KEYS: sender wallet, creator wallet, key record, combo, ledger, creator's held diamonds.
+-- ARGV: event, sender, creator, room, gift, key, count, coins, diamonds, adult, now ('' in
+-- production: Redis's TIME), key ttl, combo gap, combo ttl, payout hold in days.
 -- Reply: {'ok', event, sender coins after, combo, diamonds, ts} -- the first result on a
 -- replay -- or {refusal code, message}.
 local sender_wallet, creator_wallet, key_record = KEYS[1], KEYS[2], KEYS[3]
-local spent_key, combo_key, ledger = KEYS[4], KEYS[5], KEYS[6]
+local combo_key, ledger, held_key = KEYS[4], KEYS[5], KEYS[6]
 local event, sender, creator, room, gift, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local count = int_arg(7, 1, 99)
 local coins = int_arg(8, 1, 99e9)  -- gift price (at most 1e9) times count
 local diamonds = int_arg(9, 0, coins)
 local adult = int_arg(10, 0, 1)
-local now = int_arg(11, 0, 2^50)
-local key_ttl, spent_ttl = int_arg(12, 1, 2^40), int_arg(13, 1, 2^40)
-local combo_gap, combo_ttl = int_arg(14, 1, 2^40), int_arg(15, 1, 2^40)
+local now = money_now(11)
+local key_ttl = int_arg(12, 1, 2^40)
+local combo_gap, combo_ttl = int_arg(13, 1, 2^40), int_arg(14, 1, 2^40)
+local hold_days = int_arg(15, 0, 3650)
+local today = epoch_day(now)
+local week = iso_week(today)
 
 local first = redis.call('HMGET', key_record, 'room', 'gift', 'count', 'event', 'coins', 'combo',
   'diamonds', 'ts')
@@ -33,12 +40,20 @@ end
 if adult ~= 1 then
   return {'underage', 'paid gifts need a verified adult account'}
 end
-local spent = stored_int(spent_key)
+local spent_day = stamped(sender_wallet, 'spent_day', 'spent_day_coins', today)
+local spent_week = stamped(sender_wallet, 'spent_week', 'spent_week_coins', week)
 if redis.call('HEXISTS', sender_wallet, 'daily_limit') == 1 then
   local limit = stored_int(sender_wallet, 'daily_limit')
-  if spent + coins > limit then
+  if spent_day + coins > limit then
     return {'spending_limit', string.format('this gift of %d coins would take today\'s spend ' ..
-      'to %d, past your daily limit of %d', coins, spent + coins, limit)}
+      'to %d, past your daily limit of %d', coins, spent_day + coins, limit)}
+  end
+end
+if redis.call('HEXISTS', sender_wallet, 'weekly_limit') == 1 then
+  local limit = stored_int(sender_wallet, 'weekly_limit')
+  if spent_week + coins > limit then
+    return {'spending_limit', string.format('this gift of %d coins would take this week\'s ' ..
+      'spend to %d, past your weekly limit of %d', coins, spent_week + coins, limit)}
   end
 end
 local balance = stored_int(sender_wallet, 'coins')
@@ -47,22 +62,34 @@ if balance < coins then
     coins, balance)}
 end
 stored_int(creator_wallet, 'diamonds')  -- a corrupt balance stops the script here, not midway
+local _, due = held_buckets(held_key, today)
 local streak = redis.call('HMGET', combo_key, 'gift', 'combo', 'at')
 local combo = 1
 if streak[1] == gift and now - tonumber(streak[3]) < combo_gap then
   combo = tonumber(streak[2]) + 1
 end
+-- Diamonds become payable at the start of the UTC day hold_days + 1 after the gift's day:
+-- at least hold_days whole days later (chargebacks arrive within that time).
+local release = hold_days > 0 and today + hold_days + 1 or nil
+local payable_at = release and release * DAY_MS or now
 
 append_ledger(ledger, 'event', event, 'kind', 'gift', 'ts', now, 'sender', sender,
   'creator', creator, 'room', room, 'gift', gift, 'count', count, 'coins', coins,
-  'diamonds', diamonds, 'platform', coins - diamonds, 'key', key, 'combo', combo)
+  'diamonds', diamonds, 'platform', coins - diamonds, 'key', key, 'combo', combo,
+  'payable_at', payable_at)
 local after = redis.call('HINCRBY', sender_wallet, 'coins', -coins)
 redis.call('HINCRBY', creator_wallet, 'diamonds', diamonds)
+if release and diamonds > 0 then
+  redis.call('HINCRBY', held_key, release, diamonds)
+end
+if #due > 0 then
+  redis.call('HDEL', held_key, unpack(due))
+end
 redis.call('HSET', key_record, 'room', room, 'gift', gift, 'count', count, 'event', event,
   'coins', after, 'combo', combo, 'diamonds', diamonds, 'ts', now)
 redis.call('PEXPIRE', key_record, key_ttl)
-redis.call('INCRBY', spent_key, coins)
-redis.call('PEXPIRE', spent_key, spent_ttl)
+redis.call('HSET', sender_wallet, 'spent_day', today, 'spent_day_coins', spent_day + coins,
+  'spent_week', week, 'spent_week_coins', spent_week + coins)
 redis.call('HSET', combo_key, 'gift', gift, 'combo', combo, 'at', now)
 redis.call('PEXPIRE', combo_key, combo_ttl)
 return {'ok', event, after, combo, diamonds, now}

@@ -34,7 +34,7 @@ from giftstream.protocol.signing import (
 from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.refusal import Reason, Refusal
-from giftstream.server.money.wallet import Wallet
+from giftstream.server.money.wallet import LimitChange, Wallet
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -72,6 +72,8 @@ _HTTP_STATUS = {
     Reason.INSUFFICIENT_DIAMONDS: 409,
     Reason.DEBT: 409,
     Reason.SPENDING_LIMIT: 409,
+    Reason.PAYOUT_HELD: 409,  # the diamonds are there, not payable yet: the message says when
+    Reason.PAYOUT_CAP: 429,  # a daily quota: the same request succeeds after 00:00 UTC
     Reason.BAD_VALUE: 422,
     Reason.UNKNOWN_PACKAGE: 422,
     Reason.BELOW_MINIMUM: 422,
@@ -203,27 +205,35 @@ class _Api:
         if package is None:
             raise Refusal(Reason.UNKNOWN_PACKAGE, f"no coin package {package_id!r}")
         result = await self.wallet.purchase(
-            receipt=receipt, user=user, package=package, adult=adult, now_ms=self.clock()
+            receipt=receipt, user=user, package=package, adult=adult
         )
         return _json(200, result.as_wire())
 
     async def refund(self, request: web.Request) -> web.Response:
         body = await _body(request)
         receipt = _string(body, "receipt", _is_receipt, _RECEIPT_TEXT)
-        result = await self.wallet.refund(receipt=receipt, now_ms=self.clock())
+        result = await self.wallet.refund(receipt=receipt)
         return _json(200, result.as_wire())
 
     async def get_wallet(self, request: web.Request) -> web.Response:
-        view = await self.wallet.wallet(_path_user(request), self.clock())
+        view = await self.wallet.wallet(_path_user(request))
         return _json(200, view.as_wire())
 
     async def put_limit(self, request: web.Request) -> web.Response:
+        """Either limit or both: a field absent stays as it is, null clears it (an r1 body,
+        `daily_limit` alone, leaves the weekly limit as it was)."""
         user = _path_user(request)
         body = await _body(request)
-        if "daily_limit" not in body:
-            raise Refusal(Reason.BAD_REQUEST, "`daily_limit` is required: an integer or null")
-        limit = None if body["daily_limit"] is None else _amount(body, "daily_limit", 0)
-        view = await self.wallet.set_daily_limit(user, limit, now_ms=self.clock())
+        if "daily_limit" not in body and "weekly_limit" not in body:
+            raise Refusal(
+                Reason.BAD_REQUEST,
+                "`daily_limit` or `weekly_limit` is required: an integer or null",
+            )
+        limits: dict[str, LimitChange] = {}
+        for name in ("daily_limit", "weekly_limit"):
+            if name in body:
+                limits[name] = None if body[name] is None else _amount(body, name, 0)
+        view = await self.wallet.set_limits(user, **limits)
         return _json(200, view.as_wire())
 
     async def payout(self, request: web.Request) -> web.Response:
@@ -231,9 +241,7 @@ class _Api:
         creator = _string(body, "creator", is_id, ID_RULE)
         diamonds = _amount(body, "diamonds", 1)
         key = _string(body, "key", is_key, KEY_RULE)
-        result = await self.wallet.payout(
-            creator=creator, diamonds=diamonds, key=key, now_ms=self.clock()
-        )
+        result = await self.wallet.payout(creator=creator, diamonds=diamonds, key=key)
         return _json(200, result.as_wire())
 
     async def get_catalog(self, request: web.Request) -> web.Response:

@@ -1,8 +1,13 @@
 """The Redis key layout of the money path, in one place, with how long each key is kept.
 
-    giftstream:wallet:U              hash: coins, diamonds, debt, daily_limit (absent: no limit)
+    giftstream:wallet:U              hash: coins, diamonds, debt; daily_limit, weekly_limit
+                                     (absent: no limit); spent_day, spent_day_coins and
+                                     spent_week, spent_week_coins (U's spend on gifts in the
+                                     UTC day / ISO week stamped, as days since the epoch);
+                                     payout_day, payout_day_diamonds (paid out that UTC day)
+    giftstream:held:C                hash: C's diamonds still on hold, by the epoch day they
+                                     become payable (due ones are dropped as they are met)
     giftstream:gift_key:U:IK         hash: a settled gift's params and first result (24 h)
-    giftstream:spent:U:YYYY-MM-DD    string: coins U spent on gifts that UTC day (48 h)
     giftstream:combo:U/R             hash: U's current streak in room R (gift, combo, at)
     giftstream:receipt:RC            hash: a purchase, later its refund (kept for good)
     giftstream:payout:IK             hash: a payout and its result (kept for good)
@@ -31,9 +36,8 @@ WALLET_PREFIX = PREFIX + "wallet:"
 WALLET_MATCH = WALLET_PREFIX + "*"
 
 GIFT_KEY_TTL_MS = 24 * 3600 * 1000  # the contract answers a gift key for at least 24 h
-SPENT_TTL_MS = 48 * 3600 * 1000  # a day's counter outlives the day in every time zone
 COMBO_GAP_MS = 5000  # a streak grows while gaps stay under this
-COMBO_TTL_MS = 60_000  # only garbage collection: the gap is judged by the gift's now_ms
+COMBO_TTL_MS = 60_000  # only garbage collection: the gap is judged by the gift's time
 
 
 def text(value: Any) -> str:
@@ -54,8 +58,8 @@ def gift_key(sender: str, key: str) -> str:
     return f"{PREFIX}gift_key:{sender}:{key}"
 
 
-def spent(user: str, now_ms: int) -> str:
-    return f"{PREFIX}spent:{user}:{utc_day(now_ms)}"
+def held(creator: str) -> str:
+    return f"{PREFIX}held:{creator}"
 
 
 def combo(sender: str, room: str) -> str:
@@ -77,6 +81,17 @@ def utc_day(now_ms: int) -> str:
 
 
 DAY_MS = 86_400_000
+
+
+def epoch_day(now_ms: int) -> int:
+    """The UTC day of now_ms as days since 1970-01-01, as the scripts count days."""
+    return now_ms // DAY_MS
+
+
+def iso_week(day: int) -> int:
+    """The ISO week (Monday to Sunday, UTC) of an epoch day, as its Monday's epoch day, as the
+    scripts count weeks (1970-01-01 was a Thursday)."""
+    return day - (day + 3) % 7
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,6 +29,8 @@ class Reason(StrEnum):
     INSUFFICIENT_DIAMONDS = "insufficient_diamonds"
     DEBT = "debt"
     SPENDING_LIMIT = "spending_limit"
+    PAYOUT_HELD = "payout_held"  # the diamonds asked for are still on hold (chargebacks)
+    PAYOUT_CAP = "payout_cap"  # past the creator's daily payout cap
     UNAVAILABLE = "unavailable"  # storage unreachable
 
     @property

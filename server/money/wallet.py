@@ -4,6 +4,11 @@ checks before its first write and appends its ledger entry in the same atomic st
 Python validates inputs, computes the economics and makes ids; the scripts decide against the
 stored state. Amounts stay far below 2**53, where Lua's doubles stop being exact integers.
 A refusal is a `Refusal` (refusal.py), which each transport maps to its own answer.
+
+Money time is Redis's own clock, read by each script (TIME): the UTC day a spend counts
+against, a combo's gap, a hold's end and every ledger entry's `ts` are then the same on every
+gateway, whatever its own clock says (a user spread over skewed gateways cannot spend into
+two days around midnight). No caller passes a time.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -37,6 +43,15 @@ MAX_PACKAGE_COINS = MAX_COINS
 MAX_PRICE_CENTS = 10**12
 MAX_BALANCE = 10**15  # a purchase past this is refused: balances stay exact in Lua
 MAX_DAILY_LIMIT = MAX_AMOUNT
+MAX_WEEKLY_LIMIT = MAX_AMOUNT
+MAX_PAYOUT_HOLD_DAYS = 3650
+MAX_PAYOUT_DAILY_CAP = MAX_AMOUNT
+# Chargebacks arrive within days: diamonds a gift credits become payable only after a hold,
+# and one creator is paid at most a cap a UTC day (2,000,000 diamonds: 10,000 USD at the
+# default 50 cents per 100), so coins bought with a stolen card and gifted to a colluding
+# creator are not cashed out before the card's owner disputes them.
+DEFAULT_PAYOUT_HOLD_DAYS = 7
+DEFAULT_PAYOUT_DAILY_CAP = 2_000_000
 MAX_PAYOUT_DIAMONDS = MAX_AMOUNT
 MAX_RECEIPT_LEN = 256
 SCRIPTS = ("send_gift", "purchase", "refund", "payout")
@@ -94,10 +109,15 @@ class RefundResult:
 class WalletView:
     user: str
     coins: int
-    diamonds: int
-    spent_today: int  # coins spent on gifts this UTC day
+    diamonds: int  # all the creator's diamonds: on hold and payable
+    spent_today: int  # coins spent on gifts this UTC day (Redis's day)
     daily_limit: int | None
     debt: int
+    spent_week: int = 0  # coins spent on gifts this ISO week (UTC)
+    weekly_limit: int | None = None
+    diamonds_held: int = 0  # of `diamonds`, those still on hold (not payable yet)
+    diamonds_payable: int = 0  # of `diamonds`, those past their hold
+    payout_left_today: int = 0  # what the daily payout cap still allows this UTC day
 
     def as_wire(self) -> dict[str, Any]:
         return {
@@ -107,7 +127,22 @@ class WalletView:
             "spent_today": self.spent_today,
             "daily_limit": self.daily_limit,
             "debt": self.debt,
+            "spent_week": self.spent_week,
+            "weekly_limit": self.weekly_limit,
+            "diamonds_held": self.diamonds_held,
+            "diamonds_payable": self.diamonds_payable,
+            "payout_left_today": self.payout_left_today,
         }
+
+
+class Unchanged(Enum):
+    """A limit left as it is: the request did not name it."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = Unchanged.UNCHANGED
+LimitChange = int | None | Unchanged  # a new limit, None to clear it, or UNCHANGED
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +160,12 @@ class PayoutResult:
 
 class Wallet:
     """The money path: gifts for the WebSocket sessions; purchases, refunds, wallets, limits
-    and payouts for the internal HTTP API."""
+    and payouts for the internal HTTP API.
+
+    `clock` is for tests only: a function giving now in ms that every script then takes
+    instead of Redis's TIME, so a test can cross a midnight or a hold by hand (Redis's clock
+    cannot be moved). It is a constructor argument, never a request's field, and the server
+    (app.py) never passes one, so no client, API caller or gateway clock chooses money time."""
 
     def __init__(
         self,
@@ -134,11 +174,19 @@ class Wallet:
         *,
         ledger_key: str = keys.LEDGER,
         metrics: Metrics | None = None,
+        payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS,
+        payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP,
+        clock: Callable[[], int] | None = None,
     ) -> None:
+        _check_int("payout_hold_days", payout_hold_days, 0, MAX_PAYOUT_HOLD_DAYS)
+        _check_int("payout_daily_cap", payout_daily_cap, 1, MAX_PAYOUT_DAILY_CAP)
         self._redis = redis
         self._economics = economics
         self._ledger_key = ledger_key
         self._metrics = metrics
+        self.payout_hold_days = payout_hold_days
+        self.payout_daily_cap = payout_daily_cap
+        self._clock = clock
         self._scripts: dict[str, AsyncScript] = {
             name: scripts.register(redis, name) for name in SCRIPTS
         }
@@ -181,13 +229,12 @@ class Wallet:
         gift: Gift,
         count: int,
         key: str,
-        now_ms: int,
         on_settled: Callable[[SettledGift], object] | None = None,
     ) -> SettledGift:
-        """Debit the sender and credit the creator once per (sender, key). `on_settled` runs
-        as soon as Redis answers, even if the caller was cancelled meanwhile: what must follow
-        a debit (the room's event) cannot be cut from it by a dropped connection."""
-        now_ms = _ms(now_ms)
+        """Debit the sender and credit the creator once per (sender, key); the creator's
+        diamonds start on hold. `on_settled` runs as soon as Redis answers, even if the caller
+        was cancelled meanwhile: what must follow a debit (the room's event) cannot be cut
+        from it by a dropped connection. The result's `ts` is the ledger entry's."""
         if not is_count(count):
             raise Refusal(Reason.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
         if not is_key(key):
@@ -223,9 +270,9 @@ class Wallet:
                 keys.wallet(sender),
                 keys.wallet(creator),
                 keys.gift_key(sender, key),
-                keys.spent(sender, now_ms),
                 keys.combo(sender, room),
                 self._ledger_key,
+                keys.held(creator),
             ],
             [
                 event,
@@ -238,11 +285,11 @@ class Wallet:
                 coins,
                 diamonds,
                 int(adult),
-                now_ms,
+                self._now_arg(),
                 keys.GIFT_KEY_TTL_MS,
-                keys.SPENT_TTL_MS,
                 keys.COMBO_GAP_MS,
                 keys.COMBO_TTL_MS,
+                self.payout_hold_days,
             ],
             settled,
         )
@@ -279,10 +326,9 @@ class Wallet:
     # ---- the internal HTTP API ----------------------------------------------------------
 
     async def purchase(
-        self, *, receipt: str, user: str, package: Package, adult: bool, now_ms: int
+        self, *, receipt: str, user: str, package: Package, adult: bool
     ) -> PurchaseResult:
         """Credit a package once per receipt, paying any debt down first."""
-        now_ms = _ms(now_ms)
         _check_receipt(receipt)
         _check_int("package coins", package.coins, 1, MAX_PACKAGE_COINS)
         _check_int("package price_cents", package.price_cents, 0, MAX_PRICE_CENTS)
@@ -313,15 +359,15 @@ class Wallet:
                 package.coins,
                 package.price_cents,
                 int(adult),
-                now_ms,
+                self._now_arg(),
                 MAX_BALANCE,
             ],
             purchased,
         )
 
-    async def refund(self, *, receipt: str, now_ms: int) -> RefundResult:
-        """Reverse a purchase once; what the balance cannot cover becomes debt."""
-        now_ms = _ms(now_ms)
+    async def refund(self, *, receipt: str) -> RefundResult:
+        """Reverse a purchase once; what the balance cannot cover becomes debt (the creator's
+        diamonds from gifts of those coins stay: the hold is what keeps them unpaid)."""
         _check_receipt(receipt)
         owner = await self._redis.hget(keys.receipt(receipt), "user")  # never changes once set
         if owner is None:
@@ -345,36 +391,51 @@ class Wallet:
         return await self._call(
             "refund",
             [keys.receipt(receipt), keys.wallet(user), self._ledger_key],
-            [event, user, receipt, now_ms],
+            [event, user, receipt, self._now_arg()],
             refunded,
         )
 
-    async def wallet(self, user: str, now_ms: int) -> WalletView:
-        """Balances, debt, limit and the spend of now_ms's UTC day, read in one MULTI."""
-        now_ms = _ms(now_ms)
+    async def wallet(self, user: str) -> WalletView:
+        """Balances, debt, limits, the spend of this UTC day and ISO week, and the diamonds
+        on hold and payable now, all read in one MULTI with Redis's time."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            _read_view(pipe, user, now_ms)
-            return _view(user, await pipe.execute())
+            self._read_view(pipe, user)
+            return self._view(user, await pipe.execute())
 
-    async def set_daily_limit(
-        self, user: str, daily_limit: int | None, *, now_ms: int | None = None
+    async def set_daily_limit(self, user: str, daily_limit: int | None) -> WalletView:
+        """Set (None: clear) the user's cap on coins spent per UTC day; returns the wallet."""
+        return await self.set_limits(user, daily_limit=daily_limit)
+
+    async def set_limits(
+        self,
+        user: str,
+        *,
+        daily_limit: LimitChange = UNCHANGED,
+        weekly_limit: LimitChange = UNCHANGED,
     ) -> WalletView:
-        """Set (None: clear) the user's cap on coins spent per UTC day; returns the wallet.
-        Not a money movement, so a MULTI rather than a script, and no ledger entry."""
-        if daily_limit is not None:
-            _check_int("daily_limit", daily_limit, 0, MAX_DAILY_LIMIT, refuse=True)
-        now_ms = _ms(now_ms if now_ms is not None else time.time_ns() // 1_000_000)
+        """Set (None: clear; UNCHANGED: leave) the user's caps on coins spent per UTC day and
+        per ISO week; returns the wallet. Not a money movement, so a MULTI rather than a
+        script, and no ledger entry."""
+        changes = {"daily_limit": daily_limit, "weekly_limit": weekly_limit}
+        for name, limit in changes.items():
+            if limit is not None and limit is not UNCHANGED:
+                _check_int(name, limit, 0, MAX_AMOUNT, refuse=True)
         async with self._redis.pipeline(transaction=True) as pipe:
-            if daily_limit is None:
-                pipe.hdel(keys.wallet(user), "daily_limit")
-            else:
-                pipe.hset(keys.wallet(user), "daily_limit", daily_limit)
-            _read_view(pipe, user, now_ms)
-            return _view(user, (await pipe.execute())[1:])
+            writes = 0
+            for name, limit in changes.items():
+                if limit is None:
+                    pipe.hdel(keys.wallet(user), name)
+                elif not isinstance(limit, Unchanged):
+                    pipe.hset(keys.wallet(user), name, limit)
+                else:
+                    continue
+                writes += 1
+            self._read_view(pipe, user)
+            return self._view(user, (await pipe.execute())[writes:])
 
-    async def payout(self, *, creator: str, diamonds: int, key: str, now_ms: int) -> PayoutResult:
-        """Turn diamonds into cents once per key."""
-        now_ms = _ms(now_ms)
+    async def payout(self, *, creator: str, diamonds: int, key: str) -> PayoutResult:
+        """Turn payable diamonds into cents once per key: only diamonds past their hold, and
+        at most the daily cap a UTC day (Redis's day)."""
         _check_int("diamonds", diamonds, 1, MAX_PAYOUT_DIAMONDS, refuse=True)
         if not is_key(key):
             raise Refusal(Reason.BAD_VALUE, f"key must be {KEY_RULE}")
@@ -398,9 +459,53 @@ class Wallet:
 
         return await self._call(
             "payout",
-            [keys.wallet(creator), keys.payout(key), self._ledger_key],
-            [event, _new_id(), creator, key, diamonds, self._economics.cents_for(diamonds), now_ms],
+            [keys.wallet(creator), keys.payout(key), self._ledger_key, keys.held(creator)],
+            [
+                event,
+                _new_id(),
+                creator,
+                key,
+                diamonds,
+                self._economics.cents_for(diamonds),
+                self._now_arg(),
+                self.payout_daily_cap,
+            ],
             paid,
+        )
+
+    # ---- money time ---------------------------------------------------------------------
+
+    def _now_arg(self) -> int | str:
+        """What a script takes as now: '' (read Redis's TIME), or the test clock's ms."""
+        return "" if self._clock is None else _ms(self._clock())
+
+    def _read_view(self, pipe: Any, user: str) -> None:
+        pipe.hmget(keys.wallet(user), list(_VIEW_FIELDS))
+        pipe.hgetall(keys.held(user))
+        pipe.time()
+
+    def _view(self, user: str, results: Sequence[Any]) -> WalletView:
+        values, held_buckets, (seconds, micros) = results
+        stored = dict(zip(_VIEW_FIELDS, values, strict=True))
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        if self._clock is not None:
+            now_ms = _ms(self._clock())
+        today = keys.epoch_day(now_ms)
+        diamonds = _int(stored["diamonds"])
+        held = sum(int(v) for day, v in held_buckets.items() if int(day) > today)
+        paid_today = _stamped(stored, "payout_day", "payout_day_diamonds", today)
+        return WalletView(
+            user=user,
+            coins=_int(stored["coins"]),
+            diamonds=diamonds,
+            spent_today=_stamped(stored, "spent_day", "spent_day_coins", today),
+            daily_limit=_opt_int(stored["daily_limit"]),
+            debt=_int(stored["debt"]),
+            spent_week=_stamped(stored, "spent_week", "spent_week_coins", keys.iso_week(today)),
+            weekly_limit=_opt_int(stored["weekly_limit"]),
+            diamonds_held=held,
+            diamonds_payable=max(diamonds - held, 0),
+            payout_left_today=max(self.payout_daily_cap - paid_today, 0),
         )
 
     # ---- the one way a script is called -------------------------------------------------
@@ -428,21 +533,29 @@ class Wallet:
         return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
 
 
-def _read_view(pipe: Any, user: str, now_ms: int) -> None:
-    pipe.hmget(keys.wallet(user), ["coins", "diamonds", "debt", "daily_limit"])
-    pipe.get(keys.spent(user, now_ms))
+_VIEW_FIELDS = (
+    "coins",
+    "diamonds",
+    "debt",
+    "daily_limit",
+    "weekly_limit",
+    "spent_day",
+    "spent_day_coins",
+    "spent_week",
+    "spent_week_coins",
+    "payout_day",
+    "payout_day_diamonds",
+)
 
 
-def _view(user: str, results: Sequence[Any]) -> WalletView:
-    (coins, diamonds, debt, daily_limit), spent = results
-    return WalletView(
-        user=user,
-        coins=_int(coins),
-        diamonds=_int(diamonds),
-        spent_today=_int(spent),
-        daily_limit=None if daily_limit is None else int(daily_limit),
-        debt=_int(debt),
-    )
+def _stamped(stored: dict[str, Any], stamp: str, count: str, current: int) -> int:
+    """A day- or week-stamped counter of the wallet hash: its count while the stamp is
+    `current`, 0 once that day or week is over (as the scripts read it)."""
+    return _int(stored[count]) if _int(stored[stamp]) == current else 0
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 _ids = random.Random()  # seeded from os.urandom; reseeded in a forked child

@@ -401,7 +401,6 @@ class Session:
             gift=gift,
             count=message.count,
             key=message.key,
-            now_ms=now_ms(),
             on_settled=publish,
         )
 

@@ -15,7 +15,7 @@ from giftstream.server.money.catalog import Economics, Package
 from giftstream.server.money.wallet import PurchaseResult, Wallet
 from giftstream.server.scripts import script_source
 from tests.model.keyspace import Snapshot, snapshot
-from tests.server.conftest import NOW_MS
+from tests.server.conftest import MoneyClock
 
 SCRIPT_NAMES = (
     "send_gift",
@@ -56,8 +56,9 @@ def state(redis_client: aioredis.Redis) -> Everything:
 
 @pytest.fixture
 async def money(redis_client: aioredis.Redis) -> AsyncIterator[Wallet]:
-    """A Wallet with the default economics (half to the creator, payouts from 10000)."""
-    wallet = Wallet(redis_client, Economics())
+    """A Wallet with the default economics (half to the creator, payouts from 10000), on a
+    money clock at NOW_MS, without a payout hold."""
+    wallet = Wallet(redis_client, Economics(), payout_hold_days=0, clock=MoneyClock())
     await wallet.load_scripts()
     yield wallet
     await wallet.drain()
@@ -70,7 +71,6 @@ async def fund(money: Wallet, user: str, coins: int, receipt: str | None = None)
         user=user,
         package=Package(id=f"pack_{coins}", coins=coins, price_cents=coins, currency="USD"),
         adult=True,
-        now_ms=NOW_MS,
     )
 
 

@@ -32,10 +32,12 @@ class LoopRedis:
     One instance per Hypothesis example (or per test); `close()` drains the wallet, closes
     the client and the loop, so no connection outlives the loop that opened it."""
 
-    def __init__(self, url: str, economics: Economics, *, flush: bool = True) -> None:
+    def __init__(
+        self, url: str, economics: Economics, *, flush: bool = True, **wallet_options: Any
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.redis: aioredis.Redis = self.run(self._connect(url))
-        self.wallet = Wallet(self.redis, economics)
+        self.wallet = Wallet(self.redis, economics, **wallet_options)
         if flush:
             self.run(self.redis.flushall())
         self.run(self.wallet.load_scripts())

@@ -76,7 +76,7 @@ async def refused_unchanged(
 # ---- a. the Wallet API ----------------------------------------------------------------------
 
 
-async def gift(money: Wallet, *, count: Any = 1, gift: Gift = HEART, now_ms: Any = NOW_MS) -> Any:
+async def gift(money: Wallet, *, count: Any = 1, gift: Gift = HEART) -> Any:
     return await money.send_gift(
         sender="ann",
         adult=True,
@@ -85,7 +85,6 @@ async def gift(money: Wallet, *, count: Any = 1, gift: Gift = HEART, now_ms: Any
         gift=gift,
         count=count,
         key="gift-key-int",
-        now_ms=now_ms,
     )
 
 
@@ -105,9 +104,13 @@ async def test_gift_coins_in_the_catalog_gift(money: Wallet, state: Everything, 
 
 
 @pytest.mark.parametrize("now_ms", bad())
-async def test_gift_clock(money: Wallet, state: Everything, now_ms: Any) -> None:
+async def test_a_test_clocks_time(
+    money: Wallet, redis_client: aioredis.Redis, state: Everything, now_ms: Any
+) -> None:
+    """A test clock (the only way a time reaches a script) that gives a non-integer."""
     await fund(money, "ann", 1000)
-    await refused_unchanged(state, lambda: gift(money, now_ms=now_ms), ValueError)
+    clocked = Wallet(redis_client, Economics(), clock=lambda: now_ms)
+    await refused_unchanged(state, lambda: gift(clocked, count=1), ValueError)
 
 
 @pytest.mark.parametrize("field", ["coins", "price_cents"])
@@ -116,9 +119,7 @@ async def test_purchase_package(money: Wallet, state: Everything, field: str, va
     package = Package(**{**PACK_70.as_wire(), field: value})
     await refused_unchanged(
         state,
-        lambda: money.purchase(
-            receipt="rc-int-1", user="ann", package=package, adult=True, now_ms=NOW_MS
-        ),
+        lambda: money.purchase(receipt="rc-int-1", user="ann", package=package, adult=True),
         ValueError,
     )
 
@@ -135,11 +136,10 @@ async def test_payout_diamonds(money: Wallet, state: Everything, diamonds: Any) 
         count=3,
         key="gift-key-castle",
         gift=Gift("castle", "Castle", 10_000, "castle.webp"),
-        now_ms=NOW_MS,
     )
     error = await refused_unchanged(
         state,
-        lambda: money.payout(creator="cara", diamonds=diamonds, key="payout-key-1", now_ms=NOW_MS),
+        lambda: money.payout(creator="cara", diamonds=diamonds, key="payout-key-1"),
         Refusal,
     )
     assert (http_status(error), error.code) == (422, "bad_request")
@@ -164,7 +164,7 @@ async def test_a_float_from_the_economics_fails_its_own_movement_only(
     await fund(money, "ann", 100)
     await gift(money, count=2)  # cara: 5 diamonds
     before = await snapshot(redis_client)
-    payout = money.payout(creator="cara", diamonds=5, key="payout-key-1", now_ms=NOW_MS)
+    payout = money.payout(creator="cara", diamonds=5, key="payout-key-1")
     settled = money.send_gift(
         sender="ann",
         adult=True,
@@ -173,7 +173,6 @@ async def test_a_float_from_the_economics_fails_its_own_movement_only(
         gift=HEART,
         count=1,
         key="gift-key-same-turn",
-        now_ms=NOW_MS,
     )
     paid, sent = await asyncio.wait_for(asyncio.gather(payout, settled, return_exceptions=True), 5)
     assert isinstance(paid, TypeError)
@@ -234,9 +233,9 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.wallet("ann"),
             keys.wallet("cara"),
             keys.gift_key("ann", GIFT_KEY),
-            keys.spent("ann", NOW_MS),
             keys.combo("ann", "cara"),
             keys.LEDGER,
+            keys.held("cara"),
         ],
         [
             "ev-1",
@@ -249,38 +248,37 @@ RAW_CALLS: dict[str, RawCall] = {
             5,
             2,
             1,
-            NOW_MS,
+            "",  # now: Redis's TIME
             keys.GIFT_KEY_TTL_MS,
-            keys.SPENT_TTL_MS,
             keys.COMBO_GAP_MS,
             keys.COMBO_TTL_MS,
+            7,
         ],
         {
             7: "count",
             8: "coins",
             9: "diamonds",
             10: "adult",
-            11: "now",
             12: "key_ttl",
-            13: "spent_ttl",
-            14: "combo_gap",
-            15: "combo_ttl",
+            13: "combo_gap",
+            14: "combo_ttl",
+            15: "hold_days",
         },
     ),
     "purchase": RawCall(
         [keys.wallet("ann"), keys.receipt("rc-raw-1"), keys.LEDGER],
-        ["ev-1", "ann", "rc-raw-1", "coins_70", "USD", 70, 99, 1, NOW_MS, MAX_BALANCE],
-        {6: "coins", 7: "price_cents", 8: "adult", 9: "now", 10: "max_balance"},
+        ["ev-1", "ann", "rc-raw-1", "coins_70", "USD", 70, 99, 1, "", MAX_BALANCE],
+        {6: "coins", 7: "price_cents", 8: "adult", 10: "max_balance"},
     ),
     "refund": RawCall(
         [keys.receipt(RECEIPT), keys.wallet("ann"), keys.LEDGER],
-        ["ev-1", "ann", RECEIPT, NOW_MS],
-        {4: "now"},
+        ["ev-1", "ann", RECEIPT, ""],
+        {},
     ),
     "payout": RawCall(
-        [keys.wallet("cara"), keys.payout("payout-key-1"), keys.LEDGER],
-        ["ev-1", "po-1", "cara", "payout-key-1", 20, 10, NOW_MS],
-        {5: "diamonds", 6: "cents", 7: "now"},
+        [keys.wallet("cara"), keys.payout("payout-key-1"), keys.LEDGER, keys.held("cara")],
+        ["ev-1", "po-1", "cara", "payout-key-1", 20, 10, "", 2_000_000],
+        {5: "diamonds", 6: "cents", 8: "daily_cap"},
     ),
     "earnings": RawCall(
         [seen_key("cara", DAY), earnings_key("cara")],
@@ -321,7 +319,6 @@ async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
         count=40,
         key="gift-key-bob",
         gift=HEART,
-        now_ms=NOW_MS,
     )
     if name == "dead_letter":
         await redis.xgroup_create(keys.LEDGER, "earnings", id="0")
@@ -379,7 +376,7 @@ async def test_raw_calls_mirror_what_wallet_py_sends(
 ) -> None:
     """RAW_CALLS stays true to wallet.py: as many KEYS and ARGV, integers exactly at the
     positions named numeric (a spy on the batcher, the real calls still run)."""
-    money = Wallet(redis_client, Economics(payout_min_diamonds=1))
+    money = Wallet(redis_client, Economics(payout_min_diamonds=1), payout_hold_days=0)
     await money.load_scripts()
     names = {id(script): name for name, script in money._scripts.items()}
     sent: dict[str, tuple[list[str], list[Any]]] = {}
@@ -392,14 +389,58 @@ async def test_raw_calls_mirror_what_wallet_py_sends(
     monkeypatch.setattr(money._batcher, "submit", spy)
     await fund(money, "ann", 100)
     await gift(money)
-    await money.payout(creator="cara", diamonds=2, key="payout-key-1", now_ms=NOW_MS)
-    await money.refund(receipt=RECEIPT, now_ms=NOW_MS)
+    await money.payout(creator="cara", diamonds=2, key="payout-key-1")
+    await money.refund(receipt=RECEIPT)
     assert sorted(sent) == ["payout", "purchase", "refund", "send_gift"]
     for name, (script_keys, args) in sent.items():
         raw = RAW_CALLS[name]
         assert (len(script_keys), len(args)) == (len(raw.keys), len(raw.args)), name
         assert {i + 1 for i, v in enumerate(args) if type(v) is int} == set(raw.numeric), name
         assert all(type(v) is str for i, v in enumerate(args) if i + 1 not in raw.numeric)
+        assert args[NOW_AT[name] - 1] == "", name  # production sends no time: Redis's TIME
+
+
+# Where each money script takes its time: '' (Redis's TIME, what production sends) or the
+# ms of a test clock.
+NOW_AT = {"send_gift": 11, "purchase": 9, "refund": 4, "payout": 7}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, id=f"{name}-ARGV{at}-now") for name, at in NOW_AT.items()]
+)
+async def test_raw_script_refuses_a_bad_time(
+    money: Wallet,
+    redis_client: aioredis.Redis,
+    state: Everything,
+    evalsha: Eval,
+    name: str,
+) -> None:
+    """The time position takes '' or an integer in Redis's form; anything else is refused
+    with no write. Then a test clock's integer time is taken."""
+    raw = await setup_raw(name, money, redis_client)
+    position = NOW_AT[name]
+    taken: list[str] = []
+    for text in BAD_ARGV:
+        if text == "":
+            continue  # production's value: TIME
+        args = [*raw.args]
+        args[position - 1] = text
+        before = await state()
+        try:
+            outcome = repr(await evalsha(name, raw.keys, args))
+        except ResponseError as error:
+            outcome = "" if f"ARGV[{position}]" in str(error) else f"other error: {error}"
+        if await state() != before:
+            outcome += " and wrote to Redis"
+        if outcome:
+            taken.append(f"{text!r}: {outcome}")
+    assert not taken, f"{name} ARGV[{position}] was not refused cleanly:\n" + "\n".join(taken)
+    args = [*raw.args]
+    args[position - 1] = NOW_MS
+    before = await state()
+    reply = await evalsha(name, raw.keys, args)
+    assert not isinstance(reply, list) or reply[0] == b"ok", reply
+    assert await state() != before
 
 
 def with_prelude(body: str) -> str:

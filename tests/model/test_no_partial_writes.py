@@ -37,7 +37,7 @@ from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import MAX_BALANCE, Wallet
 from tests.model.conftest import SCRIPT_NAMES, Eval, everything, fund
-from tests.server.conftest import NOW_MS
+from tests.server.conftest import NOW_MS, MoneyClock
 
 HEART = Gift(id="heart", name="Heart", coins=5, animation="heart.webp")
 CASTLE = Gift(id="castle", name="Castle", coins=10_000, animation="castle.webp")
@@ -47,24 +47,47 @@ GROUP = "earnings"
 CONSUMER = "consumer-1"
 DEAD = dead_letter_stream(keys.LEDGER)
 CP = CheckpointKeys.of(keys.LEDGER)
-DAY = keys.utc_day(NOW_MS)
+DAY_MS = 86_400_000
+WORLD_MS = NOW_MS - 3 * DAY_MS  # the world is built then; its holds are over by NOW_MS
+DAY = keys.utc_day(WORLD_MS)  # bob's gift's day, which earnings count
+TODAY = keys.epoch_day(NOW_MS)
+HOLD_DAYS = 1
+PAYOUT_CAP = 1000
 MAX_ID = "18446744073709551615-18446744073709551615"  # after it, XADD * has no id to give
+
+
+class ClockedWallet(Wallet):
+    """The world's Wallet: payouts from 1 diamond, a hold of HOLD_DAYS, a cap of PAYOUT_CAP,
+    on a money clock the world's set-up moves."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.clock = MoneyClock()
+        super().__init__(
+            redis,
+            Economics(payout_min_diamonds=1),
+            payout_hold_days=HOLD_DAYS,
+            payout_daily_cap=PAYOUT_CAP,
+            clock=self.clock,
+        )
 
 
 @dataclass
 class World:
     """What a case can use: the wallet, raw script calls, and ids the setup produced."""
 
-    money: Wallet
+    money: ClockedWallet
     redis: aioredis.Redis
     evalsha: Eval
     gift_entry: LedgerEntry  # bob's gift to cara, the first gift in the ledger
     pending_id: str  # the ledger entry the `earnings` group holds pending for CONSUMER
 
 
-async def build_world(money: Wallet, redis: aioredis.Redis, evalsha: Eval) -> World:
-    """ann: 100 coins (RECEIPT); bob: 500 coins after gifting cara and dan 100 diamonds each;
-    the `earnings` group has read one ledger entry and not acked it."""
+async def build_world(money: ClockedWallet, redis: aioredis.Redis, evalsha: Eval) -> World:
+    """ann: 100 coins (RECEIPT); bob: 500 coins after gifting cara and dan 100 diamonds each,
+    three days ago, so their hold is over (a gift now is held); the `earnings` group has read
+    one ledger entry and not acked it."""
+    clock = money.clock
+    clock.now_ms = WORLD_MS
     await fund(money, "ann", 100, RECEIPT)
     await fund(money, "bob", 900)
     for room in ("cara", "dan"):
@@ -76,8 +99,8 @@ async def build_world(money: Wallet, redis: aioredis.Redis, evalsha: Eval) -> Wo
             gift=HEART,
             count=40,
             key=f"gift-key-bob-{room}",
-            now_ms=NOW_MS,
         )
+    clock.now_ms = NOW_MS
     gifts = [entry async for entry in read_entries(redis) if entry.kind == "gift"]
     await redis.xgroup_create(keys.LEDGER, GROUP, id="0")
     reply: Any = await redis.xreadgroup(GROUP, CONSUMER, {keys.LEDGER: ">"}, count=1)
@@ -102,7 +125,6 @@ def send_gift(**change: Any) -> Call:
             gift=HEART,
             count=1,
             key="gift-key-np",
-            now_ms=NOW_MS,
         )
         return await w.money.send_gift(**{**args, **change})
 
@@ -111,7 +133,7 @@ def send_gift(**change: Any) -> Call:
 
 def purchase(**change: Any) -> Call:
     async def call(w: World) -> Any:
-        args = dict(receipt="rc-np-1", user="ann", package=PACK_70, adult=True, now_ms=NOW_MS)
+        args = dict(receipt="rc-np-1", user="ann", package=PACK_70, adult=True)
         return await w.money.purchase(**{**args, **change})
 
     return call
@@ -119,7 +141,7 @@ def purchase(**change: Any) -> Call:
 
 def refund(**change: Any) -> Call:
     async def call(w: World) -> Any:
-        return await w.money.refund(**{"receipt": RECEIPT, "now_ms": NOW_MS, **change})
+        return await w.money.refund(**{"receipt": RECEIPT, **change})
 
     return call
 
@@ -139,7 +161,7 @@ def raw_refund(user: str = "ann", receipt: str = RECEIPT) -> Call:
 
 def payout(**change: Any) -> Call:
     async def call(w: World) -> Any:
-        args = dict(creator="cara", diamonds=60, key="payout-key-np", now_ms=NOW_MS)
+        args = dict(creator="cara", diamonds=60, key="payout-key-np")
         return await w.money.payout(**{**args, **change})
 
     return call
@@ -266,15 +288,15 @@ class Case:
 
 SENDER, CREATOR = keys.wallet("ann"), keys.wallet("cara")
 GIFT_RECORD = keys.gift_key("ann", "gift-key-np")
-SPENT, COMBO = keys.spent("ann", NOW_MS), keys.combo("ann", "cara")
+COMBO, HELD = keys.combo("ann", "cara"), keys.held("cara")
 RECEIPT_NEW, RECEIPT_OLD = keys.receipt("rc-np-1"), keys.receipt(RECEIPT)
 PAYOUT_RECORD = keys.payout("payout-key-np")
 SEEN, TOTALS = seen_key("cara", DAY), earnings_key("cara")
 WRONGTYPE = "error:WRONGTYPE"
 
 CASES = [
-    # send_gift: key, debt, age, daily limit, balance; then ledger, sender, creator, key
-    # record, spend counter, combo.
+    # send_gift: key, debt, age, daily and weekly limits, balance; then ledger, sender,
+    # creator, held diamonds, key record, combo.
     Case("send_gift", "control", nothing, send_gift(), "ok"),
     Case(
         "send_gift",
@@ -290,6 +312,21 @@ CASES = [
         "send_gift",
         "daily limit spent earlier",
         first(hset(SENDER, daily_limit=9), send_gift(key="gift-key-np-0")),
+        send_gift(),
+        "spending_limit",
+    ),
+    Case("send_gift", "weekly limit", hset(SENDER, weekly_limit=4), send_gift(), "spending_limit"),
+    Case(
+        "send_gift",
+        "weekly limit spent on an earlier day",
+        hset(
+            SENDER,
+            weekly_limit=9,
+            spent_week=keys.iso_week(TODAY),
+            spent_week_coins=5,
+            spent_day=TODAY - 1,
+            spent_day_coins=5,
+        ),
         send_gift(),
         "spending_limit",
     ),
@@ -324,6 +361,41 @@ CASES = [
     ),
     Case(
         "send_gift",
+        "corrupt weekly limit",
+        hset(SENDER, weekly_limit="1e3"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt spend of the day",
+        hset(SENDER, spent_day=TODAY, spent_day_coins="5.0"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt spend of a past week",
+        hset(SENDER, spent_week=TODAY - 70, spent_week_coins="x"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt held diamonds",
+        hset(HELD, **{str(TODAY + 5): "2.5"}),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "corrupt hold day",
+        hset(HELD, **{"soon": "25"}),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
         "corrupt creator diamonds",
         hset(CREATOR, diamonds="9007199254740993"),
         send_gift(),
@@ -347,7 +419,7 @@ CASES = [
     Case(
         "send_gift", "key record is a list", WrongType(GIFT_RECORD, "list"), send_gift(), WRONGTYPE
     ),
-    Case("send_gift", "spend counter is a hash", WrongType(SPENT, "hash"), send_gift(), WRONGTYPE),
+    Case("send_gift", "held diamonds are a list", WrongType(HELD, "list"), send_gift(), WRONGTYPE),
     Case("send_gift", "combo is a set", WrongType(COMBO, "set"), send_gift(), WRONGTYPE),
     # purchase: receipt, age, balance cap; then ledger, wallet, receipt.
     Case("purchase", "control", nothing, purchase(), "ok"),
@@ -452,6 +524,34 @@ CASES = [
     Case("payout", "too few diamonds", nothing, payout(diamonds=101), "insufficient_diamonds"),
     Case(
         "payout",
+        "diamonds on hold",
+        first(send_gift(count=20)),  # 50 more diamonds, held: 100 of 150 payable
+        payout(diamonds=101),
+        "payout_held",
+    ),
+    Case(
+        "payout",
+        "past the day's cap",
+        hset(CREATOR, payout_day=TODAY, payout_day_diamonds=PAYOUT_CAP - 59),
+        payout(),
+        "payout_cap",
+    ),
+    Case(
+        "payout",
+        "corrupt payouts of the day",
+        hset(CREATOR, payout_day=TODAY, payout_day_diamonds="1e2"),
+        payout(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "payout",
+        "corrupt held diamonds",
+        hset(HELD, **{str(TODAY + 5): "-0"}),
+        payout(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "payout",
         "corrupt diamonds",
         hset(CREATOR, diamonds="100.0"),
         payout(),
@@ -463,6 +563,7 @@ CASES = [
     Case(
         "payout", "payout record is a list", WrongType(PAYOUT_RECORD, "list"), payout(), WRONGTYPE
     ),
+    Case("payout", "held diamonds are a list", WrongType(HELD, "list"), payout(), WRONGTYPE),
     # earnings: the totals read; then the seen set, the totals.
     Case("earnings", "control", nothing, earnings(), "True"),
     Case("earnings", "counted before", first(earnings()), earnings(), "False"),
@@ -605,7 +706,7 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 async def test_a_failed_script_writes_nothing(
     redis_client: aioredis.Redis, evalsha: Eval, case: Case
 ) -> None:
-    money = Wallet(redis_client, Economics(payout_min_diamonds=1))
+    money = ClockedWallet(redis_client)
     await money.load_scripts()
     world = await build_world(money, redis_client, evalsha)
     await case.sabotage(world)
@@ -630,10 +731,10 @@ async def test_a_failed_script_writes_nothing(
 
 # The keys each script writes (server/lua/*.lua, every redis.call that writes).
 WRITES = {
-    "send_gift": {keys.LEDGER, SENDER, CREATOR, GIFT_RECORD, SPENT, COMBO},
+    "send_gift": {keys.LEDGER, SENDER, CREATOR, HELD, GIFT_RECORD, COMBO},
     "purchase": {keys.LEDGER, SENDER, RECEIPT_NEW},
     "refund": {keys.LEDGER, SENDER, RECEIPT_OLD},
-    "payout": {keys.LEDGER, CREATOR, PAYOUT_RECORD},
+    "payout": {keys.LEDGER, CREATOR, HELD, PAYOUT_RECORD},
     "earnings": {SEEN, TOTALS},
     "checkpoint": set(CP.all()),
     "dead_letter": {keys.LEDGER, DEAD},

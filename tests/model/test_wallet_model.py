@@ -1,5 +1,6 @@
 """Model-based test of the money path: a Hypothesis state machine drives the REAL Wallet on the
-real test Redis with random purchases, gifts, refunds, limits, payouts and a moving clock, and
+real test Redis with random purchases, gifts, refunds, daily and weekly limits, payouts (on
+hold, capped a day) and a moving clock (the Wallet's test clock, standing in for Redis's), and
 after every step checks the whole keyspace against tests/model/wallet_model.py, that no balance
 is negative, and that replaying the ledger from empty (server.ledger.audit and an independent
 replay) gives the same wallets. Pools of users, rooms, receipts and keys are tiny on purpose, so
@@ -33,7 +34,7 @@ from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Reason
 from giftstream.server.money.refusal import Refusal as MoneyRefusal
-from giftstream.server.money.wallet import MAX_PAYOUT_DIAMONDS
+from giftstream.server.money.wallet import MAX_PAYOUT_DIAMONDS, UNCHANGED, Unchanged
 from tests.model.keyspace import LoopRedis, Snapshot
 from tests.model.wallet_model import Refusal, WalletModel, replay
 from tests.server.conftest import NOW_MS
@@ -42,6 +43,8 @@ from tests.server.conftest import NOW_MS
 # minimum a few gifts can reach.
 ECONOMICS = Economics(creator_share_bp=7001, cents_per_100_diamonds=70, payout_min_diamonds=20)
 MIN_PAYOUT = ECONOMICS.payout_min_diamonds
+HOLD_DAYS = 1  # short, so the clock's day jumps end holds
+PAYOUT_CAP = 45  # two payouts a day reach it (the minimum is 20)
 SENDERS = ("ann", "bob", "cara")  # cara is also a creator: her coins and diamonds mix
 ROOMS = ("cara", "dan")  # a room's id is its creator's
 USERS = ("ann", "bob", "cara", "dan")
@@ -73,6 +76,7 @@ MIDNIGHT = (NOW_MS // DAY_MS + 1) * DAY_MS
 STARTS = (NOW_MS, MIDNIGHT - 3_000, MIDNIGHT - 61_000, MIDNIGHT - 3_600_000)
 HORIZON_MS = 23 * 3_600_000  # see wallet_model.py: Redis's TTL clock does not move with ours
 STEPS_MS = (0, 1, 999, 4_999, 5_000, 5_001, 60_000, 3_600_000, 6 * 3_600_000)
+JUMP_DAYS = (1, 1, 2, 3, 6)  # into the next day, past a hold, across an ISO week
 
 
 class GiftAction(NamedTuple):
@@ -93,7 +97,8 @@ class BuyAction(NamedTuple):
 
 class LimitAction(NamedTuple):
     user: str
-    daily_limit: int | None
+    daily_limit: int | Unchanged | None
+    weekly_limit: int | Unchanged | None
 
 
 class PayAction(NamedTuple):
@@ -122,10 +127,12 @@ buy_actions = st.builds(
     package=st.sampled_from(sorted(PACKAGES)),
     adult=adults,
 )
+limits = st.one_of(st.none(), st.sampled_from((0, 1, 5, 30, 400)), st.integers(0, 2_000))
 limit_actions = st.builds(
     LimitAction,
     user=users,
-    daily_limit=st.one_of(st.none(), st.sampled_from((0, 1, 5, 30, 400)), st.integers(0, 2_000)),
+    daily_limit=st.one_of(limits, st.just(UNCHANGED)),
+    weekly_limit=st.one_of(limits, st.just(UNCHANGED), st.integers(0, 5_000)),
 )
 pay_actions = st.builds(
     PayAction,
@@ -161,8 +168,14 @@ class WalletMachine(RuleBasedStateMachine):
 
     def __init__(self, redis_url: str) -> None:
         super().__init__()
-        self.io = LoopRedis(redis_url, ECONOMICS)  # flushes Redis: each example starts empty
-        self.model = WalletModel(ECONOMICS, now=NOW_MS)
+        self.model = WalletModel(ECONOMICS, now=NOW_MS, hold_days=HOLD_DAYS, payout_cap=PAYOUT_CAP)
+        self.io = LoopRedis(  # flushes Redis: each example starts empty
+            redis_url,
+            ECONOMICS,
+            clock=lambda: self.model.now,  # the real scripts take the model's time
+            payout_hold_days=HOLD_DAYS,
+            payout_daily_cap=PAYOUT_CAP,
+        )
         self.start = NOW_MS
         self.fresh = 0  # numbers receipts and keys that must not collide
         self._seen: Snapshot | None = None
@@ -194,6 +207,12 @@ class WalletMachine(RuleBasedStateMachine):
     def advance_clock(self, step: int) -> None:
         self.model.now = min(self.model.now + step, self.start + HORIZON_MS)
 
+    @rule(days=st.sampled_from(JUMP_DAYS))
+    def jump_days(self, days: int) -> None:
+        """Whole days on: a new UTC day (and ISO week, now and then), holds that end."""
+        self.model.now += days * DAY_MS
+        self.start += days * DAY_MS
+
     # ---- gifts -------------------------------------------------------------------------
 
     def gift(self, sender: str, room: str, gift: Gift, count: int, key: str, adult: bool) -> None:
@@ -206,7 +225,6 @@ class WalletMachine(RuleBasedStateMachine):
                 gift=gift,
                 count=count,
                 key=key,
-                now_ms=self.model.now,
             )
         )
         expected = self.model.send_gift(
@@ -277,9 +295,7 @@ class WalletMachine(RuleBasedStateMachine):
 
     def buy(self, receipt: str, user: str, package: Package, adult: bool) -> None:
         real = self.call(
-            self.io.wallet.purchase(
-                receipt=receipt, user=user, package=package, adult=adult, now_ms=self.model.now
-            )
+            self.io.wallet.purchase(receipt=receipt, user=user, package=package, adult=adult)
         )
         expected = self.model.purchase(
             receipt=receipt,
@@ -332,21 +348,27 @@ class WalletMachine(RuleBasedStateMachine):
         """A receipt bought (maybe refunded already: a replay) or one never bought."""
         bought = sorted(self.model.receipts)
         receipt = data.draw(st.sampled_from([*bought, *bought, "rc-never-bought"]))
-        real = self.call(self.io.wallet.refund(receipt=receipt, now_ms=self.model.now))
+        real = self.call(self.io.wallet.refund(receipt=receipt))
         expected = self.model.refund(receipt=receipt, new_event=getattr(real, "event", "?"))
         assert real == expected
 
     # ---- limits and wallets ----------------------------------------------------------------
 
     @rule(action=limit_actions)
-    def set_daily_limit(self, action: LimitAction) -> None:
-        user, limit = action
-        real = self.call(self.io.wallet.set_daily_limit(user, limit, now_ms=self.model.now))
-        assert real == self.model.set_daily_limit(user, limit)
+    def set_limits(self, action: LimitAction) -> None:
+        """Either limit, both or none of them; a limit not named stays as it was."""
+        user, daily, weekly = action
+        named = {
+            name: limit
+            for name, limit in (("daily_limit", daily), ("weekly_limit", weekly))
+            if limit is not UNCHANGED
+        }
+        real = self.call(self.io.wallet.set_limits(user, **named))
+        assert real == self.model.set_limits(user, named)
 
     @rule(user=users)
     def read_wallet(self, user: str) -> None:
-        real = self.call(self.io.wallet.wallet(user, self.model.now))
+        real = self.call(self.io.wallet.wallet(user))
         assert real == self.model.view(user)
         coins, diamonds = self.call(self.io.wallet.balance(user))
         assert (coins, diamonds) == (real.coins, real.diamonds)
@@ -354,11 +376,7 @@ class WalletMachine(RuleBasedStateMachine):
     # ---- payouts -----------------------------------------------------------------------
 
     def pay(self, creator: str, diamonds: int, key: str) -> None:
-        real = self.call(
-            self.io.wallet.payout(
-                creator=creator, diamonds=diamonds, key=key, now_ms=self.model.now
-            )
-        )
+        real = self.call(self.io.wallet.payout(creator=creator, diamonds=diamonds, key=key))
         expected = self.model.payout(
             creator=creator,
             diamonds=diamonds,
@@ -375,14 +393,43 @@ class WalletMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(self.model.get(c, "diamonds") >= MIN_PAYOUT for c in ROOMS))
     @rule(data=st.data())
     def payout_at_the_edge(self, data: st.DataObject) -> None:
-        """Exactly what the creator holds, one diamond more, or half (maybe below minimum)."""
+        """Exactly what the creator has, or what is payable now (past its hold), or what the
+        day's cap still allows, one diamond more, or half (maybe below minimum)."""
         rich = [c for c in ROOMS if self.model.get(c, "diamonds") >= MIN_PAYOUT]
         creator = data.draw(st.sampled_from(rich))
-        edge = data.draw(st.sampled_from(("all", "one_more", "half")))
+        edge = data.draw(st.sampled_from(("all", "one_more", "half", "payable", "cap_left")))
+        extra = data.draw(st.sampled_from((0, 0, 1)))
         key = data.draw(st.sampled_from(PAYOUT_KEYS[:3]))
-        held = self.model.get(creator, "diamonds")
-        diamonds = {"all": held, "one_more": held + 1, "half": held // 2}[edge]
+        view = self.model.view(creator)
+        diamonds = {
+            "all": view.diamonds,
+            "one_more": view.diamonds + 1,
+            "half": view.diamonds // 2,
+            "payable": view.diamonds_payable + extra,
+            "cap_left": min(view.diamonds_payable, view.payout_left_today) + extra,
+        }[edge]
         self.pay(creator, diamonds, key)
+
+    def payable(self) -> list[str]:
+        """Creators with a payout's minimum past its hold and within today's cap."""
+        return [
+            c
+            for c in ROOMS
+            if min(self.model.view(c).diamonds_payable, self.model.view(c).payout_left_today)
+            >= MIN_PAYOUT
+        ]
+
+    @precondition(lambda self: self.payable())
+    @rule(data=st.data())
+    def payout_what_is_payable(self, data: st.DataObject) -> None:
+        """All that the hold and the day's cap allow now, or one diamond more (refused: held,
+        or capped), with a new key: so payouts settle and the cap comes up."""
+        creator = data.draw(st.sampled_from(self.payable()))
+        view = self.model.view(creator)
+        diamonds = min(view.diamonds_payable, view.payout_left_today)
+        diamonds += data.draw(st.sampled_from((0, 0, 1)))
+        self.fresh += 1
+        self.pay(creator, diamonds, f"payout-key-new-{self.fresh}")
 
     @precondition(lambda self: self.model.payouts)
     @rule(data=st.data())
@@ -438,7 +485,7 @@ class WalletMachine(RuleBasedStateMachine):
         replayed = replay(entries)
         for user in held.keys() | replayed.keys():
             assert held.get(user, (0, 0, 0)) == replayed.get(user, (0, 0, 0)), user
-        report = self.io.run(audit(self.io.redis))
+        report = self.io.run(audit(self.io.redis, now_ms=self.model.now))
         assert report.breaches == []
         assert report.entries == len(entries)
 

@@ -10,18 +10,28 @@ every later replay, record and ledger entry must carry those same ids.
 Wallets are kept as the exact hash fields Redis holds (a field exists once a script or the
 limit call wrote it, even when it is 0), so the whole keyspace can be rendered and compared.
 
-Expiry: the gift key record (24 h), the day's spend counter (48 h) and the combo (60 s) are
-PEXPIREd on Redis's own clock, which a test cannot move. The model records each key's TTL
-bound and never expires anything; the state machine keeps its clock within 23 h of its start,
-where both agree that nothing has expired (a combo is judged by the gift's now_ms, not by its
-TTL, so the 5 s gap and the day rollover are fully exercised).
+Time: the real Wallet runs on a test clock (Wallet(clock=...)) that the model's `now` drives,
+standing in for Redis's TIME. Days are UTC days and weeks ISO weeks (Monday first), counted as
+the model counts them here, apart from giftstream.server.money.keys on purpose.
+
+Expiry: the gift key record (24 h) and the combo (60 s) are PEXPIREd on Redis's own clock,
+which a test cannot move. The model records each key's TTL bound and never expires anything;
+the state machine keeps its clock within 23 h of its start, where both agree that nothing has
+expired (a combo is judged by the gift's time, not by its TTL, so the 5 s gap and the day
+rollover are fully exercised). The clock also jumps whole days, for the week and hold rules:
+those jumps pass the TTLs, which Redis, whose own clock stays put, never applies; the model
+keeps those keys as Redis does.
+
+Holds and the payout cap: a gift's diamonds are held until the start of the UTC day
+hold_days + 1 after its day (giftstream:held:C, by release day); a payout may take only the
+diamonds not on hold, and a creator at most `payout_daily_cap` diamonds a UTC day.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from giftstream.protocol.rules import MAX_COUNT, is_key
@@ -34,6 +44,7 @@ from giftstream.server.money.wallet import (
     MAX_PACKAGE_COINS,
     MAX_PAYOUT_DIAMONDS,
     MAX_RECEIPT_LEN,
+    MAX_WEEKLY_LIMIT,
     PayoutResult,
     PurchaseResult,
     RefundResult,
@@ -100,9 +111,23 @@ class PayoutRecord:
 Expected = dict[str, tuple[str, Any, int | None]]
 
 
-def utc_day(now_ms: int) -> str:
-    """YYYY-MM-DD of now_ms in UTC, computed apart from giftstream.server.money.keys on purpose."""
-    return datetime.fromtimestamp(now_ms // 1000, tz=UTC).strftime("%Y-%m-%d")
+EPOCH = date(1970, 1, 1)
+
+
+def utc_date(now_ms: int) -> date:
+    """The UTC date of now_ms, computed apart from giftstream.server.money.keys on purpose."""
+    return datetime.fromtimestamp(now_ms // 1000, tz=UTC).date()
+
+
+def day_number(now_ms: int) -> int:
+    """The UTC day of now_ms as days since 1970-01-01 (the number Redis stores)."""
+    return (utc_date(now_ms) - EPOCH).days
+
+
+def week_number(now_ms: int) -> int:
+    """The ISO week of now_ms as its Monday's day number (the number Redis stores)."""
+    today = utc_date(now_ms)
+    return (today - timedelta(days=today.isoweekday() - 1) - EPOCH).days
 
 
 def _is_int(value: object, low: int, high: int) -> bool:
@@ -116,9 +141,11 @@ class WalletModel:
     economics: Economics
     max_balance: int = MAX_BALANCE
     now: int = 0
+    hold_days: int = 0
+    payout_cap: int = 2_000_000
     wallets: dict[str, dict[str, int]] = field(default_factory=dict)
     gift_records: dict[tuple[str, str], GiftRecord] = field(default_factory=dict)
-    spent: dict[tuple[str, str], int] = field(default_factory=dict)  # (user, day) -> coins
+    held: dict[str, dict[int, int]] = field(default_factory=dict)  # creator -> release day
     combos: dict[tuple[str, str], Streak] = field(default_factory=dict)  # (sender, room)
     receipts: dict[str, Receipt] = field(default_factory=dict)
     payouts: dict[str, PayoutRecord] = field(default_factory=dict)
@@ -135,20 +162,50 @@ class WalletModel:
         fields[name] = fields.get(name, 0) + delta
         return fields[name]
 
-    def limit(self, user: str) -> int | None:
-        return self.wallets.get(user, {}).get("daily_limit")
+    def limit(self, user: str, name: str = "daily_limit") -> int | None:
+        return self.wallets.get(user, {}).get(name)
 
-    def spent_on(self, user: str, now_ms: int) -> int:
-        return self.spent.get((user, utc_day(now_ms)), 0)
+    def stamped(self, user: str, stamp: str, count: str, current: int) -> int:
+        """A counter kept with the day or week it counts: 0 once that one is over."""
+        fields = self.wallets.get(user, {})
+        return fields.get(count, 0) if fields.get(stamp, 0) == current else 0
+
+    def spent_today(self, user: str) -> int:
+        return self.stamped(user, "spent_day", "spent_day_coins", day_number(self.now))
+
+    def spent_week(self, user: str) -> int:
+        return self.stamped(user, "spent_week", "spent_week_coins", week_number(self.now))
+
+    def on_hold(self, creator: str) -> int:
+        today = day_number(self.now)
+        return sum(d for day, d in self.held.get(creator, {}).items() if day > today)
+
+    def drop_due_holds(self, creator: str) -> None:
+        """What the scripts do whenever they read a creator's holds: forget those over."""
+        buckets = self.held.get(creator)
+        if buckets is None:
+            return
+        today = day_number(self.now)
+        for day in [day for day in buckets if day <= today]:
+            del buckets[day]
+        if not buckets:
+            del self.held[creator]
 
     def view(self, user: str) -> WalletView:
+        diamonds, held = self.get(user, "diamonds"), self.on_hold(user)
+        paid_today = self.stamped(user, "payout_day", "payout_day_diamonds", day_number(self.now))
         return WalletView(
             user=user,
             coins=self.get(user, "coins"),
-            diamonds=self.get(user, "diamonds"),
-            spent_today=self.spent_on(user, self.now),
+            diamonds=diamonds,
+            spent_today=self.spent_today(user),
             daily_limit=self.limit(user),
             debt=self.get(user, "debt"),
+            spent_week=self.spent_week(user),
+            weekly_limit=self.limit(user, "weekly_limit"),
+            diamonds_held=held,
+            diamonds_payable=diamonds - held,
+            payout_left_today=max(self.payout_cap - paid_today, 0),
         )
 
     # ---- movements ---------------------------------------------------------------------
@@ -190,8 +247,12 @@ class WalletModel:
             return Refusal("debt")
         if not adult:
             return Refusal("underage")
+        spent_today, spent_week = self.spent_today(sender), self.spent_week(sender)
         limit = self.limit(sender)
-        if limit is not None and self.spent_on(sender, self.now) + coins > limit:
+        if limit is not None and spent_today + coins > limit:
+            return Refusal("spending_limit")
+        weekly = self.limit(sender, "weekly_limit")
+        if weekly is not None and spent_week + coins > weekly:
             return Refusal("spending_limit")
         if self.get(sender, "coins") < coins:
             return Refusal("insufficient_coins")
@@ -203,6 +264,8 @@ class WalletModel:
             and self.now - streak.at < keys.COMBO_GAP_MS
         ):
             combo = streak.combo + 1
+        today = day_number(self.now)
+        release = today + self.hold_days + 1 if self.hold_days > 0 else None
 
         self.ledger.append(
             {
@@ -219,15 +282,24 @@ class WalletModel:
                 "platform": coins - diamonds,
                 "key": key,
                 "combo": combo,
+                "payable_at": self.now if release is None else release * 86_400_000,
             }
         )
         after = self._add(sender, "coins", -coins)
         self._add(creator, "diamonds", diamonds)
+        self.drop_due_holds(creator)
+        if release is not None and diamonds > 0:
+            buckets = self.held.setdefault(creator, {})
+            buckets[release] = buckets.get(release, 0) + diamonds
         self.gift_records[(sender, key)] = GiftRecord(
             room, gift.id, count, new_event, after, combo, diamonds, self.now
         )
-        day = (sender, utc_day(self.now))
-        self.spent[day] = self.spent.get(day, 0) + coins
+        self.wallets[sender] |= {
+            "spent_day": today,
+            "spent_day_coins": spent_today + coins,
+            "spent_week": week_number(self.now),
+            "spent_week_coins": spent_week + coins,
+        }
         self.combos[(sender, room)] = Streak(gift.id, combo, self.now)
         return SettledGift(new_event, after, combo, diamonds, self.now, replayed=False)
 
@@ -374,6 +446,12 @@ class WalletModel:
             )
         if self.get(creator, "diamonds") < diamonds:
             return Refusal("insufficient_diamonds")
+        if self.get(creator, "diamonds") - self.on_hold(creator) < diamonds:
+            return Refusal("payout_held")
+        today = day_number(self.now)
+        paid_today = self.stamped(creator, "payout_day", "payout_day_diamonds", today)
+        if paid_today + diamonds > self.payout_cap:
+            return Refusal("payout_cap")
         cents = self.economics.cents_for(diamonds)
 
         self.ledger.append(
@@ -389,24 +467,30 @@ class WalletModel:
             }
         )
         left = self._add(creator, "diamonds", -diamonds)
+        self.wallets[creator] |= {"payout_day": today, "payout_day_diamonds": paid_today + diamonds}
+        self.drop_due_holds(creator)
         self.payouts[key] = PayoutRecord(
             creator, diamonds, new_event, new_payout, cents, left, self.now
         )
         return PayoutResult(new_payout, creator, cents, left, new_event, replayed=False)
 
-    def set_daily_limit(self, user: str, daily_limit: object) -> WalletView | Refusal:
-        """Not a movement: no ledger entry. Clearing deletes the field (and an empty hash)."""
-        if daily_limit is not None and not _is_int(daily_limit, 0, MAX_DAILY_LIMIT):
-            return Refusal("bad_request")
-        if daily_limit is None:
-            fields = self.wallets.get(user)
-            if fields is not None:
-                fields.pop("daily_limit", None)
-                if not fields:
-                    del self.wallets[user]
-        else:
-            assert isinstance(daily_limit, int)
-            self.wallets.setdefault(user, {})["daily_limit"] = daily_limit
+    def set_limits(self, user: str, limits: Mapping[str, object]) -> WalletView | Refusal:
+        """Not a movement: no ledger entry. A limit not named stays; None clears it, which
+        deletes the field (and an empty hash)."""
+        highest = {"daily_limit": MAX_DAILY_LIMIT, "weekly_limit": MAX_WEEKLY_LIMIT}
+        for name, limit in limits.items():
+            if limit is not None and not _is_int(limit, 0, highest[name]):
+                return Refusal("bad_request")
+        for name, limit in limits.items():
+            if limit is None:
+                fields = self.wallets.get(user)
+                if fields is not None:
+                    fields.pop(name, None)
+                    if not fields:
+                        del self.wallets[user]
+            else:
+                assert isinstance(limit, int)
+                self.wallets.setdefault(user, {})[name] = limit
         return self.view(user)
 
     # ---- the keyspace as Redis should hold it ---------------------------------------------
@@ -433,8 +517,8 @@ class WalletModel:
                 ),
                 keys.GIFT_KEY_TTL_MS,
             )
-        for (user, day), coins in self.spent.items():
-            out[f"{keys.PREFIX}spent:{user}:{day}"] = ("string", str(coins), keys.SPENT_TTL_MS)
+        for creator, buckets in self.held.items():
+            out[keys.held(creator)] = ("hash", {str(d): str(v) for d, v in buckets.items()}, None)
         for (sender, room), s in self.combos.items():
             out[keys.combo(sender, room)] = (
                 "hash",
@@ -497,7 +581,8 @@ def replay(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int, in
     Written apart from giftstream.server.ledger.audit on purpose (a second opinion, not a
     copy): every amount must be a non-negative int, each event/receipt/refund/payout key at
     most once, a gift's coins split exactly into diamonds and platform share, a refund's
-    parts add up to its purchase, and no balance is negative after any entry."""
+    parts add up to its purchase, no balance is negative after any entry, and no payout takes
+    diamonds still on hold at its ts (a gift's diamonds are on hold until its `payable_at`)."""
     coins: dict[str, int] = {}
     diamonds: dict[str, int] = {}
     debt: dict[str, int] = {}
@@ -505,6 +590,7 @@ def replay(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int, in
     purchases: dict[str, Mapping[str, Any]] = {}
     refunded: set[str] = set()
     paid_keys: set[str] = set()
+    holds: dict[str, list[tuple[int, int]]] = {}  # creator -> (payable_at, diamonds)
 
     def amount(entry: Mapping[str, Any], name: str) -> int:
         value = entry.get(name)
@@ -525,6 +611,7 @@ def replay(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int, in
                 raise LedgerBreach(f"{event}: gift coins {spent} do not split into its shares")
             coins[sender] = coins.get(sender, 0) - spent
             diamonds[creator] = diamonds.get(creator, 0) + credit
+            holds.setdefault(creator, []).append((amount(entry, "payable_at"), credit))
             touched = {sender, creator}
         elif kind == "purchase":
             user, receipt = entry["user"], entry["receipt"]
@@ -557,7 +644,11 @@ def replay(entries: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int, in
                 raise LedgerBreach(f"{event}: payout key {key} paid twice")
             paid_keys.add(key)
             amount(entry, "cents")
-            diamonds[creator] = diamonds.get(creator, 0) - amount(entry, "diamonds")
+            ts, paid = amount(entry, "ts"), amount(entry, "diamonds")
+            on_hold = sum(d for at, d in holds.get(creator, []) if at > ts)
+            if paid > diamonds.get(creator, 0) - on_hold:
+                raise LedgerBreach(f"{event}: pays {paid} diamonds, {on_hold} of them on hold")
+            diamonds[creator] = diamonds.get(creator, 0) - paid
             touched = {creator}
         else:
             raise LedgerBreach(f"{event}: unknown kind {kind!r}")

@@ -20,15 +20,36 @@ Fund = Callable[..., Awaitable[PurchaseResult]]
 Snapshot = Callable[[], Awaitable[dict[bytes, Any]]]
 
 
+class MoneyClock:
+    """The money path's time in a test, moved by hand: `Wallet(clock=...)` makes every script
+    take it instead of Redis's TIME (which a test cannot move). Production Wallets have none."""
+
+    def __init__(self, now_ms: int = NOW_MS) -> None:
+        self.now_ms = now_ms
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+def money_clock() -> MoneyClock:
+    return MoneyClock()
+
+
 @pytest.fixture
 def wallet_metrics() -> Metrics:
     return Metrics()
 
 
 @pytest.fixture
-async def wallet(redis_client: aioredis.Redis, wallet_metrics: Metrics) -> AsyncIterator[Wallet]:
-    """A Wallet with the default economics: half to the creator, payouts from 10000."""
-    money = Wallet(redis_client, Economics(), metrics=wallet_metrics)
+async def wallet(
+    redis_client: aioredis.Redis, wallet_metrics: Metrics, money_clock: MoneyClock
+) -> AsyncIterator[Wallet]:
+    """A Wallet with the default economics (half to the creator, payouts from 10000) on the
+    test's money clock, and no payout hold: the hold's own tests set one."""
+    money = Wallet(
+        redis_client, Economics(), metrics=wallet_metrics, payout_hold_days=0, clock=money_clock
+    )
     await money.load_scripts()
     yield money
     await money.drain()
@@ -39,14 +60,10 @@ def fund_coins(wallet: Wallet) -> Fund:
     """`await fund_coins(user, coins)`: a purchase of exactly that many coins."""
     receipts = itertools.count(1)
 
-    async def fund(user: str, coins: int, *, now_ms: int = NOW_MS) -> PurchaseResult:
+    async def fund(user: str, coins: int) -> PurchaseResult:
         package = Package(id=f"pack_{coins}", coins=coins, price_cents=coins, currency="USD")
         return await wallet.purchase(
-            receipt=f"fund-{user}-{next(receipts)}",
-            user=user,
-            package=package,
-            adult=True,
-            now_ms=now_ms,
+            receipt=f"fund-{user}-{next(receipts)}", user=user, package=package, adult=True
         )
 
     return fund

@@ -16,6 +16,7 @@ from giftstream.server.ledger.entries import LedgerEntry, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.wallet import Wallet
+from tests.server.conftest import MoneyClock
 
 DAY_MS = 24 * 3600 * 1000
 DAY1_MS = 1_764_000_000_000  # 2025-11-24T16:00:00Z
@@ -28,13 +29,24 @@ SENDERS = 5
 CREATORS = ("cara", "dan")
 
 
-async def new_wallet(redis: aioredis.Redis) -> Wallet:
-    wallet = Wallet(redis, Economics())
+class ClockedWallet(Wallet):
+    """A Wallet on a money clock the workload moves over its two UTC days, without a payout
+    hold (the hold's own tests are tests/security/test_payout_hold.py)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.clock = MoneyClock(DAY1_MS)
+        super().__init__(redis, Economics(), payout_hold_days=0, clock=self.clock)
+
+
+async def new_wallet(redis: aioredis.Redis) -> ClockedWallet:
+    wallet = ClockedWallet(redis)
     await wallet.load_scripts()
     return wallet
 
 
-async def settle(wallet: Wallet, gifts: int, *, prefix: str = "q", extras: bool = True) -> int:
+async def settle(
+    wallet: ClockedWallet, gifts: int, *, prefix: str = "q", extras: bool = True
+) -> int:
     """`gifts` heart gifts (counts 1-3) from five senders to two creators over two UTC days,
     after the senders' purchases; with `extras`, also a castle gift, a payout and a refund
     that leaves debt. Returns how many ledger entries it added."""
@@ -42,13 +54,13 @@ async def settle(wallet: Wallet, gifts: int, *, prefix: str = "q", extras: bool 
 
     async def buy(receipt: str, user: str, package: Package = BIG) -> None:
         nonlocal added
-        await wallet.purchase(
-            receipt=f"{prefix}-{receipt}", user=user, package=package, adult=True, now_ms=DAY1_MS
-        )
+        wallet.clock.now_ms = DAY1_MS
+        await wallet.purchase(receipt=f"{prefix}-{receipt}", user=user, package=package, adult=True)
         added += 1
 
     async def gift(i: int, sender: str, creator: str, gift: Gift, count: int, ts: int) -> None:
         nonlocal added
+        wallet.clock.now_ms = ts
         await wallet.send_gift(
             sender=sender,
             adult=True,
@@ -57,7 +69,6 @@ async def settle(wallet: Wallet, gifts: int, *, prefix: str = "q", extras: bool 
             gift=gift,
             count=count,
             key=f"{prefix}-gift-{i:06d}",
-            now_ms=ts,
         )
         added += 1
 
@@ -69,13 +80,13 @@ async def settle(wallet: Wallet, gifts: int, *, prefix: str = "q", extras: bool 
     if extras:
         await buy("rc-castle", f"{prefix}whale")
         await gift(gifts, f"{prefix}whale", "cara", CASTLE, 3, DAY2_MS + gifts)
-        await wallet.payout(
-            creator="cara", diamonds=10_000, key=f"{prefix}-payout-1", now_ms=DAY2_MS
-        )
+        wallet.clock.now_ms = DAY2_MS
+        await wallet.payout(creator="cara", diamonds=10_000, key=f"{prefix}-payout-1")
         added += 1
         await buy("rc-refunded", f"{prefix}poor", SMALL)  # 70 coins, 65 spent, 65 owed after
         await gift(gifts + 1, f"{prefix}poor", "dan", HEART, 13, DAY2_MS + gifts + 1)
-        await wallet.refund(receipt=f"{prefix}-rc-refunded", now_ms=DAY2_MS)
+        wallet.clock.now_ms = DAY2_MS
+        await wallet.refund(receipt=f"{prefix}-rc-refunded")
         added += 1
     return added
 

@@ -24,9 +24,7 @@ async def mixed_workload(wallet: Wallet) -> None:
     """Every kind of movement, replays and refusals included; the totals below follow it."""
 
     async def buy(receipt: str, user: str, package: Package = PACK_70) -> None:
-        await wallet.purchase(
-            receipt=receipt, user=user, package=package, adult=True, now_ms=NOW_MS
-        )
+        await wallet.purchase(receipt=receipt, user=user, package=package, adult=True)
 
     async def gift(key: str, sender: str, gift: Gift = HEART, count: int = 1) -> None:
         await wallet.send_gift(
@@ -37,7 +35,6 @@ async def mixed_workload(wallet: Wallet) -> None:
             gift=gift,
             count=count,
             key=key,
-            now_ms=NOW_MS,
         )
 
     big = Package(id="coins_30000", coins=30_000, price_cents=29_999, currency="USD")
@@ -51,13 +48,13 @@ async def mixed_workload(wallet: Wallet) -> None:
     await gift("gift-key-eve-1", "eve", HEART, 12)  # 60 -> 30 diamonds
     with pytest.raises(Refusal):
         await gift("gift-key-ann-2", "ann")  # no coins left
-    await wallet.refund(receipt="rc-eve-1", now_ms=NOW_MS)  # takes 10, 60 becomes debt
-    await wallet.refund(receipt="rc-eve-1", now_ms=NOW_MS)  # replay
+    await wallet.refund(receipt="rc-eve-1")  # takes 10, 60 becomes debt
+    await wallet.refund(receipt="rc-eve-1")  # replay
     await buy("rc-eve-2", "eve")  # repays 60, credits 10
-    await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-1", now_ms=NOW_MS)
-    await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-1", now_ms=NOW_MS)
+    await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-1")
+    await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-1")
     with pytest.raises(Refusal):
-        await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-2", now_ms=NOW_MS)
+        await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-2")
     await wallet.set_daily_limit("bob", 100)
 
 
@@ -149,7 +146,6 @@ async def test_deleting_a_purchase_shows_a_negative_replay(
         gift=HEART,
         count=1,
         key="gift-key-neg",
-        now_ms=NOW_MS,
     )
     purchase, gift = [e async for e in read_entries(redis_client)]
     await redis_client.xdel(keys.LEDGER, purchase.id)
@@ -205,7 +201,7 @@ async def test_a_gift_whose_split_does_not_add_up(redis_client: aioredis.Redis) 
 
 
 async def test_a_configured_ledger_key(redis_client: aioredis.Redis) -> None:
-    wallet = Wallet(redis_client, Economics(), ledger_key="test:ledger")
+    wallet = Wallet(redis_client, Economics(), ledger_key="test:ledger", payout_hold_days=0)
     await mixed_workload(wallet)
     assert await redis_client.exists(keys.LEDGER) == 0
     report = await audit(redis_client, ledger_key="test:ledger")

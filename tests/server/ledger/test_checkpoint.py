@@ -93,9 +93,10 @@ async def test_rules_across_the_checkpoint(redis_client: aioredis.Redis) -> None
     await settle(wallet, 4)
     await fold_checkpoint(redis_client)
     # a refund of a purchase folded into the checkpoint is no breach
-    await wallet.purchase(receipt="late-rc", user="late", package=SMALL, adult=True, now_ms=DAY2_MS)
+    wallet.clock.now_ms = DAY2_MS
+    await wallet.purchase(receipt="late-rc", user="late", package=SMALL, adult=True)
     await fold_checkpoint(redis_client)
-    await wallet.refund(receipt="late-rc", now_ms=DAY2_MS)
+    await wallet.refund(receipt="late-rc")
     report = await audit(redis_client)
     assert report.ok, report.breaches
     await fold_checkpoint(redis_client)

@@ -141,12 +141,9 @@ async def settle(wallet: Wallet, n: int, prefix: str = "r") -> None:
     """`n` ledger entries: purchases, and gifts from the buyers."""
     catalog = load_catalog()
     package, gift = catalog.packages["coins_70"], catalog.gifts["heart"]
-    now = int(time.time() * 1000)
     for i in range(0, n, 2):
         user = f"{prefix}user{i}"
-        await wallet.purchase(
-            receipt=f"{prefix}-rc-{i}", user=user, package=package, adult=True, now_ms=now
-        )
+        await wallet.purchase(receipt=f"{prefix}-rc-{i}", user=user, package=package, adult=True)
         if i + 1 < n:
             key = f"{prefix}-key-{i:06d}"
             await wallet.send_gift(
@@ -157,7 +154,6 @@ async def settle(wallet: Wallet, n: int, prefix: str = "r") -> None:
                 gift=gift,
                 count=1,
                 key=key,
-                now_ms=now,
             )
 
 

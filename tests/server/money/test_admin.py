@@ -32,7 +32,7 @@ SIGN = "sign"  # Api.call's default: sign the request correctly
 
 
 class Clock:
-    """The API's clock, moved by hand."""
+    """The API's clock, moved by hand; the money fixture's Wallet takes it as its test clock."""
 
     def __init__(self, now_ms: int = NOW_MS) -> None:
         self.now_ms = now_ms
@@ -103,9 +103,13 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 async def money(
-    redis_client: aioredis.Redis, catalog: Catalog, metrics: Metrics
+    redis_client: aioredis.Redis, catalog: Catalog, metrics: Metrics, clock: Clock
 ) -> AsyncIterator[Wallet]:
-    wallet = Wallet(redis_client, catalog.economics, metrics=metrics)
+    """On the API's clock, which also stands in for Redis's TIME; no payout hold (the hold's
+    own tests are tests/security/test_payout_hold.py)."""
+    wallet = Wallet(
+        redis_client, catalog.economics, metrics=metrics, clock=clock, payout_hold_days=0
+    )
     await wallet.load_scripts()
     yield wallet
     await wallet.drain()
@@ -139,7 +143,6 @@ async def gift(
     count: int = 1,
     sender: str = "ann",
     creator: str = "cara",
-    now_ms: int = NOW_MS,
     catalog: Catalog,
 ) -> None:
     """A gift through the real money path, as a WebSocket session would send it."""
@@ -151,7 +154,6 @@ async def gift(
         gift=catalog.gifts[gift_id],
         count=count,
         key=key,
-        now_ms=now_ms,
     )
 
 
@@ -167,7 +169,16 @@ def wallet_view(user: str, **fields: Any) -> dict[str, Any]:
         "spent_today": 0,
         "daily_limit": None,
         "debt": 0,
+        "spent_week": 0,
+        "weekly_limit": None,
+        "diamonds_held": 0,
+        "diamonds_payable": 0,
+        "payout_left_today": 2_000_000,
     }
+    if "diamonds" in fields and "diamonds_payable" not in fields:
+        view["diamonds_payable"] = fields["diamonds"]  # no hold in these tests
+    if "spent_today" in fields and "spent_week" not in fields:
+        view["spent_week"] = fields["spent_today"]  # these tests spend within one week
     return {**view, **fields}
 
 
@@ -432,7 +443,10 @@ async def test_payout_once_per_key(
     before = await redis_snapshot()
     assert await api.call("POST", "/v1/payouts", request) == (200, first)
     assert await redis_snapshot() == before
-    assert await api.call("GET", "/v1/wallets/cara") == (200, wallet_view("cara", diamonds=500))
+    assert await api.call("GET", "/v1/wallets/cara") == (
+        200,
+        wallet_view("cara", diamonds=500, payout_left_today=2_000_000 - 10_000),
+    )
     assert (await ledger_kinds(redis_client)).count("payout") == 1
 
 

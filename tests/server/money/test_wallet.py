@@ -26,7 +26,7 @@ from giftstream.server.money.wallet import (
     Wallet,
 )
 from giftstream.server.scripts import script_source
-from tests.server.conftest import NOW_MS, Fund, Snapshot
+from tests.server.conftest import NOW_MS, Fund, MoneyClock, Snapshot
 
 ROSE = Gift(id="rose", name="Rose", coins=1, animation="rose.webp")
 HEART = Gift(id="heart", name="Heart", coins=5, animation="heart.webp")
@@ -46,7 +46,6 @@ async def send(
     count: int = 1,
     room: str = "cara",
     adult: bool = True,
-    now_ms: int = NOW_MS,
 ) -> SettledGift:
     return await wallet.send_gift(
         sender=sender,
@@ -56,7 +55,6 @@ async def send(
         gift=gift,
         count=count,
         key=key,
-        now_ms=now_ms,
     )
 
 
@@ -104,13 +102,16 @@ async def test_gift_debits_credits_and_appends_one_entry(
         "platform": 8,
         "key": "gift-key-0001",
         "combo": 1,
+        "payable_at": NOW_MS,  # no hold in this fixture: payable at once
     }
-    view = await wallet.wallet("ann", NOW_MS)
+    view = await wallet.wallet("ann")
     assert (view.coins, view.spent_today, view.daily_limit, view.debt) == (85, 15, None, 0)
     key_ttl = await redis_client.pttl(keys.gift_key("ann", "gift-key-0001"))
     assert keys.GIFT_KEY_TTL_MS - 60_000 < key_ttl <= keys.GIFT_KEY_TTL_MS
-    spent_ttl = await redis_client.pttl(keys.spent("ann", NOW_MS))
-    assert keys.SPENT_TTL_MS - 60_000 < spent_ttl <= keys.SPENT_TTL_MS
+    day = keys.epoch_day(NOW_MS)
+    assert await redis_client.hmget(
+        keys.wallet("ann"), ["spent_day", "spent_day_coins", "spent_week", "spent_week_coins"]
+    ) == [str(day).encode(), b"15", str(keys.iso_week(day)).encode(), b"15"]
 
 
 async def test_creator_share_rounds_down_and_the_platform_keeps_the_rest(
@@ -180,7 +181,7 @@ async def test_spending_limit_allows_exactly_the_limit(
     wallet: Wallet, fund_coins: Fund, redis_snapshot: Snapshot
 ) -> None:
     await fund_coins("ann", 100)
-    view = await wallet.set_daily_limit("ann", 20, now_ms=NOW_MS)
+    view = await wallet.set_daily_limit("ann", 20)
     assert (view.daily_limit, view.spent_today, view.coins) == (20, 0, 100)
     assert (await send(wallet, "gift-key-lim1", count=4)).coins == 80  # 20: exactly the limit
     error = await refused_unchanged(
@@ -188,21 +189,27 @@ async def test_spending_limit_allows_exactly_the_limit(
     )
     assert error.reason is Reason.SPENDING_LIMIT
     assert "daily limit of 20" in error.message
-    assert (await wallet.wallet("ann", NOW_MS)).spent_today == 20
+    assert (await wallet.wallet("ann")).spent_today == 20
 
 
-async def test_spending_limit_counts_per_utc_day(wallet: Wallet, fund_coins: Fund) -> None:
+async def test_spending_limit_counts_per_utc_day(
+    wallet: Wallet, fund_coins: Fund, money_clock: MoneyClock
+) -> None:
     await fund_coins("ann", 100)
     await wallet.set_daily_limit("ann", 5)
     midnight = (NOW_MS // DAY_MS + 1) * DAY_MS
-    await send(wallet, "gift-key-day1", now_ms=midnight - 1)
+    money_clock.now_ms = midnight - 1
+    await send(wallet, "gift-key-day1")
     with pytest.raises(Refusal) as info:
-        await send(wallet, "gift-key-day1b", gift=ROSE, now_ms=midnight - 1)
+        await send(wallet, "gift-key-day1b", gift=ROSE)
     assert info.value.reason is Reason.SPENDING_LIMIT
-    assert (await send(wallet, "gift-key-day2", now_ms=midnight)).coins == 90
-    assert (await wallet.wallet("ann", midnight - 1)).spent_today == 5
-    assert (await wallet.wallet("ann", midnight)).spent_today == 5
-    assert (await wallet.wallet("ann", midnight + DAY_MS)).spent_today == 0
+    assert (await wallet.wallet("ann")).spent_today == 5
+    money_clock.now_ms = midnight
+    assert (await wallet.wallet("ann")).spent_today == 0
+    assert (await send(wallet, "gift-key-day2")).coins == 90
+    assert (await wallet.wallet("ann")).spent_today == 5
+    money_clock.now_ms = midnight + DAY_MS
+    assert (await wallet.wallet("ann")).spent_today == 0
 
 
 async def test_clearing_the_limit_lifts_it(wallet: Wallet, fund_coins: Fund) -> None:
@@ -256,9 +263,9 @@ async def test_a_float_never_reaches_a_balance(
         keys.wallet("ann"),
         keys.wallet("cara"),
         keys.gift_key("ann", "gift-key-flt"),
-        keys.spent("ann", NOW_MS),
         keys.combo("ann", "cara"),
         keys.LEDGER,
+        keys.held("cara"),
     ]
     good = [
         "ev1",
@@ -273,11 +280,12 @@ async def test_a_float_never_reaches_a_balance(
         1,
         NOW_MS,
         1000,
-        1000,
         5000,
         1000,
+        7,
     ]
-    for position, bad in ((6, "1.5"), (7, "5.5"), (8, "2.5"), (8, 6), (10, "1e400"), (6, "x")):
+    bad_args = ((6, "1.5"), (7, "5.5"), (8, "2.5"), (8, 6), (10, "1e400"), (6, "x"), (14, "7.0"))
+    for position, bad in bad_args:
         args = [*good]
         args[position] = bad
 
@@ -296,7 +304,9 @@ async def test_a_float_never_reaches_a_balance(
         (keys.wallet("ann"), "daily_limit", "0x10"),
         (keys.wallet("ann"), "debt", "-0"),
         (keys.wallet("ann"), "coins", "0100"),
-        (keys.spent("ann", NOW_MS), None, "5.0"),
+        (keys.wallet("ann"), "spent_day_coins", "5.0"),
+        (keys.wallet("ann"), "weekly_limit", "1e3"),
+        (keys.held("cara"), str(keys.epoch_day(NOW_MS) + 3), "2.5"),
     ],
 )
 async def test_corrupt_stored_value_stops_the_script_before_any_write(
@@ -329,7 +339,7 @@ async def test_replay_returns_the_first_result_even_at_zero(
     before = await redis_snapshot()
     for again in (
         await send(wallet, "gift-key-replay"),
-        await send(wallet, "gift-key-replay", adult=False, now_ms=NOW_MS + 60_000),
+        await send(wallet, "gift-key-replay", adult=False),
     ):
         assert again.replayed
         assert (again.event, again.coins, again.combo, again.diamonds, again.ts) == (
@@ -407,7 +417,7 @@ async def test_concurrent_gifts_past_the_balance_accept_exactly_what_fits(
 
 
 async def test_combo_grows_under_five_seconds_and_restarts(
-    wallet: Wallet, fund_coins: Fund
+    wallet: Wallet, fund_coins: Fund, money_clock: MoneyClock
 ) -> None:
     await fund_coins("ann", 1000)
     steps: list[tuple[int, Gift, str, int]] = [  # (ms after the previous, gift, room, combo)
@@ -421,20 +431,23 @@ async def test_combo_grows_under_five_seconds_and_restarts(
         (5000, HEART, "cara", 1),  # a gap of 5 s restarts
         (1, HEART, "cara", 2),
     ]
-    now = NOW_MS
     for i, (gap, gift, room, combo) in enumerate(steps):
-        now += gap
-        settled = await send(wallet, f"gift-key-combo-{i}", gift=gift, room=room, now_ms=now)
+        money_clock.now_ms += gap
+        settled = await send(wallet, f"gift-key-combo-{i}", gift=gift, room=room)
         assert settled.combo == combo, (i, settled)
     assert (await send(wallet, "gift-key-combo-0")).combo == 1  # a replay keeps its combo
 
 
-async def test_combo_is_per_sender(wallet: Wallet, fund_coins: Fund) -> None:
+async def test_combo_is_per_sender(
+    wallet: Wallet, fund_coins: Fund, money_clock: MoneyClock
+) -> None:
     await fund_coins("ann", 100)
     await fund_coins("bob", 100)
     assert (await send(wallet, "gift-key-c-ann1", sender="ann")).combo == 1
-    assert (await send(wallet, "gift-key-c-bob1", sender="bob", now_ms=NOW_MS + 1)).combo == 1
-    assert (await send(wallet, "gift-key-c-ann2", sender="ann", now_ms=NOW_MS + 2)).combo == 2
+    money_clock.now_ms += 1
+    assert (await send(wallet, "gift-key-c-bob1", sender="bob")).combo == 1
+    money_clock.now_ms += 1
+    assert (await send(wallet, "gift-key-c-ann2", sender="ann")).combo == 2
 
 
 # ---- resilience ---------------------------------------------------------------------------
@@ -475,11 +488,12 @@ async def test_cancelled_caller_still_settles_once_and_the_retry_gets_its_event(
 
 
 async def test_purchase_credits_once_per_receipt(
-    wallet: Wallet, redis_client: aioredis.Redis, redis_snapshot: Snapshot
+    wallet: Wallet,
+    redis_client: aioredis.Redis,
+    redis_snapshot: Snapshot,
+    money_clock: MoneyClock,
 ) -> None:
-    first = await wallet.purchase(
-        receipt="rc-ann-1", user="ann", package=PACK_700, adult=True, now_ms=NOW_MS
-    )
+    first = await wallet.purchase(receipt="rc-ann-1", user="ann", package=PACK_700, adult=True)
     assert first.as_wire() == {"coins": 700, "credited": True}
     assert (first.coins_credited, first.debt_repaid, first.debt) == (700, 0, 0)
     assert await ledger(redis_client) == [
@@ -498,22 +512,17 @@ async def test_purchase_credits_once_per_receipt(
         }
     ]
     before = await redis_snapshot()
-    replay = await wallet.purchase(
-        receipt="rc-ann-1", user="ann", package=PACK_700, adult=True, now_ms=NOW_MS + 5
-    )
+    money_clock.now_ms += 5
+    replay = await wallet.purchase(receipt="rc-ann-1", user="ann", package=PACK_700, adult=True)
     assert replay.as_wire() == {"coins": 700, "credited": False}
     assert replay.event == first.event
     assert await redis_snapshot() == before
 
 
 async def test_purchase_replay_reports_the_balance_now(wallet: Wallet, fund_coins: Fund) -> None:
-    await wallet.purchase(
-        receipt="rc-ann-2", user="ann", package=PACK_70, adult=True, now_ms=NOW_MS
-    )
+    await wallet.purchase(receipt="rc-ann-2", user="ann", package=PACK_70, adult=True)
     await send(wallet, "gift-key-after-buy")
-    replay = await wallet.purchase(
-        receipt="rc-ann-2", user="ann", package=PACK_70, adult=True, now_ms=NOW_MS
-    )
+    replay = await wallet.purchase(receipt="rc-ann-2", user="ann", package=PACK_70, adult=True)
     assert replay.as_wire() == {"coins": 65, "credited": False}
 
 
@@ -523,14 +532,10 @@ async def test_purchase_replay_reports_the_balance_now(wallet: Wallet, fund_coin
 async def test_receipt_used_for_another_user_or_package(
     wallet: Wallet, redis_snapshot: Snapshot, user: str, package: Package
 ) -> None:
-    await wallet.purchase(
-        receipt="rc-shared", user="ann", package=PACK_70, adult=True, now_ms=NOW_MS
-    )
+    await wallet.purchase(receipt="rc-shared", user="ann", package=PACK_70, adult=True)
     error = await refused_unchanged(
         redis_snapshot,
-        lambda: wallet.purchase(
-            receipt="rc-shared", user=user, package=package, adult=True, now_ms=NOW_MS
-        ),
+        lambda: wallet.purchase(receipt="rc-shared", user=user, package=package, adult=True),
         Refusal,
     )
     assert (http_status(error), error.code) == (409, "receipt_reused")
@@ -539,9 +544,7 @@ async def test_receipt_used_for_another_user_or_package(
 async def test_minor_cannot_buy_coins(wallet: Wallet, redis_snapshot: Snapshot) -> None:
     error = await refused_unchanged(
         redis_snapshot,
-        lambda: wallet.purchase(
-            receipt="rc-kid", user="kid", package=PACK_70, adult=False, now_ms=NOW_MS
-        ),
+        lambda: wallet.purchase(receipt="rc-kid", user="kid", package=PACK_70, adult=False),
         Refusal,
     )
     assert (http_status(error), error.code) == (403, "underage")
@@ -553,21 +556,19 @@ async def test_purchase_past_the_balance_cap_is_refused(
     await redis_client.hset(keys.wallet("whale"), "coins", MAX_BALANCE - 69)
     error = await refused_unchanged(
         redis_snapshot,
-        lambda: wallet.purchase(
-            receipt="rc-whale", user="whale", package=PACK_70, adult=True, now_ms=NOW_MS
-        ),
+        lambda: wallet.purchase(receipt="rc-whale", user="whale", package=PACK_70, adult=True),
         Refusal,
     )
     assert (http_status(error), error.code) == (409, "balance_limit")
 
 
 async def test_ledger_integers_keep_every_digit(
-    wallet: Wallet, redis_client: aioredis.Redis
+    wallet: Wallet, redis_client: aioredis.Redis, money_clock: MoneyClock
 ) -> None:
     """Redis's cjson would print 2**50 - 1 as 1.1258999068426e+15."""
     big = Package(id="big", coins=999_999_999, price_cents=999_999_999_999, currency="USD")
-    ts = 2**50 - 1
-    await wallet.purchase(receipt="rc-big", user="ann", package=big, adult=True, now_ms=ts)
+    ts = money_clock.now_ms = 2**50 - 1
+    await wallet.purchase(receipt="rc-big", user="ann", package=big, adult=True)
     (entry,) = await ledger(redis_client)
     assert (entry["ts"], entry["coins"], entry["price_cents"]) == (ts, 999_999_999, 999_999_999_999)
 
@@ -576,12 +577,14 @@ async def test_ledger_integers_keep_every_digit(
 
 
 async def test_refund_takes_the_coins_back_once(
-    wallet: Wallet, redis_client: aioredis.Redis, redis_snapshot: Snapshot
+    wallet: Wallet,
+    redis_client: aioredis.Redis,
+    redis_snapshot: Snapshot,
+    money_clock: MoneyClock,
 ) -> None:
-    bought = await wallet.purchase(
-        receipt="rc-back", user="ann", package=PACK_700, adult=True, now_ms=NOW_MS
-    )
-    first = await wallet.refund(receipt="rc-back", now_ms=NOW_MS + 1)
+    bought = await wallet.purchase(receipt="rc-back", user="ann", package=PACK_700, adult=True)
+    money_clock.now_ms = NOW_MS + 1
+    first = await wallet.refund(receipt="rc-back")
     assert first.as_wire() == {
         "receipt": "rc-back",
         "user": "ann",
@@ -602,7 +605,8 @@ async def test_refund_takes_the_coins_back_once(
         "debt": 0,
     }
     before = await redis_snapshot()
-    again = await wallet.refund(receipt="rc-back", now_ms=NOW_MS + 2)
+    money_clock.now_ms = NOW_MS + 2
+    again = await wallet.refund(receipt="rc-back")
     assert not again.refunded
     assert (again.event, again.coins_taken, again.debt_added) == (first.event, 700, 0)
     assert await redis_snapshot() == before
@@ -610,7 +614,7 @@ async def test_refund_takes_the_coins_back_once(
 
 async def test_refund_of_unknown_receipt(wallet: Wallet, redis_snapshot: Snapshot) -> None:
     error = await refused_unchanged(
-        redis_snapshot, lambda: wallet.refund(receipt="rc-none", now_ms=NOW_MS), Refusal
+        redis_snapshot, lambda: wallet.refund(receipt="rc-none"), Refusal
     )
     assert (http_status(error), error.code) == (404, "unknown_receipt")
 
@@ -618,13 +622,11 @@ async def test_refund_of_unknown_receipt(wallet: Wallet, redis_snapshot: Snapsho
 async def test_refund_after_spending_records_debt_which_blocks_gifts_until_repaid(
     wallet: Wallet, redis_client: aioredis.Redis, redis_snapshot: Snapshot
 ) -> None:
-    await wallet.purchase(
-        receipt="rc-eve-1", user="eve", package=PACK_70, adult=True, now_ms=NOW_MS
-    )
+    await wallet.purchase(receipt="rc-eve-1", user="eve", package=PACK_70, adult=True)
     await send(wallet, "gift-key-eve-1", sender="eve", gift=DOUGHNUT, count=2)
-    refund = await wallet.refund(receipt="rc-eve-1", now_ms=NOW_MS)
+    refund = await wallet.refund(receipt="rc-eve-1")
     assert (refund.coins_taken, refund.debt_added, refund.coins, refund.debt) == (10, 60, 0, 60)
-    view = await wallet.wallet("eve", NOW_MS)
+    view = await wallet.wallet("eve")
     assert (view.coins, view.debt, view.spent_today) == (0, 60, 60)
 
     error = await refused_unchanged(
@@ -633,9 +635,7 @@ async def test_refund_after_spending_records_debt_which_blocks_gifts_until_repai
     assert error.reason is Reason.DEBT  # the WebSocket reads it as insufficient_coins
     assert "owe 60 coins" in error.message
 
-    repaid = await wallet.purchase(
-        receipt="rc-eve-2", user="eve", package=PACK_70, adult=True, now_ms=NOW_MS
-    )
+    repaid = await wallet.purchase(receipt="rc-eve-2", user="eve", package=PACK_70, adult=True)
     assert repaid.as_wire() == {"coins": 10, "credited": True}
     assert (repaid.coins_credited, repaid.debt_repaid, repaid.debt) == (10, 60, 0)
     entry = (await ledger(redis_client))[-1]
@@ -644,12 +644,10 @@ async def test_refund_after_spending_records_debt_which_blocks_gifts_until_repai
 
 
 async def test_purchase_smaller_than_the_debt_pays_part_of_it(wallet: Wallet) -> None:
-    await wallet.purchase(receipt="rc-d-1", user="dee", package=PACK_700, adult=True, now_ms=NOW_MS)
+    await wallet.purchase(receipt="rc-d-1", user="dee", package=PACK_700, adult=True)
     await send(wallet, "gift-key-dee-1", sender="dee", gift=Gift("big", "Big", 700, "a"))
-    await wallet.refund(receipt="rc-d-1", now_ms=NOW_MS)
-    part = await wallet.purchase(
-        receipt="rc-d-2", user="dee", package=PACK_70, adult=True, now_ms=NOW_MS
-    )
+    await wallet.refund(receipt="rc-d-1")
+    part = await wallet.purchase(receipt="rc-d-2", user="dee", package=PACK_70, adult=True)
     assert (part.coins, part.coins_credited, part.debt_repaid, part.debt) == (0, 0, 70, 630)
 
 
@@ -666,7 +664,7 @@ async def test_payout_once_per_key(
     wallet: Wallet, fund_coins: Fund, redis_client: aioredis.Redis, redis_snapshot: Snapshot
 ) -> None:
     await _creator_with_15000_diamonds(wallet, fund_coins)
-    paid = await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01", now_ms=NOW_MS)
+    paid = await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01")
     assert paid.as_wire() == {"payout": paid.payout, "cents": 6000, "diamonds": 3000}
     assert not paid.replayed
     assert (await ledger(redis_client))[-1] == {
@@ -680,7 +678,7 @@ async def test_payout_once_per_key(
         "cents": 6000,
     }
     before = await redis_snapshot()
-    again = await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01", now_ms=NOW_MS)
+    again = await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01")
     assert again == PayoutResult(
         payout=paid.payout,
         creator="cara",
@@ -712,12 +710,10 @@ async def test_payout_refusals_with_a_used_key(
     code: str,
 ) -> None:
     await _creator_with_15000_diamonds(wallet, fund_coins)
-    await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01", now_ms=NOW_MS)
+    await wallet.payout(creator="cara", diamonds=12_000, key="payout-key-01")
     error = await refused_unchanged(
         redis_snapshot,
-        lambda: wallet.payout(
-            creator=creator, diamonds=diamonds, key="payout-key-01", now_ms=NOW_MS
-        ),
+        lambda: wallet.payout(creator=creator, diamonds=diamonds, key="payout-key-01"),
         Refusal,
     )
     assert (http_status(error), error.code) == (status, code)
@@ -729,7 +725,7 @@ async def test_payout_of_more_than_held(
     await _creator_with_15000_diamonds(wallet, fund_coins)
     error = await refused_unchanged(
         redis_snapshot,
-        lambda: wallet.payout(creator="cara", diamonds=15_001, key="payout-key-02", now_ms=NOW_MS),
+        lambda: wallet.payout(creator="cara", diamonds=15_001, key="payout-key-02"),
         Refusal,
     )
     assert (http_status(error), error.code) == (409, "insufficient_diamonds")
@@ -741,13 +737,18 @@ async def test_payout_of_more_than_held(
 
 async def test_unknown_wallet_is_empty(wallet: Wallet) -> None:
     assert await wallet.balance("nobody") == (0, 0)
-    assert (await wallet.wallet("nobody", NOW_MS)).as_wire() == {
+    assert (await wallet.wallet("nobody")).as_wire() == {
         "user": "nobody",
         "coins": 0,
         "diamonds": 0,
         "spent_today": 0,
         "daily_limit": None,
         "debt": 0,
+        "spent_week": 0,
+        "weekly_limit": None,
+        "diamonds_held": 0,
+        "diamonds_payable": 0,
+        "payout_left_today": 2_000_000,
     }
 
 
@@ -761,7 +762,7 @@ async def test_bad_daily_limit(wallet: Wallet, redis_snapshot: Snapshot, limit: 
 
 async def test_daily_limit_round_trip(wallet: Wallet, fund_coins: Fund) -> None:
     await fund_coins("ann", 50)
-    view = await wallet.set_daily_limit("ann", 10**12, now_ms=NOW_MS)
+    view = await wallet.set_daily_limit("ann", 10**12)
     assert view.as_wire() == {
         "user": "ann",
         "coins": 50,
@@ -769,6 +770,11 @@ async def test_daily_limit_round_trip(wallet: Wallet, fund_coins: Fund) -> None:
         "spent_today": 0,
         "daily_limit": 10**12,
         "debt": 0,
+        "spent_week": 0,
+        "weekly_limit": None,
+        "diamonds_held": 0,
+        "diamonds_payable": 0,
+        "payout_left_today": 2_000_000,
     }
-    assert (await wallet.wallet("ann", NOW_MS)).daily_limit == 10**12
+    assert (await wallet.wallet("ann")).daily_limit == 10**12
     assert (await wallet.set_daily_limit("ann", None)).daily_limit is None
