@@ -65,5 +65,5 @@ async def platform(redis_client: aioredis.Redis, catalog: Catalog) -> AsyncItera
         clock=clock,
     )
     async with AdminServer(app, "127.0.0.1", 0) as server, aiohttp.ClientSession() as http:
-        yield Platform(Api(http, server.url), wallet, clock, catalog)
+        yield Platform(Api(http, server.url, clock), wallet, clock, catalog)
     await wallet.drain()

@@ -24,21 +24,14 @@ from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import Wallet
-from tests.server.conftest import NOW_MS, Snapshot
+from tests.server.conftest import NOW_MS, MoneyClock, Snapshot
 
 SECRET = "admin-test-secret-0123456789abcdef"
 DAY_MS = 86_400_000
 SIGN = "sign"  # Api.call's default: sign the request correctly
 
 
-class Clock:
-    """The API's clock, moved by hand; the money fixture's Wallet takes it as its test clock."""
-
-    def __init__(self, now_ms: int = NOW_MS) -> None:
-        self.now_ms = now_ms
-
-    def __call__(self) -> int:
-        return self.now_ms
+Clock = MoneyClock  # the API's clock, moved by hand; the money fixture's Wallet takes it too
 
 
 def sign_at(
