@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from giftstream.protocol.codec import encode_error, encode_reply
-from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from giftstream.protocol.events import (
     BalanceReply,
     Ended,
@@ -53,9 +53,10 @@ from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import SettledGift, Wallet
 from giftstream.server.realtime.auth import AuthError, Identity, verify_token
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
-from giftstream.server.realtime.fanout import Fanout
+from giftstream.server.realtime.fanout import Fanout, close_or_abort
 from giftstream.server.realtime.hub import Hub, Room
 from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.ratelimit import SharedBuckets
 from giftstream.server.realtime.refusals import protocol_error
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class NodeState:
     connections: int = 0
     # Gift tasks of every session, still settling or waiting to write their reply.
     gift_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # each user's gift budget over all their connections here (Limits.user_gifts_per_s)
+    user_gifts: SharedBuckets = field(default_factory=lambda: SharedBuckets(20.0, 40))
 
 
 class Session:
@@ -114,15 +117,16 @@ class Session:
         parts, node, core = self.parts, self.node, self.core
         parts.metrics.connections.inc()
         node.connections += 1
+        fanout = parts.fanout
         try:
             if await self._authenticate():
                 async for frame in self.conn:
                     await self._serve(frame)
-                    if core.state is _CLOSED:
-                        break
+                    if core.state is _CLOSED or fanout.is_closing(self.conn):
+                        break  # closing: nothing more is served (or written)
             if core.close_with is not None:
                 await self._gifts_answered()  # their replies go before the close frame
-                await self.conn.close(*core.close_with)
+                await self._close(core.close_with)
         except ConnectionClosed:
             pass
         finally:
@@ -227,8 +231,13 @@ class Session:
         self.parts.metrics.errors.labels(error.code.value).inc()
         self._write(encode_error(error))
 
-    def _write(self, frame: bytes) -> None:
-        self.parts.fanout.write(self.conn, frame)
+    def _write(self, *frames: bytes) -> None:
+        self.parts.fanout.write(self.conn, *frames)
+
+    async def _close(self, close_with: tuple[CloseCode, str]) -> None:
+        """Close with the core's code; a peer that does not read the close is cut off."""
+        code, reason = close_with
+        await close_or_abort(self.conn, code, reason, self.parts.limits.close_timeout_s)
 
     # ---- gifts in flight ------------------------------------------------------------------
     # A gift to a room live here and joined is settled while the connection reads on: gifts
@@ -266,7 +275,7 @@ class Session:
             if close is not None:
                 # the reader may be waiting for a frame that never comes: close from here
                 with contextlib.suppress(ConnectionClosed):
-                    await self.conn.close(*close)
+                    await self._close(close)
 
     async def _gifts_answered(self) -> None:
         """Wait until every gift this connection sent so far has been answered."""
@@ -295,12 +304,17 @@ class Session:
 
     async def on_join(self, message: Join) -> None:
         hub = self.parts.hub
+        if message.since is not None:
+            self.core.admit_replay(time.monotonic())
         room = hub.rooms.get(message.room) or await hub.live_room(message.room)
         joined, missed = hub.join(self.conn, room, message.since)
-        # written here, before any await, so no room flush can slip between them
-        self._write(encode_reply(joined, message.id))
-        if missed is not None:
-            self._write(missed)
+        # written here, before any await, so no room flush can slip between them; together
+        # or not at all: a replay that would pass the backlog bound closes the socket 4008
+        reply = encode_reply(joined, message.id)
+        if missed is None:
+            self._write(reply)
+        else:
+            self._write(reply, missed)
 
     async def on_leave(self, message: Leave) -> Left:
         if not self.parts.hub.leave(self.conn, message.room):
@@ -326,7 +340,12 @@ class Session:
         return Watching(rooms=message.rooms)
 
     async def on_gift(self, message: SendGift) -> GiftOk:
-        self.core.admit_gift(time.monotonic())
+        now = time.monotonic()
+        self.core.admit_gift(now)
+        if not self.node.user_gifts.take(self.user.user, now):
+            # refused or not, a gift costs Redis a script: the budget is the user's, so more
+            # sockets do not buy more of it
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many gifts from your account")
         gift = self.parts.catalog.gifts.get(message.gift)
         if gift is None:
             raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {message.gift} in the catalog")
