@@ -69,8 +69,7 @@ class Fanout:
         self.max_backlog = max_backlog
         self.close_timeout_s = close_timeout_s
         self.metrics = metrics
-        self._closing: set[ServerConnection] = set()
-        self._close_tasks: set[asyncio.Task[None]] = set()
+        self._closing: dict[ServerConnection, asyncio.Task[None]] = {}
 
     def deliver(self, connections: Iterable[ServerConnection], payload: bytes) -> None:
         """Frame `payload` once and send it to every connection."""
@@ -107,11 +106,17 @@ class Fanout:
         """Whether `conn` is being closed for its backlog: nothing more is written to it."""
         return conn in self._closing
 
+    async def wait_closed(self, conn: ServerConnection) -> None:
+        """Wait for the 4008 close of `conn`, if one is under way: a session that returned
+        before it would have websockets close with 1000 instead."""
+        task = self._closing.get(conn)
+        if task is not None:
+            await asyncio.shield(task)
+
     def close_slow(self, conn: ServerConnection) -> None:
         """Close a connection that does not read: 4008, once; it may rejoin with `since`."""
         if conn in self._closing or conn.protocol.state is not State.OPEN:
             return
-        self._closing.add(conn)
         self.metrics.slow_consumer_closes.inc()
         log.info("closing slow consumer %s", conn.remote_address)
         task = asyncio.get_running_loop().create_task(
@@ -122,9 +127,8 @@ class Fanout:
                 self.close_timeout_s,
             )
         )
-        self._close_tasks.add(task)
+        self._closing[conn] = task
         task.add_done_callback(functools.partial(self._closed, conn))
 
     def _closed(self, conn: ServerConnection, task: asyncio.Task[None]) -> None:
-        self._close_tasks.discard(task)
-        self._closing.discard(conn)
+        self._closing.pop(conn, None)

@@ -127,6 +127,7 @@ class Session:
             if core.close_with is not None:
                 await self._gifts_answered()  # their replies go before the close frame
                 await self._close(core.close_with)
+            await fanout.wait_closed(self.conn)
         except ConnectionClosed:
             pass
         finally:
