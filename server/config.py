@@ -45,6 +45,9 @@ class Limits:
     flood_strikes: int = 20  # refused/bad frames allowed in a burst before 4429
     flood_strikes_per_s: float = 2.0  # how fast strikes are forgiven
     max_backlog_bytes: int = 1 << 20  # unsent bytes a connection may hold; past it, 4008
+    # the kernel's send buffer per connection (SO_SNDBUF; Linux doubles it): left to
+    # autotuning it grows to megabytes that a client that never reads holds beside the backlog
+    send_buffer_bytes: int = 64 * 1024
     history_size: int = 1024  # room events kept for `since`
     tick_s: float = 0.02  # fan-out batching window
     viewers_interval_s: float = 1.0

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Session:
         parts.metrics.connections.inc()
         node.connections += 1
         fanout = parts.fanout
+        _cap_send_buffer(self.conn, parts.limits.send_buffer_bytes)
         try:
             if await self._authenticate():
                 async for frame in self.conn:
@@ -424,6 +426,15 @@ class Session:
             now_ms=now_ms(),
             on_settled=publish,
         )
+
+
+def _cap_send_buffer(conn: ServerConnection, size: int) -> None:
+    """Fix the kernel's send buffer of the socket: what a peer that never reads makes this
+    host hold is then the backlog bound plus this, not megabytes of autotuned buffer."""
+    sock = conn.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def _joined_live(hub: Hub, conn: ServerConnection, room_id: str) -> bool:
