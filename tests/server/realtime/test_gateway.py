@@ -254,6 +254,8 @@ async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> Non
             await node.hub.flush()
             if slow_consumer_closes(node) > closes_before:
                 break
+            # the reading watcher reads what was sent so far (its send buffer is small too)
+            assert (await watcher.request({"type": "ping"}))["type"] == "pong"
         assert slow_consumer_closes(node) == closes_before + 1
         slow.conn.transport.resume_reading()
         assert await slow.closed_with(timeout=15) == 4008
