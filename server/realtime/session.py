@@ -53,6 +53,7 @@ from giftstream.server.money.catalog import Catalog, Gift
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import SettledGift, Wallet
 from giftstream.server.realtime.auth import AuthError, Identity, verify_token
+from giftstream.server.realtime.broker import Event, MakeEvent
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
 from giftstream.server.realtime.fanout import Fanout, close_or_abort
 from giftstream.server.realtime.hub import Hub, Room
@@ -366,6 +367,9 @@ class Session:
             )
             if settled is None:
                 raise
+            live = self.parts.hub.rooms.get(message.room)
+            if live is not None:  # joined elsewhere first: unseen if its gateway died
+                self._publish_gift(live, gift, message.count, settled)
         else:
             if self.node.draining:
                 raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down; retry")
@@ -373,6 +377,18 @@ class Session:
         return GiftOk(
             key=message.key, event=settled.event, coins=settled.coins, combo=settled.combo
         )
+
+    def _publish_gift(self, room: Room, gift: Gift, count: int, settled: SettledGift) -> None:
+        """The room's event (and the ops feed's count) for a settled gift, once per event: a
+        fresh settlement, or a replay of its key whose first publication never happened (its
+        reply was lost with it). Runs as Redis answers, whoever waits for the reply."""
+        if not settled.replayed:
+            self.parts.ops.record_gift(gift.coins * count)
+        hub = self.parts.hub
+        if hub.first_publication(room, settled.event, settled.ts, replayed=settled.replayed):
+            if settled.replayed:
+                self.parts.ops.record_gift(gift.coins * count)
+            hub.publish(room, _gift_event(room, self.user, gift, count, settled))
 
     def _giftable_room(self, room_id: str) -> Room | None:
         """The live room the sender may gift in; None when it is not live here; the
@@ -390,30 +406,9 @@ class Session:
         """Debit and credit in one script; the room's event is queued as Redis answers, even
         if this connection drops meanwhile, so a gift is never settled unseen."""
         sender = self.user
-        hub, ops = self.parts.hub, self.parts.ops
 
         def publish(settled: SettledGift) -> None:
-            if settled.replayed:
-                return
-            ops.record_gift(gift.coins * message.count)
-            if hub.rooms.get(room.id) is room:
-                hub.publish(
-                    room,
-                    lambda seq: GiftEvent(
-                        room=room.id,
-                        seq=seq,
-                        event=settled.event,
-                        sender_id=sender.user,
-                        sender_name=sender.name,
-                        gift_id=gift.id,
-                        gift_name=gift.name,
-                        gift_coins=gift.coins,
-                        animation=gift.animation,
-                        count=message.count,
-                        combo=settled.combo,
-                        ts=settled.ts,
-                    ).as_dict(),
-                )
+            self._publish_gift(room, gift, message.count, settled)
 
         return await self.parts.wallet.send_gift(
             sender=sender.user,
@@ -426,6 +421,28 @@ class Session:
             now_ms=now_ms(),
             on_settled=publish,
         )
+
+
+def _gift_event(
+    room: Room, sender: Identity, gift: Gift, count: int, settled: SettledGift
+) -> MakeEvent:
+    def make(seq: int) -> Event:
+        return GiftEvent(
+            room=room.id,
+            seq=seq,
+            event=settled.event,
+            sender_id=sender.user,
+            sender_name=sender.name,
+            gift_id=gift.id,
+            gift_name=gift.name,
+            gift_coins=gift.coins,
+            animation=gift.animation,
+            count=count,
+            combo=settled.combo,
+            ts=settled.ts,
+        ).as_dict()
+
+    return make
 
 
 def _cap_send_buffer(conn: ServerConnection, size: int) -> None:
