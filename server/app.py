@@ -26,6 +26,7 @@ from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
 from giftstream.server.realtime.hub import Hub
 from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.ratelimit import SharedBuckets
 from giftstream.server.realtime.session import NodeParts, NodeState
 from giftstream.server.redis_check import assess, read_settings
 
@@ -87,14 +88,20 @@ class App:
             payout_daily_cap=settings.payout_daily_cap,
         )
         await self.wallet.load_scripts()
-        self.fanout = Fanout(settings.limits.max_backlog_bytes, self.metrics)
+        self.fanout = Fanout(
+            settings.limits.max_backlog_bytes, self.metrics, settings.limits.close_timeout_s
+        )
         self.ops = OpsFeed(self.fanout)
         self.broker: Broker = await self._stack.enter_async_context(
             MemoryBroker(self.redis, history_size=settings.limits.history_size)
         )
         self.hub = Hub(self.redis, self.broker, self.fanout, self.ops, self.metrics)
         restored = await self.hub.restore()
-        self.node_state = NodeState()
+        self.node_state = NodeState(
+            user_gifts=SharedBuckets(
+                settings.limits.user_gifts_per_s, settings.limits.user_gifts_burst
+            )
+        )
         self.parts = NodeParts(
             limits=settings.limits,
             jwt_secret=settings.jwt_secret,

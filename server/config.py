@@ -41,9 +41,19 @@ class Limits:
     messages_burst: int = 60
     gifts_per_s: float = 20.0  # sustained gift rate per connection
     gifts_burst: int = 40
+    # sustained gift rate per user, shared by all their connections on this node: what a
+    # user can make Redis run (a refused gift costs a script too), whatever their sockets
+    user_gifts_per_s: float = 20.0
+    user_gifts_burst: int = 40
+    # `join` with `since` per connection: each replay can be as large as a room's history
+    replays_per_s: float = 0.1
+    replays_burst: int = 3
     flood_strikes: int = 20  # refused/bad frames allowed in a burst before 4429
     flood_strikes_per_s: float = 2.0  # how fast strikes are forgiven
-    max_backlog_bytes: int = 1 << 20  # unsent bytes before 4008
+    max_backlog_bytes: int = 1 << 20  # unsent bytes a connection may hold; past it, 4008
+    # the kernel's send buffer per connection (SO_SNDBUF; Linux doubles it): left to
+    # autotuning it grows to megabytes that a client that never reads holds beside the backlog
+    send_buffer_bytes: int = 64 * 1024
     history_size: int = 1024  # room events kept for `since`
     tick_s: float = 0.02  # fan-out batching window
     viewers_interval_s: float = 1.0
@@ -246,6 +256,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "sustained gifts per second one connection may send (bursts of twice that)",
     ),
     Option(
+        "--user-gifts-per-s",
+        "GIFTSTREAM_USER_GIFTS_PER_S",
+        "20",
+        _rate,
+        "sustained gifts per second one user may send over all their connections to this "
+        "node, refused ones included (bursts of twice that)",
+    ),
+    Option(
         "--messages-per-s",
         "GIFTSTREAM_MESSAGES_PER_S",
         "30",
@@ -346,7 +364,7 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
     )
     limits = limits or Limits()
     rates: dict[str, Any] = {}  # a flag or variable given: the rate, and bursts of twice it
-    for name in ("gifts", "messages"):
+    for name in ("gifts", "user_gifts", "messages"):
         rate = values.get(f"{name}_per_s")
         if rate is not None:
             rates[f"{name}_per_s"], rates[f"{name}_burst"] = rate, int(2 * rate)

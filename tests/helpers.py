@@ -144,6 +144,10 @@ class WsClient:
 
         return await self._wait_for(seen, timeout, f"{count} {kind or 'room'} events")
 
+    async def wait_until(self, pick: Callable[[], T | None], timeout: float, what: str) -> T:
+        """Wait until `pick()` (which may look at `room_events` and `unread`) is not None."""
+        return await self._wait_for(pick, timeout, what)
+
     async def closed_with(self, timeout: float = 5.0) -> int | None:
         """Wait until the server closes; the close code it sent."""
         await asyncio.wait_for(asyncio.shield(self._reader), timeout)

@@ -14,6 +14,7 @@ seq bound lives in Redis so a room's seq never goes backwards, even across a cra
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import redis.asyncio as aioredis
 from giftstream.protocol.codec import encode_event
 
 SEQ_BLOCK = 1024  # seqs reserved per Redis write
+GIFTS_REMEMBERED = 4096  # gift event ids a room remembers having published, newest kept
 
 Event = dict[str, Any]
 MakeEvent = Callable[[int], Event]  # builds a room event given its seq
@@ -100,6 +102,12 @@ class Broker(PresenceManager, Protocol):
         """The delivered events after `since` still kept, for a `since` join."""
         ...
 
+    def first_publication(self, room_id: str, event: str, ts_ms: int, *, replayed: bool) -> bool:
+        """Whether the gift `event` (settled at `ts_ms`) is to be published in the room now,
+        recording it as published if so. A fresh settlement always is; a replay of its key
+        (a lost reply) only when the room has not published it: never twice, by event id."""
+        ...
+
 
 @dataclass(eq=False, slots=True)
 class _RoomLog:
@@ -111,6 +119,10 @@ class _RoomLog:
     seq_reserved: int  # persisted bound: no seq above it has been sent
     top_seq: int  # last seq delivered
     history: deque[tuple[int, bytes]]  # (seq, encoded event), delivered ones only
+    # gift event id -> settled ts, of the gifts published here, oldest first; and the
+    # settlement time from which that memory is complete (see first_publication)
+    gifts: dict[str, int]
+    vouched_since_ms: int
     outbox: list[Event] = field(default_factory=list)
     connections: int = 0
 
@@ -154,6 +166,8 @@ class MemoryBroker:
                     seq_reserved=bound,
                     top_seq=start,
                     history=deque(maxlen=self.history_size),
+                    gifts={},
+                    vouched_since_ms=time.time_ns() // 1_000_000,
                 )
                 return
         self._rooms[room_id].deliver = deliver
@@ -224,6 +238,26 @@ class MemoryBroker:
         oldest = log.history[0][0] if log.history else log.top_seq + 1
         recovered = oldest <= since + 1 and since <= log.top_seq
         return History(events, recovered, log.top_seq)
+
+    def first_publication(self, room_id: str, event: str, ts_ms: int, *, replayed: bool) -> bool:
+        """The room remembers the last `GIFTS_REMEMBERED` gift ids it published, in memory:
+        a replay is published when its id is not among them and it was settled since the
+        memory is complete (since this node followed the room, or since the newest id it
+        forgot): a gateway that settled it and died before publishing, or a Redis reply that
+        was lost. Older replays are not published (most were, before their reply was lost);
+        nor is one whose first publication this node lost in a crash of its own, which took
+        the room's history with it. Replays are rare, so the id memory serves the ordinary
+        retry within seconds of a busy room; a Redis broker would keep it beside the room's
+        stream and survive a gateway's death."""
+        log = self._rooms[room_id]
+        gifts = log.gifts
+        if event in gifts or (replayed and ts_ms < log.vouched_since_ms):
+            return False
+        gifts[event] = ts_ms
+        if len(gifts) > GIFTS_REMEMBERED:
+            forgotten = next(iter(gifts))
+            log.vouched_since_ms = max(log.vouched_since_ms, gifts.pop(forgotten) + 1)
+        return True
 
     def report_presence(self, room_id: str, connections: int) -> None:
         self._rooms[room_id].connections = connections

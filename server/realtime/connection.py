@@ -1,5 +1,5 @@
 """The rules of one WebSocket connection, Sans-I/O: its states, the hello deadline, the rate
-buckets, the strikes and the order of its replies.
+buckets (messages, gifts, `since` replays), the strikes and the order of its replies.
 
     AWAITING_HELLO --valid hello--> READY --connection lost--> CLOSED
     AWAITING_HELLO --bad token / other first message--> CLOSED (4401)
@@ -119,6 +119,7 @@ class Connection:
         "_goes_straight",
         "_messages",
         "_next_answer",
+        "_replays",
         "_serving",
         "_strikes",
         "close_with",
@@ -140,6 +141,7 @@ class Connection:
         self.close_with: tuple[CloseCode, str] | None = None
         self._messages = TokenBucket(limits.messages_per_s, limits.messages_burst, now)
         self._gifts = TokenBucket(limits.gifts_per_s, limits.gifts_burst, now)
+        self._replays = TokenBucket(limits.replays_per_s, limits.replays_burst, now)
         self._strikes = TokenBucket(limits.flood_strikes_per_s, limits.flood_strikes, now)
         self._goes_straight = goes_straight
         self._serving = False  # a request (or the hello) is with the caller
@@ -273,6 +275,17 @@ class Connection:
             self._illegal("admit_gift")
         if not self._gifts.take(now):
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many gifts; slow down")
+
+    def admit_replay(self, now: float) -> None:
+        """Take one `since` replay from its budget; `ProtocolError(rate_limited)` when over.
+        A replay can be a room's whole history: a few in a burst, then one every
+        1/`replays_per_s` seconds, so small requests cannot ask for unbounded output."""
+        if self.state is not _READY:
+            self._illegal("admit_replay")
+        if not self._replays.take(now):
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, "too many joins with since; join without since or wait"
+            )
 
     def gift_answered(self, ticket: int, outcome: Outcome) -> list[Outcome]:
         """Gift `ticket` came to `outcome` (None: not served, or cancelled): every outcome

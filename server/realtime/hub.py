@@ -209,6 +209,13 @@ class Hub:
         """Queue an event (built by `make_event(seq)`) for the next tick; never awaits."""
         self.broker.publish(room.id, make_event)
 
+    def first_publication(self, room: Room, event: str, ts_ms: int, *, replayed: bool) -> bool:
+        """Whether a settled gift is to be published in `room` now (see the broker's
+        `first_publication`): never twice, even when its key is replayed."""
+        if self.rooms.get(room.id) is not room:
+            return False  # ended meanwhile: its viewers are gone
+        return self.broker.first_publication(room.id, event, ts_ms, replayed=replayed)
+
     def announce_viewers(self) -> None:
         """A `viewers` event for each room whose count changed since it was last announced."""
         presence = self.broker.presence

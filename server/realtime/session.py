@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from giftstream.protocol.codec import encode_error, encode_reply
-from giftstream.protocol.errors import ErrorCode, ProtocolError
+from giftstream.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from giftstream.protocol.events import (
     BalanceReply,
     Ended,
@@ -52,10 +53,12 @@ from giftstream.server.money.catalog import Catalog, Gift
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import SettledGift, Wallet
 from giftstream.server.realtime.auth import AuthError, Identity, verify_token
+from giftstream.server.realtime.broker import Event, MakeEvent
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
-from giftstream.server.realtime.fanout import Fanout
+from giftstream.server.realtime.fanout import Fanout, close_or_abort
 from giftstream.server.realtime.hub import Hub, Room
 from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.ratelimit import SharedBuckets
 from giftstream.server.realtime.refusals import protocol_error
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,8 @@ class NodeState:
     connections: int = 0
     # Gift tasks of every session, still settling or waiting to write their reply.
     gift_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # each user's gift budget over all their connections here (Limits.user_gifts_per_s)
+    user_gifts: SharedBuckets = field(default_factory=lambda: SharedBuckets(20.0, 40))
 
 
 class Session:
@@ -114,15 +119,18 @@ class Session:
         parts, node, core = self.parts, self.node, self.core
         parts.metrics.connections.inc()
         node.connections += 1
+        fanout = parts.fanout
+        _cap_send_buffer(self.conn, parts.limits.send_buffer_bytes)
         try:
             if await self._authenticate():
                 async for frame in self.conn:
                     await self._serve(frame)
-                    if core.state is _CLOSED:
-                        break
+                    if core.state is _CLOSED or fanout.is_closing(self.conn):
+                        break  # closing: nothing more is served (or written)
             if core.close_with is not None:
                 await self._gifts_answered()  # their replies go before the close frame
-                await self.conn.close(*core.close_with)
+                await self._close(core.close_with)
+            await fanout.wait_closed(self.conn)
         except ConnectionClosed:
             pass
         finally:
@@ -227,8 +235,13 @@ class Session:
         self.parts.metrics.errors.labels(error.code.value).inc()
         self._write(encode_error(error))
 
-    def _write(self, frame: bytes) -> None:
-        self.parts.fanout.write(self.conn, frame)
+    def _write(self, *frames: bytes) -> None:
+        self.parts.fanout.write(self.conn, *frames)
+
+    async def _close(self, close_with: tuple[CloseCode, str]) -> None:
+        """Close with the core's code; a peer that does not read the close is cut off."""
+        code, reason = close_with
+        await close_or_abort(self.conn, code, reason, self.parts.limits.close_timeout_s)
 
     # ---- gifts in flight ------------------------------------------------------------------
     # A gift to a room live here and joined is settled while the connection reads on: gifts
@@ -266,7 +279,7 @@ class Session:
             if close is not None:
                 # the reader may be waiting for a frame that never comes: close from here
                 with contextlib.suppress(ConnectionClosed):
-                    await self.conn.close(*close)
+                    await self._close(close)
 
     async def _gifts_answered(self) -> None:
         """Wait until every gift this connection sent so far has been answered."""
@@ -295,12 +308,17 @@ class Session:
 
     async def on_join(self, message: Join) -> None:
         hub = self.parts.hub
+        if message.since is not None:
+            self.core.admit_replay(time.monotonic())
         room = hub.rooms.get(message.room) or await hub.live_room(message.room)
         joined, missed = hub.join(self.conn, room, message.since)
-        # written here, before any await, so no room flush can slip between them
-        self._write(encode_reply(joined, message.id))
-        if missed is not None:
-            self._write(missed)
+        # written here, before any await, so no room flush can slip between them; together
+        # or not at all: a replay that would pass the backlog bound closes the socket 4008
+        reply = encode_reply(joined, message.id)
+        if missed is None:
+            self._write(reply)
+        else:
+            self._write(reply, missed)
 
     async def on_leave(self, message: Leave) -> Left:
         if not self.parts.hub.leave(self.conn, message.room):
@@ -326,7 +344,12 @@ class Session:
         return Watching(rooms=message.rooms)
 
     async def on_gift(self, message: SendGift) -> GiftOk:
-        self.core.admit_gift(time.monotonic())
+        now = time.monotonic()
+        self.core.admit_gift(now)
+        if not self.node.user_gifts.take(self.user.user, now):
+            # refused or not, a gift costs Redis a script: the budget is the user's, so more
+            # sockets do not buy more of it
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many gifts from your account")
         gift = self.parts.catalog.gifts.get(message.gift)
         if gift is None:
             raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {message.gift} in the catalog")
@@ -344,6 +367,9 @@ class Session:
             )
             if settled is None:
                 raise
+            live = self.parts.hub.rooms.get(message.room)
+            if live is not None:  # joined elsewhere first: unseen if its gateway died
+                self._publish_gift(live, gift, message.count, settled)
         else:
             if self.node.draining:
                 raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down; retry")
@@ -351,6 +377,18 @@ class Session:
         return GiftOk(
             key=message.key, event=settled.event, coins=settled.coins, combo=settled.combo
         )
+
+    def _publish_gift(self, room: Room, gift: Gift, count: int, settled: SettledGift) -> None:
+        """The room's event (and the ops feed's count) for a settled gift, once per event: a
+        fresh settlement, or a replay of its key whose first publication never happened (its
+        reply was lost with it). Runs as Redis answers, whoever waits for the reply."""
+        if not settled.replayed:
+            self.parts.ops.record_gift(gift.coins * count)
+        hub = self.parts.hub
+        if hub.first_publication(room, settled.event, settled.ts, replayed=settled.replayed):
+            if settled.replayed:
+                self.parts.ops.record_gift(gift.coins * count)
+            hub.publish(room, _gift_event(room, self.user, gift, count, settled))
 
     def _giftable_room(self, room_id: str) -> Room | None:
         """The live room the sender may gift in; None when it is not live here; the
@@ -368,30 +406,9 @@ class Session:
         """Debit and credit in one script; the room's event is queued as Redis answers, even
         if this connection drops meanwhile, so a gift is never settled unseen."""
         sender = self.user
-        hub, ops = self.parts.hub, self.parts.ops
 
         def publish(settled: SettledGift) -> None:
-            if settled.replayed:
-                return
-            ops.record_gift(gift.coins * message.count)
-            if hub.rooms.get(room.id) is room:
-                hub.publish(
-                    room,
-                    lambda seq: GiftEvent(
-                        room=room.id,
-                        seq=seq,
-                        event=settled.event,
-                        sender_id=sender.user,
-                        sender_name=sender.name,
-                        gift_id=gift.id,
-                        gift_name=gift.name,
-                        gift_coins=gift.coins,
-                        animation=gift.animation,
-                        count=message.count,
-                        combo=settled.combo,
-                        ts=settled.ts,
-                    ).as_dict(),
-                )
+            self._publish_gift(room, gift, message.count, settled)
 
         return await self.parts.wallet.send_gift(
             sender=sender.user,
@@ -403,6 +420,37 @@ class Session:
             key=message.key,
             on_settled=publish,
         )
+
+
+def _gift_event(
+    room: Room, sender: Identity, gift: Gift, count: int, settled: SettledGift
+) -> MakeEvent:
+    def make(seq: int) -> Event:
+        return GiftEvent(
+            room=room.id,
+            seq=seq,
+            event=settled.event,
+            sender_id=sender.user,
+            sender_name=sender.name,
+            gift_id=gift.id,
+            gift_name=gift.name,
+            gift_coins=gift.coins,
+            animation=gift.animation,
+            count=count,
+            combo=settled.combo,
+            ts=settled.ts,
+        ).as_dict()
+
+    return make
+
+
+def _cap_send_buffer(conn: ServerConnection, size: int) -> None:
+    """Fix the kernel's send buffer of the socket: what a peer that never reads makes this
+    host hold is then the backlog bound plus this, not megabytes of autotuned buffer."""
+    sock = conn.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def _joined_live(hub: Hub, conn: ServerConnection, room_id: str) -> bool:

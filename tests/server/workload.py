@@ -18,7 +18,13 @@ async def run_mixed_workload(redis_url: str, data_dir: Path) -> dict[str, int]:
     tokens = TokenMaker(JWT_SECRET)
     accepted = refused = 0
     settings = make_settings(
-        redis_url, data_dir, gifts_per_s=500.0, gifts_burst=500, messages_burst=500
+        redis_url,
+        data_dir,
+        gifts_per_s=500.0,
+        gifts_burst=500,
+        user_gifts_per_s=500.0,
+        user_gifts_burst=500,
+        messages_burst=500,
     )
     async with (
         App(settings, load_catalog()) as node,

@@ -217,7 +217,13 @@ async def test_plain_pages_on_the_public_port(app: App) -> None:
 
 
 async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> None:
-    async with make_app(max_backlog_bytes=64 * 1024, gifts_per_s=1000.0, gifts_burst=1000) as node:
+    async with make_app(
+        max_backlog_bytes=64 * 1024,
+        gifts_per_s=1000.0,
+        gifts_burst=1000,
+        user_gifts_per_s=1000.0,
+        user_gifts_burst=1000,
+    ) as node:
         tokens = TokenMaker(JWT_SECRET)
         creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
         await creator.request({"type": "go_live", "title": "t"})
@@ -248,6 +254,8 @@ async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> Non
             await node.hub.flush()
             if slow_consumer_closes(node) > closes_before:
                 break
+            # the reading watcher reads what was sent so far (its send buffer is small too)
+            assert (await watcher.request({"type": "ping"}))["type"] == "pong"
         assert slow_consumer_closes(node) == closes_before + 1
         slow.conn.transport.resume_reading()
         assert await slow.closed_with(timeout=15) == 4008

@@ -206,7 +206,13 @@ async def test_same_key_at_once_on_many_connections_debits_once(
 async def test_200_concurrent_gifts_end_at_the_exact_balance(
     make_app: Callable[..., App], tokens: TokenMaker
 ) -> None:
-    async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
+    async with make_app(
+        gifts_per_s=1000.0,
+        gifts_burst=1000,
+        user_gifts_per_s=1000.0,
+        user_gifts_burst=1000,
+        messages_burst=1000,
+    ) as node:
         async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
             await admin.buy("ann", "coins_700")
             creator, _ = await WsClient.login(node.ws_url, tokens("cara", "creator"))
@@ -253,7 +259,13 @@ async def test_a_burst_of_gifts_shares_round_trips_and_is_answered_in_order(
     """One connection's gifts settle while it reads on: a burst of 30 shares a few Redis
     writes (one at a time took 30), the replies keep the request order, and a request after
     them (balance) waits until every one is answered."""
-    async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
+    async with make_app(
+        gifts_per_s=1000.0,
+        gifts_burst=1000,
+        user_gifts_per_s=1000.0,
+        user_gifts_burst=1000,
+        messages_burst=1000,
+    ) as node:
         creator, ann = await _ann_in_caras_room(node, tokens)
         writes_before = node.wallet.redis_writes
         for i in range(30):
@@ -274,7 +286,13 @@ async def test_a_burst_past_the_in_flight_cap_and_a_bad_frame_keep_their_order(
     """Past MAX_GIFTS_IN_FLIGHT the next gift waits for those before it, and a bad frame
     after them is refused only once they are all answered: replies in request order."""
     count = MAX_GIFTS_IN_FLIGHT + 8
-    async with make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000) as node:
+    async with make_app(
+        gifts_per_s=1000.0,
+        gifts_burst=1000,
+        user_gifts_per_s=1000.0,
+        user_gifts_burst=1000,
+        messages_burst=1000,
+    ) as node:
         creator, ann = await _ann_in_caras_room(node, tokens)
         for i in range(count):
             await ann.send({**gift(f"capped-gift-{i:03d}", "heart"), "id": f"g{i}"})
@@ -410,7 +428,13 @@ async def test_redis_down_is_internal_and_the_key_retry_settles_once(
 async def test_shutdown_finishes_money_in_flight(
     make_app: Callable[..., App], tokens: TokenMaker
 ) -> None:
-    node = make_app(gifts_per_s=1000.0, gifts_burst=1000, messages_burst=1000)
+    node = make_app(
+        gifts_per_s=1000.0,
+        gifts_burst=1000,
+        user_gifts_per_s=1000.0,
+        user_gifts_burst=1000,
+        messages_burst=1000,
+    )
     await node.__aenter__()
     async with AdminClient(node.admin_url, "test-webhook-secret-0123456789ab") as admin:
         await admin.buy("ann", "coins_700")
