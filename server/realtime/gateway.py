@@ -97,6 +97,13 @@ class Gateway:
             server_header="giftstream",
             create_connection=counted_connections(self.parts.caps),
         )
+        caps = self.parts.caps
+        log.info(
+            "connection caps: %d sockets, %s per address, %s per user",
+            caps.max_total,
+            caps.max_per_ip or "no cap",
+            caps.max_per_user or "no cap",
+        )
         return self
 
     async def __aexit__(

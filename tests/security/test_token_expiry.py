@@ -54,7 +54,7 @@ async def welcomed(node: App, token: str) -> bool:
     client = await WsClient.open(node.ws_url)
     reply = await client.request({"type": "hello", "token": token}, timeout=10)
     await client.close()
-    return reply["type"] == "welcome"
+    return bool(reply["type"] == "welcome")
 
 
 async def test_a_token_expiring_mid_session_closes_4401(
