@@ -9,6 +9,7 @@ gateway and the sessions report each socket's and each hello's start and end.
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from http import HTTPStatus
 
@@ -28,6 +29,20 @@ UPGRADE_STATUS = {
     CapReason.SERVER_FULL: HTTPStatus.SERVICE_UNAVAILABLE,
     CapReason.IP_CAP: HTTPStatus.TOO_MANY_REQUESTS,
 }
+
+
+def address_key(host: str) -> str:
+    """What one client address is for the cap: an IPv4 address as it is; an IPv6 one by its
+    /64, since one subscriber is handed a whole /64 and could take a new address per socket."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # fe80::1%eth0: no zone
+    except ValueError:
+        return host  # not an IP (a Unix socket): counted as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class ConnectionCaps:

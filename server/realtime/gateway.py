@@ -15,7 +15,12 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from giftstream.protocol.events import PROTOCOL_VERSION
-from giftstream.server.realtime.caps import UPGRADE_STATUS, CapReason, ConnectionCaps
+from giftstream.server.realtime.caps import (
+    UPGRADE_STATUS,
+    CapReason,
+    ConnectionCaps,
+    address_key,
+)
 from giftstream.server.realtime.session import NodeParts, NodeState, Session
 
 log = logging.getLogger(__name__)
@@ -40,7 +45,7 @@ class CountedConnection(ServerConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.peer_ip = address_key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
         self.caps.socket_opened(self.peer_ip)
 
     def connection_lost(self, exc: Exception | None) -> None:
