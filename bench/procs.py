@@ -179,6 +179,9 @@ class Giftstream:
             str(self.data_dir),
             "--log-level",
             "WARNING",
+            # every benchmark client connects from 127.0.0.1: no cap per address
+            "--max-connections-per-ip",
+            "0",
         ]
         self.server = Proc(name, self.cmd, tmp, port=self.port)
         wait_port(self.admin_port, self.server.popen)

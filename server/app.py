@@ -21,7 +21,9 @@ from giftstream.server.metrics import Metrics
 from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.wallet import Wallet
+from giftstream.server.realtime.auth import TokenRules
 from giftstream.server.realtime.broker import Broker, MemoryBroker
+from giftstream.server.realtime.caps import ConnectionCaps
 from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
 from giftstream.server.realtime.hub import Hub
@@ -104,7 +106,13 @@ class App:
         )
         self.parts = NodeParts(
             limits=settings.limits,
-            jwt_secret=settings.jwt_secret,
+            tokens=TokenRules(
+                settings.jwt_secret,
+                leeway_s=settings.jwt_leeway_s,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            ),
+            caps=ConnectionCaps(settings.limits),
             catalog=self.catalog,
             wallet=self.wallet,
             hub=self.hub,

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo",
         action="store_true",
-        help="print ready-to-paste demo tokens and give the demo viewer coins; payouts are "
-        "not held unless --payout-hold-days is given (a local tryout)",
+        help="print ready-to-paste demo tokens and give the demo viewer coins; lifts the "
+        "per-address connection cap unless it is given (load tests run from this machine); "
+        "payouts are not held unless --payout-hold-days is given (a local tryout)",
     )
 
     token = commands.add_parser("token", help="print a client token signed with the server secret")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", choices=[r.value for r in Role], default=Role.VIEWER.value)
     token.add_argument("--minor", action="store_true", help="the user is not a verified adult")
     token.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
-    add_options(token, only=("--data-dir", "--jwt-secret"))
+    add_options(token, only=("--data-dir", "--jwt-secret", "--jwt-audience", "--jwt-issuer"))
 
     redis_url = commands.add_parser(
         "redis-url",
@@ -225,6 +226,8 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
 
     _log_at(values["log_level"])
     catalog = load_catalog(values.get("catalog"))
+    if args.demo and not given(args, "max_connections_per_ip"):
+        values["max_connections_per_ip"] = 0  # every load-test socket comes from 127.0.0.1
     settings = build_settings(values)
     if args.demo and not given(args, "payout_hold_days"):
         # A local tryout: its first payout (README) is not held a week. Anything else holds.
@@ -261,7 +264,14 @@ async def _print_demo(app: Any) -> None:
         f"  Demo tokens (valid 24 h; `{command} token --help` makes more):",
     ]
     for user, name, role in DEMO_USERS:
-        token = mint_token(settings.jwt_secret, user, name=name, role=role)
+        token = mint_token(
+            settings.jwt_secret,
+            user,
+            name=name,
+            role=role,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
         lines.append(f"    {role.value:8} {user:5} {token}")
     lines += [
         f"  Connect (e.g. `{_python_beside(command)} -m websockets {app.ws_url}`) and send:",
@@ -307,6 +317,8 @@ def _token(args: argparse.Namespace, values: dict[str, Any]) -> int:
             role=Role(args.role),
             adult=not args.minor,
             ttl_s=args.ttl,
+            audience=values.get("jwt_audience"),
+            issuer=values.get("jwt_issuer"),
         )
     except ValueError as exc:
         raise ConfigError(f"--user: {exc}") from exc

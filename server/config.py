@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from giftstream.server.money.wallet import (
     MAX_PAYOUT_DAILY_CAP,
     MAX_PAYOUT_HOLD_DAYS,
 )
+from giftstream.server.realtime.auth import DEFAULT_LEEWAY_S
 
 # Query parameters that hold a secret in a Redis or NATS URL.
 SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jwt"})
@@ -30,6 +32,22 @@ SECRET_QUERY = frozenset({"password", "pass", "token", "auth_token", "nkey", "jw
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the flag and the variable."""
+
+
+# Connection caps (docs/operations.md says why these numbers). Descriptors the process keeps
+# for other things than client sockets: the Redis pool, the admin API's clients, listening
+# sockets, log and catalog files.
+FD_RESERVE = 256
+DEFAULT_MAX_CONNECTIONS_PER_IP = 2000  # a carrier-grade NAT puts hundreds to 1000+ behind one
+DEFAULT_MAX_CONNECTIONS_PER_USER = 8  # a viewer on a phone, a tablet and a few browser tabs
+
+
+def default_max_connections() -> int:
+    """What the process can hold: its open-file soft limit less the reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - FD_RESERVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,10 @@ class Limits:
     ping_timeout_s: float = 20.0
     close_timeout_s: float = 5.0  # a peer that does not answer our close frame is cut off
     shutdown_grace_s: float = 10.0
+    # sockets held at once, from accept to close (hello or not); past it, HTTP 503
+    max_connections: int = field(default_factory=default_max_connections)
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP  # past it, 429; 0: no cap
+    max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER  # past it, 4429; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +95,9 @@ class Settings:
     redis_url: str | None = None  # None: start the embedded Redis
     data_dir: Path = Path("data")
     jwt_secret: str = ""
+    jwt_leeway_s: float = DEFAULT_LEEWAY_S  # clock skew allowed on exp, nbf and iat
+    jwt_audience: str | None = None  # when set, a token's `aud` must name it
+    jwt_issuer: str | None = None  # when set, a token's `iss` must be it
     webhook_secret: str = ""
     webhook_secret_previous: str | None = None  # also accepted, during a rotation
     catalog: Path | None = None  # None: the bundled demo catalog
@@ -148,6 +173,29 @@ def _daily_cap(text: str) -> int:
     return cap
 
 
+def _leeway(text: str) -> float:
+    seconds = float(text)
+    if not 0 <= seconds <= 600:
+        raise ValueError("must be a number of seconds from 0 to 600")
+    return seconds
+
+
+def _claim(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+def _cap(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        count = int(text)
+        if not low <= count <= 10_000_000:
+            raise ValueError(f"must be a whole number from {low} to 10000000")
+        return count
+
+    return parse
+
+
 def _ledger_key(text: str) -> str:
     if not text or any(c.isspace() for c in text):
         raise ValueError("must be a Redis key without spaces, e.g. giftstream:ledger")
@@ -220,6 +268,27 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "HS256 secret for client tokens (default: generated once into the data dir)",
     ),
     Option(
+        "--jwt-leeway",
+        "GIFTSTREAM_JWT_LEEWAY",
+        f"{DEFAULT_LEEWAY_S:g}",
+        _leeway,
+        "seconds of clock skew allowed on a token's exp, nbf and iat",
+    ),
+    Option(
+        "--jwt-audience",
+        "GIFTSTREAM_JWT_AUDIENCE",
+        None,
+        _claim,
+        "the aud every token must name (default: none; a token naming one is refused)",
+    ),
+    Option(
+        "--jwt-issuer",
+        "GIFTSTREAM_JWT_ISSUER",
+        None,
+        _claim,
+        "the iss every token must carry (default: not checked)",
+    ),
+    Option(
         "--webhook-secret",
         "GIFTSTREAM_WEBHOOK_SECRET",
         None,
@@ -284,6 +353,29 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         str(DEFAULT_PAYOUT_DAILY_CAP),
         _daily_cap,
         "diamonds one creator may be paid out per UTC day",
+    ),
+    Option(
+        "--max-connections",
+        "GIFTSTREAM_MAX_CONNECTIONS",
+        None,
+        _cap(1),
+        "sockets held at once, from accept to close; past it upgrades get HTTP 503 "
+        f"(default: the open-file limit, ulimit -n, less {FD_RESERVE})",
+    ),
+    Option(
+        "--max-connections-per-ip",
+        "GIFTSTREAM_MAX_CONNECTIONS_PER_IP",
+        str(DEFAULT_MAX_CONNECTIONS_PER_IP),
+        _cap(0),
+        "sockets one client address may hold; past it upgrades get HTTP 429 (0: no cap, "
+        "e.g. behind a proxy, where every client has the proxy's address)",
+    ),
+    Option(
+        "--max-connections-per-user",
+        "GIFTSTREAM_MAX_CONNECTIONS_PER_USER",
+        str(DEFAULT_MAX_CONNECTIONS_PER_USER),
+        _cap(0),
+        "connections one user may have; the hello past it is closed 4429 (0: no cap)",
     ),
 )
 
@@ -363,11 +455,15 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         data_dir, "webhook_secret"
     )
     limits = limits or Limits()
-    rates: dict[str, Any] = {}  # a flag or variable given: the rate, and bursts of twice it
+    # a flag or variable given: a rate, and bursts of twice it; a connection cap
+    changed: dict[str, Any] = {}
     for name in ("gifts", "user_gifts", "messages"):
         rate = values.get(f"{name}_per_s")
         if rate is not None:
-            rates[f"{name}_per_s"], rates[f"{name}_burst"] = rate, int(2 * rate)
+            changed[f"{name}_per_s"], changed[f"{name}_burst"] = rate, int(2 * rate)
+    for name in ("max_connections", "max_connections_per_ip", "max_connections_per_user"):
+        if values.get(name) is not None:
+            changed[name] = values[name]
     return Settings(
         host=values.get("host") or "127.0.0.1",
         port=values.get("port", 8765) if values.get("port") is not None else 8765,
@@ -376,6 +472,11 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         redis_url=values.get("redis_url"),
         data_dir=data_dir,
         jwt_secret=jwt_secret,
+        jwt_leeway_s=values["jwt_leeway"]
+        if values.get("jwt_leeway") is not None
+        else DEFAULT_LEEWAY_S,
+        jwt_audience=values.get("jwt_audience"),
+        jwt_issuer=values.get("jwt_issuer"),
         webhook_secret=webhook_secret,
         webhook_secret_previous=values.get("webhook_secret_previous"),
         catalog=values.get("catalog"),
@@ -383,7 +484,7 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         ledger_key=values.get("ledger_key") or keys.LEDGER,
         payout_hold_days=_given_or(values, "payout_hold_days", DEFAULT_PAYOUT_HOLD_DAYS),
         payout_daily_cap=_given_or(values, "payout_daily_cap", DEFAULT_PAYOUT_DAILY_CAP),
-        limits=dataclasses.replace(limits, **rates),
+        limits=dataclasses.replace(limits, **changed),
     )
 
 

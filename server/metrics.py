@@ -60,6 +60,12 @@ class Metrics:
             "Connections closed 4008 for unsent backlog",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "giftstream_connections_refused",
+            "Connections refused by a cap: server_full (503), ip_cap (429), user_cap (4429)",
+            ["reason"],
+            registry=r,
+        )
         self.errors = Counter(
             "giftstream_errors",
             "Error replies sent, by protocol error code",

@@ -53,7 +53,8 @@ class PresenceManager(Protocol):
     every gateway's."""
 
     def report_presence(self, room_id: str, connections: int) -> None:
-        """This node now has `connections` viewer connections in `room_id`."""
+        """This node now has `connections` viewers in `room_id` (users: a user's several
+        sockets in the room count once)."""
         ...
 
     def presence(self, room_id: str) -> int:

@@ -1,9 +1,12 @@
-"""The rules of one WebSocket connection, Sans-I/O: its states, the hello deadline, the rate
-buckets (messages, gifts, `since` replays), the strikes and the order of its replies.
+"""The rules of one WebSocket connection, Sans-I/O: its states, the hello and token
+deadlines, the rate buckets (messages, gifts, `since` replays), the strikes and the order of
+its replies.
 
     AWAITING_HELLO --valid hello--> READY --connection lost--> CLOSED
     AWAITING_HELLO --bad token / other first message--> CLOSED (4401)
     AWAITING_HELLO --hello deadline passed--> CLOSED (4408)
+    AWAITING_HELLO --valid hello past the user's connection cap--> CLOSED (4429)
+    READY --token deadline (its exp plus the leeway) passed--> CLOSED (4401)
     AWAITING_HELLO / READY --too many strikes--> CLOSED (4429, once earlier replies are out)
 
 `Connection` takes events (a frame arrived at `now`, the hello deadline passed, a request's
@@ -30,6 +33,8 @@ MAX_GIFTS_IN_FLIGHT = 32
 # Longest token error sent as a close reason: a close frame holds 123 bytes of it.
 MAX_CLOSE_REASON = 100
 FLOOD_REASON = "too many bad or excess messages"
+USER_CAP_REASON = "too many connections for this user"
+EXPIRED_REASON = "token expired; reconnect with a fresh token and since"
 
 # What a request came to: its encoded reply, the error that refuses it, or None when there
 # is nothing (more) to write. Opaque here: only its place in the order matters.
@@ -79,11 +84,19 @@ _TRANSITIONS: dict[State, frozenset[State]] = {
 # already on their way (a refusal may be what closed it), and serves none of them.
 _ACCEPTS: dict[State, frozenset[str]] = {
     State.AWAITING_HELLO: frozenset(
-        {"receive", "hello_deadline_passed", "welcomed", "token_refused", "connection_lost"}
+        {
+            "receive",
+            "hello_deadline_passed",
+            "welcomed",
+            "token_refused",
+            "over_user_cap",
+            "connection_lost",
+        }
     ),
     State.READY: frozenset(
         {
             "receive",
+            "token_deadline_passed",
             "resume",
             "answered",
             "admit_gift",
@@ -93,7 +106,15 @@ _ACCEPTS: dict[State, frozenset[str]] = {
         }
     ),
     State.CLOSED: frozenset(
-        {"receive", "resume", "answered", "refused", "gift_answered", "connection_lost"}
+        {
+            "receive",
+            "resume",
+            "answered",
+            "refused",
+            "gift_answered",
+            "token_deadline_passed",
+            "connection_lost",
+        }
     ),
 }
 
@@ -128,6 +149,7 @@ class Connection:
         "request",
         "state",
         "ticket",
+        "token_deadline",
     )
 
     def __init__(self, limits: Limits, now: float, goes_straight: Callable[[str], bool]) -> None:
@@ -135,6 +157,7 @@ class Connection:
         `goes_straight(room)` says whether a gift to `room` may settle concurrently."""
         self.state = State.AWAITING_HELLO
         self.hello_deadline = now + limits.hello_timeout_s
+        self.token_deadline = float("inf")  # when READY: when its token stops being good
         self.request: ClientMessage | None = None  # the request of the last step
         self.refusal: ProtocolError | None = None  # the error of the last `Step.REFUSE`
         self.ticket = -1  # the ticket of the last `Step.START_GIFT`
@@ -241,11 +264,30 @@ class Connection:
             self._illegal("hello_deadline_passed", "while the hello is checked")
         return self._close(CloseCode.HELLO_TIMEOUT, "no hello in time")
 
-    def welcomed(self) -> None:
-        """The hello's token is good: requests are served from now on."""
+    def welcomed(self, token_deadline: float = float("inf")) -> None:
+        """The hello's token is good until `token_deadline` (on the clock of `now`):
+        requests are served from now on; the caller calls `token_deadline_passed` then."""
         self._expect("welcomed")
         self._end_serving("welcomed")
+        self.token_deadline = token_deadline
         self._enter(State.READY)
+
+    def over_user_cap(self) -> Step:
+        """The hello's token is good, but its user already holds as many connections as
+        a user may."""
+        self._expect("over_user_cap")
+        self._end_serving("over_user_cap")
+        return self._close(CloseCode.FLOOD, USER_CAP_REASON)
+
+    def token_deadline_passed(self) -> Step:
+        """`token_deadline` came: the connection is closed 4401 once the replies already
+        started are out (`close_due`); NOTHING when it closed before."""
+        self._expect("token_deadline_passed")
+        if self.state is _CLOSED:
+            return _NOTHING
+        self._enter(State.CLOSED)
+        self.close_with = (CloseCode.BAD_TOKEN, EXPIRED_REASON)
+        return Step.CLOSE
 
     def token_refused(self, reason: str) -> Step:
         """The hello's token is bad, expired or missing."""
@@ -316,7 +358,7 @@ class Connection:
 
     @property
     def close_due(self) -> tuple[CloseCode, str] | None:
-        """The flood close, once every reply before it is released; else None."""
+        """The flood or expiry close, once every reply before it is released; else None."""
         if self._gifts_started != self._next_answer:
             return None
         return self.close_with

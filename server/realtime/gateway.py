@@ -1,17 +1,26 @@
-"""The public port: WebSocket upgrades at /ws (origin allow-list, size and keepalive limits)
-and the few plain GET pages beside it. Each accepted connection becomes a `Session`."""
+"""The public port: WebSocket upgrades at /ws (origin allow-list, connection caps, size and
+keepalive limits) and the few plain GET pages beside it. Each accepted connection becomes a
+`Session`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from http import HTTPStatus
 from types import TracebackType
+from typing import ClassVar
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from giftstream.protocol.events import PROTOCOL_VERSION
+from giftstream.server.realtime.caps import (
+    UPGRADE_STATUS,
+    CapReason,
+    ConnectionCaps,
+    address_key,
+)
 from giftstream.server.realtime.session import NodeParts, NodeState, Session
 
 log = logging.getLogger(__name__)
@@ -20,6 +29,40 @@ WS_PATH = "/ws"
 # Frames up to this size are read and answered `bad_request` when over the protocol's 4 KiB;
 # larger ones are refused by the WebSocket layer itself (close 1009) without being buffered.
 READ_LIMIT_BYTES = 64 * 1024
+_REFUSED_BODY = {
+    CapReason.SERVER_FULL: "server full; retry later\n",
+    CapReason.IP_CAP: "too many connections from your address\n",
+}
+
+
+class CountedConnection(ServerConnection):
+    """A `ServerConnection` that counts its socket against the caps from accept to close:
+    one that never sends its upgrade, or never says hello, holds its place all the same."""
+
+    caps: ClassVar[ConnectionCaps]  # set on the gateway's own subclass
+    peer_ip = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = address_key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
+        self.caps.socket_opened(self.peer_ip)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:  # asyncio calls it once for each socket it made: every count is freed
+            self.caps.socket_closed(self.peer_ip)
+
+
+def counted_connections(caps: ConnectionCaps) -> type[CountedConnection]:
+    """The connection class of one gateway, counting against its node's caps."""
+
+    class GatewayConnection(CountedConnection):
+        pass
+
+    GatewayConnection.caps = caps
+    return GatewayConnection
 
 
 class Gateway:
@@ -57,6 +100,14 @@ class Gateway:
             ping_timeout=limits.ping_timeout_s,
             close_timeout=limits.close_timeout_s,
             server_header="giftstream",
+            create_connection=counted_connections(self.parts.caps),
+        )
+        caps = self.parts.caps
+        log.info(
+            "connection caps: %d sockets, %s per address, %s per user",
+            caps.max_total,
+            caps.max_per_ip or "no cap",
+            caps.max_per_user or "no cap",
         )
         return self
 
@@ -91,7 +142,7 @@ class Gateway:
         """Let upgrades to /ws through; answer the plain pages; 404 for the rest."""
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
-            return None
+            return self._over_cap(conn)
         if path == "/":
             return conn.respond(
                 HTTPStatus.OK,
@@ -100,3 +151,12 @@ class Gateway:
         if path == "/healthz":
             return conn.respond(HTTPStatus.OK, "ok\n")
         return conn.respond(HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {WS_PATH}\n")
+
+    def _over_cap(self, conn: ServerConnection) -> Response | None:
+        """503 past the node's cap, 429 past the address's; None lets the upgrade go on."""
+        assert isinstance(conn, CountedConnection)
+        refusal = self.parts.caps.upgrade_refusal(conn.peer_ip)
+        if refusal is None:
+            return None
+        self.parts.metrics.connections_refused.labels(refusal.value).inc()
+        return conn.respond(UPGRADE_STATUS[refusal], _REFUSED_BODY[refusal])

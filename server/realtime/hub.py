@@ -4,6 +4,9 @@ Nothing else touches a room's viewer set. A room's events go through the broker
 (server/realtime/broker.py), which numbers them, keeps their history for `since` and hands
 each room's events of one tick back through the hub's subscription; the hub frames them once
 and writes the same bytes to every viewer and ops watcher of the room, awaiting none.
+
+A room's viewer count counts users, not sockets: a viewer with the room open in two tabs is
+one viewer until they have left it in both.
 """
 
 from __future__ import annotations
@@ -41,8 +44,23 @@ class Room:
     creator: str
     title: str
     started_ms: int
-    viewers: dict[ServerConnection, None] = field(default_factory=dict)
+    viewers: dict[ServerConnection, str] = field(default_factory=dict)  # socket -> its user
+    users: dict[str, int] = field(default_factory=dict)  # user -> their sockets in the room
     viewers_announced: int = 0
+
+    def add(self, conn: ServerConnection, user: str) -> None:
+        if conn not in self.viewers:
+            self.viewers[conn] = user
+            self.users[user] = self.users.get(user, 0) + 1
+
+    def remove(self, conn: ServerConnection) -> None:
+        user = self.viewers.pop(conn, None)
+        if user is not None:
+            left = self.users[user] - 1
+            if left:
+                self.users[user] = left
+            else:
+                del self.users[user]
 
 
 class Hub:
@@ -132,6 +150,7 @@ class Hub:
             if joined is not None:
                 joined.discard(room.id)
         room.viewers.clear()
+        room.users.clear()
         await self.broker.unsubscribe(room.id)  # its seq bound was persisted by the flush
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(room_key(creator), "live", "0")
@@ -153,14 +172,15 @@ class Hub:
     # ---- membership ---------------------------------------------------------------------
 
     def join(
-        self, conn: ServerConnection, room: Room, since: int | None
+        self, conn: ServerConnection, room: Room, since: int | None, *, user: str
     ) -> tuple[Joined, bytes | None]:
-        """Add `conn` to `room`; the `joined` reply and, for `since`, the frame of missed
-        events. The caller writes both before it awaits anything, so no flush slips between."""
-        room.viewers[conn] = None
+        """Add `conn` (of `user`) to `room`; the `joined` reply and, for `since`, the frame of
+        missed events. The caller writes both before it awaits anything, so no flush slips
+        between."""
+        room.add(conn, user)
         self._joined.setdefault(conn, set()).add(room.id)
         broker = self.broker
-        broker.report_presence(room.id, len(room.viewers))
+        broker.report_presence(room.id, len(room.users))
         recovered: bool | None = None
         missed: bytes | None = None
         if since is None:
@@ -188,16 +208,16 @@ class Hub:
         joined.discard(room_id)
         room = self.rooms.get(room_id)
         if room is not None:
-            room.viewers.pop(conn, None)
-            self.broker.report_presence(room_id, len(room.viewers))
+            room.remove(conn)
+            self.broker.report_presence(room_id, len(room.users))
         return True
 
     def leave_all(self, conn: ServerConnection) -> None:
         for room_id in self._joined.pop(conn, set()):
             room = self.rooms.get(room_id)
             if room is not None:
-                room.viewers.pop(conn, None)
-                self.broker.report_presence(room_id, len(room.viewers))
+                room.remove(conn)
+                self.broker.report_presence(room_id, len(room.users))
 
     def is_member(self, conn: ServerConnection, room_id: str) -> bool:
         joined = self._joined.get(conn)

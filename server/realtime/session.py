@@ -52,8 +52,9 @@ from giftstream.server.metrics import Metrics
 from giftstream.server.money.catalog import Catalog, Gift
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import SettledGift, Wallet
-from giftstream.server.realtime.auth import AuthError, Identity, verify_token
+from giftstream.server.realtime.auth import AuthError, Identity, TokenRules, verify_token
 from giftstream.server.realtime.broker import Event, MakeEvent
+from giftstream.server.realtime.caps import CapReason, ConnectionCaps
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
 from giftstream.server.realtime.fanout import Fanout, close_or_abort
 from giftstream.server.realtime.hub import Hub, Room
@@ -77,7 +78,8 @@ class NodeParts:
     """The node's parts and settings every session uses; built once by the app."""
 
     limits: Limits
-    jwt_secret: str
+    tokens: TokenRules
+    caps: ConnectionCaps
     catalog: Catalog
     wallet: Wallet
     hub: Hub
@@ -102,7 +104,7 @@ class Session:
     """Serves one connection from upgrade to close. Thousands live at once: slotted, and the
     request handlers are looked up on the class, not bound per connection."""
 
-    __slots__ = ("_all_answered", "conn", "core", "identity", "node", "parts")
+    __slots__ = ("_all_answered", "_closer", "_expiry", "conn", "core", "identity", "node", "parts")
 
     def __init__(self, conn: ServerConnection, parts: NodeParts, node: NodeState) -> None:
         self.conn = conn
@@ -114,6 +116,8 @@ class Session:
         self.identity: Identity | None = None
         # set while the reader waits for every gift in flight to be answered
         self._all_answered: asyncio.Future[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # fires at the token's deadline
+        self._closer: asyncio.Task[None] | None = None  # the close it started
 
     async def run(self) -> None:
         parts, node, core = self.parts, self.node, self.core
@@ -134,6 +138,10 @@ class Session:
         except ConnectionClosed:
             pass
         finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
+            if self.identity is not None:
+                parts.caps.user_left(self.identity.user)
             core.connection_lost()
             parts.hub.leave_all(self.conn)
             parts.ops.unwatch(self.conn)
@@ -162,13 +170,17 @@ class Session:
             hello = core.request
             assert isinstance(hello, Hello)
             try:
-                identity = verify_token(self.parts.jwt_secret, hello.token)
+                identity = verify_token(self.parts.tokens, hello.token)
             except AuthError as error:
                 core.token_refused(str(error))
                 return False
-            self.identity = identity
+            if not self.parts.caps.admit_user(identity.user):
+                self.parts.metrics.connections_refused.labels(CapReason.USER_CAP.value).inc()
+                core.over_user_cap()
+                return False
+            self.identity = identity  # counted against its user until the session ends
             coins, diamonds = await self.parts.wallet.balance(identity.user)
-            core.welcomed()
+            self._expire_at(identity.valid_until)
             welcome = Welcome(
                 user=identity.user,
                 name=identity.name,
@@ -178,6 +190,23 @@ class Session:
             )
             self._write(encode_reply(welcome, hello.id))
         return core.state is State.READY
+
+    def _expire_at(self, valid_until: float) -> None:
+        """Welcome the core with its token's deadline (moved from Unix time to the core's
+        clock) and arm the timer that closes the connection 4401 then."""
+        left = valid_until - time.time()
+        self.core.welcomed(time.monotonic() + left)
+        if left < 1e9:  # a token that never expires in practice needs no timer
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(max(0.0, left), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        core = self.core
+        if core.token_deadline_passed() is Step.CLOSE:
+            close = core.close_due  # None: the last gift in flight closes once answered
+            if close is not None:
+                self._closer = asyncio.get_running_loop().create_task(self.conn.close(*close))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -311,7 +340,7 @@ class Session:
         if message.since is not None:
             self.core.admit_replay(time.monotonic())
         room = hub.rooms.get(message.room) or await hub.live_room(message.room)
-        joined, missed = hub.join(self.conn, room, message.since)
+        joined, missed = hub.join(self.conn, room, message.since, user=self.user.user)
         # written here, before any await, so no room flush can slip between them; together
         # or not at all: a replay that would pass the backlog bound closes the socket 4008
         reply = encode_reply(joined, message.id)

@@ -10,6 +10,7 @@ import fcntl
 import gc
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from giftstream.server.app import GC_YOUNG_THRESHOLD, tune_gc
 from giftstream.server.cli import LEDGER_OPTIONS, build_parser
-from giftstream.server.config import Limits, add_options, build_settings, resolve
+from giftstream.server.config import ConfigError, Limits, add_options, build_settings, resolve
 from giftstream.server.embedded_redis import answers_ping
 from giftstream.server.money import keys
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
@@ -148,6 +149,30 @@ def test_rate_limits_come_from_flags_and_environment(tmp_path: Path) -> None:
     assert (limits.messages_per_s, limits.messages_burst) == (7.5, 15)
     defaults = build_settings(resolve(parser.parse_args(["--data-dir", str(tmp_path)]), {}))
     assert defaults.limits == Limits()
+
+
+def test_caps_and_token_checks_come_from_flags_and_environment(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    flags = ["--max-connections", "500", "--jwt-audience", "gs", "--data-dir", str(tmp_path)]
+    env = {"GIFTSTREAM_MAX_CONNECTIONS_PER_USER": "3", "GIFTSTREAM_JWT_LEEWAY": "5"}
+    settings = build_settings(resolve(parser.parse_args(flags), env))
+    limits = settings.limits
+    assert (limits.max_connections, limits.max_connections_per_user) == (500, 3)
+    assert limits.max_connections_per_ip == 2000
+    assert (settings.jwt_leeway_s, settings.jwt_audience, settings.jwt_issuer) == (5.0, "gs", None)
+    defaults = build_settings(resolve(parser.parse_args(["--data-dir", str(tmp_path)]), {}))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert defaults.limits.max_connections == soft - 256  # what the process can hold
+    assert defaults.jwt_leeway_s == 30.0
+    for bad in (
+        ["--max-connections", "0"],
+        ["--max-connections-per-ip", "-1"],
+        ["--jwt-leeway", "3600"],
+        ["--jwt-issuer", " "],
+    ):
+        with pytest.raises(ConfigError, match=f"^{bad[0]} / GIFTSTREAM_"):
+            resolve(parser.parse_args([*bad, "--data-dir", str(tmp_path)]), {})
 
 
 def test_token_command(tmp_path: Path) -> None:
@@ -417,6 +442,7 @@ def test_the_demo_block_writes_commands_as_they_were_run(
     python = str(Path(as_run).with_name("python"))  # .venv/bin/python: it has websockets
     assert f"Connect (e.g. `{python} -m websockets ws://" in block
     assert "`giftstream " not in block
+    assert "connection caps: " in block and "no cap per address" in block  # load tests
 
 
 def test_serve_with_redis_url_prints_it_redacted(tmp_path: Path, redis_url: str) -> None:

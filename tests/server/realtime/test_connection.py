@@ -17,8 +17,10 @@ from giftstream.protocol.messages import Hello, Ping, SendGift
 from giftstream.server.config import Limits
 from giftstream.server.realtime.connection import (
     _ACCEPTS,
+    EXPIRED_REASON,
     FLOOD_REASON,
     MAX_GIFTS_IN_FLIGHT,
+    USER_CAP_REASON,
     Connection,
     IllegalEvent,
     State,
@@ -109,6 +111,8 @@ _EVENTS: dict[str, Any] = {
     "hello_deadline_passed": lambda core: core.hello_deadline_passed(),
     "welcomed": lambda core: core.welcomed(),
     "token_refused": lambda core: core.token_refused("bad"),
+    "over_user_cap": lambda core: core.over_user_cap(),
+    "token_deadline_passed": lambda core: core.token_deadline_passed(),
     "answered": lambda core: core.answered(),
     "refused": lambda core: core.refused(ProtocolError(ErrorCode.BAD_REQUEST, "no"), 0.0),
     "admit_gift": lambda core: core.admit_gift(0.0),
@@ -230,6 +234,37 @@ def test_refused_token_closes_4401_with_a_short_reason() -> None:
     assert core.token_refused("x" * 300) is Step.CLOSE
     assert core.close_with == (CloseCode.BAD_TOKEN, "x" * 100)
     assert state_of(core) is State.CLOSED
+
+
+def test_a_good_hello_past_the_user_cap_closes_4429() -> None:
+    core = connection()
+    core.receive(hello(), 0.0)
+    assert core.over_user_cap() is Step.CLOSE
+    assert core.close_with == (CloseCode.FLOOD, USER_CAP_REASON)
+    assert state_of(core) is State.CLOSED
+
+
+def test_token_deadline_closes_4401_once_the_gifts_in_flight_are_answered() -> None:
+    core = connection()
+    core.receive(hello(), 0.0)
+    core.welcomed(token_deadline=60.0)
+    assert core.token_deadline == 60.0
+    (ticket,) = start_gifts(core, 1)
+    assert core.token_deadline_passed() is Step.CLOSE
+    assert state_of(core) is State.CLOSED
+    assert core.close_with == (CloseCode.BAD_TOKEN, EXPIRED_REASON)
+    assert core.close_due is None  # the gift's reply goes first
+    assert core.receive(frame("ping"), 61.0) is Step.NOTHING  # nothing more is served
+    assert core.gift_answered(ticket, b"gift_ok") == [b"gift_ok"]
+    assert core.close_due == (CloseCode.BAD_TOKEN, EXPIRED_REASON)
+
+
+def test_token_deadline_after_another_close_changes_nothing() -> None:
+    core = ready(flood_strikes=0, flood_strikes_per_s=0.01)
+    assert core.receive(b"\x00", 0.0) is Step.REFUSE  # the first strike closes: no budget
+    assert core.close_with == (CloseCode.FLOOD, FLOOD_REASON)
+    assert core.token_deadline_passed() is Step.NOTHING
+    assert core.close_with == (CloseCode.FLOOD, FLOOD_REASON)
 
 
 def test_over_budget_before_hello_is_refused_without_an_id() -> None:

@@ -50,7 +50,7 @@ async def test_reply_echoes_integer_and_string_ids(app: App, tokens: TokenMaker)
     "make_token",
     [
         pytest.param(lambda t: "not-a-jwt", id="garbage"),
-        pytest.param(lambda t: t("ann", ttl_s=-10), id="expired"),
+        pytest.param(lambda t: t("ann", ttl_s=-120), id="expired"),  # past the leeway
         pytest.param(
             lambda t: jwt.encode({"sub": "ann", "exp": 2**40}, "other-secret-0123456789"),
             id="wrong-secret",

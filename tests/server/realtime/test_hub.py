@@ -104,6 +104,38 @@ async def test_viewer_counts_are_announced_on_change_with_seq(app: App, tokens: 
     await creator.close()
 
 
+async def announced_until(client: WsClient, count: int) -> list[int]:
+    """Every viewer count announced to `client` so far, once the last one is `count`."""
+
+    def announced() -> list[int] | None:
+        counts = [e["count"] for e in client.room_events if e["type"] == "viewers"]
+        return counts if counts and counts[-1] == count else None
+
+    return await client._wait_for(announced, 5.0, f"a viewers event of {count}")
+
+
+async def test_viewer_counts_count_users_not_tabs(app: App, tokens: TokenMaker) -> None:
+    creator = await live_room(app, tokens)
+    await creator.request({"type": "join", "room": "cara"})
+    tabs = [(await WsClient.login(app.ws_url, tokens("ann")))[0] for _ in range(2)]
+    joined = [await tab.request({"type": "join", "room": "cara"}) for tab in tabs]
+    assert [j["viewers"] for j in joined] == [2, 2]  # cara and ann, whose second tab adds none
+    bob, _ = await WsClient.login(app.ws_url, tokens("bob"))
+    assert (await bob.request({"type": "join", "room": "cara"}))["viewers"] == 3
+    before = await announced_until(creator, 3)
+    assert await tabs[0].request({"type": "leave", "room": "cara"}) == {
+        "type": "left",
+        "room": "cara",
+    }
+    await bob.close()  # one user fewer; ann leaving in one tab took none away
+    after_bob = await announced_until(creator, 2)
+    assert after_bob[len(before) :] == [2]
+    await tabs[1].close()  # ann's last tab: ann is gone
+    assert (await announced_until(creator, 1))[len(after_bob) :] == [1]
+    await tabs[0].close()
+    await creator.close()
+
+
 async def test_since_recovers_missed_events_in_order(
     app: App, tokens: TokenMaker, admin: AdminClient
 ) -> None:
