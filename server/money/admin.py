@@ -33,6 +33,7 @@ from giftstream.protocol.signing import (
 )
 from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
 from giftstream.server.money.catalog import Catalog
+from giftstream.server.money.openapi import OPENAPI_PATH, openapi_document
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import LimitChange, Wallet
 
@@ -51,7 +52,8 @@ HEALTH_TIMEOUT_S = 2.0  # a hung Redis must not hang the load balancer's probe
 # Receipts take the ids' alphabet, longer (a payments backend's own ids).
 RECEIPT = re.compile(f"[{ID_CHARS}]{{8,128}}")  # fullmatch, never match(...$)
 UNMATCHED = "unmatched"  # the metrics label of requests no route took: bounded cardinality
-UNSIGNED_ROUTES = frozenset({"/healthz", "/metrics"})  # probes and scrapers hold no secret
+# Probes and scrapers hold no secret; the API's description is no secret.
+UNSIGNED_ROUTES = frozenset({"/healthz", "/metrics", OPENAPI_PATH})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Clock = Callable[[], int]
@@ -244,6 +246,9 @@ class _Api:
         result = await self.wallet.payout(creator=creator, diamonds=diamonds, key=key)
         return _json(200, result.as_wire())
 
+    async def get_openapi(self, request: web.Request) -> web.Response:
+        return _json(200, openapi_document())
+
     async def get_catalog(self, request: web.Request) -> web.Response:
         return _json(200, self.catalog.as_wire())
 
@@ -327,6 +332,7 @@ def build_admin_app(
     router.add_get("/v1/catalog", api.get_catalog, allow_head=False)
     router.add_get("/healthz", api.healthz)  # HEAD too, for load balancers' probes
     router.add_get("/metrics", api.get_metrics, allow_head=False)
+    router.add_get(OPENAPI_PATH, api.get_openapi, allow_head=False)
     return app
 
 
