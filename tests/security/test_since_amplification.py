@@ -225,6 +225,8 @@ async def test_a_replay_past_the_bound_is_not_written_but_closed_4008(
                 {"type": "gift", "room": "cara", "gift": "rose", "count": 1, "key": f"key-{n:06d}"}
             )
             assert ok["type"] == "gift_ok"
+        # every gift is out to the room before bob joins: none reaches him live
+        await sender.wait_for_room_events(100, timeout=30, kind="gift")
         late, _ = await WsClient.login(node.ws_url, tokens("bob"))
         # a plain join is answered; the one whose replay cannot fit closes the socket unanswered
         assert (await late.request({"type": "join", "room": "cara"}))["type"] == "joined"
