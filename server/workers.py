@@ -74,7 +74,8 @@ class RestartPolicy:
         if len(self.deaths) >= self.limit:
             return None
         self.deaths.append(now)
-        return min(self.first_s * 2 ** (len(self.deaths) - 1), self.max_s)
+        delay: float = self.first_s * 2.0 ** (len(self.deaths) - 1)
+        return min(delay, self.max_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,17 +295,17 @@ class Supervisor:
         due = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
         timeout = max(0.0, min(due) - time.monotonic()) if due else None
         for item in multiprocessing.connection.wait(list(waiting), timeout):
-            what, slot = waiting[item]
+            what, owner = waiting[item]
             if what == "signal":
                 self._drain_wake_pipe()
                 name = signal.Signals(self._signalled or signal.SIGTERM).name
                 log.info("%s: draining %d workers", name, self._live())
                 return 0
-            assert slot is not None
-            if what == "ready" and slot.ready_pipe is item:
-                self._on_ready(slot)
-            elif what == "exit" and slot.process is not None and slot.process.sentinel == item:
-                if (code := self._on_exit(slot)) is not None:
+            assert owner is not None  # stale items: an exit already closed the pipe
+            if what == "ready" and owner.ready_pipe is item:
+                self._on_ready(owner)
+            elif what == "exit" and owner.process is not None and owner.process.sentinel == item:
+                if (code := self._on_exit(owner)) is not None:
                     return code
         now = time.monotonic()
         for slot in self.slots:
@@ -356,8 +357,9 @@ class Supervisor:
     def _on_exit(self, slot: _Slot) -> int | None:
         """A worker ended without being asked: restart it, or stop all (an exit code)."""
         assert slot.process is not None
-        process, how = slot.process, _how_it_ended(slot.process)
-        process.join()
+        process = slot.process
+        process.join()  # at once: its sentinel says it ended; this reads its exit code
+        how = _how_it_ended(process)
         process.close()
         if slot.ready_pipe is not None:
             slot.ready_pipe.close()
