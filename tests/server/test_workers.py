@@ -218,6 +218,34 @@ def test_workers_drain_when_their_supervisor_is_killed_9(
         assert f"[worker {worker}] giftstream.server.app: giftstream stopped" in log
 
 
+def test_demo_prints_its_block_once_and_gives_its_coins_once(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path / "data", "--workers", "2", "--demo").start(timeout=START_S)
+    try:
+        wait_for(lambda: "Ctrl-C stops" in "".join(proc.log), "demo block", proc, 30)
+
+        async def coins_of_ann_on_both() -> set[int]:
+            coins = set()
+            for wanted in (lambda g: True, lambda g: g not in gateways):
+                client, gateway = await open_on(proc, wanted)
+                gateways.add(gateway)
+                welcome = await client.request({"type": "hello", "token": tokens("ann")})
+                coins.add(welcome["coins"])
+                await client.close()
+            return coins
+
+        gateways: set[str] = set()
+        assert asyncio.run(coins_of_ann_on_both()) == {17_500}
+        assert len(gateways) == 2
+        log = "".join(proc.log)
+        assert log.count("giftstream is running.") == 1
+        assert log.count("Ctrl-C stops the server and its Redis.") == 1
+        assert proc.stop(signal.SIGINT, timeout=60) == 0
+    finally:
+        if proc.running:
+            proc.kill()
+        stop_orphan_redis(tmp_path / "data")
+
+
 def test_a_taken_port_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
     """SO_REUSEPORT would let the workers join another server's port; the supervisor
     refuses it by name instead."""
