@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -51,6 +52,7 @@ class App:
         self.metrics = Metrics()
         self.embedded_redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
+        self.gateway_id = uuid.uuid4().hex[:12]  # this process, among those of one service
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()  # the tick loops end on it (see Hub.run)
@@ -120,8 +122,15 @@ class App:
             fanout=self.fanout,
             metrics=self.metrics,
         )
+        shared_ports = settings.workers > 1  # SO_REUSEPORT: one of N worker processes
         self.gateway = Gateway(
-            self.parts, self.node_state, settings.host, settings.port, settings.allowed_origins
+            self.parts,
+            self.node_state,
+            settings.host,
+            settings.port,
+            settings.allowed_origins,
+            gateway_id=self.gateway_id,
+            reuse_port=shared_ports,
         )
         listening = f"{settings.host}:{settings.port}"  # what a bind failure names
         try:
@@ -136,7 +145,9 @@ class App:
             )
             listening = f"{settings.admin_host}:{settings.admin_port} (--admin-host)"
             self.admin = await self._stack.enter_async_context(
-                AdminServer(admin_app, settings.admin_host, settings.admin_port)
+                AdminServer(
+                    admin_app, settings.admin_host, settings.admin_port, reuse_port=shared_ports
+                )
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {listening}: {exc.strerror or exc}") from exc
@@ -146,12 +157,15 @@ class App:
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
         log.info(
-            "giftstream ready: ws=%s admin=%s redis=%s ledger=%s rooms restored=%d",
+            "%s: ws=%s admin=%s redis=%s ledger=%s rooms restored=%d gateway=%s",
+            # a worker's own line is not the service's: the supervisor says that once
+            "giftstream worker ready" if shared_ports else "giftstream ready",
             self.ws_url,
             self.admin_url,
             redact_url(self.redis_url),
             settings.ledger_key,
             restored,
+            self.gateway_id,
         )
 
     async def _check_redis(self) -> None:

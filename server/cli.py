@@ -39,6 +39,7 @@ from giftstream.server.embedded_redis import (
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import CatalogError, load_catalog
 from giftstream.server.realtime.auth import Role, mint_token
+from giftstream.server.workers import ServiceReady, Supervisor, parse_workers
 
 log = logging.getLogger("giftstream")
 
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print ready-to-paste demo tokens and give the demo viewer coins; lifts the "
         "per-address connection cap unless it is given (load tests run from this machine); "
         "payouts are not held unless --payout-hold-days is given (a local tryout)",
+    )
+    serve.add_argument(
+        "--workers",
+        help="processes serving the ports, each on its own core, sharing one Redis "
+        "(auto or 0: one per core) (env GIFTSTREAM_WORKERS; default 1)",
     )
 
     token = commands.add_parser("token", help="print a client token signed with the server secret")
@@ -232,6 +238,13 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
     if args.demo and not given(args, "payout_hold_days"):
         # A local tryout: its first payout (README) is not held a week. Anything else holds.
         settings = dataclasses.replace(settings, payout_hold_days=0)
+    raw, source = _flag_or_env(args.workers, "--workers", "GIFTSTREAM_WORKERS", "1")
+    try:
+        workers = parse_workers(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source} = {raw!r}: {exc}") from exc
+    if workers > 1:
+        return _serve_workers(dataclasses.replace(settings, workers=workers), values, args.demo)
     on_ready = _print_demo if args.demo else None
     try:
         uvloop.run(serve_until_signalled(settings, catalog, on_ready))
@@ -241,24 +254,55 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
     return 0
 
 
+def _serve_workers(settings: Settings, values: dict[str, Any], demo: bool) -> int:
+    """`--workers N`: a supervisor and N server processes on the same ports."""
+
+    def print_demo(service: ServiceReady) -> None:
+        embedded = service.redis_url if service.embedded_redis else None
+        block = _demo_block(
+            settings, service.ws_url, service.admin_url, service.redis_url, embedded
+        )
+        print(block, flush=True)
+
+    supervisor = Supervisor(
+        settings,
+        log_level=values["log_level"],
+        worker_on_ready=_give_demo_coins if demo else None,
+        on_all_ready=print_demo if demo else None,
+    )
+    return supervisor.run()
+
+
 async def _print_demo(app: Any) -> None:
-    """Tokens for a viewer, a creator and an ops user, coins for the viewer, and how to reach
-    the server, its Redis and its ledger, in commands that paste as they are."""
-    settings: Settings = app.settings
+    """Coins for the demo viewer, then the block that says how to use the server."""
+    await _give_demo_coins(app)
+    embedded = app.redis_url if app.embedded_redis is not None else None
+    print(_demo_block(app.settings, app.ws_url, app.admin_url, app.redis_url, embedded), flush=True)
+
+
+async def _give_demo_coins(app: Any) -> None:
+    """The demo viewer's coins: once per data dir (a fixed receipt), however often called."""
     package = app.catalog.packages.get(DEMO_PACKAGE) or next(iter(app.catalog.packages.values()))
     await app.wallet.purchase(receipt="demo-welcome-ann", user="ann", package=package, adult=True)
+
+
+def _demo_block(
+    settings: Settings, ws_url: str, admin_url: str, redis_url: str, embedded: str | None
+) -> str:
+    """Tokens for a viewer, a creator and an ops user, and how to reach the server, its
+    Redis and its ledger, in commands that paste as they are."""
     command = _invoked_as()
     data_dir = "" if settings.data_dir == Path("data") else f" --data-dir {settings.data_dir}"
     ledger = "" if settings.ledger_key == keys.LEDGER else f" --ledger-key {settings.ledger_key}"
-    if app.embedded_redis is not None:
-        redis = f"{app.redis_url} (embedded; its port changes at each start: "
+    if embedded is not None:
+        redis = f"{embedded} (embedded; its port changes at each start: "
         redis += f"`{command} redis-url{data_dir}` prints it)"
         stops = "the server and its Redis"
     else:
-        redis, stops = f"{redact_url(app.redis_url)} (--redis-url)", "the server"
+        redis, stops = f"{redact_url(redis_url)} (--redis-url)", "the server"
     lines = [
         "",
-        f"  giftstream is running. WebSocket: {app.ws_url}   admin API: {app.admin_url}",
+        f"  giftstream is running. WebSocket: {ws_url}   admin API: {admin_url}",
         f"  Redis: {redis}",
         f"  Ledger: {settings.ledger_key}   check it: `{command} audit{data_dir}{ledger}`",
         f"  Demo tokens (valid 24 h; `{command} token --help` makes more):",
@@ -274,14 +318,14 @@ async def _print_demo(app: Any) -> None:
         )
         lines.append(f"    {role.value:8} {user:5} {token}")
     lines += [
-        f"  Connect (e.g. `{_python_beside(command)} -m websockets {app.ws_url}`) and send:",
+        f"  Connect (e.g. `{_python_beside(command)} -m websockets {ws_url}`) and send:",
         '    {"type":"hello","token":"<token>"}',
         '    creator: {"type":"go_live","title":"Hello"}   viewer: {"type":"join","room":"cara"}',
         '    viewer:  {"type":"gift","room":"cara","gift":"heart","count":2,"key":"first-heart"}',
         f"  Ctrl-C stops {stops}.",
         "",
     ]
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
 
 
 def _invoked_as() -> str:

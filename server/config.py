@@ -106,6 +106,7 @@ class Settings:
     redis_pool_size: int = 64  # concurrent Redis calls; more wait for a free connection
     payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS  # diamonds wait this long to be payable
     payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP  # diamonds paid out per creator a UTC day
+    workers: int = 1  # processes serving the ports (`serve --workers`; server/workers.py)
     limits: Limits = field(default_factory=Limits)
 
 

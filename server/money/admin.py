@@ -339,7 +339,10 @@ def build_admin_app(
 class AdminServer:
     """Serves the internal API on host:port for the life of an `async with` block."""
 
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, *, reuse_port: bool = False
+    ) -> None:
+        self.reuse_port = reuse_port  # `--workers N`: N processes listen on this one port
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
         self.host = host
         self.requested_port = port
@@ -352,7 +355,10 @@ class AdminServer:
     async def __aenter__(self) -> AdminServer:
         await self.runner.setup()
         try:
-            await web.TCPSite(self.runner, self.host, self.requested_port).start()
+            site = web.TCPSite(
+                self.runner, self.host, self.requested_port, reuse_port=self.reuse_port or None
+            )
+            await site.start()
         except BaseException:
             await self.runner.cleanup()
             raise

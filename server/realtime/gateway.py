@@ -26,6 +26,7 @@ from giftstream.server.realtime.session import NodeParts, NodeState, Session
 log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
+GATEWAY_HEADER = "X-Giftstream-Gateway"  # the answering process's gateway id
 # Frames up to this size are read and answered `bad_request` when over the protocol's 4 KiB;
 # larger ones are refused by the WebSocket layer itself (close 1009) without being buffered.
 READ_LIMIT_BYTES = 64 * 1024
@@ -75,8 +76,13 @@ class Gateway:
         host: str,
         port: int,
         allowed_origins: tuple[str, ...] | None,
+        *,
+        gateway_id: str = "",
+        reuse_port: bool = False,
     ) -> None:
         self.parts = parts
+        self.gateway_id = gateway_id
+        self.reuse_port = reuse_port  # `--workers N`: N processes listen on this one port
         self.node = node
         self.host = host
         self.requested_port = port
@@ -94,6 +100,7 @@ class Gateway:
             self.requested_port,
             origins=self.origins,
             process_request=self._route,
+            process_response=self._name_gateway,
             max_size=READ_LIMIT_BYTES,
             compression=None,  # frames are encoded once and sent as-is to every viewer
             ping_interval=limits.ping_interval_s,
@@ -101,6 +108,7 @@ class Gateway:
             close_timeout=limits.close_timeout_s,
             server_header="giftstream",
             create_connection=counted_connections(self.parts.caps),
+            reuse_port=self.reuse_port or None,  # passed on to loop.create_server
         )
         caps = self.parts.caps
         log.info(
@@ -151,6 +159,12 @@ class Gateway:
         if path == "/healthz":
             return conn.respond(HTTPStatus.OK, "ok\n")
         return conn.respond(HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {WS_PATH}\n")
+
+    def _name_gateway(self, conn: ServerConnection, request: Request, response: Response) -> None:
+        """Every answer (upgrade or page) names the process that gave it: behind one port
+        served by several (`--workers`), which one a client reached."""
+        if self.gateway_id:
+            response.headers[GATEWAY_HEADER] = self.gateway_id
 
     def _over_cap(self, conn: ServerConnection) -> Response | None:
         """503 past the node's cap, 429 past the address's; None lets the upgrade go on."""
