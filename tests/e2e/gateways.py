@@ -145,7 +145,7 @@ class Member:
             missing = wanted - set(self.gift_events())
             raise AssertionError(
                 f"{self.user} on gateway {self.gateway} never saw {len(missing)} of "
-                f"{len(wanted)} acked gifts"
+                f"{len(wanted)} gifts it waited for"
             ) from None
 
     async def wait_for_viewers(self, count: int, timeout: float = PRESENCE_DEADLINE_S) -> None:
