@@ -69,7 +69,8 @@ def ledger_gifts(redis_url: str, room: str) -> list[dict[str, object]]:
     finally:
         client.close()
     found = []
-    for _, fields in entries:
+    for _, fields in entries or []:
+        assert fields is not None
         data = orjson.loads(fields[b"data"])
         if data["kind"] == "gift" and data["room"] == room:
             found.append(data)
