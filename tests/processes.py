@@ -34,21 +34,18 @@ class ServerProcess:
     """`giftstream serve` in a child process, ready when it logs its ready line. Its output
     is read to the end by a thread, so a chatty server never blocks on a full pipe.
     `host` and `prefix` run it elsewhere (`prefix=["ip", "netns", "exec", NS]`, on NS's
-    address)."""
+    address); without `host` the options and environment decide where it listens."""
 
     def __init__(
-        self, data_dir: Path, *extra: str, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+        self, data_dir: Path, *extra: str, host: str | None = None, prefix: Sequence[str] = ()
     ) -> None:
-        self.host = host
+        self.host = host or "127.0.0.1"
         self.prefix = list(prefix)
         self.port = free_port()
         self.admin_port = free_port()
         self.args = [
             "serve",
-            "--host",
-            host,
-            "--admin-host",
-            host,
+            *(["--host", host, "--admin-host", host] if host else []),  # else the defaults
             "--port",
             str(self.port),
             "--admin-port",

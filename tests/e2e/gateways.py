@@ -40,7 +40,7 @@ def gateway_args(redis_url: str) -> list[str]:
 
 
 def gateway(
-    root: Path, name: str, redis_url: str, host: str = "127.0.0.1", prefix: Iterable[str] = ()
+    root: Path, name: str, redis_url: str, host: str | None = None, prefix: Iterable[str] = ()
 ) -> ServerProcess:
     """One gateway with its own data dir (nothing in it is shared: Redis and secrets are)."""
     return ServerProcess(root / name, *gateway_args(redis_url), host=host, prefix=tuple(prefix))
