@@ -46,6 +46,8 @@ class Target:
     admin_url: str | None = None
     webhook_secret: str | None = None
     max_gifts_per_s: float = math.inf  # giftstream: 20 gifts/s per connection (Limits)
+    # several gateways: viewer process p connects to viewer_urls[p % len]; senders to `url`
+    viewer_urls: list[str] | None = None
 
 
 @dataclass
@@ -244,6 +246,9 @@ async def ladder(
             cfg = {
                 **base,
                 "role": "viewer",
+                "url": target.viewer_urls[p % len(target.viewer_urls)]
+                if target.viewer_urls
+                else target.url,
                 "first": first,
                 "count": count,
                 "prefix": f"v{run_id}-",

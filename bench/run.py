@@ -7,7 +7,8 @@ peers first, then the method, the machine and every figure with its command.
     BENCH_SCENARIOS=fanout,settle BENCH_RUNS=3 .venv/bin/python -m bench.run
     BENCH_SMOKE=1 .venv/bin/python -m bench.run         # small and short: checks the wiring
 
-Knobs (environment): BENCH_SCENARIOS (fanout,settle,mixed,connections,storm), BENCH_RUNS,
+Knobs (environment): BENCH_SCENARIOS (fanout,settle,mixed,connections,storm,fleet, and
+issue 13's broker,workers,crossgw: bench/scaleout.py), BENCH_RUNS,
 BENCH_SMOKE, BENCH_FANOUT_VIEWERS (1000,5000), BENCH_PEERS (ws,sio,psio), BENCH_STEP_S,
 BENCH_MIXED_S, BENCH_MIXED_SCALE (share of the full mixed/storm size, default 0.25: what this
 machine's load generator can read; 1 = the issue's 5,000 viewers and 2,000 gifts/s), BENCH_OUT
@@ -41,10 +42,21 @@ import psutil  # type: ignore[import-untyped]
 
 from bench.fanout import LadderResult, Target, ladder
 from bench.procs import ROOT, VENV_BIN, Giftstream, Proc, install_peers, raise_nofile, start_peer
+from bench.scaleout import (
+    Service,
+    cpu_per_delivery_us,
+    cpu_seconds,
+    describe,
+    fixed_step,
+    has_option,
+    shares,
+    skipped,
+)
 
 ENV = os.environ
 SMOKE = ENV.get("BENCH_SMOKE", "") not in ("", "0")
 SCENARIOS = ENV.get("BENCH_SCENARIOS", "fanout,settle,mixed,connections,storm,fleet").split(",")
+SCALEOUT_VIEWERS = int(ENV.get("BENCH_SCALEOUT_VIEWERS", "200" if SMOKE else "1000"))
 RUNS = int(ENV.get("BENCH_RUNS", "1" if SMOKE else "3"))
 FANOUT_VIEWERS = [
     int(v) for v in ENV.get("BENCH_FANOUT_VIEWERS", "200" if SMOKE else "1000,5000").split(",")
@@ -66,7 +78,10 @@ NUMBER = {
     "connections": 4,
     "storm": 5,
     "fleet": 6,
-}  # doc sections
+    "broker": 7,
+    "workers": 8,
+    "crossgw": 9,
+}  # doc sections; broker, workers and crossgw run when asked for (BENCH_SCENARIOS)
 
 
 def log(msg: str) -> None:
@@ -387,7 +402,7 @@ class LoadtestFailed(RuntimeError):
 
 def loadtest(
     b: Bench,
-    gs: Giftstream,
+    gs: Giftstream | Service,
     args: list[str],
     name: str,
     on_line: Callable[[str, float], None] | None = None,
@@ -1003,6 +1018,220 @@ async def scenario_fleet(b: Bench) -> Section:
     return sec
 
 
+# ---- 7-9: several gateways (issue 13) ----------------------------------------------------
+SCALEOUT_RATE = 20.0 if SMOKE else 50.0  # gifts/s into the room: a fixed load, not a ladder
+SCALEOUT_STEP_S = 4.0 if SMOKE else 10.0
+
+
+async def scenario_broker(b: Bench) -> Section:
+    """One room of N viewers: on 1 gateway, and spread over 3 on one Redis; the gateways' CPU
+    per delivery (all their processes), the second over the first."""
+    sec = Section(
+        f"7. Broker overhead: one room of {SCALEOUT_VIEWERS:,} viewers on 1 gateway vs "
+        "spread over 3 on one Redis"
+    )
+    if not has_option("--broker"):
+        sec.body = skipped("--broker", "the Redis broker, branch broker")
+        sec.summary = [Row("7. Broker overhead", "skipped: no --broker", "n/a")]
+        return sec
+    cond = b.conditions()
+    log(f"[broker] {cond}")
+    one: list[float] = []
+    three: list[float] = []
+    lines: list[str] = []
+    for run in range(RUNS):
+        for n in (1, 3):
+            svc = Service(b.tmp, f"broker{n}r{run}")
+            try:
+                gws = [svc.add() for _ in range(n)]
+                b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
+                step = await fixed_step(
+                    svc.target(f"{n} gateway(s)", gws[0], gws),
+                    viewers=SCALEOUT_VIEWERS,
+                    senders=SENDERS,
+                    gifts_per_s=SCALEOUT_RATE,
+                    step_s=SCALEOUT_STEP_S,
+                    tmp=b.tmp,
+                    run_id=f"b{n}{run}{int(time.time()) % 10000}",
+                    log=log,
+                )
+            finally:
+                svc.stop()
+            us = cpu_per_delivery_us(step)
+            (one if n == 1 else three).append(us)
+            lines.append(
+                f"- run {run + 1}, {n} gateway(s): {step.delivered_dps:,.0f} deliveries/s, "
+                f"gateways {step.server_cpu:.0f}% of a core, {us:.2f} µs a delivery, "
+                f"p50 {step.p50_ms:.1f} ms, p99 {step.p99_ms:.1f} ms"
+            )
+            log("    " + lines[-1][2:])
+    ratio = med(three)[0] / med(one)[0] if med(one)[0] else float("nan")
+    sec.summary = [
+        Row(
+            "7. Broker overhead",
+            "gateway CPU per delivery, 3 gateways / 1",
+            f"{fmt(ratio, 2)}×",
+            target="≤ 1.25×",
+            met=met(ratio <= 1.25),
+        )
+    ]
+    sec.body = [
+        f"Conditions: {cond}.",
+        "",
+        f"One room, {SCALEOUT_VIEWERS:,} viewers and {SENDERS} senders, {SCALEOUT_RATE:g} gifts/s "
+        f"for {SCALEOUT_STEP_S:g} s (the first 1 s not measured). The senders are on the first "
+        "gateway; the viewers' fleet processes are on 1 gateway, or one on each of 3. CPU: every "
+        "gateway process (psutil), Redis not included.",
+        "",
+        "| gateways | gateway CPU per delivery (µs) |",
+        "| --- | --- |",
+        f"| 1 | {mmm(one, 2)} |",
+        f"| 3, one Redis | {mmm(three, 2)} |",
+        f"| ratio 3 / 1 | {fmt(ratio, 2)}× (target ≤ 1.25×: {met(ratio <= 1.25)}) |",
+        "",
+        *lines,
+        "",
+        "Reproduce: `BENCH_SCENARIOS=broker make bench` (bench/scaleout.py).",
+        "",
+    ]
+    return sec
+
+
+async def scenario_workers(b: Bench) -> Section:
+    """`--workers 1` vs `--workers 2` on one port: fan-out at a fixed rate and settlement in
+    closed loop, with each process's share of the CPU (where the second core went)."""
+    sec = Section("8. `--workers 1` vs `--workers 2`: fan-out and settlement side by side")
+    if not has_option("--workers"):
+        sec.body = skipped("--workers", "branch workers")
+        sec.summary = [Row("8. Workers", "skipped: no --workers", "n/a")]
+        return sec
+    cond = b.conditions()
+    log(f"[workers] {cond}")
+    rows: list[str] = []
+    shown = ""
+    settle_args = [
+        "--viewers",
+        "200" if SMOKE else "2000",
+        "--rooms",
+        "10" if SMOKE else "100",
+        "--gifters",
+        "50" if SMOKE else "500",
+        "--closed-loop",
+        "--think-time",
+        "0",
+        "--duration",
+        "4" if SMOKE else "12",
+        "--workers",
+        "2",
+        "--drain",
+        "5",
+    ]
+    for run in range(RUNS):
+        for workers in (1, 2):
+            svc = Service(b.tmp, f"workers{workers}r{run}")
+            try:
+                gw = svc.add("--workers", str(workers))
+                pids = [*svc.gateway_pids(), svc.redis_pid]
+                b.own_pids |= set(pids)
+                c0, t0 = cpu_seconds(pids), time.monotonic()
+                step = await fixed_step(
+                    svc.target(f"--workers {workers}", gw, [gw, gw]),
+                    viewers=SCALEOUT_VIEWERS,
+                    senders=SENDERS,
+                    gifts_per_s=SCALEOUT_RATE,
+                    step_s=SCALEOUT_STEP_S,
+                    tmp=b.tmp,
+                    run_id=f"w{workers}{run}{int(time.time()) % 10000}",
+                    log=log,
+                )
+                fan = describe(svc, shares(c0, cpu_seconds(pids), time.monotonic() - t0))
+                c0, t0 = cpu_seconds(pids), time.monotonic()
+                rep, shown = loadtest(b, svc, settle_args, f"workers{workers}-{run}")
+                settle = describe(svc, shares(c0, cpu_seconds(pids), time.monotonic() - t0))
+            finally:
+                svc.stop()
+            rows.append(
+                f"| {workers} | {step.delivered_dps:,.0f} | {step.p99_ms:.1f} | {fan} "
+                f"| {rep['totals']['gifts_settled_per_s']:,.0f} "
+                f"| {rep['latency_ms']['gift_ack']['p99']} | {settle} | {check_status(rep)} |"
+            )
+            log(f"    {rows[-1]}")
+    sec.summary = [Row("8. Workers", "see the section: figures side by side", "")]
+    sec.body = [
+        f"Conditions: {cond}.",
+        "",
+        f"Fan-out: one room, {SCALEOUT_VIEWERS:,} viewers, {SCALEOUT_RATE:g} gifts/s for "
+        f"{SCALEOUT_STEP_S:g} s. Settlement: the load test of scenario 2 "
+        f"(`{' '.join(settle_args)}`). CPU: % of a core of each process over the whole "
+        "measurement (connecting included), the gateway's workers and Redis.",
+        "",
+        "| --workers | fan-out delivered/s | fan-out p99 (ms) | fan-out CPU by process "
+        "| gifts settled/s | ack p99 (ms) | settlement CPU by process | money check |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"Settlement command: `{shown}`. Reproduce: `BENCH_SCENARIOS=workers make bench` "
+        "(bench/scaleout.py).",
+        "",
+    ]
+    return sec
+
+
+async def scenario_crossgw(b: Bench) -> Section:
+    """Send-to-screen with the viewers on the senders' gateway, and on another gateway."""
+    sec = Section("9. Send-to-screen: same gateway vs across gateways")
+    if not has_option("--broker"):
+        sec.body = skipped("--broker", "the Redis broker, branch broker")
+        sec.summary = [Row("9. Across gateways", "skipped: no --broker", "n/a")]
+        return sec
+    cond = b.conditions()
+    log(f"[crossgw] {cond}")
+    same: list[float] = []
+    cross: list[float] = []
+    same99: list[float] = []
+    cross99: list[float] = []
+    svc = Service(b.tmp, "crossgw")
+    try:
+        a, other = svc.add(), svc.add()
+        b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
+        for run in range(RUNS):
+            for where, viewers_on in (("same", a), ("cross", other)):
+                step = await fixed_step(
+                    svc.target(f"viewers on {where}", a, [viewers_on, viewers_on]),
+                    viewers=SCALEOUT_VIEWERS,
+                    senders=SENDERS,
+                    gifts_per_s=SCALEOUT_RATE,
+                    step_s=SCALEOUT_STEP_S,
+                    tmp=b.tmp,
+                    run_id=f"x{where[0]}{run}{int(time.time()) % 10000}",
+                    log=log,
+                )
+                (same if where == "same" else cross).append(step.p50_ms)
+                (same99 if where == "same" else cross99).append(step.p99_ms)
+    finally:
+        svc.stop()
+    sec.summary = [
+        Row("9. Across gateways", "send-to-screen p50, same gateway (ms)", fmt(med(same)[0], 1)),
+        Row("", "send-to-screen p50, across gateways (ms)", fmt(med(cross)[0], 1)),
+    ]
+    sec.body = [
+        f"Conditions: {cond}.",
+        "",
+        f"Two gateways on one Redis; one room, {SCALEOUT_VIEWERS:,} viewers, {SENDERS} senders on "
+        f"the first gateway, {SCALEOUT_RATE:g} gifts/s for {SCALEOUT_STEP_S:g} s; the viewers on "
+        "the senders' gateway, then on the other one.",
+        "",
+        "| viewers | send-to-screen p50 (ms) | p99 (ms) |",
+        "| --- | --- | --- |",
+        f"| on the senders' gateway | {mmm(same, 1)} | {mmm(same99, 1)} |",
+        f"| on another gateway | {mmm(cross, 1)} | {mmm(cross99, 1)} |",
+        "",
+        "Reproduce: `BENCH_SCENARIOS=crossgw make bench` (bench/scaleout.py).",
+        "",
+    ]
+    return sec
+
+
 # ---- the document -----------------------------------------------------------------------
 TITLE = "# Benchmarks"
 
@@ -1162,7 +1391,13 @@ async def main() -> int:
         f"make bench: scenarios {','.join(SCENARIOS)}, {RUNS} run(s) each"
         f"{' (smoke)' if SMOKE else ''}; load average {loadavg()}"
     )
-    versions = install_peers() if {"fanout", "fleet"} & set(SCENARIOS) else {}
+    wanted = set(SCENARIOS)
+    needs_fleet = (
+        bool({"fanout", "fleet"} & wanted)
+        or (bool({"broker", "crossgw"} & wanted) and has_option("--broker"))
+        or ("workers" in wanted and has_option("--workers"))
+    )  # issue 13's scenarios skip, measuring nothing, without the options they measure
+    versions = install_peers() if needs_fleet else {}
     with tempfile.TemporaryDirectory(prefix="giftstream-bench-") as tmp:
         b = Bench(Path(tmp), own_pids={os.getpid()})
         b.machine = machine_info(versions)
@@ -1173,6 +1408,9 @@ async def main() -> int:
             "connections": scenario_connections,
             "storm": lambda b: scenario_mixed(b, storm=True),
             "fleet": scenario_fleet,
+            "broker": scenario_broker,
+            "workers": scenario_workers,
+            "crossgw": scenario_crossgw,
         }
         for name in NUMBER:
             if name not in SCENARIOS:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from giftstream.server.embedded_redis import free_port
@@ -31,13 +32,20 @@ def run_cli(
 
 class ServerProcess:
     """`giftstream serve` in a child process, ready when it logs its ready line. Its output
-    is read to the end by a thread, so a chatty server never blocks on a full pipe."""
+    is read to the end by a thread, so a chatty server never blocks on a full pipe.
+    `host` and `prefix` run it elsewhere (`prefix=["ip", "netns", "exec", NS]`, on NS's
+    address); without `host` the options and environment decide where it listens."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, *extra: str, host: str | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        self.host = host or "127.0.0.1"
+        self.prefix = list(prefix)
         self.port = free_port()
         self.admin_port = free_port()
         self.args = [
             "serve",
+            *(["--host", host, "--admin-host", host] if host else []),  # else the defaults
             "--port",
             str(self.port),
             "--admin-port",
@@ -58,7 +66,10 @@ class ServerProcess:
     def start(self, timeout: float = 20) -> ServerProcess:
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [*GIFTSTREAM, *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [*self.prefix, *GIFTSTREAM, *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
@@ -80,11 +91,11 @@ class ServerProcess:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return f"ws://{self.host}:{self.port}/ws"
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.host}:{self.admin_port}"
 
     @property
     def running(self) -> bool:
