@@ -153,7 +153,6 @@ class App:
             raise StartupError(f"cannot listen on {listening}: {exc.strerror or exc}") from exc
         limits = settings.limits
         self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s, self._stopping))
-        self._spawn(self.registry.run(limits.stats_interval_s, self._stopping))
         self._spawn(self.ops.run(limits.tick_s, limits.stats_interval_s, self._stopping))
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")

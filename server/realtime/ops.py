@@ -5,10 +5,10 @@ sum of every live gateway's heartbeat (server/realtime/registry.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
-from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 
 from giftstream.protocol.codec import encode
@@ -91,27 +91,28 @@ class OpsFeed:
     async def run(self, tick_s: float, stats_interval_s: float, stop: asyncio.Event) -> None:
         """The ops clock, until `stop` is set (a cancel alone can be swallowed by redis-py):
         every tick, write queued notices and deliver new ones when someone here watches;
-        every stats interval, the service's stats line to every watcher here.
+        every stats interval, this gateway's heartbeat, and the service's stats line to
+        every watcher here (one heartbeat an interval, in step with the readings).
 
         With no watcher, the log is skipped through once a stats interval instead of read
         every tick: a watcher gets the notices from at most one interval before it came."""
         loop = asyncio.get_running_loop()
-        next_stats = loop.time() + stats_interval_s
+        next_stats = loop.time()  # the first heartbeat at once: counted from the start
+        failing: set[str] = set()
         while not stop.is_set():
             await asyncio.sleep(tick_s)
             due = loop.time() >= next_stats
             if due:
                 next_stats = loop.time() + stats_interval_s
-            try:
-                watched = self.has_watchers
-                if watched or due or self.ops_log.has_pending:
+            watched = self.has_watchers
+            if watched or due or self.ops_log.has_pending:
+                with _retried("ops log", failing):
                     self._deliver(await self.ops_log.exchange(read=watched))
                     if not watched and not self.has_watchers:
                         self.ops_log.skip()
-                if due:
-                    await self._send_stats()
-            except (RedisError, OSError) as exc:  # Redis away: the next turn tries again
-                log.warning("ops feed turn failed, retrying: %s", exc)
+            if due:
+                with _retried("gateway heartbeat", failing):
+                    await self._beat_and_send_stats()
 
     def _deliver(self, notices: list[Notice]) -> None:
         for notice in notices:
@@ -122,11 +123,13 @@ class OpsFeed:
                 for listener in self._opened_listeners:
                     listener(notice.room)
 
-    async def _send_stats(self) -> None:
-        """The service's figures to every watcher here; the meter starts afresh after a
-        stretch with no watcher, so its rates never span it."""
+    async def _beat_and_send_stats(self) -> None:
+        """This gateway's heartbeat and, when someone here watches, the service's figures to
+        every watcher; the meter starts afresh after a stretch with no watcher, so its rates
+        never span it."""
         if not self._rooms_of:
             self.meter.reset()
+            await self.registry.beat()
             return
         figures = self.meter.update(await self.registry.survey())
         if not self._rooms_of:  # every watcher left while Redis answered
@@ -141,3 +144,19 @@ class OpsFeed:
             )
         )
         self.fanout.deliver(list(self._rooms_of), frame)
+
+
+@contextlib.contextmanager
+def _retried(step: str, failing: set[str]) -> Iterator[None]:
+    """One turn of `step`; a failure (Redis away) is logged once until it works again, and
+    the next turn tries again: the ops clock never stops."""
+    try:
+        yield
+    except Exception:
+        if step not in failing:
+            log.warning("%s failed; retrying every turn", step, exc_info=True)
+        failing.add(step)
+    else:
+        if step in failing:
+            log.info("%s works again", step)
+        failing.discard(step)

@@ -1,15 +1,14 @@
 """The gateway registry: each gateway's heartbeat in Redis, and what the live ones sum to.
 
 Every gateway process writes its counters into the `giftstream:gateways` hash once a stats
-interval, under its gateway id, stamped with Redis's clock; the ops feed's `stats` line is
-the sum over the heartbeats younger than the expiry, so a gateway killed without a word
-drops out of it within the expiry, and a gateway that stops cleanly at once.
+interval (a turn of the ops loop, server/realtime/ops.py), under its gateway id, stamped
+with Redis's clock; the ops feed's `stats` line is the sum over the heartbeats younger than
+the expiry, so a gateway killed without a word drops out of it within the expiry, and a
+gateway that stops cleanly at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,12 +16,9 @@ from typing import NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from giftstream.server.money import keys
 from giftstream.server.scripts import register
-
-log = logging.getLogger(__name__)
 
 GATEWAYS_KEY = "giftstream:gateways"
 DEFAULT_EXPIRY_S = 15.0  # a gateway silent this long is gone (PROTOCOL.md 6: within 15 s)
@@ -164,12 +160,19 @@ class GatewayRegistry:
         )
 
     async def survey(self) -> Survey:
-        """Every live gateway's heartbeat and the number of live rooms; heartbeats past the
-        expiry (a killed gateway) or unreadable are deleted and left out."""
+        """Write this gateway's heartbeat, then read every live gateway's and the number of
+        live rooms, in one round trip (so the reader's own share is never an interval old);
+        heartbeats past the expiry (a killed gateway) or unreadable are deleted, left out."""
+        connections, gifts, coins = self.counters()
         async with self.redis.pipeline(transaction=False) as pipe:
+            await self._heartbeat(
+                keys=[GATEWAYS_KEY],
+                args=[self.gateway_id, connections, gifts, coins],
+                client=pipe,
+            )
             await self._survey(keys=[GATEWAYS_KEY], args=[self.expiry_ms], client=pipe)
             pipe.scard(self.live_rooms_key)
-            reply, rooms = await pipe.execute()
+            _, reply, rooms = await pipe.execute()
         now_ms, *fields = reply
         beats: dict[str, Heartbeat] = {}
         for gateway, raw in zip(fields[::2], fields[1::2], strict=True):
@@ -181,20 +184,3 @@ class GatewayRegistry:
     async def remove(self) -> None:
         """Take this gateway out at once (a clean stop), not after the expiry."""
         await self.redis.hdel(GATEWAYS_KEY, self.gateway_id)
-
-    async def run(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Beat now and every `interval_s` until `stop` is set (a cancel alone can be
-        swallowed by redis-py); a failed beat is retried at the next one."""
-        failing = False
-        while not stop.is_set():
-            try:
-                await self.beat()
-            except (RedisError, OSError) as exc:
-                if not failing:
-                    log.warning("gateway heartbeat failed, retrying: %s", exc)
-                failing = True
-            else:
-                if failing:
-                    log.info("gateway heartbeat written again")
-                failing = False
-            await asyncio.sleep(interval_s)

@@ -133,7 +133,9 @@ async def test_a_heartbeat_is_the_counters_stamped_with_redis_time(
     before = await redis_ms(redis_client)
     await registry(redis_client, "gw1", Counters(3, 2, 150)).beat()
     after = await redis_ms(redis_client)
-    stored = orjson.loads(await redis_client.hget(GATEWAYS_KEY, "gw1"))
+    raw = await redis_client.hget(GATEWAYS_KEY, "gw1")
+    assert raw is not None
+    stored = orjson.loads(raw)
     assert stored.keys() == {"connections", "gifts", "coins", "ts"}
     assert (stored["connections"], stored["gifts"], stored["coins"]) == (3, 2, 150)
     assert before <= stored["ts"] <= after
@@ -147,10 +149,11 @@ async def test_survey_counts_live_gateways_and_rooms_and_cleans_the_dead(
     now = await redis_ms(redis_client)
     dead = {"connections": 9, "gifts": 9, "coins": 9, "ts": now - 20_000}
     await redis_client.hset(GATEWAYS_KEY, mapping={"dead": orjson.dumps(dead), "junk": b"{"})
-    found = await registry(redis_client, "reader", Counters(0, 0, 0)).survey()
-    assert found.rooms == 2 and set(found.beats) == {"live"}
-    assert found.beats["live"].connections == 4 and found.now_ms >= now
-    assert await redis_client.hkeys(GATEWAYS_KEY) == [b"live"]  # the dead and junk deleted
+    found = await registry(redis_client, "reader", Counters(2, 0, 0)).survey()
+    assert found.rooms == 2 and set(found.beats) == {"live", "reader"}  # the reader beats too
+    assert found.beats["live"].connections == 4 and found.beats["reader"].connections == 2
+    assert found.now_ms >= now
+    assert sorted(await redis_client.hkeys(GATEWAYS_KEY)) == [b"live", b"reader"]  # dead gone
 
 
 async def test_remove_takes_the_gateway_out_at_once(redis_client: aioredis.Redis) -> None:
