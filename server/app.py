@@ -153,6 +153,7 @@ class App:
             raise StartupError(f"cannot listen on {listening}: {exc.strerror or exc}") from exc
         limits = settings.limits
         self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s, self._stopping))
+        await self.registry.beat()  # among the service's gateways from the start
         self._spawn(self.ops.run(limits.tick_s, limits.stats_interval_s, self._stopping))
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")

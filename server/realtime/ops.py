@@ -97,7 +97,7 @@ class OpsFeed:
         With no watcher, the log is skipped through once a stats interval instead of read
         every tick: a watcher gets the notices from at most one interval before it came."""
         loop = asyncio.get_running_loop()
-        next_stats = loop.time()  # the first heartbeat at once: counted from the start
+        next_stats = loop.time() + stats_interval_s  # the app beat once as it started
         failing: set[str] = set()
         while not stop.is_set():
             await asyncio.sleep(tick_s)
