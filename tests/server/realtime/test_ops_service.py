@@ -79,12 +79,15 @@ async def test_room_opened_on_one_node_reaches_watchers_on_both_once(
     make_app: Callable[..., App], tokens: TokenMaker, clients: list[WsClient]
 ) -> None:
     async with make_app() as a, make_app() as b:
+        heard_on_b: list[str] = []  # what B's hub would follow for its watchers of "*"
+        b.ops.on_room_opened(heard_on_b.append)
         on_a = await watch(a, tokens, clients, "otto", ["*"])
         on_b = await watch(b, tokens, clients, "olga", ["*"])
         only_cara = await watch(b, tokens, clients, "oren", ["cara"])
         await go_live(a, tokens, clients, "cara", "From A")
         expected = {"type": "room_opened", "room": "cara", "creator": "cara", "title": "From A"}
         assert await on_b.expect("room_opened", timeout=WAIT_S) == expected
+        assert heard_on_b == ["cara"]  # told in the same turn as B's watchers
         assert await only_cara.expect("room_opened", timeout=WAIT_S) == expected
         assert await on_a.expect("room_opened", timeout=WAIT_S) == expected
         # a later room, opened on B: each watcher of everything sees it after cara's, and
