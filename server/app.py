@@ -27,9 +27,11 @@ from giftstream.server.realtime.broker import Broker, MemoryBroker
 from giftstream.server.realtime.caps import ConnectionCaps
 from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
-from giftstream.server.realtime.hub import Hub
+from giftstream.server.realtime.hub import LIVE_ROOMS_KEY, Hub
 from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.opslog import OpsLog
 from giftstream.server.realtime.ratelimit import SharedBuckets
+from giftstream.server.realtime.registry import Counters, GatewayRegistry, new_gateway_id
 from giftstream.server.realtime.session import NodeParts, NodeState
 from giftstream.server.redis_check import assess, read_settings
 
@@ -50,6 +52,7 @@ class App:
         self.settings = settings
         self.catalog = catalog
         self.metrics = Metrics()
+        self.gateway_id = new_gateway_id()  # this process among the gateways sharing Redis
         self.embedded_redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
         self.gateway_id = uuid.uuid4().hex[:12]  # this process, among those of one service
@@ -95,7 +98,15 @@ class App:
         self.fanout = Fanout(
             settings.limits.max_backlog_bytes, self.metrics, settings.limits.close_timeout_s
         )
-        self.ops = OpsFeed(self.fanout)
+        self.registry = GatewayRegistry(
+            self.redis,
+            self.gateway_id,
+            self._counters,
+            LIVE_ROOMS_KEY,
+            expiry_s=settings.limits.gateway_expiry_s,
+        )
+        self.ops = OpsFeed(self.fanout, OpsLog(self.redis), self.registry)
+        await self.ops.start()
         self.broker: Broker = await self._stack.enter_async_context(
             MemoryBroker(self.redis, history_size=settings.limits.history_size)
         )
@@ -153,7 +164,8 @@ class App:
             raise StartupError(f"cannot listen on {listening}: {exc.strerror or exc}") from exc
         limits = settings.limits
         self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s, self._stopping))
-        self._spawn(self.ops.run_stats(limits.stats_interval_s, self._counts))
+        await self.registry.beat()  # among the service's gateways from the start
+        self._spawn(self.ops.run(limits.tick_s, limits.stats_interval_s, self._stopping))
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
         log.info(
@@ -198,8 +210,8 @@ class App:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
         self._tasks.append(task)
 
-    def _counts(self) -> tuple[int, int]:
-        return len(self.hub.rooms), self.node_state.connections
+    def _counters(self) -> Counters:
+        return Counters(self.node_state.connections, self.ops.gifts, self.ops.coins)
 
     @property
     def ws_url(self) -> str:
@@ -237,6 +249,10 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.ops.flush()  # a room_opened queued in the last tick
+        with contextlib.suppress(Exception):  # out of the stats at once, not after the expiry
+            await self.registry.remove()
         await self._stack.aclose()  # admin server, gateway (1001 to every socket), broker, Redis
         self._stop_embedded_redis()
         log.info("giftstream stopped")

@@ -75,7 +75,8 @@ class Limits:
     history_size: int = 1024  # room events kept for `since`
     tick_s: float = 0.02  # fan-out batching window
     viewers_interval_s: float = 1.0
-    stats_interval_s: float = 1.0
+    stats_interval_s: float = 1.0  # also how often this gateway writes its heartbeat
+    gateway_expiry_s: float = 15.0  # a gateway whose heartbeat is older is gone from the stats
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     close_timeout_s: float = 5.0  # a peer that does not answer our close frame is cut off

@@ -16,6 +16,11 @@ from websockets.exceptions import ConnectionClosed
 
 from giftstream.protocol.signing import SIGNATURE_HEADER, sign_request
 from giftstream.server.realtime.auth import Role, mint_token
+from giftstream.server.realtime.registry import GATEWAYS_KEY
+
+# Keys a running server rewrites on its own clock, whatever the requests (its heartbeat): a
+# snapshot that shows a request changed nothing leaves them out.
+CLOCK_KEYS = frozenset({GATEWAYS_KEY})
 
 Frame = dict[str, Any]
 T = TypeVar("T")
