@@ -8,7 +8,6 @@ import contextlib
 import gc
 import logging
 import signal
-import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -55,7 +54,6 @@ class App:
         self.gateway_id = new_gateway_id()  # this process among the gateways sharing Redis
         self.embedded_redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
-        self.gateway_id = uuid.uuid4().hex[:12]  # this process, among those of one service
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()  # the tick loops end on it (see Hub.run)
