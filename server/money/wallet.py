@@ -561,7 +561,7 @@ class Wallet:
 
 
 # What a money-only gift sends in place of the room's event parts.
-_NO_ROOM_ARGS: tuple[bytes, bytes, bytes, int] = (b"", b"", b"", 0)
+_NO_ROOM_ARGS: tuple[str, str, str, int] = ("", "", "", 0)
 
 _VIEW_FIELDS = (
     "coins",
