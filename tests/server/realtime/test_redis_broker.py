@@ -215,12 +215,16 @@ async def test_a_connected_creator_keeps_their_room_seen(
     async def seen_since() -> bool:
         return int(await redis_client.hget(room_key("cara"), "creator_seen") or 0) > first
 
-    async with asyncio.timeout(20):  # a condition with a deadline; pings let the nodes run
-        for _ in range(100_000):
-            if await seen_since():
-                break
-            await watcher.request({"type": "ping"})
-    assert await seen_since()
+    # wait on Redis telling of writes to the room's record, not on a clock
+    await redis_client.config_set("notify-keyspace-events", "Kh")
+    try:
+        async with redis_client.pubsub() as pubsub:
+            await pubsub.subscribe(f"__keyspace@0__:{room_key('cara')}")
+            async with asyncio.timeout(20):
+                while not await seen_since():
+                    await pubsub.get_message(timeout=None)
+    finally:
+        await redis_client.config_set("notify-keyspace-events", "")
     assert await redis_client.hget(room_key("cara"), "live") == b"1"
     for client in (watcher, creator):
         await client.close()
