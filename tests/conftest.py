@@ -56,9 +56,7 @@ JWT_SECRET = "test-jwt-secret-0123456789abcdef"
 WEBHOOK_SECRET = "test-webhook-secret-0123456789ab"
 
 
-def make_settings(
-    redis_url: str, data_dir: Path, broker: str = "redis", **limits: Any
-) -> Settings:
+def make_settings(redis_url: str, data_dir: Path, broker: str = "redis", **limits: Any) -> Settings:
     """Settings for a test node: OS-chosen ports, fixed secrets, quick ticks, the default
     (Redis) broker unless told."""
     base = {"tick_s": 0.01, "viewers_interval_s": 0.2, "stats_interval_s": 0.2}

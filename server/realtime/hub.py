@@ -22,10 +22,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 
-import orjson
 from giftstream.protocol.codec import is_room_ended, join_room_frame
 from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.protocol.events import Joined

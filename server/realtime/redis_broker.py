@@ -249,9 +249,7 @@ class RedisBroker:
                     if followed.ops:
                         ops, followed.ops = followed.ops, []
                         published.append((followed, ops))
-                        keys_, args = self._publish_call(
-                            followed.room_id, followed.room_json, ops
-                        )
+                        keys_, args = self._publish_call(followed.room_id, followed.room_json, ops)
                         pipe.evalsha(self._publish.sha, len(keys_), *keys_, *args)
                 if targets:
                     pipe.xread({f.log: f.last_id for f in targets}, count=self.read_count)
@@ -284,7 +282,7 @@ class RedisBroker:
             for _ in range(MAX_READS):
                 if not more:
                     break
-                streams = {f.log: f.last_id for f in more}
+                streams: dict[Any, Any] = {f.log: f.last_id for f in more}
                 more = self._deliver_read(await self.redis.xread(streams, count=self.read_count))
         if failed:
             if any(isinstance(error, NoScriptError) for error in failed):

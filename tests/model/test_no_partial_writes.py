@@ -463,7 +463,9 @@ CASES = [
         "error:not numbered 0-<seq>",
     ),
     Case("send_gift", "room record is a list", WrongType(ROOM, "list"), send_gift(), WRONGTYPE),
-    Case("send_gift", "room log is a string", WrongType(ROOM_LOG, "string"), send_gift(), WRONGTYPE),
+    Case(
+        "send_gift", "room log is a string", WrongType(ROOM_LOG, "string"), send_gift(), WRONGTYPE
+    ),
     # purchase: receipt, age, balance cap; then ledger, wallet, receipt.
     Case("purchase", "control", nothing, purchase(), "ok"),
     Case(

@@ -232,7 +232,7 @@ async def test_a_connected_creator_keeps_their_room_seen(
 
 # ---- the money script and the room --------------------------------------------------------
 
-ZOE = "Zoë \"the\" <b>ünicode</b> \\ / 🎁"
+ZOE = 'Zoë "the" <b>ünicode</b> \\ / 🎁'
 ODD_GIFT = Gift(id="odd.gift:1", name='Odd "gift" / \u2028 é', coins=3, animation="odd.webp")
 
 
@@ -271,7 +271,8 @@ async def test_the_script_writes_the_protocol_gift_event_byte_for_byte(
         key="odd-gift-key-1",
         in_room=in_cara("zoe", ZOE, ODD_GIFT),
     )
-    ((entry_id, fields),) = await redis_client.xrange(log_key("cara"))
+    logged: Any = await redis_client.xrange(log_key("cara"))
+    ((entry_id, fields),) = logged
     expected = GiftEvent(
         room="cara",
         seq=42,
@@ -310,7 +311,7 @@ async def test_a_gift_to_a_room_not_live_is_refused_and_changes_nothing(
 ) -> None:
     wallet = await a_wallet(redis_client)
     if record:
-        await redis_client.hset(room_key("cara"), mapping=record)
+        await redis_client.hset(room_key("cara"), mapping=dict[Any, Any](record))
     room = in_cara("zoe", "Zoe", ODD_GIFT)
     if not log:
         room = GiftRoom(room.record, "", b"", b"", b"", 0)  # what the memory broker passes
