@@ -446,6 +446,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         next_viewers = loop.time() + viewers_interval_s
         due: dict[str, float] = {}
+        quiet_until = 0.0  # a Redis that is away fails every tick: log it every 10 s
         while not stop.is_set():
             await asyncio.sleep(tick_s)
             now = loop.time()
@@ -458,4 +459,6 @@ class Hub:
                     due["chores"] = now + viewers_interval_s
                     await self._housekeeping(now, due)
             except Exception:  # one failed flush (Redis away) must not stop the clock
-                log.exception("room flush failed; retrying next tick")
+                if now >= quiet_until:
+                    quiet_until = now + 10.0
+                    log.exception("room flush failed; retrying every tick")
