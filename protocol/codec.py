@@ -106,3 +106,35 @@ def join_room_frame(encoded: Sequence[bytes]) -> bytes:
 def encode_room_frame(events: Sequence[dict[str, Any]]) -> bytes:
     """One frame for a tick's room events: the event alone, or a `batch` in order."""
     return join_room_frame([encode_event(event) for event in events])
+
+
+# ---- a gift event assembled elsewhere (the money script writes it under the Redis broker) --
+
+
+def sender_json(user_id: str, name: str) -> bytes:
+    """The `sender` object of a gift event, as `GiftEvent.as_dict` has it."""
+    return orjson.dumps({"id": user_id, "name": name})
+
+
+def gift_json(gift_id: str, name: str, coins: int, animation: str) -> bytes:
+    """The `gift` object of a gift event, as `GiftEvent.as_dict` has it."""
+    return orjson.dumps({"id": gift_id, "name": name, "coins": coins, "animation": animation})
+
+
+_SEQ_PLACEHOLDER = b'"seq":0'
+_ROOM_ENDED_PREFIX = b'{"type":"room_ended"'
+
+
+def split_at_seq(encoded: bytes) -> tuple[bytes, bytes]:
+    """An event encoded with seq 0, cut around the seq's digits, for a writer that numbers it
+    later (head + digits + tail). Inside a JSON string every quote is escaped, so the first
+    `"seq":0` is the key itself."""
+    head, found, tail = encoded.partition(_SEQ_PLACEHOLDER)
+    if not found or tail[:1] not in (b",", b"}"):
+        raise ValueError("the event has no seq of 0 to number")
+    return head + b'"seq":', tail
+
+
+def is_room_ended(encoded: bytes) -> bool:
+    """Whether an encoded room event is `room_ended`, the last of its room."""
+    return encoded.startswith(_ROOM_ENDED_PREFIX)

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -26,10 +27,11 @@ from giftstream.server.realtime.broker import Broker, MemoryBroker
 from giftstream.server.realtime.caps import ConnectionCaps
 from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
-from giftstream.server.realtime.hub import LIVE_ROOMS_KEY, Hub
+from giftstream.server.realtime.hub import LIVE_ROOMS_KEY, Hub, RoomTimes
 from giftstream.server.realtime.ops import OpsFeed
 from giftstream.server.realtime.opslog import OpsLog
 from giftstream.server.realtime.ratelimit import SharedBuckets
+from giftstream.server.realtime.redis_broker import RedisBroker
 from giftstream.server.realtime.registry import Counters, GatewayRegistry, new_gateway_id
 from giftstream.server.realtime.session import NodeParts, NodeState
 from giftstream.server.redis_check import assess, read_settings
@@ -57,6 +59,8 @@ class App:
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()  # the tick loops end on it (see Hub.run)
+        # this process among the gateways sharing a Redis (its presence fields)
+        self.gateway_id = uuid.uuid4().hex[:12]
 
     # ---- start --------------------------------------------------------------------------
 
@@ -105,10 +109,14 @@ class App:
         )
         self.ops = OpsFeed(self.fanout, OpsLog(self.redis), self.registry)
         await self.ops.start()
-        self.broker: Broker = await self._stack.enter_async_context(
-            MemoryBroker(self.redis, history_size=settings.limits.history_size)
+        self.broker: Broker = await self._stack.enter_async_context(self._make_broker())
+        limits = settings.limits
+        times = RoomTimes(
+            creator_seen_s=limits.creator_seen_s,
+            room_idle_s=limits.room_idle_s,
+            unfollow_after_s=limits.unfollow_after_s,
         )
-        self.hub = Hub(self.redis, self.broker, self.fanout, self.ops, self.metrics)
+        self.hub = Hub(self.redis, self.broker, self.fanout, self.ops, self.metrics, times)
         restored = await self.hub.restore()
         self.node_state = NodeState(
             user_gifts=SharedBuckets(
@@ -160,22 +168,34 @@ class App:
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {listening}: {exc.strerror or exc}") from exc
-        limits = settings.limits
         self._spawn(self.hub.run(limits.tick_s, limits.viewers_interval_s, self._stopping))
         await self.registry.beat()  # among the service's gateways from the start
         self._spawn(self.ops.run(limits.tick_s, limits.stats_interval_s, self._stopping))
         if settings.allowed_origins is None:
             log.warning("no --allowed-origins: WebSocket upgrades from any origin are accepted")
         log.info(
-            "%s: ws=%s admin=%s redis=%s ledger=%s rooms restored=%d gateway=%s",
+            "%s: ws=%s admin=%s redis=%s ledger=%s broker=%s gateway=%s rooms live=%d",
             # a worker's own line is not the service's: the supervisor says that once
             "giftstream worker ready" if shared_ports else "giftstream ready",
             self.ws_url,
             self.admin_url,
             redact_url(self.redis_url),
             settings.ledger_key,
-            restored,
+            settings.broker,
             self.gateway_id,
+            restored,
+        )
+
+    def _make_broker(self) -> MemoryBroker | RedisBroker:
+        limits = self.settings.limits
+        if self.settings.broker == "memory":
+            return MemoryBroker(self.redis, history_size=limits.history_size)
+        return RedisBroker(
+            self.redis,
+            history_size=limits.history_size,
+            gateway_id=self.gateway_id,
+            presence_refresh_s=limits.presence_refresh_s,
+            presence_ttl_s=limits.presence_ttl_s,
         )
 
     async def _check_redis(self) -> None:

@@ -243,6 +243,10 @@ def _serve(args: argparse.Namespace, values: dict[str, Any]) -> int:
         workers = parse_workers(raw)
     except ValueError as exc:
         raise ConfigError(f"{source} = {raw!r}: {exc}") from exc
+    if workers > 1 and settings.broker != "redis":
+        # workers share rooms only through Redis: with rooms in each process's memory, a
+        # viewer and a sender on two workers would be in two different rooms
+        raise ConfigError(f"--workers {workers} needs --broker redis (rooms shared by workers)")
     if workers > 1:
         return _serve_workers(dataclasses.replace(settings, workers=workers), values, args.demo)
     on_ready = _print_demo if args.demo else None

@@ -40,6 +40,8 @@ class ConfigError(ValueError):
 FD_RESERVE = 256
 DEFAULT_MAX_CONNECTIONS_PER_IP = 2000  # a carrier-grade NAT puts hundreds to 1000+ behind one
 DEFAULT_MAX_CONNECTIONS_PER_USER = 8  # a viewer on a phone, a tablet and a few browser tabs
+DEFAULT_ROOM_IDLE_S = 300.0
+BROKERS = ("redis", "memory")
 
 
 def default_max_connections() -> int:
@@ -72,7 +74,7 @@ class Limits:
     # the kernel's send buffer per connection (SO_SNDBUF; Linux doubles it): left to
     # autotuning it grows to megabytes that a client that never reads holds beside the backlog
     send_buffer_bytes: int = 64 * 1024
-    history_size: int = 1024  # room events kept for `since`
+    history_size: int = 1024  # room events kept for `since` (and in each room's log)
     tick_s: float = 0.02  # fan-out batching window
     viewers_interval_s: float = 1.0
     stats_interval_s: float = 1.0  # also how often this gateway writes its heartbeat
@@ -85,6 +87,13 @@ class Limits:
     max_connections: int = field(default_factory=default_max_connections)
     max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP  # past it, 429; 0: no cap
     max_connections_per_user: int = DEFAULT_MAX_CONNECTIONS_PER_USER  # past it, 4429; 0: none
+    # the Redis broker: this gateway's viewers per room are rewritten this often and expire
+    # after the ttl (a killed gateway's viewers leave the counts within it)
+    presence_refresh_s: float = 5.0
+    presence_ttl_s: float = 15.0
+    creator_seen_s: float = 5.0  # a connected creator's room is marked seen this often
+    room_idle_s: float = DEFAULT_ROOM_IDLE_S  # a room whose creator is away this long ends
+    unfollow_after_s: float = 5.0  # a room no one here views or watches is let go after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,9 @@ class Settings:
     payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS  # diamonds wait this long to be payable
     payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP  # diamonds paid out per creator a UTC day
     workers: int = 1  # processes serving the ports (`serve --workers`; server/workers.py)
+    # where rooms live: "redis" (every gateway on the Redis serves every room) or "memory"
+    # (this process alone; one gateway)
+    broker: str = "redis"
     limits: Limits = field(default_factory=Limits)
 
 
@@ -211,6 +223,19 @@ def _log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise ValueError("must be one of " + ", ".join(LOG_LEVELS))
     return text.upper()
+
+
+def _broker(text: str) -> str:
+    if text not in BROKERS:
+        raise ValueError("must be one of " + ", ".join(BROKERS))
+    return text
+
+
+def _idle_s(text: str) -> float:
+    seconds = float(text)
+    if not 1 <= seconds <= 7 * 86400:
+        raise ValueError("must be a number of seconds from 1 to 604800")
+    return seconds
 
 
 def _existing_file(text: str) -> Path:
@@ -318,6 +343,22 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         None,
         _origins,
         "comma-separated Origin allow-list (default: any origin, with a warning)",
+    ),
+    Option(
+        "--broker",
+        "GIFTSTREAM_BROKER",
+        "redis",
+        _broker,
+        "where rooms live: redis (every gateway on the same Redis serves every room) or "
+        "memory (this process only: one gateway)",
+    ),
+    Option(
+        "--room-idle-s",
+        "GIFTSTREAM_ROOM_IDLE_S",
+        f"{DEFAULT_ROOM_IDLE_S:g}",
+        _idle_s,
+        "a live room whose creator has not been connected for this many seconds is ended "
+        "(redis broker)",
     ),
     Option(
         "--gifts-per-s",
@@ -463,7 +504,12 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         rate = values.get(f"{name}_per_s")
         if rate is not None:
             changed[f"{name}_per_s"], changed[f"{name}_burst"] = rate, int(2 * rate)
-    for name in ("max_connections", "max_connections_per_ip", "max_connections_per_user"):
+    for name in (
+        "max_connections",
+        "max_connections_per_ip",
+        "max_connections_per_user",
+        "room_idle_s",
+    ):
         if values.get(name) is not None:
             changed[name] = values[name]
     return Settings(
@@ -486,6 +532,7 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         ledger_key=values.get("ledger_key") or keys.LEDGER,
         payout_hold_days=_given_or(values, "payout_hold_days", DEFAULT_PAYOUT_HOLD_DAYS),
         payout_daily_cap=_given_or(values, "payout_daily_cap", DEFAULT_PAYOUT_DAILY_CAP),
+        broker=values.get("broker") or "redis",
         limits=dataclasses.replace(limits, **changed),
     )
 

@@ -214,9 +214,6 @@ class Supervisor:
         except (ConfigError, OSError, EmbeddedRedisError) as exc:
             print(f"giftstream: error: {exc}", file=sys.stderr, flush=True)
             return 1
-        # issue 13: workers share rooms only through the Redis broker. When `--broker` lands
-        # (branch broker), cli.py refuses `--workers N` with `--broker memory`, and the
-        # workers get the redis broker here: dataclasses.replace(settings, broker="redis").
         self._start(self.slots[0])  # alone first: a bad Redis or catalog fails once, clearly
         while True:
             code = self._step()

@@ -56,8 +56,9 @@ JWT_SECRET = "test-jwt-secret-0123456789abcdef"
 WEBHOOK_SECRET = "test-webhook-secret-0123456789ab"
 
 
-def make_settings(redis_url: str, data_dir: Path, **limits: Any) -> Settings:
-    """Settings for a test node: OS-chosen ports, fixed secrets, quick ticks."""
+def make_settings(redis_url: str, data_dir: Path, broker: str = "redis", **limits: Any) -> Settings:
+    """Settings for a test node: OS-chosen ports, fixed secrets, quick ticks, the default
+    (Redis) broker unless told."""
     base = {"tick_s": 0.01, "viewers_interval_s": 0.2, "stats_interval_s": 0.2}
     return Settings(
         host="127.0.0.1",
@@ -67,6 +68,7 @@ def make_settings(redis_url: str, data_dir: Path, **limits: Any) -> Settings:
         data_dir=data_dir,
         jwt_secret=JWT_SECRET,
         webhook_secret=WEBHOOK_SECRET,
+        broker=broker,
         limits=Limits(**{**base, **limits}),
     )
 
@@ -78,10 +80,11 @@ def catalog() -> Catalog:
 
 @pytest.fixture
 def make_app(redis_url: str, data_dir: Path, catalog: Catalog) -> Callable[..., App]:
-    """`async with make_app(**limits) as node`: a node with some limits changed."""
+    """`async with make_app(**limits) as node`: a node with some limits changed (and
+    `broker="memory"` for the one-process broker)."""
 
-    def factory(**limits: Any) -> App:
-        return App(make_settings(redis_url, data_dir, **limits), catalog)
+    def factory(broker: str = "redis", **limits: Any) -> App:
+        return App(make_settings(redis_url, data_dir, broker, **limits), catalog)
 
     return factory
 

@@ -121,3 +121,38 @@ local function stamped(key, stamp_field, count_field, current)
   stored_int(key, count_field)  -- a corrupt count stops the script here, not midway
   return 0
 end
+
+-- Redis's clock in ms (TIME): presence expiry and a creator's last sighting, the same on
+-- every gateway whatever its own clock says.
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Room logs (server/realtime/redis_broker.py). A room's events are numbered by one counter
+-- in its hash, `seq`, and appended to its log stream with the ID 0-<seq>, in the same script:
+-- stream order is seq order, whichever gateway wrote. next_seq is split in two so a money
+-- script keeps every check before its first write: room_seq reads (the last seq given, lifted
+-- above `seq_reserved`, the memory broker's bound, and above the log's newest entry, so no
+-- seq is given twice whichever broker numbered the room, and XADD cannot refuse the ID), and
+-- append_room_event writes. A log of the wrong type stops the script here, at a read.
+local function room_seq(room_hash, room_log)
+  local seq = math.max(stored_int(room_hash, 'seq'), stored_int(room_hash, 'seq_reserved'))
+  local newest = redis.call('XREVRANGE', room_log, '+', '-', 'COUNT', 1)
+  if newest[1] then
+    local logged = exact_int(string.match(newest[1][1], '^0%-(%d+)$') or '')
+    if not logged then
+      error('giftstream: ' .. room_log .. ' holds an entry not numbered 0-<seq>: ' .. newest[1][1])
+    end
+    seq = math.max(seq, logged)
+  end
+  return seq
+end
+
+-- Appends one event (`data`, its JSON, already holding `seq`) to the room's log, capped near
+-- `log_size` entries, and records its seq as the room's last.
+local function append_room_event(room_hash, room_log, seq, kind, data, log_size)
+  local id = string.format('0-%d', seq)
+  redis.call('HSET', room_hash, 'seq', seq)
+  redis.call('XADD', room_log, 'MAXLEN', '~', log_size, id, 't', kind, 'd', data)
+end

@@ -1,14 +1,21 @@
 -- Settles one gift. Checks in the contract's order: the key (a replay answers with the first
--- result, even at balance 0), debt, age, daily and weekly limits, balance. Then, and only
--- then: ledger entry, debit, credit, the creator's held diamonds, key record (24 h), the
--- day's and week's spend, the combo. Time, day and week are Redis's own (money_now).
--- KEYS: sender wallet, creator wallet, key record, combo, ledger, creator's held diamonds.
+-- result, even at balance 0, and writes nothing: its event was written the first time), the
+-- room is live, debt, age, daily and weekly limits, balance. Then, and only then: ledger
+-- entry, debit, credit, the creator's held diamonds, key record (24 h), the day's and week's
+-- spend, the combo, and the gift's event in the room's log. Time, day and week are Redis's
+-- own (money_now).
+-- KEYS: sender wallet, creator wallet, key record, combo, ledger, creator's held diamonds,
+-- room record ('' for a caller that moves money only: no room check), room log ('' under the
+-- memory broker, whose hub publishes the event itself).
 -- ARGV: event, sender, creator, room, gift, key, count, coins, diamonds, adult, now ('' in
--- production: Redis's TIME), key ttl, combo gap, combo ttl, payout hold in days.
+-- production: Redis's TIME), key ttl, combo gap, combo ttl, payout hold in days; then the
+-- event's parts, JSON encoded by the gateway as the protocol encodes them (room id, sender
+-- {"id","name"}, gift {"id","name","coins","animation"}) and the log's size.
 -- Reply: {'ok', event, sender coins after, combo, diamonds, ts} -- the first result on a
 -- replay -- or {refusal code, message}.
 local sender_wallet, creator_wallet, key_record = KEYS[1], KEYS[2], KEYS[3]
 local combo_key, ledger, held_key = KEYS[4], KEYS[5], KEYS[6]
+local room_record, room_log = KEYS[7], KEYS[8]
 local event, sender, creator, room, gift, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local count = int_arg(7, 1, 99)
 local coins = int_arg(8, 1, 99e9)  -- gift price (at most 1e9) times count
@@ -18,6 +25,8 @@ local now = money_now(11)
 local key_ttl = int_arg(12, 1, 2^40)
 local combo_gap, combo_ttl = int_arg(13, 1, 2^40), int_arg(14, 1, 2^40)
 local hold_days = int_arg(15, 0, 3650)
+local room_json, sender_json, gift_json = ARGV[16], ARGV[17], ARGV[18]
+local log_size = int_arg(19, 0, 2^31)
 local today = epoch_day(now)
 local week = iso_week(today)
 
@@ -30,6 +39,10 @@ if first[1] then
   end
   return {'ok', first[4], tonumber(first[5]), tonumber(first[6]), tonumber(first[7]),
     tonumber(first[8])}
+end
+
+if room_record ~= '' and redis.call('HGET', room_record, 'live') ~= '1' then
+  return {'room_not_live', 'room ' .. room .. ' is not live'}
 end
 
 local debt = stored_int(sender_wallet, 'debt')
@@ -72,6 +85,18 @@ end
 -- at least hold_days whole days later (chargebacks arrive within that time).
 local release = hold_days > 0 and today + hold_days + 1 or nil
 local payable_at = release and release * DAY_MS or now
+local seq, gift_event
+if room_log ~= '' then
+  -- the event is the protocol's gift event byte for byte (GiftEvent.as_dict's key order);
+  -- the event id is spliced in unquoted, so it must need no JSON escaping
+  if room_record == '' or log_size < 1 or not string.match(event, '^[%w_%-]+$') then
+    error('giftstream: a room log needs its record, a size and a plain event id')
+  end
+  seq = room_seq(room_record, room_log) + 1
+  gift_event = '{"type":"gift","room":' .. room_json .. string.format(',"seq":%d', seq) ..
+    ',"event":"' .. event .. '","sender":' .. sender_json .. ',"gift":' .. gift_json ..
+    string.format(',"count":%d,"combo":%d,"ts":%d}', count, combo, now)
+end
 
 append_ledger(ledger, 'event', event, 'kind', 'gift', 'ts', now, 'sender', sender,
   'creator', creator, 'room', room, 'gift', gift, 'count', count, 'coins', coins,
@@ -92,4 +117,7 @@ redis.call('HSET', sender_wallet, 'spent_day', today, 'spent_day_coins', spent_d
   'spent_week', week, 'spent_week_coins', spent_week + coins)
 redis.call('HSET', combo_key, 'gift', gift, 'combo', combo, 'at', now)
 redis.call('PEXPIRE', combo_key, combo_ttl)
+if gift_event then
+  append_room_event(room_record, room_log, seq, 'gift', gift_event, log_size)
+end
 return {'ok', event, after, combo, diamonds, now}

@@ -74,6 +74,7 @@ _HTTP_STATUS = {
     Reason.INSUFFICIENT_DIAMONDS: 409,
     Reason.DEBT: 409,
     Reason.SPENDING_LIMIT: 409,
+    Reason.ROOM_NOT_LIVE: 409,  # no HTTP route settles gifts; mapped so every reason is
     Reason.PAYOUT_HELD: 409,  # the diamonds are there, not payable yet: the message says when
     Reason.PAYOUT_CAP: 429,  # a daily quota: the same request succeeds after 00:00 UTC
     Reason.BAD_VALUE: 422,

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     INSUFFICIENT_DIAMONDS = "insufficient_diamonds"
     DEBT = "debt"
     SPENDING_LIMIT = "spending_limit"
+    ROOM_NOT_LIVE = "room_not_live"  # a gift to a room that has ended (on any gateway)
     PAYOUT_HELD = "payout_held"  # the diamonds asked for are still on hold (chargebacks)
     PAYOUT_CAP = "payout_cap"  # past the creator's daily payout cap
     UNAVAILABLE = "unavailable"  # storage unreachable

@@ -68,6 +68,25 @@ class SettledGift:
 
 
 @dataclass(frozen=True, slots=True)
+class GiftRoom:
+    """The room a gift is settled in, as its script sees it: the room's record, which must
+    say live, and the log the gift's event is appended to in the same atomic step ('' under
+    the memory broker, whose hub publishes the event), with the event's parts encoded by
+    the gateway (protocol/codec.py) and the log's size."""
+
+    record: str
+    log: str
+    room_json: bytes
+    sender_json: bytes
+    gift_json: bytes
+    log_size: int
+
+    @property
+    def event_args(self) -> tuple[bytes, bytes, bytes, int]:
+        return (self.room_json, self.sender_json, self.gift_json, self.log_size)
+
+
+@dataclass(frozen=True, slots=True)
 class PurchaseResult:
     user: str
     receipt: str
@@ -230,11 +249,16 @@ class Wallet:
         count: int,
         key: str,
         on_settled: Callable[[SettledGift], object] | None = None,
+        in_room: GiftRoom | None = None,
     ) -> SettledGift:
         """Debit the sender and credit the creator once per (sender, key); the creator's
         diamonds start on hold. `on_settled` runs as soon as Redis answers, even if the caller
         was cancelled meanwhile: what must follow a debit (the room's event) cannot be cut
-        from it by a dropped connection. The result's `ts` is the ledger entry's."""
+        from it by a dropped connection. The result's `ts` is the ledger entry's.
+
+        `in_room` (the gateway's gifts): the room must be live (else `room_not_live`), and
+        when it names a log the gift's event is written there with the settlement. Without
+        it (money-only callers: tools, tests) no room is checked or written."""
         if not is_count(count):
             raise Refusal(Reason.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
         if not is_key(key):
@@ -273,6 +297,8 @@ class Wallet:
                 keys.combo(sender, room),
                 self._ledger_key,
                 keys.held(creator),
+                "" if in_room is None else in_room.record,
+                "" if in_room is None else in_room.log,
             ],
             [
                 event,
@@ -290,6 +316,7 @@ class Wallet:
                 keys.COMBO_GAP_MS,
                 keys.COMBO_TTL_MS,
                 self.payout_hold_days,
+                *(_NO_ROOM_ARGS if in_room is None else in_room.event_args),
             ],
             settled,
         )
@@ -532,6 +559,9 @@ class Wallet:
 
         return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
 
+
+# What a money-only gift sends in place of the room's event parts.
+_NO_ROOM_ARGS: tuple[str, str, str, int] = ("", "", "", 0)
 
 _VIEW_FIELDS = (
     "coins",

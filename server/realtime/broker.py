@@ -10,10 +10,12 @@ gift's hot path awaits nothing); the I/O a shared broker needs happens once per 
 
 `MemoryBroker` is the one-node broker: seqs and history live in this process; a reserved
 seq bound lives in Redis so a room's seq never goes backwards, even across a crash.
+`RedisBroker` (redis_broker.py) is the shared one: gateways on one Redis are one service.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -24,6 +26,7 @@ from typing import Any, NamedTuple, Protocol, Self
 import redis.asyncio as aioredis
 
 from giftstream.protocol.codec import encode_event
+from giftstream.protocol.events import RoomEnded, ViewersEvent
 
 SEQ_BLOCK = 1024  # seqs reserved per Redis write
 GIFTS_REMEMBERED = 4096  # gift event ids a room remembers having published, newest kept
@@ -33,10 +36,26 @@ MakeEvent = Callable[[int], Event]  # builds a room event given its seq
 Deliver = Callable[[str, Sequence[bytes]], None]  # (room id, one tick's encoded events)
 
 
+LIVE_ROOMS_KEY = "giftstream:rooms:live"  # set: the ids of the rooms live now
+
+
 def room_key(room_id: str) -> str:
-    """The room's Redis hash: the hub keeps the room's record in it, the memory broker its
-    seq bound (field `seq_reserved`)."""
+    """The room's Redis hash: its record (creator, title, live, started, creator_seen), the
+    memory broker's seq bound (`seq_reserved`), the Redis broker's last seq (`seq`) and the
+    viewer count last announced (`viewers_announced`)."""
     return f"giftstream:room:{room_id}"
+
+
+def log_key(room_id: str) -> str:
+    """The room's log (Redis broker): a stream of its events, entry ID 0-<seq>, fields `t`
+    (event type) and `d` (the encoded event)."""
+    return f"giftstream:room:{room_id}:log"
+
+
+def presence_key(room_id: str) -> str:
+    """The room's viewers per gateway (Redis broker): field gateway id, value
+    `<users>:<expires ms>`."""
+    return f"giftstream:room:{room_id}:presence"
 
 
 class History(NamedTuple):
@@ -65,6 +84,12 @@ class PresenceManager(Protocol):
 class Broker(PresenceManager, Protocol):
     """Where rooms publish and from where a gateway receives them (`async with` starts and
     stops it). A room is used on this node between `subscribe` and `unsubscribe`."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether rooms live in Redis for every gateway (a gateway then follows only the
+        rooms it serves and loads the others on demand), or in this process."""
+        ...
 
     async def __aenter__(self) -> Self: ...
 
@@ -106,7 +131,24 @@ class Broker(PresenceManager, Protocol):
     def first_publication(self, room_id: str, event: str, ts_ms: int, *, replayed: bool) -> bool:
         """Whether the gift `event` (settled at `ts_ms`) is to be published in the room now,
         recording it as published if so. A fresh settlement always is; a replay of its key
-        (a lost reply) only when the room has not published it: never twice, by event id."""
+        (a lost reply) only when the room has not published it: never twice, by event id.
+        Never, when the money script wrote it (`gift_log`)."""
+        ...
+
+    def gift_log(self, room_id: str) -> str:
+        """The stream a gift's money script appends the gift's event to, in the same atomic
+        step as its settlement; '' when the hub publishes gifts itself."""
+        ...
+
+    def announce_viewers(self, room_id: str) -> None:
+        """Queue a `viewers` event for the next flush if the room's count (every gateway's)
+        has changed since it was last announced."""
+        ...
+
+    async def end_room(self, room_id: str, *, idle_ms: int | None = None) -> bool:
+        """End the room: its queued events, then `room_ended`, its last, delivered like any
+        event; Redis then no longer has it live. With `idle_ms`, only if its creator has not
+        been seen for that long. False when it was not live (or not idle)."""
         ...
 
 
@@ -126,6 +168,7 @@ class _RoomLog:
     vouched_since_ms: int
     outbox: list[Event] = field(default_factory=list)
     connections: int = 0
+    viewers_announced: int = 0
 
 
 class MemoryBroker:
@@ -153,11 +196,23 @@ class MemoryBroker:
 
     # ---- rooms followed -----------------------------------------------------------------
 
+    @property
+    def shared(self) -> bool:
+        return False
+
     async def subscribe(self, room_id: str, deliver: Deliver) -> None:
         """Resume the room's numbering from its persisted bound, and reserve the next block
-        in the same step (so its first ticks write nothing)."""
+        in the same step (so its first ticks write nothing); above the Redis broker's last
+        seq too, when the room was numbered by it before."""
         if room_id not in self._rooms:
-            bound = int(await self.redis.hincrby(room_key(room_id), "seq_reserved", SEQ_BLOCK))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(room_key(room_id), "seq_reserved", SEQ_BLOCK)
+                pipe.hget(room_key(room_id), "seq")
+                reserved, shared_seq = await pipe.execute()
+            bound = int(reserved)
+            if shared_seq is not None and int(shared_seq) > bound - SEQ_BLOCK:
+                bound = int(shared_seq) + SEQ_BLOCK
+                await self.redis.hset(room_key(room_id), "seq_reserved", bound)
             if room_id not in self._rooms:  # else a racing subscribe won: keep its numbering
                 start = bound - SEQ_BLOCK
                 self._rooms[room_id] = _RoomLog(
@@ -235,10 +290,7 @@ class MemoryBroker:
 
     def history(self, room_id: str, since: int) -> History:
         log = self._rooms[room_id]
-        events = [data for seq, data in log.history if seq > since]
-        oldest = log.history[0][0] if log.history else log.top_seq + 1
-        recovered = oldest <= since + 1 and since <= log.top_seq
-        return History(events, recovered, log.top_seq)
+        return history_after(log.history, log.top_seq, since)
 
     def first_publication(self, room_id: str, event: str, ts_ms: int, *, replayed: bool) -> bool:
         """The room remembers the last `GIFTS_REMEMBERED` gift ids it published, in memory:
@@ -260,8 +312,43 @@ class MemoryBroker:
             log.vouched_since_ms = max(log.vouched_since_ms, gifts.pop(forgotten) + 1)
         return True
 
+    def gift_log(self, room_id: str) -> str:
+        return ""
+
+    def announce_viewers(self, room_id: str) -> None:
+        log = self._rooms[room_id]
+        if log.connections != log.viewers_announced:
+            log.viewers_announced = log.connections
+            self.publish(room_id, functools.partial(_viewers_event, room_id, log.connections))
+
+    async def end_room(self, room_id: str, *, idle_ms: int | None = None) -> bool:
+        """Every live room is followed here; idleness is the Redis broker's (a one-process
+        room ends when its creator ends it)."""
+        if room_id not in self._rooms or idle_ms is not None:
+            return False
+        self.publish(room_id, lambda seq: RoomEnded(room=room_id, seq=seq).as_dict())
+        await self.flush((room_id,))  # its seq bound is persisted by now
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(room_key(room_id), "live", "0")
+            pipe.srem(LIVE_ROOMS_KEY, room_id)
+            await pipe.execute()
+        return True
+
     def report_presence(self, room_id: str, connections: int) -> None:
         self._rooms[room_id].connections = connections
 
     def presence(self, room_id: str) -> int:
         return self._rooms[room_id].connections
+
+
+def _viewers_event(room_id: str, count: int, seq: int) -> Event:
+    return ViewersEvent(room=room_id, seq=seq, count=count).as_dict()
+
+
+def history_after(kept: deque[tuple[int, bytes]], top_seq: int, since: int) -> History:
+    """The events of `kept` (contiguous, oldest first, the last one `top_seq`) after
+    `since`, and whether they reach back to it."""
+    events = [data for seq, data in kept if seq > since]
+    oldest = kept[0][0] if kept else top_seq + 1
+    recovered = oldest <= since + 1 and since <= top_seq
+    return History(events, recovered, top_seq)

@@ -7,35 +7,55 @@ and writes the same bytes to every viewer and ops watcher of the room, awaiting 
 
 A room's viewer count counts users, not sockets: a viewer with the room open in two tabs is
 one viewer until they have left it in both.
+
+With a shared (Redis) broker, rooms live in Redis and every gateway serves any room: a room
+not followed here is loaded on its first `join`; a delivered `room_ended` drops it here,
+whichever gateway ended it; a room no one here views or watches is let go after a grace; the
+gateway holding a creator's connection keeps their room's `creator_seen` fresh, and every
+gateway's sweep ends the rooms whose creator has been away for the idle time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
 import redis.asyncio as aioredis
 from websockets.asyncio.server import ServerConnection
 
-from giftstream.protocol.codec import join_room_frame
+from giftstream.protocol.codec import is_room_ended, join_room_frame
 from giftstream.protocol.errors import ErrorCode, ProtocolError
-from giftstream.protocol.events import Joined, RoomEnded, ViewersEvent
+from giftstream.protocol.events import Joined
+from giftstream.protocol.rules import ALL_ROOMS
+from giftstream.server import scripts
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
-from giftstream.server.realtime.broker import Broker, Event, MakeEvent, room_key
+from giftstream.server.realtime.broker import LIVE_ROOMS_KEY, Broker, MakeEvent, room_key
 from giftstream.server.realtime.fanout import Fanout, text_frame
 from giftstream.server.realtime.ops import OpsFeed
 
 log = logging.getLogger(__name__)
 
-LIVE_ROOMS_KEY = "giftstream:rooms:live"
+__all__ = ["LIVE_ROOMS_KEY", "Hub", "Room", "RoomTimes"]
 
 
-def _viewers_event(room_id: str, count: int, seq: int) -> Event:
-    return ViewersEvent(room=room_id, seq=seq, count=count).as_dict()
+@dataclass(frozen=True, slots=True)
+class RoomTimes:
+    """How a shared broker's rooms are kept: the creator's heartbeat, the idle time after
+    which a room whose creator is away is ended, and how long a room no one here views or
+    watches stays followed."""
+
+    creator_seen_s: float = 5.0
+    room_idle_s: float = 300.0
+    unfollow_after_s: float = 5.0
+
+    @property
+    def sweep_s(self) -> float:
+        """How often each gateway looks for idle rooms: a few times per idle time."""
+        return min(max(self.room_idle_s / 4, 0.05), 30.0)
 
 
 @dataclass(eq=False, slots=True)
@@ -46,7 +66,11 @@ class Room:
     started_ms: int
     viewers: dict[ServerConnection, str] = field(default_factory=dict)  # socket -> its user
     users: dict[str, int] = field(default_factory=dict)  # user -> their sockets in the room
-    viewers_announced: int = 0
+    json: bytes = b""  # the room id as JSON: a gift event's part (protocol/codec.py)
+    unused_since: float | None = None  # loop time since which no one here views or watches
+
+    def __post_init__(self) -> None:
+        self.json = orjson.dumps(self.id)
 
     def add(self, conn: ServerConnection, user: str) -> None:
         if conn not in self.viewers:
@@ -64,7 +88,7 @@ class Room:
 
 
 class Hub:
-    """Owns every live room on this node; see the module docstring for the rules."""
+    """Owns every room followed on this node; see the module docstring for the rules."""
 
     def __init__(
         self,
@@ -73,28 +97,48 @@ class Hub:
         fanout: Fanout,
         ops: OpsFeed,
         metrics: Metrics,
+        times: RoomTimes | None = None,
     ) -> None:
         self.redis = redis
         self.broker = broker
         self.fanout = fanout
         self.ops = ops
         self.metrics = metrics
+        self.times = times or RoomTimes()
         self.rooms: dict[str, Room] = {}
         self._joined: dict[ServerConnection, set[str]] = {}
+        self._loading: dict[str, asyncio.Future[Room | None]] = {}
+        self._ended: list[str] = []  # rooms whose `room_ended` was delivered this flush
+        self._creators: dict[str, int] = {}  # creator -> their connections here
+        self._open = scripts.register(redis, "room_open")
+        self._seen = scripts.register(redis, "creator_seen")
 
     # ---- lifecycle of rooms -------------------------------------------------------------
 
     async def restore(self) -> int:
-        """Load the rooms Redis says are live (after a restart); returns how many."""
+        """After a restart: with the memory broker, load the rooms Redis says are live (their
+        history was memory); a shared broker loads each on demand. Returns how many are live."""
         room_ids = sorted(keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
+        if self.broker.shared:
+            return len(room_ids)
+        rooms = [room for room in await self._records(room_ids) if room is not None]
+        await asyncio.gather(*(self.broker.subscribe(room.id, self._deliver) for room in rooms))
+        for room in rooms:
+            self.rooms[room.id] = room
+        self.metrics.rooms_live.set(len(self.rooms))
+        return len(self.rooms)
+
+    async def _records(self, room_ids: Sequence[str]) -> list[Room | None]:
+        """Each room's record as a Room, None for one that is not live."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
                 pipe.hgetall(room_key(room_id))
             records = await pipe.execute()
-        rooms: list[Room] = []
+        rooms: list[Room | None] = []
         for room_id, raw in zip(room_ids, records, strict=True):
             record = {keys.text(k): keys.text(v) for k, v in raw.items()}
             if record.get("live") != "1":
+                rooms.append(None)
                 continue
             rooms.append(
                 Room(
@@ -104,70 +148,107 @@ class Hub:
                     started_ms=int(record.get("started", "0")),
                 )
             )
-        await asyncio.gather(*(self.broker.subscribe(room.id, self._deliver) for room in rooms))
-        for room in rooms:
-            self.rooms[room.id] = room
-        self.metrics.rooms_live.set(len(self.rooms))
-        return len(self.rooms)
+        return rooms
 
     async def go_live(self, creator: str, title: str, now_ms: int) -> Room:
-        """Open the creator's room (their room id is their user id); live again is a no-op
-        that keeps the room and updates its title."""
+        """Open the creator's room (their room id is their user id), from any gateway; live
+        again is a no-op that keeps the room and updates its title."""
         room = self.rooms.get(creator)
         if room is not None:
             if title and title != room.title:
                 room.title = title
                 await self.redis.hset(room_key(creator), "title", title)
             return room
-        # the seq first: Redis never records a room live that this node could not number
-        await self.broker.subscribe(creator, self._deliver)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                room_key(creator),
-                mapping={"creator": creator, "title": title, "live": "1", "started": now_ms},
-            )
-            pipe.sadd(LIVE_ROOMS_KEY, creator)
-            await pipe.execute()
+        if not self.broker.shared:
+            # the seq first: Redis never records a room live that this node could not number
+            await self.broker.subscribe(creator, self._deliver)
+        opened, stored_title, started = await self._open(
+            keys=[room_key(creator), LIVE_ROOMS_KEY], args=[creator, title, now_ms]
+        )
         if creator in self.rooms:  # two go_live from the same creator raced; keep the first
             return self.rooms[creator]
-        room = Room(id=creator, creator=creator, title=title, started_ms=now_ms)
-        self.rooms[creator] = room
-        self.metrics.rooms_live.set(len(self.rooms))
-        self.ops.room_opened(room.id, room.creator, room.title)
-        log.info("room %s is live", creator)
-        return room
+        room = Room(
+            id=creator, creator=creator, title=keys.text(stored_title), started_ms=int(started)
+        )
+        await self._follow(room)
+        if opened:
+            self.ops.room_opened(room.id, room.creator, room.title)
+            log.info("room %s is live", creator)
+        return self.rooms[creator]
 
-    async def end_live(self, creator: str) -> Room:
-        """End the creator's room: every viewer gets `room_ended`, then the room is gone."""
-        room = self.rooms.get(creator)
-        if room is None:
+    async def _follow(self, room: Room) -> None:
+        if self.broker.shared:
+            await self.broker.subscribe(room.id, self._deliver)
+        if room.id not in self.rooms:
+            self.rooms[room.id] = room
+            room.unused_since = asyncio.get_running_loop().time()
+            self.metrics.rooms_live.set(len(self.rooms))
+
+    async def end_live(self, creator: str) -> None:
+        """End the creator's room, from any gateway: every viewer, on every gateway, gets
+        `room_ended`, then the room is gone."""
+        ended = await self.broker.end_room(creator)
+        await self._drop_ended()
+        if not ended:
             raise ProtocolError(ErrorCode.ROOM_NOT_LIVE, "your room is not live")
-        self.publish(room, lambda seq: RoomEnded(room=room.id, seq=seq).as_dict())
-        await self.broker.flush((room.id,))
-        del self.rooms[creator]
-        for conn in room.viewers:
-            joined = self._joined.get(conn)
-            if joined is not None:
-                joined.discard(room.id)
-        room.viewers.clear()
-        room.users.clear()
-        await self.broker.unsubscribe(room.id)  # its seq bound was persisted by the flush
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(room_key(creator), "live", "0")
-            pipe.srem(LIVE_ROOMS_KEY, creator)
-            await pipe.execute()
-        self.metrics.rooms_live.set(len(self.rooms))
         log.info("room %s ended", creator)
-        return room
 
     async def live_room(self, room_id: str) -> Room:
-        """The live room `room_id`, or the error saying whether it was ever live."""
+        """The live room `room_id` (with a shared broker, loaded and followed here if need
+        be), or the error saying whether it was ever live."""
         room = self.rooms.get(room_id)
         if room is not None:
             return room
+        if self.broker.shared:
+            room = await self._load(room_id)
+            if room is not None:
+                return room
         if await self.redis.exists(room_key(room_id)):
             raise ProtocolError(ErrorCode.ROOM_NOT_LIVE, f"room {room_id} is not live")
         raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {room_id}")
+
+    async def refusal_elsewhere(self, room_id: str) -> ProtocolError:
+        """Why a request about a room not followed here is refused (without following it):
+        live elsewhere, it was not joined here; else not live, or unknown."""
+        live = await self.redis.hget(room_key(room_id), "live")
+        if live == b"1":
+            return ProtocolError(ErrorCode.NOT_JOINED, f"join room {room_id} before gifting")
+        if live is not None or await self.redis.exists(room_key(room_id)):
+            return ProtocolError(ErrorCode.ROOM_NOT_LIVE, f"room {room_id} is not live")
+        return ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {room_id}")
+
+    async def _load(self, room_id: str) -> Room | None:
+        """Follow a live room here, once however many ask at the same time."""
+        loading = self._loading.get(room_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Room | None] = asyncio.get_running_loop().create_future()
+        self._loading[room_id] = future
+        try:
+            (room,) = await self._records([room_id])
+            if room is not None:
+                await self._follow(room)
+                room = self.rooms.get(room_id)
+            future.set_result(room)
+            return room
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: those waiting get it, no one else must
+            raise
+        finally:
+            del self._loading[room_id]
+
+    async def follow_live(self, room_ids: Iterable[str] = (ALL_ROOMS,)) -> None:
+        """Follow these rooms here when they are live ("*": every live room), for the ops
+        watchers of this gateway; a shared broker only (the memory broker follows all)."""
+        if not self.broker.shared:
+            return
+        wanted = set(room_ids)
+        if ALL_ROOMS in wanted:
+            live = {keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY)}
+            wanted = (wanted - {ALL_ROOMS}) | live
+        for room_id in sorted(wanted - self.rooms.keys()):
+            await self._load(room_id)
 
     # ---- membership ---------------------------------------------------------------------
 
@@ -177,7 +258,10 @@ class Hub:
         """Add `conn` (of `user`) to `room`; the `joined` reply and, for `since`, the frame of
         missed events. The caller writes both before it awaits anything, so no flush slips
         between."""
+        if self.rooms.get(room.id) is not room:
+            raise ProtocolError(ErrorCode.ROOM_NOT_LIVE, f"room {room.id} is not live")
         room.add(conn, user)
+        room.unused_since = None
         self._joined.setdefault(conn, set()).add(room.id)
         broker = self.broker
         broker.report_presence(room.id, len(room.users))
@@ -208,20 +292,36 @@ class Hub:
         joined.discard(room_id)
         room = self.rooms.get(room_id)
         if room is not None:
-            room.remove(conn)
-            self.broker.report_presence(room_id, len(room.users))
+            self._remove(room, conn)
         return True
 
     def leave_all(self, conn: ServerConnection) -> None:
         for room_id in self._joined.pop(conn, set()):
             room = self.rooms.get(room_id)
             if room is not None:
-                room.remove(conn)
-                self.broker.report_presence(room_id, len(room.users))
+                self._remove(room, conn)
+
+    def _remove(self, room: Room, conn: ServerConnection) -> None:
+        room.remove(conn)
+        self.broker.report_presence(room.id, len(room.users))
+        if not room.viewers:
+            room.unused_since = asyncio.get_running_loop().time()
 
     def is_member(self, conn: ServerConnection, room_id: str) -> bool:
         joined = self._joined.get(conn)
         return joined is not None and room_id in joined
+
+    def creator_connected(self, creator: str) -> None:
+        """A creator's connection is here: with a shared broker, their room's `creator_seen`
+        is kept fresh while it lasts (see `keep_creators_seen`)."""
+        self._creators[creator] = self._creators.get(creator, 0) + 1
+
+    def creator_gone(self, creator: str) -> None:
+        left = self._creators.get(creator, 0) - 1
+        if left > 0:
+            self._creators[creator] = left
+        else:
+            self._creators.pop(creator, None)
 
     # ---- events and fan-out -------------------------------------------------------------
 
@@ -238,16 +338,15 @@ class Hub:
 
     def announce_viewers(self) -> None:
         """A `viewers` event for each room whose count changed since it was last announced."""
-        presence = self.broker.presence
-        for room in self.rooms.values():
-            count = presence(room.id)
-            if count != room.viewers_announced:
-                room.viewers_announced = count
-                self.publish(room, functools.partial(_viewers_event, room.id, count))
+        for room_id in self.rooms:
+            self.broker.announce_viewers(room_id)
 
     async def flush(self) -> None:
-        """Send every room's queued events, one frame per room."""
-        await self.broker.flush()
+        """Send every room's queued events, one frame per room; drop the rooms that ended."""
+        try:
+            await self.broker.flush()
+        finally:
+            await self._drop_ended()
 
     def _deliver(self, room_id: str, encoded: Sequence[bytes]) -> None:
         """A room's events of one tick, from the broker: framed once, written to all."""
@@ -260,18 +359,106 @@ class Hub:
             watchers = [w for w in self.ops.watchers_of(room.id) if w not in room.viewers]
             self.fanout.send(watchers, frame)
         self.metrics.broadcast_frames.inc()
+        if is_room_ended(encoded[-1]):
+            self._ended.append(room_id)
+
+    async def _drop_ended(self) -> None:
+        """Forget the rooms whose `room_ended` went out: their viewers are no longer in them."""
+        while self._ended:
+            room = self.rooms.pop(self._ended.pop(), None)
+            if room is None:
+                continue
+            for conn in room.viewers:
+                joined = self._joined.get(conn)
+                if joined is not None:
+                    joined.discard(room.id)
+            room.viewers.clear()
+            room.users.clear()
+            self.metrics.rooms_live.set(len(self.rooms))
+            await self.broker.unsubscribe(room.id)
+
+    # ---- keeping shared rooms -----------------------------------------------------------
+
+    async def let_go_unused(self, now: float) -> None:
+        """Stop following the rooms no one here has viewed or watched for the grace time
+        (shared broker): each gateway reads only the rooms it serves."""
+        grace = self.times.unfollow_after_s
+        for room in list(self.rooms.values()):
+            since = room.unused_since
+            if room.viewers or since is None or now - since < grace:
+                continue
+            if any(True for _ in self.ops.watchers_of(room.id)):
+                room.unused_since = now
+                continue
+            del self.rooms[room.id]
+            self.metrics.rooms_live.set(len(self.rooms))
+            await self.broker.unsubscribe(room.id)
+
+    async def keep_creators_seen(self) -> None:
+        """Their rooms' `creator_seen`, now (Redis's clock), for the creators connected here."""
+        if not self._creators:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for creator in self._creators:
+                await self._seen(keys=[room_key(creator)], client=pipe)
+            await pipe.execute()
+
+    async def end_idle_rooms(self) -> int:
+        """End every live room whose creator has not been seen for the idle time, whichever
+        gateway holds it (each room's end re-checks, atomically); returns how many."""
+        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
+        if not room_ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room_id in room_ids:
+                pipe.hmget(room_key(room_id), ["creator_seen", "started"])
+            pipe.time()
+            *records, (seconds, micros) = await pipe.execute()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        idle_ms = round(self.times.room_idle_s * 1000)
+        ended = 0
+        for room_id, (seen, started) in zip(room_ids, records, strict=True):
+            last = max(int(seen or 0), int(started or 0))
+            if now_ms - last >= idle_ms and await self.broker.end_room(room_id, idle_ms=idle_ms):
+                ended += 1
+                log.info("room %s ended: its creator was away %.0f s", room_id, idle_ms / 1000)
+        await self._drop_ended()
+        return ended
+
+    async def _housekeeping(self, now: float, due: dict[str, float]) -> None:
+        """The shared broker's periodic chores, each on its own interval."""
+        times = self.times
+        if now >= due.get("seen", 0.0):
+            due["seen"] = now + times.creator_seen_s
+            await self.keep_creators_seen()
+        if now >= due.get("sweep", 0.0):
+            due["sweep"] = now + times.sweep_s
+            await self.end_idle_rooms()
+        if self.ops.has_watchers and now >= due.get("watch", 0.0):
+            due["watch"] = now + 1.0
+            await self.follow_live(self.ops.watched_rooms())
+        await self.let_go_unused(now)
 
     async def run(self, tick_s: float, viewers_interval_s: float, stop: asyncio.Event) -> None:
-        """The fan-out clock: flush every tick, announce viewer counts every interval, until
-        `stop` is set (a cancel, which cuts a sleep short, can be swallowed by redis-py)."""
+        """The fan-out clock: flush every tick, announce viewer counts every interval (and,
+        with a shared broker, keep its rooms), until `stop` is set (a cancel, which cuts a
+        sleep short, can be swallowed by redis-py)."""
         loop = asyncio.get_running_loop()
         next_viewers = loop.time() + viewers_interval_s
+        due: dict[str, float] = {}
+        quiet_until = 0.0  # a Redis that is away fails every tick: log it every 10 s
         while not stop.is_set():
             await asyncio.sleep(tick_s)
-            if loop.time() >= next_viewers:
-                next_viewers = loop.time() + viewers_interval_s
+            now = loop.time()
+            if now >= next_viewers:
+                next_viewers = now + viewers_interval_s
                 self.announce_viewers()
             try:
                 await self.flush()
+                if self.broker.shared and now >= due.get("chores", 0.0):
+                    due["chores"] = now + viewers_interval_s
+                    await self._housekeeping(now, due)
             except Exception:  # one failed flush (Redis away) must not stop the clock
-                log.exception("room flush failed; retrying next tick")
+                if now >= quiet_until:
+                    quiet_until = now + 10.0
+                    log.exception("room flush failed; retrying every tick")

@@ -60,6 +60,10 @@ class OpsFeed:
             if conn not in everyone:
                 yield conn
 
+    def watched_rooms(self) -> tuple[str, ...]:
+        """The room ids (or "*") someone here watches: the hub follows them."""
+        return tuple(self._watching)
+
     @property
     def has_watchers(self) -> bool:
         return bool(self._rooms_of)

@@ -15,6 +15,7 @@ _ERROR_CODES: dict[Reason, ErrorCode] = {
     Reason.UNDERAGE: ErrorCode.UNDERAGE,
     Reason.SPENDING_LIMIT: ErrorCode.SPENDING_LIMIT,
     Reason.INSUFFICIENT_COINS: ErrorCode.INSUFFICIENT_COINS,
+    Reason.ROOM_NOT_LIVE: ErrorCode.ROOM_NOT_LIVE,
 }
 
 

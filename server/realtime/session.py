@@ -21,7 +21,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from giftstream.protocol.codec import encode_error, encode_reply
+from giftstream.protocol.codec import encode_error, encode_reply, gift_json, sender_json
 from giftstream.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from giftstream.protocol.events import (
     BalanceReply,
@@ -51,9 +51,9 @@ from giftstream.server.config import Limits
 from giftstream.server.metrics import Metrics
 from giftstream.server.money.catalog import Catalog, Gift
 from giftstream.server.money.refusal import Refusal
-from giftstream.server.money.wallet import SettledGift, Wallet
+from giftstream.server.money.wallet import GiftRoom, SettledGift, Wallet
 from giftstream.server.realtime.auth import AuthError, Identity, TokenRules, verify_token
-from giftstream.server.realtime.broker import Event, MakeEvent
+from giftstream.server.realtime.broker import Event, MakeEvent, room_key
 from giftstream.server.realtime.caps import CapReason, ConnectionCaps
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
 from giftstream.server.realtime.fanout import Fanout, close_or_abort
@@ -104,7 +104,17 @@ class Session:
     """Serves one connection from upgrade to close. Thousands live at once: slotted, and the
     request handlers are looked up on the class, not bound per connection."""
 
-    __slots__ = ("_all_answered", "_closer", "_expiry", "conn", "core", "identity", "node", "parts")
+    __slots__ = (
+        "_all_answered",
+        "_closer",
+        "_expiry",
+        "_sender_json",
+        "conn",
+        "core",
+        "identity",
+        "node",
+        "parts",
+    )
 
     def __init__(self, conn: ServerConnection, parts: NodeParts, node: NodeState) -> None:
         self.conn = conn
@@ -118,6 +128,7 @@ class Session:
         self._all_answered: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None  # fires at the token's deadline
         self._closer: asyncio.Task[None] | None = None  # the close it started
+        self._sender_json = b""  # this user as a gift event's `sender`, encoded once
 
     async def run(self) -> None:
         parts, node, core = self.parts, self.node, self.core
@@ -142,6 +153,8 @@ class Session:
                 self._expiry.cancel()
             if self.identity is not None:
                 parts.caps.user_left(self.identity.user)
+                if self.identity.can_go_live:
+                    parts.hub.creator_gone(self.identity.user)
             core.connection_lost()
             parts.hub.leave_all(self.conn)
             parts.ops.unwatch(self.conn)
@@ -179,6 +192,9 @@ class Session:
                 core.over_user_cap()
                 return False
             self.identity = identity  # counted against its user until the session ends
+            self._sender_json = sender_json(identity.user, identity.name)
+            if identity.can_go_live:  # their room's creator_seen is kept fresh meanwhile
+                self.parts.hub.creator_connected(identity.user)
             coins, diamonds = await self.parts.wallet.balance(identity.user)
             self._expire_at(identity.valid_until)
             welcome = Welcome(
@@ -363,13 +379,14 @@ class Session:
     async def on_end_live(self, message: EndLive) -> Ended:
         if not self.user.can_go_live:
             raise ProtocolError(ErrorCode.FORBIDDEN, "only creators can end a live")
-        room = await self.parts.hub.end_live(self.user.user)
-        return Ended(room=room.id)
+        await self.parts.hub.end_live(self.user.user)
+        return Ended(room=self.user.user)
 
     async def on_watch(self, message: Watch) -> Watching:
         if not self.user.can_watch:
             raise ProtocolError(ErrorCode.FORBIDDEN, "only ops users can watch the ops feed")
         self.parts.ops.watch(self.conn, message.rooms)
+        await self.parts.hub.follow_live(message.rooms)
         return Watching(rooms=message.rooms)
 
     async def on_gift(self, message: SendGift) -> GiftOk:
@@ -383,7 +400,9 @@ class Session:
         if gift is None:
             raise ProtocolError(ErrorCode.UNKNOWN_GIFT, f"no gift {message.gift} in the catalog")
         try:
-            room = self._giftable_room(message.room) or await self.parts.hub.live_room(message.room)
+            room = self._giftable_room(message.room)
+            if room is None:  # not followed here, so not joined here
+                raise await self.parts.hub.refusal_elsewhere(message.room)
         except ProtocolError:
             # A retry of a key settled before the room ended, or on a connection that has
             # not joined yet, still gets its first `gift_ok` (one Redis read, refusals only).
@@ -432,9 +451,19 @@ class Session:
         return room
 
     async def _settle(self, room: Room, gift: Gift, message: SendGift) -> SettledGift:
-        """Debit and credit in one script; the room's event is queued as Redis answers, even
-        if this connection drops meanwhile, so a gift is never settled unseen."""
+        """Debit and credit in one script, which refuses a room no longer live (ended on any
+        gateway). With a shared broker the script also appends the gift's event to the room's
+        log; else the event is queued as Redis answers, even if this connection drops
+        meanwhile. Either way a gift is never settled unseen."""
         sender = self.user
+        in_room = GiftRoom(
+            record=room_key(room.id),
+            log=self.parts.hub.broker.gift_log(room.id),
+            room_json=room.json,
+            sender_json=self._sender_json,
+            gift_json=_gift_json(gift),
+            log_size=self.parts.limits.history_size,
+        )
 
         def publish(settled: SettledGift) -> None:
             self._publish_gift(room, gift, message.count, settled)
@@ -448,7 +477,14 @@ class Session:
             count=message.count,
             key=message.key,
             on_settled=publish,
+            in_room=in_room,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _gift_json(gift: Gift) -> bytes:
+    """A catalog gift as a gift event's `gift`, encoded once."""
+    return gift_json(gift.id, gift.name, gift.coins, gift.animation)
 
 
 def _gift_event(

@@ -17,7 +17,6 @@ from giftstream.server.money import keys
 from tests.helpers import Frame, WsClient
 from tests.processes import GIFTSTREAM, ServerProcess
 
-BROKER_XFAIL = "needs the Redis broker (branch broker): a gift on one gateway reaches only its own"
 ROOM_DEADLINE_S = 30.0  # generous: a loaded 2-core machine runs several gateways and Redis
 PRESENCE_DEADLINE_S = 15.0 + 30.0  # a dead gateway's viewers leave within 15 s; plus margin
 

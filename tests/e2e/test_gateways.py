@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import WEBHOOK_SECRET
 from tests.e2e.gateways import (
-    BROKER_XFAIL,
     Member,
     gateway,
     kill9,
@@ -27,7 +24,6 @@ ROOM = "cara"
 PER_GATEWAY = 2  # pure viewers on each gateway, besides its sender
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_XFAIL)
 async def test_three_gateways_one_room_survive_a_kill9(
     redis_url: str, tmp_path: Path, tokens: TokenMaker
 ) -> None:

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import WEBHOOK_SECRET
-from tests.e2e.gateways import BROKER_XFAIL, Member, gateway, kill9, ledger_gifts, start, stop_all
+from tests.e2e.gateways import Member, gateway, kill9, ledger_gifts, start, stop_all
 from tests.helpers import AdminClient, TokenMaker, WsClient
 
 ROOM = "cara"
 ROUNDS = 4  # even rounds kill as soon as gift_ok arrives, odd ones without waiting for it
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_XFAIL)
 async def test_a_kill9_after_settling_never_loses_the_room_event(
     redis_url: str, tmp_path: Path, tokens: TokenMaker
 ) -> None:

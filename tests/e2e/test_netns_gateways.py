@@ -9,17 +9,14 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import WEBHOOK_SECRET
-from tests.e2e.gateways import BROKER_XFAIL, Member, gateway, start, stop_all
+from tests.e2e.gateways import Member, gateway, start, stop_all
 from tests.e2e.netns import BridgeRedis, hosts
 from tests.helpers import AdminClient, TokenMaker, WsClient
 
 ROOM = "cara"
 
 
-@pytest.mark.xfail(strict=True, reason=BROKER_XFAIL)
 async def test_gateways_on_three_hosts_share_one_room(tmp_path: Path, tokens: TokenMaker) -> None:
     with hosts(3) as network:
         redis = BridgeRedis(tmp_path / "redis", host=network.bridge_address).start()

@@ -32,6 +32,7 @@ from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import MAX_BALANCE, Wallet
+from giftstream.server.realtime.broker import log_key, room_key
 from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.model.conftest import Eval, Everything, fund
 from tests.model.keyspace import snapshot
@@ -236,6 +237,8 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.combo("ann", "cara"),
             keys.LEDGER,
             keys.held("cara"),
+            room_key("cara"),  # live (setup_raw); the gateway's call under the Redis broker
+            log_key("cara"),
         ],
         [
             "ev-1",
@@ -253,6 +256,10 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.COMBO_GAP_MS,
             keys.COMBO_TTL_MS,
             7,
+            '"cara"',
+            '{"id":"ann","name":"Ann"}',
+            '{"id":"heart","name":"Heart","coins":5,"animation":"heart.webp"}',
+            1024,
         ],
         {
             7: "count",
@@ -263,6 +270,7 @@ RAW_CALLS: dict[str, RawCall] = {
             13: "combo_gap",
             14: "combo_ttl",
             15: "hold_days",
+            19: "log_size",
         },
     ),
     "purchase": RawCall(
@@ -320,6 +328,7 @@ async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
         key="gift-key-bob",
         gift=HEART,
     )
+    await redis.hset(room_key("cara"), "live", "1")
     if name == "dead_letter":
         await redis.xgroup_create(keys.LEDGER, "earnings", id="0")
         reply: Any = await redis.xreadgroup("earnings", "consumer-1", {keys.LEDGER: ">"}, count=1)

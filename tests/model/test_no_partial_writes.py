@@ -35,7 +35,8 @@ from giftstream.server.ledger.entries import LedgerEntry, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Refusal
-from giftstream.server.money.wallet import MAX_BALANCE, Wallet
+from giftstream.server.money.wallet import MAX_BALANCE, GiftRoom, Wallet
+from giftstream.server.realtime.broker import log_key, room_key
 from tests.model.conftest import SCRIPT_NAMES, Eval, everything, fund
 from tests.server.conftest import NOW_MS, MoneyClock
 
@@ -101,6 +102,7 @@ async def build_world(money: ClockedWallet, redis: aioredis.Redis, evalsha: Eval
             key=f"gift-key-bob-{room}",
         )
     clock.now_ms = NOW_MS
+    await redis.hset(ROOM, mapping={"creator": "cara", "live": "1", "started": WORLD_MS})
     gifts = [entry async for entry in read_entries(redis) if entry.kind == "gift"]
     await redis.xgroup_create(keys.LEDGER, GROUP, id="0")
     reply: Any = await redis.xreadgroup(GROUP, CONSUMER, {keys.LEDGER: ">"}, count=1)
@@ -115,7 +117,21 @@ Call = Callable[[World], Awaitable[Any]]
 Break = Callable[[World], Awaitable[None]]
 
 
+# cara's room as the gateway passes it under the Redis broker: the gift's event is written
+# to the room's log by the same script.
+IN_ROOM = GiftRoom(
+    record=room_key("cara"),
+    log=log_key("cara"),
+    room_json=b'"cara"',
+    sender_json=b'{"id":"ann","name":"Ann"}',
+    gift_json=b'{"id":"heart","name":"Heart","coins":5,"animation":"heart.webp"}',
+    log_size=1024,
+)
+
+
 def send_gift(**change: Any) -> Call:
+    """ann's gift to cara, from a gateway: in cara's live room, logged there."""
+
     async def call(w: World) -> Any:
         args = dict(
             sender="ann",
@@ -125,6 +141,7 @@ def send_gift(**change: Any) -> Call:
             gift=HEART,
             count=1,
             key="gift-key-np",
+            in_room=IN_ROOM,
         )
         return await w.money.send_gift(**{**args, **change})
 
@@ -248,6 +265,13 @@ def hdel(key: str, field: str) -> Break:
     return apply
 
 
+def xadd(stream: str, entry_id: str) -> Break:
+    async def apply(w: World) -> None:
+        await w.redis.xadd(stream, {"t": "gift", "d": "{}"}, id=entry_id)
+
+    return apply
+
+
 def exhaust(stream: str) -> Break:
     """An entry with the largest stream id: every check passes, then XADD * fails."""
 
@@ -287,6 +311,7 @@ class Case:
 
 
 SENDER, CREATOR = keys.wallet("ann"), keys.wallet("cara")
+ROOM, ROOM_LOG = room_key("cara"), log_key("cara")
 GIFT_RECORD = keys.gift_key("ann", "gift-key-np")
 COMBO, HELD = keys.combo("ann", "cara"), keys.held("cara")
 RECEIPT_NEW, RECEIPT_OLD = keys.receipt("rc-np-1"), keys.receipt(RECEIPT)
@@ -421,6 +446,26 @@ CASES = [
     ),
     Case("send_gift", "held diamonds are a list", WrongType(HELD, "list"), send_gift(), WRONGTYPE),
     Case("send_gift", "combo is a set", WrongType(COMBO, "set"), send_gift(), WRONGTYPE),
+    Case("send_gift", "room ended", hset(ROOM, live="0"), send_gift(), "room_not_live"),
+    Case("send_gift", "room never live", hdel(ROOM, "live"), send_gift(), "room_not_live"),
+    Case(
+        "send_gift",
+        "corrupt room seq",
+        hset(ROOM, seq="12.0"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
+        "room log entry not numbered 0-<seq>",
+        xadd(ROOM_LOG, "7-1"),
+        send_gift(),
+        "error:not numbered 0-<seq>",
+    ),
+    Case("send_gift", "room record is a list", WrongType(ROOM, "list"), send_gift(), WRONGTYPE),
+    Case(
+        "send_gift", "room log is a string", WrongType(ROOM_LOG, "string"), send_gift(), WRONGTYPE
+    ),
     # purchase: receipt, age, balance cap; then ledger, wallet, receipt.
     Case("purchase", "control", nothing, purchase(), "ok"),
     Case(
@@ -731,7 +776,7 @@ async def test_a_failed_script_writes_nothing(
 
 # The keys each script writes (server/lua/*.lua, every redis.call that writes).
 WRITES = {
-    "send_gift": {keys.LEDGER, SENDER, CREATOR, HELD, GIFT_RECORD, COMBO},
+    "send_gift": {keys.LEDGER, SENDER, CREATOR, HELD, GIFT_RECORD, COMBO, ROOM, ROOM_LOG},
     "purchase": {keys.LEDGER, SENDER, RECEIPT_NEW},
     "refund": {keys.LEDGER, SENDER, RECEIPT_OLD},
     "payout": {keys.LEDGER, CREATOR, HELD, PAYOUT_RECORD},

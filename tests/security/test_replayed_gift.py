@@ -1,11 +1,19 @@
-"""A gift whose reply was lost reaches its room and the ops feed exactly once: published by
-the replay of its key when its first publication never happened, and never twice."""
+"""A gift whose reply was lost reaches its room and the ops feed exactly once: with the
+memory broker, published by the replay of its key when its first publication never happened;
+with the Redis broker, written to the room's log by the settlement itself, and never by a
+replay."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
+from giftstream.protocol.codec import gift_json, sender_json
 from giftstream.server.app import App
+from giftstream.server.money.wallet import GiftRoom
+from giftstream.server.realtime.broker import room_key
+from tests.conftest import WEBHOOK_SECRET
 from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 
 
@@ -39,8 +47,31 @@ async def times_seen(client: WsClient, event: str, marker: str) -> int:
     return sum(1 for e in gift_events() if e["event"] == event)
 
 
+def room_of_a_dead_gateway(app: App) -> GiftRoom:
+    """What the gateway that settled the gift passed its script: with the Redis broker, the
+    room's log, which the settlement wrote the event to; with the memory broker, none (it
+    died before its hub could publish)."""
+    rose = app.catalog.gifts["rose"]
+    return GiftRoom(
+        record=room_key("cara"),
+        log=app.broker.gift_log("cara"),
+        room_json=b'"cara"',
+        sender_json=sender_json("ann", "Ann"),
+        gift_json=gift_json(rose.id, rose.name, rose.coins, rose.animation),
+        log_size=app.settings.limits.history_size,
+    )
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
 @pytest.mark.parametrize("retry_joined", [True, False], ids=["joined", "not-joined"])
-async def test_a_gift_settled_but_never_published_is_published_by_its_replay(
+async def test_a_gift_settled_but_never_answered_reaches_its_room_once(
+    make_app: Callable[..., App], tokens: TokenMaker, retry_joined: bool, broker: str
+) -> None:
+    async with make_app(broker) as app, AdminClient(app.admin_url, WEBHOOK_SECRET) as admin:
+        await settled_but_never_answered(app, tokens, admin, retry_joined)
+
+
+async def settled_but_never_answered(
     app: App, tokens: TokenMaker, admin: AdminClient, retry_joined: bool
 ) -> None:
     await admin.buy("ann", "coins_700")
@@ -57,6 +88,7 @@ async def test_a_gift_settled_but_never_published_is_published_by_its_replay(
         gift=app.catalog.gifts["rose"],
         count=1,
         key="lost-reply-0001",
+        in_room=room_of_a_dead_gateway(app),
     )
     # the client retries on a live gateway, then once more
     for _ in range(2):

@@ -295,7 +295,6 @@ def test_a_worker_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
 # ---- one room across workers --------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs the Redis broker (branch broker)")
 def test_a_gift_sent_through_one_worker_reaches_a_viewer_on_the_other(
     two_workers: ServerProcess,
 ) -> None:

@@ -13,10 +13,14 @@ import redis.asyncio as aioredis
 
 from giftstream.protocol.codec import encode_event
 from giftstream.server.realtime.broker import Broker, History, MakeEvent, MemoryBroker
+from giftstream.server.realtime.redis_broker import RedisBroker
 
-# Each broker the hub can run on; a shared (Redis) broker joins this table.
+# Each broker the hub can run on.
 IMPLEMENTATIONS: dict[str, Callable[[aioredis.Redis, int], Broker]] = {
     "memory": lambda redis, history_size: MemoryBroker(redis, history_size=history_size),
+    "redis": lambda redis, history_size: RedisBroker(
+        redis, history_size=history_size, gateway_id="gateway-test"
+    ),
 }
 
 MakeBroker = Callable[..., Broker]

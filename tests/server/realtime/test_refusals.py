@@ -20,6 +20,7 @@ GIFT_PATH = {
     Reason.UNDERAGE: ErrorCode.UNDERAGE,
     Reason.SPENDING_LIMIT: ErrorCode.SPENDING_LIMIT,
     Reason.INSUFFICIENT_COINS: ErrorCode.INSUFFICIENT_COINS,
+    Reason.ROOM_NOT_LIVE: ErrorCode.ROOM_NOT_LIVE,
 }
 
 
