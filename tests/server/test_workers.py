@@ -314,7 +314,7 @@ def test_a_gift_sent_through_one_worker_reaches_a_viewer_on_the_other(
             joined = await client.request({"type": "join", "room": "cara"})
             assert joined["type"] == "joined", joined
         ok = await sender.request(
-            {"type": "gift", "room": "cara", "gift": "heart", "count": 1, "key": "across"}
+            {"type": "gift", "room": "cara", "gift": "heart", "count": 1, "key": "across-workers"}
         )
         assert ok["type"] == "gift_ok", ok
         (gift,) = await viewer.wait_for_room_events(1, kind="gift", timeout=20)
