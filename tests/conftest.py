@@ -14,6 +14,7 @@ from giftstream.server.app import App
 from giftstream.server.config import Limits, Settings
 from giftstream.server.embedded_redis import EmbeddedRedis
 from giftstream.server.money.catalog import Catalog, load_catalog
+from tests.cluster import ClusterUnavailable, RedisClusterProcesses
 from tests.helpers import AdminClient, TokenMaker
 
 
@@ -36,6 +37,27 @@ def redis_url(redis_process: EmbeddedRedis) -> Iterator[str]:
     client.script_flush()
     client.close()
     yield redis_process.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A real Redis Cluster (3 masters, 3 replicas) for the whole run, started only when a
+    test asks for it; skipped with the reason when no redis-server or redis-cli is found."""
+    try:
+        cluster = RedisClusterProcesses(tmp_path_factory.mktemp("cluster"))
+    except ClusterUnavailable as exc:
+        pytest.skip(str(exc))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterProcesses) -> str:
+    """The URL of one node of an empty, healthy cluster (every key of earlier tests gone)."""
+    redis_cluster.wait_ok()
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture
