@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from giftstream.server.config import Settings, redact_url
 from giftstream.server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from giftstream.server.metrics import Metrics
+from giftstream.server.money import keys
 from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.wallet import Wallet
@@ -88,10 +89,11 @@ class App:
             where = redact_url(self.redis_url)
             raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
         await self._check_redis()
+        self.keyspace = keys.KeySpace(ledger_key=settings.ledger_key)
         self.wallet = Wallet(
             self.redis,
             self.catalog.economics,
-            ledger_key=settings.ledger_key,
+            keyspace=self.keyspace,
             metrics=self.metrics,
             payout_hold_days=settings.payout_hold_days,
             payout_daily_cap=settings.payout_daily_cap,

@@ -182,11 +182,11 @@ async def _stored_wallets(
     """Every wallet in Redis, its holds not over at now_ms keyed by when they end."""
     wallets: dict[str, Balances] = {}
     today = keys.epoch_day(now_ms)
-    async for key in redis.scan_iter(match=keys.WALLET_MATCH, count=1000):
-        user = keys.user_of_wallet(keys.text(key))
+    async for key in redis.scan_iter(match=keys.SINGLE.wallet_match, count=1000):
+        user = keys.SINGLE.user_of_wallet(keys.text(key))
         async with redis.pipeline(transaction=True) as pipe:
             pipe.hmget(key, ["coins", "diamonds", "debt"])
-            pipe.hgetall(keys.held(user))
+            pipe.hgetall(keys.SINGLE.held(user))
             values, buckets = await pipe.execute()
         try:
             coins, diamonds, debt = (int(v) if v is not None else 0 for v in values)

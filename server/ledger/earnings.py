@@ -33,14 +33,6 @@ DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 COUNTERS = ("diamonds", "coins", "gifts", "events")
 
 
-def earnings_key(creator: str) -> str:
-    return f"{keys.PREFIX}earnings:{{{creator}}}"
-
-
-def seen_key(creator: str, day: str) -> str:
-    return f"{keys.PREFIX}earnings_seen:{{{creator}}}:{day}"
-
-
 class EarningsConsumer:
     """The `earnings` handler: counts `gift` entries into their creator's day and ignores the
     other kinds. `counted` and `duplicates` say what this instance did (tests, logs)."""
@@ -71,7 +63,7 @@ class EarningsConsumer:
         day_end_ms = (entry.ts // DAY_MS + 1) * DAY_MS
         keep_until = max(day_end_ms, int(time.time() * 1000)) + self.seen_keep_ms
         counted = await self._script(
-            keys=[seen_key(creator, day), earnings_key(creator)],
+            keys=[keys.SINGLE.earnings_seen(creator, day), keys.SINGLE.earnings(creator)],
             args=[entry.event, day, d["diamonds"], d["coins"], d["count"], keep_until],
         )
         if int(counted):
@@ -86,7 +78,9 @@ async def earnings(redis: aioredis.Redis, creator: str, day: str) -> dict[str, A
     gift items received and gift events; zeros for a day without gifts."""
     if not DAY.fullmatch(day):
         raise ValueError(f"day must be YYYY-MM-DD, not {day!r}")
-    values = await redis.hmget(earnings_key(creator), [f"{day}:{name}" for name in COUNTERS])
+    values = await redis.hmget(
+        keys.SINGLE.earnings(creator), [f"{day}:{name}" for name in COUNTERS]
+    )
     totals: dict[str, Any] = {"creator": creator, "day": day}
     for name, value in zip(COUNTERS, values, strict=True):
         totals[name] = 0 if value is None else int(value)

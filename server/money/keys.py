@@ -13,6 +13,10 @@
     giftstream:payout:IK             hash: a payout and its result (kept for good)
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
 
+On a Redis Cluster every per-user key above carries its partition's hash tag after the prefix
+(`giftstream:{p07}:wallet:U`) and each partition has its own ledger; `KeySpace` gives every
+name in both layouts, so no module builds a key by hand.
+
 User, room and gift ids are 1-64 characters of [A-Za-z0-9_.:-] and idempotency keys have
 no ':' (protocol/rules.py), so `giftstream:wallet:*` matches wallets only and the last part
 of each key reads back unambiguously; the combo key joins two ids that may both hold ':'
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import time
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "giftstream:"
@@ -45,34 +51,112 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def wallet(user: str) -> str:
-    return WALLET_PREFIX + user
+@dataclass(frozen=True)
+class KeySpace:
+    """Names every money and room key, from (id, partition count, cluster or not), so no module
+    builds one by hand. One Redis (`cluster=False`, the default) gets exactly the names above.
+
+    On a Redis Cluster each user's keys carry the hash tag of their partition after the prefix
+    (`giftstream:{p07}:wallet:ann`), so one script may touch them all on one shard; a room's
+    keys take its creator's partition (a room id is its creator's user id), and each partition
+    has its own ledger stream. partition(user) = crc32(user) % partitions: stable across
+    processes and releases, computed here only (scripts are given the keys).
+    """
+
+    ledger_key: str = LEDGER
+    partitions: int = 1
+    cluster: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions must be 1-{MAX_PARTITIONS}, not {self.partitions}")
+        if not self.cluster and self.partitions != 1:
+            raise ValueError("one Redis has one partition: partitions > 1 needs a Redis Cluster")
+
+    def partition(self, user: str) -> int:
+        """The partition of a user (or room, receipt or payout key): fixed for the data's life."""
+        return zlib.crc32(user.encode()) % self.partitions if self.partitions > 1 else 0
+
+    def tag(self, partition: int) -> str:
+        """The key part after the prefix that pins a partition to one slot ('' on one Redis)."""
+        return f"{{p{partition:02d}}}:" if self.cluster else ""
+
+    def _of(self, owner: str, rest: str) -> str:
+        return f"{PREFIX}{self.tag(self.partition(owner))}{rest}"
+
+    # ---- money ----------------------------------------------------------------------------
+
+    def wallet(self, user: str) -> str:
+        return self._of(user, f"wallet:{user}")
+
+    @property
+    def wallet_match(self) -> str:
+        """A SCAN pattern matching every wallet key (of every partition) and nothing else."""
+        return f"{PREFIX}{{p*}}:wallet:*" if self.cluster else WALLET_MATCH
+
+    def user_of_wallet(self, key: str) -> str:
+        rest = key.removeprefix(PREFIX)
+        if self.cluster and rest.startswith("{"):
+            rest = rest.split("}:", 1)[1]  # ids hold no braces (protocol/rules.py)
+        return rest.removeprefix("wallet:")
+
+    def gift_key(self, sender: str, key: str) -> str:
+        """Scoped to the sender: two users' equal keys never collide."""
+        return self._of(sender, f"gift_key:{sender}:{key}")
+
+    def held(self, creator: str) -> str:
+        return self._of(creator, f"held:{creator}")
+
+    def combo(self, sender: str, room: str) -> str:
+        """In the sender's partition: the gift script (on the sender's shard) keeps it."""
+        return self._of(sender, f"combo:{sender}/{room}")
+
+    def receipt(self, receipt_id: str) -> str:
+        return self._of(receipt_id, f"receipt:{receipt_id}")
+
+    def payout(self, key: str) -> str:
+        """Payout keys are global, not per creator: one key never pays out twice."""
+        return self._of(key, f"payout:{key}")
+
+    def ledger(self, partition: int = 0) -> str:
+        """The ledger stream of a partition: the configured key itself on one Redis."""
+        if not self.cluster:
+            return self.ledger_key
+        return f"{PREFIX}{self.tag(partition)}{self.ledger_key.removeprefix(PREFIX)}"
+
+    def ledgers(self) -> list[str]:
+        """Every partition's ledger stream, partition 0 first."""
+        return [self.ledger(p) for p in range(self.partitions)]
+
+    def ledger_of(self, user: str) -> str:
+        """The ledger stream a user's movements are appended to."""
+        return self.ledger(self.partition(user))
+
+    # ---- the earnings consumer's counters (hash-tagged by creator since they were made) ---
+
+    def earnings(self, creator: str) -> str:
+        return f"{PREFIX}{self.tag(self.partition(creator))}earnings:{{{creator}}}"
+
+    def earnings_seen(self, creator: str, day: str) -> str:
+        return f"{PREFIX}{self.tag(self.partition(creator))}earnings_seen:{{{creator}}}:{day}"
+
+    # ---- rooms (the realtime path): a room takes its creator's partition -----------------
+
+    def room(self, room_id: str) -> str:
+        """The room's hash: its record, seq bound and last viewer count (broker.py)."""
+        return self._of(room_id, f"room:{room_id}")
+
+    def room_log(self, room_id: str) -> str:
+        """The room's event log stream (Redis broker)."""
+        return self._of(room_id, f"room:{room_id}:log")
+
+    def room_presence(self, room_id: str) -> str:
+        """The room's viewers per gateway (Redis broker)."""
+        return self._of(room_id, f"room:{room_id}:presence")
 
 
-def user_of_wallet(key: str) -> str:
-    return key.removeprefix(WALLET_PREFIX)
-
-
-def gift_key(sender: str, key: str) -> str:
-    """Scoped to the sender: two users' equal keys never collide."""
-    return f"{PREFIX}gift_key:{sender}:{key}"
-
-
-def held(creator: str) -> str:
-    return f"{PREFIX}held:{creator}"
-
-
-def combo(sender: str, room: str) -> str:
-    return f"{PREFIX}combo:{sender}/{room}"
-
-
-def receipt(receipt_id: str) -> str:
-    return f"{PREFIX}receipt:{receipt_id}"
-
-
-def payout(key: str) -> str:
-    """Payout keys are global, not per creator: one key never pays out twice."""
-    return f"{PREFIX}payout:{key}"
+MAX_PARTITIONS = 1024
+SINGLE = KeySpace()  # one Redis with the default ledger key: today's names
 
 
 def utc_day(now_ms: int) -> str:

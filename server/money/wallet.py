@@ -191,7 +191,7 @@ class Wallet:
         redis: aioredis.Redis,
         economics: Economics,
         *,
-        ledger_key: str = keys.LEDGER,
+        keyspace: keys.KeySpace = keys.SINGLE,
         metrics: Metrics | None = None,
         payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS,
         payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP,
@@ -201,7 +201,8 @@ class Wallet:
         _check_int("payout_daily_cap", payout_daily_cap, 1, MAX_PAYOUT_DAILY_CAP)
         self._redis = redis
         self._economics = economics
-        self._ledger_key = ledger_key
+        self._keys = keyspace
+        self._ledger_key = keyspace.ledger()
         self._metrics = metrics
         self.payout_hold_days = payout_hold_days
         self.payout_daily_cap = payout_daily_cap
@@ -291,12 +292,12 @@ class Wallet:
         return await self._call(
             "send_gift",
             [
-                keys.wallet(sender),
-                keys.wallet(creator),
-                keys.gift_key(sender, key),
-                keys.combo(sender, room),
+                self._keys.wallet(sender),
+                self._keys.wallet(creator),
+                self._keys.gift_key(sender, key),
+                self._keys.combo(sender, room),
                 self._ledger_key,
-                keys.held(creator),
+                self._keys.held(creator),
                 "" if in_room is None else in_room.record,
                 "" if in_room is None else in_room.log,
             ],
@@ -327,7 +328,7 @@ class Wallet:
         """The first result of a gift key already settled, or None. For the refusal path:
         a retry must get its `gift_ok` even after the room has ended or been left."""
         stored = await self._redis.hmget(
-            keys.gift_key(sender, key),
+            self._keys.gift_key(sender, key),
             ["room", "gift", "count", "event", "coins", "combo", "diamonds", "ts"],
         )
         if stored[0] is None:
@@ -347,7 +348,7 @@ class Wallet:
 
     async def balance(self, user: str) -> tuple[int, int]:
         """(coins, diamonds); an unknown user has (0, 0)."""
-        coins, diamonds = await self._redis.hmget(keys.wallet(user), ["coins", "diamonds"])
+        coins, diamonds = await self._redis.hmget(self._keys.wallet(user), ["coins", "diamonds"])
         return _int(coins), _int(diamonds)
 
     # ---- the internal HTTP API ----------------------------------------------------------
@@ -376,7 +377,7 @@ class Wallet:
 
         return await self._call(
             "purchase",
-            [keys.wallet(user), keys.receipt(receipt), self._ledger_key],
+            [self._keys.wallet(user), self._keys.receipt(receipt), self._ledger_key],
             [
                 event,
                 user,
@@ -396,7 +397,9 @@ class Wallet:
         """Reverse a purchase once; what the balance cannot cover becomes debt (the creator's
         diamonds from gifts of those coins stay: the hold is what keeps them unpaid)."""
         _check_receipt(receipt)
-        owner = await self._redis.hget(keys.receipt(receipt), "user")  # never changes once set
+        owner = await self._redis.hget(
+            self._keys.receipt(receipt), "user"
+        )  # never changes once set
         if owner is None:
             raise Refusal(Reason.UNKNOWN_RECEIPT, f"no purchase with receipt {receipt}")
         user = keys.text(owner)
@@ -417,7 +420,7 @@ class Wallet:
 
         return await self._call(
             "refund",
-            [keys.receipt(receipt), keys.wallet(user), self._ledger_key],
+            [self._keys.receipt(receipt), self._keys.wallet(user), self._ledger_key],
             [event, user, receipt, self._now_arg()],
             refunded,
         )
@@ -451,9 +454,9 @@ class Wallet:
             writes = 0
             for name, limit in changes.items():
                 if limit is None:
-                    pipe.hdel(keys.wallet(user), name)
+                    pipe.hdel(self._keys.wallet(user), name)
                 elif not isinstance(limit, Unchanged):
-                    pipe.hset(keys.wallet(user), name, limit)
+                    pipe.hset(self._keys.wallet(user), name, limit)
                 else:
                     continue
                 writes += 1
@@ -486,7 +489,12 @@ class Wallet:
 
         return await self._call(
             "payout",
-            [keys.wallet(creator), keys.payout(key), self._ledger_key, keys.held(creator)],
+            [
+                self._keys.wallet(creator),
+                self._keys.payout(key),
+                self._ledger_key,
+                self._keys.held(creator),
+            ],
             [
                 event,
                 _new_id(),
@@ -507,8 +515,8 @@ class Wallet:
         return "" if self._clock is None else _ms(self._clock())
 
     def _read_view(self, pipe: Any, user: str) -> None:
-        pipe.hmget(keys.wallet(user), list(_VIEW_FIELDS))
-        pipe.hgetall(keys.held(user))
+        pipe.hmget(self._keys.wallet(user), list(_VIEW_FIELDS))
+        pipe.hgetall(self._keys.held(user))
         pipe.time()
 
     def _view(self, user: str, results: Sequence[Any]) -> WalletView:

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from giftstream.protocol.codec import encode_event
 from giftstream.protocol.events import RoomEnded, ViewersEvent
+from giftstream.server.money import keys
 
 SEQ_BLOCK = 1024  # seqs reserved per Redis write
 GIFTS_REMEMBERED = 4096  # gift event ids a room remembers having published, newest kept
@@ -43,19 +44,19 @@ def room_key(room_id: str) -> str:
     """The room's Redis hash: its record (creator, title, live, started, creator_seen), the
     memory broker's seq bound (`seq_reserved`), the Redis broker's last seq (`seq`) and the
     viewer count last announced (`viewers_announced`)."""
-    return f"giftstream:room:{room_id}"
+    return keys.SINGLE.room(room_id)
 
 
 def log_key(room_id: str) -> str:
     """The room's log (Redis broker): a stream of its events, entry ID 0-<seq>, fields `t`
     (event type) and `d` (the encoded event)."""
-    return f"giftstream:room:{room_id}:log"
+    return keys.SINGLE.room_log(room_id)
 
 
 def presence_key(room_id: str) -> str:
     """The room's viewers per gateway (Redis broker): field gateway id, value
     `<users>:<expires ms>`."""
-    return f"giftstream:room:{room_id}:presence"
+    return keys.SINGLE.room_presence(room_id)
 
 
 class History(NamedTuple):

@@ -26,7 +26,6 @@ from redis.exceptions import ResponseError
 
 from giftstream.server.app import App
 from giftstream.server.ledger.checkpoint import CheckpointKeys
-from giftstream.server.ledger.earnings import earnings_key, seen_key
 from giftstream.server.money import keys
 from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
@@ -180,8 +179,10 @@ async def test_a_float_from_the_economics_fails_its_own_movement_only(
     assert not isinstance(sent, BaseException)
     assert sent.coins == 85
     after = await snapshot(redis_client)
-    assert keys.payout("payout-key-1") not in after
-    assert after[keys.wallet("cara")][1]["diamonds"] == "7"  # 5 + the new gift's 2, none paid
+    assert keys.SINGLE.payout("payout-key-1") not in after
+    assert (
+        after[keys.SINGLE.wallet("cara")][1]["diamonds"] == "7"
+    )  # 5 + the new gift's 2, none paid
     assert len(after[keys.LEDGER][1][0]) == len(before[keys.LEDGER][1][0]) + 1
     await asyncio.wait_for(money.drain(), 5)
 
@@ -231,12 +232,12 @@ class RawCall(NamedTuple):
 RAW_CALLS: dict[str, RawCall] = {
     "send_gift": RawCall(
         [
-            keys.wallet("ann"),
-            keys.wallet("cara"),
-            keys.gift_key("ann", GIFT_KEY),
-            keys.combo("ann", "cara"),
+            keys.SINGLE.wallet("ann"),
+            keys.SINGLE.wallet("cara"),
+            keys.SINGLE.gift_key("ann", GIFT_KEY),
+            keys.SINGLE.combo("ann", "cara"),
             keys.LEDGER,
-            keys.held("cara"),
+            keys.SINGLE.held("cara"),
             room_key("cara"),  # live (setup_raw); the gateway's call under the Redis broker
             log_key("cara"),
         ],
@@ -274,22 +275,27 @@ RAW_CALLS: dict[str, RawCall] = {
         },
     ),
     "purchase": RawCall(
-        [keys.wallet("ann"), keys.receipt("rc-raw-1"), keys.LEDGER],
+        [keys.SINGLE.wallet("ann"), keys.SINGLE.receipt("rc-raw-1"), keys.LEDGER],
         ["ev-1", "ann", "rc-raw-1", "coins_70", "USD", 70, 99, 1, "", MAX_BALANCE],
         {6: "coins", 7: "price_cents", 8: "adult", 10: "max_balance"},
     ),
     "refund": RawCall(
-        [keys.receipt(RECEIPT), keys.wallet("ann"), keys.LEDGER],
+        [keys.SINGLE.receipt(RECEIPT), keys.SINGLE.wallet("ann"), keys.LEDGER],
         ["ev-1", "ann", RECEIPT, ""],
         {},
     ),
     "payout": RawCall(
-        [keys.wallet("cara"), keys.payout("payout-key-1"), keys.LEDGER, keys.held("cara")],
+        [
+            keys.SINGLE.wallet("cara"),
+            keys.SINGLE.payout("payout-key-1"),
+            keys.LEDGER,
+            keys.SINGLE.held("cara"),
+        ],
         ["ev-1", "po-1", "cara", "payout-key-1", 20, 10, "", 2_000_000],
         {5: "diamonds", 6: "cents", 8: "daily_cap"},
     ),
     "earnings": RawCall(
-        [seen_key("cara", DAY), earnings_key("cara")],
+        [keys.SINGLE.earnings_seen("cara", DAY), keys.SINGLE.earnings("cara")],
         ["ev-1", DAY, 2, 5, 1, FAR_FUTURE_MS],
         {3: "diamonds", 4: "coins", 5: "count", 6: "keep_until"},
     ),

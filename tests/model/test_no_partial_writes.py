@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 
 from giftstream.server.ledger.checkpoint import CheckpointKeys
 from giftstream.server.ledger.dead_letters import dead_letter_stream
-from giftstream.server.ledger.earnings import EarningsConsumer, earnings_key, seen_key
+from giftstream.server.ledger.earnings import EarningsConsumer
 from giftstream.server.ledger.entries import LedgerEntry, read_entries
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
@@ -169,7 +169,7 @@ def raw_refund(user: str = "ann", receipt: str = RECEIPT) -> Call:
     async def call(w: World) -> Any:
         return await w.evalsha(
             "refund",
-            [keys.receipt(receipt), keys.wallet(user), keys.LEDGER],
+            [keys.SINGLE.receipt(receipt), keys.SINGLE.wallet(user), keys.LEDGER],
             ["ev-refund", user, receipt, NOW_MS],
         )
 
@@ -310,13 +310,13 @@ class Case:
     outcome: str  # "ok", a refusal code, "error:<text in the message>", or the raw reply
 
 
-SENDER, CREATOR = keys.wallet("ann"), keys.wallet("cara")
+SENDER, CREATOR = keys.SINGLE.wallet("ann"), keys.SINGLE.wallet("cara")
 ROOM, ROOM_LOG = room_key("cara"), log_key("cara")
-GIFT_RECORD = keys.gift_key("ann", "gift-key-np")
-COMBO, HELD = keys.combo("ann", "cara"), keys.held("cara")
-RECEIPT_NEW, RECEIPT_OLD = keys.receipt("rc-np-1"), keys.receipt(RECEIPT)
-PAYOUT_RECORD = keys.payout("payout-key-np")
-SEEN, TOTALS = seen_key("cara", DAY), earnings_key("cara")
+GIFT_RECORD = keys.SINGLE.gift_key("ann", "gift-key-np")
+COMBO, HELD = keys.SINGLE.combo("ann", "cara"), keys.SINGLE.held("cara")
+RECEIPT_NEW, RECEIPT_OLD = keys.SINGLE.receipt("rc-np-1"), keys.SINGLE.receipt(RECEIPT)
+PAYOUT_RECORD = keys.SINGLE.payout("payout-key-np")
+SEEN, TOTALS = keys.SINGLE.earnings_seen("cara", DAY), keys.SINGLE.earnings("cara")
 WRONGTYPE = "error:WRONGTYPE"
 
 CASES = [

@@ -476,7 +476,7 @@ class WalletMachine(RuleBasedStateMachine):
         assert length == len(entries) == len(self.model.ledger)
         assert entries == self.model.ledger
         held = {
-            keys.user_of_wallet(name): tuple(
+            keys.SINGLE.user_of_wallet(name): tuple(
                 int(value.get(f, 0)) for f in ("coins", "diamonds", "debt")
             )
             for name, (_, value, _) in state.items()
@@ -506,7 +506,7 @@ def test_the_invariants_catch_a_wallet_changed_behind_the_scripts_back(redis_url
         machine.redis_holds_what_the_model_holds()
         machine.the_ledger_replays_to_the_wallets()
 
-        machine.io.run(machine.io.redis.hincrby(keys.wallet("ann"), "coins", 1))
+        machine.io.run(machine.io.redis.hincrby(keys.SINGLE.wallet("ann"), "coins", 1))
         machine._seen = None
         with pytest.raises(AssertionError):
             machine.redis_holds_what_the_model_holds()

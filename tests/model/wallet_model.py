@@ -499,9 +499,9 @@ class WalletModel:
         """Every key but the ledger, with its fields as Redis stores them (text)."""
         out: Expected = {}
         for user, fields in self.wallets.items():
-            out[keys.wallet(user)] = ("hash", {k: str(v) for k, v in fields.items()}, None)
+            out[keys.SINGLE.wallet(user)] = ("hash", {k: str(v) for k, v in fields.items()}, None)
         for (sender, key), g in self.gift_records.items():
-            out[keys.gift_key(sender, key)] = (
+            out[keys.SINGLE.gift_key(sender, key)] = (
                 "hash",
                 _text(
                     {
@@ -518,9 +518,13 @@ class WalletModel:
                 keys.GIFT_KEY_TTL_MS,
             )
         for creator, buckets in self.held.items():
-            out[keys.held(creator)] = ("hash", {str(d): str(v) for d, v in buckets.items()}, None)
+            out[keys.SINGLE.held(creator)] = (
+                "hash",
+                {str(d): str(v) for d, v in buckets.items()},
+                None,
+            )
         for (sender, room), s in self.combos.items():
-            out[keys.combo(sender, room)] = (
+            out[keys.SINGLE.combo(sender, room)] = (
                 "hash",
                 _text({"gift": s.gift, "combo": s.combo, "at": s.at}),
                 keys.COMBO_TTL_MS,
@@ -544,9 +548,9 @@ class WalletModel:
                     "refund_debt": owed,
                     "refund_ts": ts,
                 }
-            out[keys.receipt(receipt)] = ("hash", _text(record), None)
+            out[keys.SINGLE.receipt(receipt)] = ("hash", _text(record), None)
         for key, p in self.payouts.items():
-            out[keys.payout(key)] = (
+            out[keys.SINGLE.payout(key)] = (
                 "hash",
                 _text(
                     {

@@ -77,7 +77,7 @@ async def test_a_gateway_a_day_ahead_dates_gifts_by_redis(
     assert event["ts"] == entries["gift"].ts  # the room event's ts is the ledger's
     assert before <= entries["gift"].ts <= after  # Redis's clock, not the gateway's
     assert entries["purchase"].ts <= before
-    day = await redis_client.hget(keys.wallet("ann"), "spent_day")
+    day = await redis_client.hget(keys.SINGLE.wallet("ann"), "spent_day")
     assert day is not None and int(day) == keys.epoch_day(entries["gift"].ts)
     status, view = await admin.call("GET", "/v1/wallets/ann")
     assert (status, view["spent_today"]) == (200, 5)  # today is Redis's today
@@ -115,7 +115,7 @@ async def test_gateways_skewed_either_way_share_one_day(
             await send(gateway, skew_ns, f"skew-gift-over-{gateway}")
         assert refused.value.reason is Reason.SPENDING_LIMIT
     now = await redis_ms(redis_client)
-    stamp = await redis_client.hmget(keys.wallet("ann"), ["spent_day", "spent_day_coins"])
+    stamp = await redis_client.hmget(keys.SINGLE.wallet("ann"), ["spent_day", "spent_day_coins"])
     assert [int(v or -1) for v in stamp] == [keys.epoch_day(now), 10]
     for wallet in gateways:
         view = await wallet.wallet("ann")  # either gateway reads Redis's day

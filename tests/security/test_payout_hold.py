@@ -129,15 +129,15 @@ async def test_every_refusal_changes_nothing(
     await defraud(platform)
     before = (
         [e.id async for e in read_entries(redis_client)],
-        await redis_client.hgetall(keys.wallet(CREATOR)),
+        await redis_client.hgetall(keys.SINGLE.wallet(CREATOR)),
     )
     for diamonds in (10_000, 24_500):
         status, _ = await payout(platform, diamonds, f"refused-{diamonds}")
         assert status == 409
-    assert await redis_client.exists(keys.payout("refused-10000")) == 0
+    assert await redis_client.exists(keys.SINGLE.payout("refused-10000")) == 0
     after = (
         [e.id async for e in read_entries(redis_client)],
-        await redis_client.hgetall(keys.wallet(CREATOR)),
+        await redis_client.hgetall(keys.SINGLE.wallet(CREATOR)),
     )
     assert after == before
 
@@ -158,7 +158,7 @@ async def test_the_audit_names_a_payout_of_held_diamonds(
         "cents": 5_000,
     }
     await redis_client.xadd(keys.LEDGER, {"data": orjson.dumps(entry)})
-    await redis_client.hincrby(keys.wallet(CREATOR), "diamonds", -10_000)
+    await redis_client.hincrby(keys.SINGLE.wallet(CREATOR), "diamonds", -10_000)
     report = await audit(redis_client, now_ms=NOW_MS + 2)
     assert any(
         "forged-payout" in b and "only 0 were payable, 24500 on hold" in b for b in report.breaches
@@ -170,7 +170,7 @@ async def test_the_audit_names_a_hold_lifted_behind_its_back(
 ) -> None:
     await defraud(platform)
     assert (await audit(redis_client, now_ms=NOW_MS)).ok
-    await redis_client.delete(keys.held(CREATOR))  # every diamond payable at once
+    await redis_client.delete(keys.SINGLE.held(CREATOR))  # every diamond payable at once
     report = await audit(redis_client, now_ms=NOW_MS)
     assert report.breaches == [
         f"wallet {CREATOR}: 0 diamonds on hold in Redis, 24500 by the ledger "

@@ -125,7 +125,7 @@ async def money_state(redis: aioredis.Redis) -> tuple[dict[Any, Any], int, list[
     """Every wallet, the ledger's length and every key's name (receipts, refunds): what a
     refused request must leave as it was."""
     wallets = {}
-    async for key in redis.scan_iter(match=keys.WALLET_MATCH):
+    async for key in redis.scan_iter(match=keys.SINGLE.wallet_match):
         wallets[key] = await redis.hgetall(key)
     return wallets, await redis.xlen(keys.LEDGER), sorted(await redis.keys("*"))
 

@@ -97,8 +97,8 @@ async def test_a_wallet_changed_behind_the_ledger_is_named(
     wallet: Wallet, redis_client: aioredis.Redis
 ) -> None:
     await mixed_workload(wallet)
-    await redis_client.hset(keys.wallet("bob"), "coins", 120)
-    await redis_client.hset(keys.wallet("cara"), "debt", 5)
+    await redis_client.hset(keys.SINGLE.wallet("bob"), "coins", 120)
+    await redis_client.hset(keys.SINGLE.wallet("cara"), "debt", 5)
     report = await audit(redis_client)
     assert not report.ok
     assert report.breaches == [
@@ -108,7 +108,7 @@ async def test_a_wallet_changed_behind_the_ledger_is_named(
 
 
 async def test_a_wallet_with_no_ledger_entry_is_named(redis_client: aioredis.Redis) -> None:
-    await redis_client.hset(keys.wallet("ghost"), mapping={"coins": -5, "daily_limit": 10})
+    await redis_client.hset(keys.SINGLE.wallet("ghost"), mapping={"coins": -5, "daily_limit": 10})
     report = await audit(redis_client)
     assert report.breaches == [
         "wallet ghost: coins -5 in Redis, 0 by the ledger",
@@ -201,7 +201,12 @@ async def test_a_gift_whose_split_does_not_add_up(redis_client: aioredis.Redis) 
 
 
 async def test_a_configured_ledger_key(redis_client: aioredis.Redis) -> None:
-    wallet = Wallet(redis_client, Economics(), ledger_key="test:ledger", payout_hold_days=0)
+    wallet = Wallet(
+        redis_client,
+        Economics(),
+        keyspace=keys.KeySpace(ledger_key="test:ledger"),
+        payout_hold_days=0,
+    )
     await mixed_workload(wallet)
     assert await redis_client.exists(keys.LEDGER) == 0
     report = await audit(redis_client, ledger_key="test:ledger")

@@ -46,7 +46,7 @@ async def test_an_audit_from_the_checkpoint_equals_a_full_replay(
     saved, _ = await snapshot(redis_client)
     assert saved is not None and len(saved.replay.wallets) == report.wallets
     for user, balances in saved.replay.wallets.items():
-        stored = await redis_client.hmget(keys.wallet(user), ["coins", "diamonds", "debt"])
+        stored = await redis_client.hmget(keys.SINGLE.wallet(user), ["coins", "diamonds", "debt"])
         assert [int(v or 0) for v in stored] == [
             balances.coins,
             balances.diamonds,
@@ -129,7 +129,7 @@ async def test_the_checkpoint_keys(redis_client: aioredis.Redis) -> None:
     assert folded is not None
     cara = orjson.loads(folded)
     assert cara == {"coins": 0, "diamonds": 2 + 7 + 15_000 - 10_000, "debt": 0}
-    diamonds = await redis_client.hget(keys.wallet("cara"), "diamonds")
+    diamonds = await redis_client.hget(keys.SINGLE.wallet("cara"), "diamonds")
     assert diamonds is not None and int(diamonds) == 5009
     assert await redis_client.sismember(k.payouts, "q-payout-1")
     # another ledger key has a checkpoint of its own

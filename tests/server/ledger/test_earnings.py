@@ -13,10 +13,9 @@ from giftstream.server.ledger.earnings import (
     SEEN_KEEP_MS,
     EarningsConsumer,
     earnings,
-    earnings_key,
-    seen_key,
 )
 from giftstream.server.ledger.entries import LedgerEntry
+from giftstream.server.money import keys
 from tests.server.ledger.ledger_workload import (
     DAY1_MS,
     expected_earnings,
@@ -58,14 +57,17 @@ async def test_seen_sets_expire_after_their_day_even_for_old_entries(
     gift = next(e for e in await ledger(redis_client) if e.kind == "gift")
     consumer = EarningsConsumer(redis_client)
     assert await consumer.apply(gift)
-    ttl = await redis_client.pttl(seen_key(gift.data["creator"], "2025-11-24"))
+    ttl = await redis_client.pttl(keys.SINGLE.earnings_seen(gift.data["creator"], "2025-11-24"))
     assert SEEN_KEEP_MS - 60_000 < ttl <= SEEN_KEEP_MS  # the day is long past: from now
 
     # an entry from years ago, consumed for the first time (a new group reading from 0)
     old = LedgerEntry("1000-0", {**gift.data, "event": "old-event", "ts": DAY1_MS - 10**11})
     assert await consumer.apply(old) and not await consumer.apply(old)
     old_day = time.strftime("%Y-%m-%d", time.gmtime(old.ts // 1000))
-    assert await redis_client.pttl(seen_key(gift.data["creator"], old_day)) > SEEN_KEEP_MS - 60_000
+    assert (
+        await redis_client.pttl(keys.SINGLE.earnings_seen(gift.data["creator"], old_day))
+        > SEEN_KEEP_MS - 60_000
+    )
 
 
 async def test_a_corrupt_total_stops_before_the_event_is_marked_seen(
@@ -74,11 +76,11 @@ async def test_a_corrupt_total_stops_before_the_event_is_marked_seen(
     await settle(await new_wallet(redis_client), 1, extras=False)
     gift = next(e for e in await ledger(redis_client) if e.kind == "gift")
     creator = gift.data["creator"]
-    await redis_client.hset(earnings_key(creator), "2025-11-24:coins", "1e3")
+    await redis_client.hset(keys.SINGLE.earnings(creator), "2025-11-24:coins", "1e3")
     with pytest.raises(ResponseError, match="not an exact integer"):
         await EarningsConsumer(redis_client).apply(gift)
-    assert not await redis_client.exists(seen_key(creator, "2025-11-24"))
-    await redis_client.hset(earnings_key(creator), "2025-11-24:coins", "0")
+    assert not await redis_client.exists(keys.SINGLE.earnings_seen(creator, "2025-11-24"))
+    await redis_client.hset(keys.SINGLE.earnings(creator), "2025-11-24:coins", "0")
     assert await EarningsConsumer(redis_client).apply(gift)  # the retry counts it
 
 

@@ -165,10 +165,10 @@ async def test_audit_after_a_trim_still_names_tampering(redis_client: aioredis.R
     after = after[5:]  # the entries the checkpoint has not folded
 
     # a wallet changed behind the ledger's back
-    await redis_client.hincrby(keys.wallet("cara"), "diamonds", 7)
+    await redis_client.hincrby(keys.SINGLE.wallet("cara"), "diamonds", 7)
     report = await audit(redis_client)
     assert any(b.startswith("wallet cara: diamonds ") for b in report.breaches), report.breaches
-    await redis_client.hincrby(keys.wallet("cara"), "diamonds", -7)
+    await redis_client.hincrby(keys.SINGLE.wallet("cara"), "diamonds", -7)
     await assert_audit_ok(redis_client, added + more)
 
     # an entry after the checkpoint altered: deleted, and added again with more coins

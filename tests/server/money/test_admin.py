@@ -727,7 +727,9 @@ async def test_unknown_route_is_404_and_wrong_method_405(api: Api) -> None:
 async def test_unexpected_failure_is_500_logged_once(
     api: Api, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await redis_client.hset(keys.wallet("ann"), "coins", "not-a-number")  # a corrupted wallet
+    await redis_client.hset(
+        keys.SINGLE.wallet("ann"), "coins", "not-a-number"
+    )  # a corrupted wallet
     with caplog.at_level(logging.ERROR):
         status, body = await api.call("GET", "/v1/wallets/ann")
     assert (status, body) == (500, {"error": "internal", "message": "internal error"})

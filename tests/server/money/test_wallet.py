@@ -106,11 +106,12 @@ async def test_gift_debits_credits_and_appends_one_entry(
     }
     view = await wallet.wallet("ann")
     assert (view.coins, view.spent_today, view.daily_limit, view.debt) == (85, 15, None, 0)
-    key_ttl = await redis_client.pttl(keys.gift_key("ann", "gift-key-0001"))
+    key_ttl = await redis_client.pttl(keys.SINGLE.gift_key("ann", "gift-key-0001"))
     assert keys.GIFT_KEY_TTL_MS - 60_000 < key_ttl <= keys.GIFT_KEY_TTL_MS
     day = keys.epoch_day(NOW_MS)
     assert await redis_client.hmget(
-        keys.wallet("ann"), ["spent_day", "spent_day_coins", "spent_week", "spent_week_coins"]
+        keys.SINGLE.wallet("ann"),
+        ["spent_day", "spent_day_coins", "spent_week", "spent_week_coins"],
     ) == [str(day).encode(), b"15", str(keys.iso_week(day)).encode(), b"15"]
 
 
@@ -260,12 +261,12 @@ async def test_a_float_never_reaches_a_balance(
     """A buggy caller bypassing wallet.py: the script refuses the argument before any write."""
     await fund_coins("ann", 100)
     script_keys = [
-        keys.wallet("ann"),
-        keys.wallet("cara"),
-        keys.gift_key("ann", "gift-key-flt"),
-        keys.combo("ann", "cara"),
+        keys.SINGLE.wallet("ann"),
+        keys.SINGLE.wallet("cara"),
+        keys.SINGLE.gift_key("ann", "gift-key-flt"),
+        keys.SINGLE.combo("ann", "cara"),
         keys.LEDGER,
-        keys.held("cara"),
+        keys.SINGLE.held("cara"),
     ]
     good = [
         "ev1",
@@ -298,15 +299,15 @@ async def test_a_float_never_reaches_a_balance(
 @pytest.mark.parametrize(
     ("key", "field", "value"),
     [
-        (keys.wallet("cara"), "diamonds", "lots"),
-        (keys.wallet("cara"), "diamonds", "1e3"),  # tonumber takes it, HINCRBY would not
-        (keys.wallet("ann"), "coins", " 100"),
-        (keys.wallet("ann"), "daily_limit", "0x10"),
-        (keys.wallet("ann"), "debt", "-0"),
-        (keys.wallet("ann"), "coins", "0100"),
-        (keys.wallet("ann"), "spent_day_coins", "5.0"),
-        (keys.wallet("ann"), "weekly_limit", "1e3"),
-        (keys.held("cara"), str(keys.epoch_day(NOW_MS) + 3), "2.5"),
+        (keys.SINGLE.wallet("cara"), "diamonds", "lots"),
+        (keys.SINGLE.wallet("cara"), "diamonds", "1e3"),  # tonumber takes it, HINCRBY would not
+        (keys.SINGLE.wallet("ann"), "coins", " 100"),
+        (keys.SINGLE.wallet("ann"), "daily_limit", "0x10"),
+        (keys.SINGLE.wallet("ann"), "debt", "-0"),
+        (keys.SINGLE.wallet("ann"), "coins", "0100"),
+        (keys.SINGLE.wallet("ann"), "spent_day_coins", "5.0"),
+        (keys.SINGLE.wallet("ann"), "weekly_limit", "1e3"),
+        (keys.SINGLE.held("cara"), str(keys.epoch_day(NOW_MS) + 3), "2.5"),
     ],
 )
 async def test_corrupt_stored_value_stops_the_script_before_any_write(
@@ -553,7 +554,7 @@ async def test_minor_cannot_buy_coins(wallet: Wallet, redis_snapshot: Snapshot) 
 async def test_purchase_past_the_balance_cap_is_refused(
     wallet: Wallet, redis_client: aioredis.Redis, redis_snapshot: Snapshot
 ) -> None:
-    await redis_client.hset(keys.wallet("whale"), "coins", MAX_BALANCE - 69)
+    await redis_client.hset(keys.SINGLE.wallet("whale"), "coins", MAX_BALANCE - 69)
     error = await refused_unchanged(
         redis_snapshot,
         lambda: wallet.purchase(receipt="rc-whale", user="whale", package=PACK_70, adult=True),

@@ -1,0 +1,81 @@
+"""KeySpace names every money and room key: on one Redis exactly the names data already has
+(a rename would strand every balance), on a cluster one hash-tagged slot per user's partition."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+from redis.crc import key_slot
+
+from giftstream.server.money import keys
+from giftstream.server.money.keys import KeySpace
+
+CLUSTER = KeySpace(partitions=16, cluster=True)
+
+
+def test_one_redis_keeps_todays_names() -> None:
+    space = keys.SINGLE
+    assert space.wallet("ann") == "giftstream:wallet:ann"
+    assert space.gift_key("ann", "IK") == "giftstream:gift_key:ann:IK"
+    assert space.combo("ann", "cara") == "giftstream:combo:ann/cara"
+    assert space.held("cara") == "giftstream:held:cara"
+    assert space.receipt("RC") == "giftstream:receipt:RC"
+    assert space.payout("PK") == "giftstream:payout:PK"
+    assert space.ledger() == "giftstream:ledger" and space.ledgers() == ["giftstream:ledger"]
+    assert space.earnings("cara") == "giftstream:earnings:{cara}"
+    assert space.earnings_seen("cara", "2025-11-24") == "giftstream:earnings_seen:{cara}:2025-11-24"
+    assert space.room("cara") == "giftstream:room:cara"
+    assert space.room_log("cara") == "giftstream:room:cara:log"
+    assert space.room_presence("cara") == "giftstream:room:cara:presence"
+    assert space.wallet_match == "giftstream:wallet:*"
+    assert KeySpace(ledger_key="test:ledger").ledger() == "test:ledger"
+
+
+def test_partition_is_crc32_mod_p_and_stable() -> None:
+    # Documented and fixed for the data's life: a change would move every wallet.
+    assert CLUSTER.partition("ann") == zlib.crc32(b"ann") % 16 == 3
+    assert keys.SINGLE.partition("ann") == 0
+    assert {CLUSTER.partition(f"u{i}") for i in range(400)} == set(range(16))
+
+
+def test_a_users_keys_share_one_slot_on_a_cluster() -> None:
+    p = CLUSTER.partition("ann")
+    names = [
+        CLUSTER.wallet("ann"),
+        CLUSTER.gift_key("ann", "IK:x"),
+        CLUSTER.combo("ann", "cara"),
+        CLUSTER.held("ann"),
+        CLUSTER.ledger(p),
+        CLUSTER.room("ann"),
+        CLUSTER.room_log("ann"),
+        CLUSTER.room_presence("ann"),
+        CLUSTER.earnings("ann"),
+        CLUSTER.earnings_seen("ann", "2025-11-24"),
+    ]
+    assert CLUSTER.wallet("ann") == "giftstream:{p03}:wallet:ann"
+    assert CLUSTER.ledger(p) == "giftstream:{p03}:ledger"
+    assert {key_slot(name.encode()) for name in names} == {key_slot(b"{p03}")}
+    other = next(f"u{i}" for i in range(100) if CLUSTER.partition(f"u{i}") != p)
+    assert key_slot(CLUSTER.wallet(other).encode()) != key_slot(b"{p03}")
+
+
+def test_wallet_names_read_back_to_their_user() -> None:
+    for space in (keys.SINGLE, CLUSTER):
+        for user in ("ann", "a:b.c-d_9", "x" * 64):
+            assert space.user_of_wallet(space.wallet(user)) == user
+
+
+def test_ledgers_one_per_partition() -> None:
+    ledgers = CLUSTER.ledgers()
+    assert len(set(ledgers)) == 16 and ledgers[7] == "giftstream:{p07}:ledger"
+    custom = KeySpace(ledger_key="giftstream:money", partitions=2, cluster=True)
+    assert custom.ledgers() == ["giftstream:{p00}:money", "giftstream:{p01}:money"]
+
+
+@pytest.mark.parametrize(
+    ("partitions", "cluster"), [(0, True), (keys.MAX_PARTITIONS + 1, True), (2, False)]
+)
+def test_bad_partition_counts_are_refused(partitions: int, cluster: bool) -> None:
+    with pytest.raises(ValueError, match="partition"):
+        KeySpace(partitions=partitions, cluster=cluster)
