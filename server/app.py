@@ -36,6 +36,13 @@ from giftstream.server.realtime.redis_broker import RedisBroker
 from giftstream.server.realtime.registry import Counters, GatewayRegistry, new_gateway_id
 from giftstream.server.realtime.session import NodeParts, NodeState
 from giftstream.server.redis_check import assess, read_settings
+from giftstream.server.redis_cluster import (
+    NOT_YET,
+    PartitionsMismatch,
+    claim_partitions,
+    cluster_client,
+    is_cluster,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +95,7 @@ class App:
         except (RedisError, OSError) as exc:
             where = redact_url(self.redis_url)
             raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
+        await self._refuse_cluster_for_now()
         await self._check_redis()
         self.keyspace = keys.KeySpace(ledger_key=settings.ledger_key)
         self.wallet = Wallet(
@@ -199,6 +207,26 @@ class App:
             presence_refresh_s=limits.presence_refresh_s,
             presence_ttl_s=limits.presence_ttl_s,
         )
+
+    async def _refuse_cluster_for_now(self) -> None:
+        """On a Redis Cluster node: reach the whole cluster, fix its partition count, then
+        refuse with one line, since the money path is not cluster-ready yet (issue 14). Without
+        this a start failed later, on the first key of another shard (MovedError)."""
+        assert self.redis_url is not None
+        where = redact_url(self.redis_url)
+        try:
+            if not await is_cluster(self.redis):
+                return
+            cluster = cluster_client(self.redis_url)
+            try:
+                await claim_partitions(cluster, self.settings.partitions)
+            finally:
+                await cluster.aclose()
+        except PartitionsMismatch as exc:
+            raise StartupError(str(exc)) from exc
+        except (RedisError, OSError) as exc:
+            raise StartupError(f"cannot reach the Redis Cluster at {where}: {exc}") from exc
+        raise StartupError(NOT_YET)
 
     async def _check_redis(self) -> None:
         """Refuse a Redis that may evict money; warn of one that keeps no AOF."""

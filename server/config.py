@@ -114,6 +114,7 @@ class Settings:
     allowed_origins: tuple[str, ...] | None = None  # None: any origin
     ledger_key: str = keys.LEDGER  # the stream every money movement is appended to
     redis_pool_size: int = 64  # concurrent Redis calls; more wait for a free connection
+    partitions: int = keys.DEFAULT_PARTITIONS  # a Redis Cluster's partitions (one Redis: 1)
     payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS  # diamonds wait this long to be payable
     payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP  # diamonds paid out per creator a UTC day
     workers: int = 1  # processes serving the ports (`serve --workers`; server/workers.py)
@@ -178,6 +179,13 @@ def _hold_days(text: str) -> int:
     if not 0 <= days <= MAX_PAYOUT_HOLD_DAYS:
         raise ValueError(f"must be whole days from 0 to {MAX_PAYOUT_HOLD_DAYS}")
     return days
+
+
+def _partitions(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= keys.MAX_PARTITIONS:
+        raise ValueError(f"must be a whole number from 1 to {keys.MAX_PARTITIONS}")
+    return count
 
 
 def _daily_cap(text: str) -> int:
@@ -391,6 +399,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "after the gift's day plus one (0: at once); a chargeback's window",
     ),
     Option(
+        "--partitions",
+        "GIFTSTREAM_PARTITIONS",
+        str(keys.DEFAULT_PARTITIONS),
+        _partitions,
+        "on a Redis Cluster: how many partitions wallets and ledgers are spread over, fixed "
+        "when its data is created (a later start with another count refuses); one Redis "
+        "always has one",
+    ),
+    Option(
         "--payout-daily-cap",
         "GIFTSTREAM_PAYOUT_DAILY_CAP",
         str(DEFAULT_PAYOUT_DAILY_CAP),
@@ -530,6 +547,7 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         catalog=values.get("catalog"),
         allowed_origins=values.get("allowed_origins"),
         ledger_key=values.get("ledger_key") or keys.LEDGER,
+        partitions=_given_or(values, "partitions", keys.DEFAULT_PARTITIONS),
         payout_hold_days=_given_or(values, "payout_hold_days", DEFAULT_PAYOUT_HOLD_DAYS),
         payout_daily_cap=_given_or(values, "payout_daily_cap", DEFAULT_PAYOUT_DAILY_CAP),
         broker=values.get("broker") or "redis",

@@ -12,6 +12,8 @@
     giftstream:receipt:RC            hash: a purchase, later its refund (kept for good)
     giftstream:payout:IK             hash: a payout and its result (kept for good)
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
+    giftstream:partitions            string, Redis Cluster only: the partition count, set
+                                     at the first start (SET NX) and kept for good
 
 On a Redis Cluster every per-user key above carries its partition's hash tag after the prefix
 (`giftstream:{p07}:wallet:U`) and each partition has its own ledger; `KeySpace` gives every
@@ -156,6 +158,8 @@ class KeySpace:
 
 
 MAX_PARTITIONS = 1024
+DEFAULT_PARTITIONS = 16  # a Redis Cluster's, unless --partitions says otherwise at its first start
+PARTITIONS = PREFIX + "partitions"  # string, on a cluster only: the partition count, set once
 SINGLE = KeySpace()  # one Redis with the default ledger key: today's names
 
 
