@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from giftstream.server.money import keys
 
@@ -27,9 +28,19 @@ class PartitionsMismatch(ValueError):
 
 
 async def is_cluster(redis: aioredis.Redis) -> bool:
-    """Whether the Redis behind this (plain) client is a node of a Redis Cluster."""
-    info = await redis.info("cluster")
-    return int(info.get("cluster_enabled", 0)) == 1
+    """Whether the Redis behind this (plain) client is a node of a Redis Cluster. A managed
+    Redis may deny INFO (an ACL): then CLUSTER INFO, which one Redis answers with an error;
+    if both are denied it is taken for one Redis, as before clusters were known."""
+    try:
+        info = await redis.info("cluster")
+        return int(info.get("cluster_enabled", 0)) == 1
+    except ResponseError:
+        pass
+    try:
+        await redis.cluster("info")
+    except ResponseError:
+        return False  # "cluster support disabled", or CLUSTER denied too
+    return True
 
 
 def cluster_client(url: str) -> RedisCluster:

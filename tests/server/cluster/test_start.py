@@ -16,6 +16,7 @@ from giftstream.server.app import App, StartupError
 from giftstream.server.money import keys
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.redis_cluster import NOT_YET
+from tests.cluster import RedisClusterProcesses
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET, make_settings
 from tests.processes import run_cli
 
@@ -75,3 +76,23 @@ async def test_one_redis_gets_no_partitions_key(
     async with make_app():
         pass
     assert not await redis_client.exists(keys.PARTITIONS)
+
+
+async def test_a_cluster_that_denies_info_is_still_told_by_cluster_info(
+    redis_cluster: RedisClusterProcesses, cluster_url: str, data_dir: Path, catalog: Catalog
+) -> None:
+    # A managed cluster's ACL may deny INFO; CLUSTER INFO still tells it (one Redis errors).
+    for node in redis_cluster.nodes:
+        with node.client() as client:
+            client.acl_setuser(
+                "app", enabled=True, passwords=["+app-pw"], keys=["*"], commands=["+@all", "-info"]
+            )
+    try:
+        url = cluster_url.replace("redis://", "redis://app:app-pw@")
+        with pytest.raises(StartupError, match="not yet supported"):
+            async with cluster_app(url, data_dir, catalog, partitions=16):
+                pass
+    finally:
+        for node in redis_cluster.nodes:
+            with node.client() as client:
+                client.acl_deluser("app")
