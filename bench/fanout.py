@@ -65,6 +65,7 @@ class Step:
     ok: bool
     frames_per_s: float = 0.0  # room frames read by the viewers
     slack_dps: float = 0.0  # two gifts' worth of deliveries over the window: rounding at low rates
+    cpu_by_pid: dict[int, float] = field(default_factory=dict)  # server_cpu, process by process
 
     @property
     def keeps_up(self) -> bool:
@@ -149,15 +150,20 @@ class Node:
                 await self.proc.wait()
 
 
-def cpu_of(pids: list[int]) -> float:
-    total = 0.0
+def cpu_each(pids: list[int]) -> dict[int, float]:
+    """CPU seconds used so far by each of `pids` still running."""
+    found = {}
     for pid in pids:
         try:
             t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            found[pid] = float(t.user + t.system)
         except psutil.Error:
             pass
-    return total
+    return found
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_each(pids).values())
 
 
 def percentile(hist: dict[int, int], q: float) -> float:
@@ -286,9 +292,9 @@ async def ladder(
             await sender.cmd({"cmd": "rate", "rate": gps, "start": start, "until": until})
             w0 = start + warm_s * 1000
             await asyncio.sleep(max(0.0, (w0 - now_ms()) / 1000))
-            cpu_s0, cpu_f0, wall0 = cpu_of(target.pids), cpu_of(fleet_pids), time.monotonic()
+            cpu_s0, cpu_f0, wall0 = cpu_each(target.pids), cpu_of(fleet_pids), time.monotonic()
             await asyncio.sleep(max(0.0, (until - now_ms()) / 1000))
-            cpu_s1, cpu_f1, wall1 = cpu_of(target.pids), cpu_of(fleet_pids), time.monotonic()
+            cpu_s1, cpu_f1, wall1 = cpu_each(target.pids), cpu_of(fleet_pids), time.monotonic()
             await asyncio.sleep(0.3)  # answers and frames still in flight
             sent = await sender.cmd({"cmd": "sends"})
             all_sends.update(sent["sends"])
@@ -318,12 +324,13 @@ async def ladder(
                 p99_ms=percentile(hist, 0.99),
                 max_ms=max((a["max_ms"] for a in answers), default=math.nan),
                 unmatched=unmatched,
-                server_cpu=100 * (cpu_s1 - cpu_s0) / wall,
+                server_cpu=100 * (sum(cpu_s1.values()) - sum(cpu_s0.values())) / wall,
                 fleet_cpu=100 * (cpu_f1 - cpu_f0) / wall,
                 errors=sent.get("errors") or {},
                 ok=False,
                 slack_dps=2 * viewers / window_s,
                 frames_per_s=sum(a.get("frames", 0) for a in answers) / window_s,
+                cpu_by_pid={p: 100 * (c - cpu_s0.get(p, c)) / wall for p, c in cpu_s1.items()},
             )
             s.ok = s.p99_ms <= P99_LIMIT_MS and s.keeps_up
             result.steps.append(s)

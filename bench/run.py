@@ -8,7 +8,7 @@ peers first, then the method, the machine and every figure with its command.
     BENCH_SMOKE=1 .venv/bin/python -m bench.run         # small and short: checks the wiring
 
 Knobs (environment): BENCH_SCENARIOS (fanout,settle,mixed,connections,storm,fleet, and
-issue 13's broker,workers,crossgw: bench/scaleout.py), BENCH_RUNS,
+issue 13's broker,workers,crossgw,onebroker: bench/scaleout.py), BENCH_RUNS,
 BENCH_SMOKE, BENCH_FANOUT_VIEWERS (1000,5000), BENCH_PEERS (ws,sio,psio), BENCH_STEP_S,
 BENCH_MIXED_S, BENCH_MIXED_SCALE (share of the full mixed/storm size, default 0.25: what this
 machine's load generator can read; 1 = the issue's 5,000 viewers and 2,000 gifts/s), BENCH_OUT
@@ -43,13 +43,12 @@ import psutil  # type: ignore[import-untyped]
 from bench.fanout import LadderResult, Target, ladder
 from bench.procs import ROOT, VENV_BIN, Giftstream, Proc, install_peers, raise_nofile, start_peer
 from bench.scaleout import (
+    CpuWindow,
     Service,
     cpu_per_delivery_us,
-    cpu_seconds,
     describe,
     fixed_step,
     has_option,
-    shares,
     skipped,
 )
 
@@ -81,7 +80,8 @@ NUMBER = {
     "broker": 7,
     "workers": 8,
     "crossgw": 9,
-}  # doc sections; broker, workers and crossgw run when asked for (BENCH_SCENARIOS)
+    "onebroker": 10,
+}  # doc sections; broker, workers, crossgw and onebroker run when asked for (BENCH_SCENARIOS)
 
 
 def log(msg: str) -> None:
@@ -1021,6 +1021,17 @@ async def scenario_fleet(b: Bench) -> Section:
 # ---- 7-9: several gateways (issue 13) ----------------------------------------------------
 SCALEOUT_RATE = 20.0 if SMOKE else 50.0  # gifts/s into the room: a fixed load, not a ladder
 SCALEOUT_STEP_S = 4.0 if SMOKE else 10.0
+SCALEOUT_SETTLE_S = 4.0 if SMOKE else 12.0
+
+
+def scaleout_settle_args() -> list[str]:
+    """Scenario 2's load test (100 rooms x 20 viewers, 500 gifters in closed loop), for the
+    settlement steps of scenarios 8 and 10."""
+    return [
+        *("--viewers", "200" if SMOKE else "2000", "--rooms", "10" if SMOKE else "100"),
+        *("--gifters", "50" if SMOKE else "500", "--closed-loop", "--think-time", "0"),
+        *("--duration", f"{SCALEOUT_SETTLE_S:g}", "--workers", "2", "--drain", "5"),
+    ]
 
 
 async def scenario_broker(b: Bench) -> Section:
@@ -1045,8 +1056,10 @@ async def scenario_broker(b: Bench) -> Section:
             try:
                 gws = [svc.add() for _ in range(n)]
                 b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
+                # three viewer processes either way: the same load generator in both arms
+                viewers_on = [gws[i % n] for i in range(3)]
                 step = await fixed_step(
-                    svc.target(f"{n} gateway(s)", gws[0], gws),
+                    svc.target(f"{n} gateway(s)", gws[0], viewers_on),
                     viewers=SCALEOUT_VIEWERS,
                     senders=SENDERS,
                     gifts_per_s=SCALEOUT_RATE,
@@ -1080,7 +1093,7 @@ async def scenario_broker(b: Bench) -> Section:
         "",
         f"One room, {SCALEOUT_VIEWERS:,} viewers and {SENDERS} senders, {SCALEOUT_RATE:g} gifts/s "
         f"for {SCALEOUT_STEP_S:g} s (the first 1 s not measured). The senders are on the first "
-        "gateway; the viewers' fleet processes are on 1 gateway, or one on each of 3. CPU: every "
+        "gateway; the viewers are in 3 fleet processes, all on 1 gateway, or one on each of 3. CPU: every "
         "gateway process (psutil), Redis not included.",
         "",
         "| gateways | gateway CPU per delivery (µs) |",
@@ -1109,33 +1122,17 @@ async def scenario_workers(b: Bench) -> Section:
     log(f"[workers] {cond}")
     rows: list[str] = []
     shown = ""
-    settle_args = [
-        "--viewers",
-        "200" if SMOKE else "2000",
-        "--rooms",
-        "10" if SMOKE else "100",
-        "--gifters",
-        "50" if SMOKE else "500",
-        "--closed-loop",
-        "--think-time",
-        "0",
-        "--duration",
-        "4" if SMOKE else "12",
-        "--workers",
-        "2",
-        "--drain",
-        "5",
-    ]
+    settle_args = scaleout_settle_args()
     for run in range(RUNS):
         for workers in (1, 2):
             svc = Service(b.tmp, f"workers{workers}r{run}")
             try:
                 gw = svc.add("--workers", str(workers))
-                pids = [*svc.gateway_pids(), svc.redis_pid]
-                b.own_pids |= set(pids)
-                c0, t0 = cpu_seconds(pids), time.monotonic()
+                b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
+                target = svc.target(f"--workers {workers}", gw, [gw, gw])
+                target.pids.append(svc.redis_pid)
                 step = await fixed_step(
-                    svc.target(f"--workers {workers}", gw, [gw, gw]),
+                    target,
                     viewers=SCALEOUT_VIEWERS,
                     senders=SENDERS,
                     gifts_per_s=SCALEOUT_RATE,
@@ -1144,10 +1141,12 @@ async def scenario_workers(b: Bench) -> Section:
                     run_id=f"w{workers}{run}{int(time.time()) % 10000}",
                     log=log,
                 )
-                fan = describe(svc, shares(c0, cpu_seconds(pids), time.monotonic() - t0))
-                c0, t0 = cpu_seconds(pids), time.monotonic()
-                rep, shown = loadtest(b, svc, settle_args, f"workers{workers}-{run}")
-                settle = describe(svc, shares(c0, cpu_seconds(pids), time.monotonic() - t0))
+                fan = describe(svc, step.cpu_by_pid)
+                window = CpuWindow(target.pids, SCALEOUT_SETTLE_S)
+                rep, shown = loadtest(
+                    b, svc, settle_args, f"workers{workers}-{run}", window.on_line
+                )
+                settle = describe(svc, window.shares())
             finally:
                 svc.stop()
             rows.append(
@@ -1162,8 +1161,9 @@ async def scenario_workers(b: Bench) -> Section:
         "",
         f"Fan-out: one room, {SCALEOUT_VIEWERS:,} viewers, {SCALEOUT_RATE:g} gifts/s for "
         f"{SCALEOUT_STEP_S:g} s. Settlement: the load test of scenario 2 "
-        f"(`{' '.join(settle_args)}`). CPU: % of a core of each process over the whole "
-        "measurement (connecting included), the gateway's workers and Redis.",
+        f"(`{' '.join(settle_args)}`). CPU: % of a core of each process over the measured "
+        "window (the fan-out step after its first second; the load test's timed run, not its "
+        "connecting or draining): the gateway's workers and Redis.",
         "",
         "| --workers | fan-out delivered/s | fan-out p99 (ms) | fan-out CPU by process "
         "| gifts settled/s | ack p99 (ms) | settlement CPU by process | money check |",
@@ -1227,6 +1227,129 @@ async def scenario_crossgw(b: Bench) -> Section:
         f"| on another gateway | {mmm(cross, 1)} | {mmm(cross99, 1)} |",
         "",
         "Reproduce: `BENCH_SCENARIOS=crossgw make bench` (bench/scaleout.py).",
+        "",
+    ]
+    return sec
+
+
+async def scenario_onebroker(b: Bench) -> Section:
+    """One process, `--broker memory` vs `--broker redis`, in the same run: the CPU (gateway
+    and Redis) per delivery of the fan-out step and per settled gift of the settlement step."""
+    sec = Section("10. One process: `--broker memory` vs `--broker redis`")
+    if not has_option("--broker"):
+        sec.body = skipped("--broker", "the Redis broker, branch broker")
+        sec.summary = [Row("10. One process", "skipped: no --broker", "n/a")]
+        return sec
+    cond = b.conditions()
+    log(f"[onebroker] {cond}")
+    settle_args = scaleout_settle_args()
+    shown = ""
+    # per broker, per run: µs of CPU per delivery / per settled gift, (gateway, Redis)
+    fan: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": []}
+    gift: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": []}
+    settled: dict[str, list[float]] = {"memory": [], "redis": []}
+    money: list[str] = []
+    for run in range(RUNS):
+        for kind in ("memory", "redis"):  # interleaved: the machine's noise hits both
+            svc = Service(b.tmp, f"one{kind}r{run}")
+            try:
+                gw = svc.add("--broker", kind)
+                b.own_pids |= {gw.pid, svc.redis_pid}
+                target = svc.target(f"--broker {kind}", gw, [gw, gw])
+                target.pids.append(svc.redis_pid)
+                step = await fixed_step(
+                    target,
+                    viewers=SCALEOUT_VIEWERS,
+                    senders=SENDERS,
+                    gifts_per_s=SCALEOUT_RATE,
+                    step_s=SCALEOUT_STEP_S,
+                    tmp=b.tmp,
+                    run_id=f"o{kind[0]}{run}{int(time.time()) % 10000}",
+                    log=log,
+                )
+                window = CpuWindow(target.pids, SCALEOUT_SETTLE_S)
+                rep, shown = loadtest(b, svc, settle_args, f"one{kind}-{run}", window.on_line)
+                used = window.used_s()
+            finally:
+                svc.stop()
+            pct = step.cpu_by_pid
+            dps = step.delivered_dps or float("nan")
+            fan[kind].append(
+                (
+                    pct.get(gw.pid, 0.0) / 100 / dps * 1e6,
+                    pct.get(svc.redis_pid, 0.0) / 100 / dps * 1e6,
+                )
+            )
+            gifts = rep["totals"]["gifts_settled_per_s"] * SCALEOUT_SETTLE_S or float("nan")
+            gift[kind].append(
+                (used.get(gw.pid, 0.0) / gifts * 1e6, used.get(svc.redis_pid, 0.0) / gifts * 1e6)
+            )
+            settled[kind].append(rep["totals"]["gifts_settled_per_s"])
+            money.append(check_status(rep))
+            log(
+                f"    --broker {kind}: {fan[kind][-1][0]:.2f} + {fan[kind][-1][1]:.2f} µs a "
+                f"delivery (gateway + Redis); {gift[kind][-1][0]:.0f} + {gift[kind][-1][1]:.0f} µs "
+                f"a settled gift at {settled[kind][-1]:,.0f}/s"
+            )
+
+    Part = Callable[[list[tuple[float, float]]], list[float]]
+
+    def total(runs: list[tuple[float, float]]) -> list[float]:
+        return [g + r for g, r in runs]
+
+    def gateway(runs: list[tuple[float, float]]) -> list[float]:
+        return [g for g, _ in runs]
+
+    def redis_part(runs: list[tuple[float, float]]) -> list[float]:
+        return [r for _, r in runs]
+
+    def ratio(figures: dict[str, list[tuple[float, float]]], part: Part = total) -> float:
+        memory = med(part(figures["memory"]))[0]
+        return med(part(figures["redis"]))[0] / memory if memory else float("nan")
+
+    def line(what: str, figures: dict[str, list[tuple[float, float]]], digits: int) -> list[str]:
+        return [
+            f"| {what}, gateway + Redis | {mmm(total(figures['memory']), digits)} "
+            f"| {mmm(total(figures['redis']), digits)} | {fmt(ratio(figures), 2)}× | ≤ 1.15× "
+            f"| {met(ratio(figures) <= 1.15)} |",
+            f"| {what}, gateway | {mmm(gateway(figures['memory']), digits)} "
+            f"| {mmm(gateway(figures['redis']), digits)} | {fmt(ratio(figures, gateway), 2)}× | | |",
+            f"| {what}, Redis | {mmm(redis_part(figures['memory']), digits)} "
+            f"| {mmm(redis_part(figures['redis']), digits)} "
+            f"| {fmt(ratio(figures, redis_part), 2)}× | | |",
+        ]
+
+    sec.summary = [
+        Row(
+            "10. One process, Redis broker",
+            f"CPU µs per {what} (gateway + Redis)",
+            fmt(med(total(figures["redis"]))[0], digits),
+            "`--broker memory`",
+            fmt(med(total(figures["memory"]))[0], digits),
+            f"{fmt(ratio(figures), 2)}×",
+            "≤ 1.15×",
+            met(ratio(figures) <= 1.15),
+        )
+        for what, figures, digits in (("delivery", fan, 2), ("settled gift", gift, 0))
+    ]
+    sec.body = [
+        f"Conditions: {cond}.",
+        "",
+        f"One `giftstream serve` process on its own Redis, `--broker memory` then `--broker "
+        f"redis`, alternately, {RUNS} time(s). Fan-out: one room, {SCALEOUT_VIEWERS:,} viewers, "
+        f"{SENDERS} senders, {SCALEOUT_RATE:g} gifts/s for {SCALEOUT_STEP_S:g} s (the first 1 s "
+        f"not measured). Settlement: the load test of scenario 2 (`{' '.join(settle_args)}`), "
+        "CPU over its timed run. CPU: the gateway process and Redis (psutil), per room event "
+        "delivered and per gift settled.",
+        "",
+        "| CPU µs per | `--broker memory` | `--broker redis` | redis / memory | target | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *line("delivery (fan-out)", fan, 2),
+        *line("settled gift (settlement)", gift, 0),
+        f"| gifts settled/s | {mmm(settled['memory'])} | {mmm(settled['redis'])} | | | |",
+        "",
+        f"Money checks: {', '.join(money)}. Settlement command: `{shown}`. Reproduce: "
+        "`BENCH_SCENARIOS=onebroker make bench` (bench/scaleout.py).",
         "",
     ]
     return sec
@@ -1394,7 +1517,7 @@ async def main() -> int:
     wanted = set(SCENARIOS)
     needs_fleet = (
         bool({"fanout", "fleet"} & wanted)
-        or (bool({"broker", "crossgw"} & wanted) and has_option("--broker"))
+        or (bool({"broker", "crossgw", "onebroker"} & wanted) and has_option("--broker"))
         or ("workers" in wanted and has_option("--workers"))
     )  # issue 13's scenarios skip, measuring nothing, without the options they measure
     versions = install_peers() if needs_fleet else {}
@@ -1411,6 +1534,7 @@ async def main() -> int:
             "broker": scenario_broker,
             "workers": scenario_workers,
             "crossgw": scenario_crossgw,
+            "onebroker": scenario_onebroker,
         }
         for name in NUMBER:
             if name not in SCENARIOS:

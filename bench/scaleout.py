@@ -8,14 +8,20 @@ processes spread over the gateways.
 - workers (8): `--workers 1` vs `--workers 2`, fan-out and settlement side by side, with the
   CPU of each worker process and of Redis (where the second core went).
 - crossgw (9): send-to-screen p50 with the viewers on the senders' gateway vs on another.
+- onebroker (10): one process, `--broker memory` vs `--broker redis`: CPU (gateway and
+  Redis) per delivery of a fan-out step and per settled gift of a settlement step, target
+  redis / memory <= 1.15.
 
-Each is skipped, saying so in its section, when `giftstream serve` has no `--broker` (7, 9)
+Each is skipped, saying so in its section, when `giftstream serve` has no `--broker` (7, 9, 10)
 or `--workers` (8).
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -108,6 +114,9 @@ class Service:
         proc = Proc(f"{self.name}-gw{len(self.gateways)}", cmd, self.tmp, port=port)
         wait_port(admin_port, proc.popen)
         gw = Gateway(proc, port, admin_port)
+        workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        if workers > 1:  # `--workers 1` is one process, serving itself
+            wait_workers(gw, workers)
         self.gateways.append(gw)
         return gw
 
@@ -155,6 +164,27 @@ class Service:
         for gw in self.gateways:
             gw.proc.stop()
         self.redis.stop()
+
+
+def wait_workers(gw: Gateway, count: int, timeout: float = 60.0) -> None:
+    """Until `count` of the gateway's children listen on its port: the kernel spreads
+    connections only over the sockets listening when they arrive, and a worker's CPU is
+    counted only if it is there when the measurement starts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listening = 0
+        try:
+            for child in psutil.Process(gw.pid).children(recursive=True):
+                socks = child.net_connections(kind="tcp")
+                listening += any(
+                    c.status == psutil.CONN_LISTEN and c.laddr.port == gw.port for c in socks
+                )
+        except psutil.Error:
+            pass
+        if listening >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"fewer than {count} workers listen on {gw.port} after {timeout:g} s")
 
 
 def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
@@ -220,10 +250,13 @@ def shares(before: dict[int, float], after: dict[int, float], wall: float) -> di
 
 
 def describe(service: Service, used: dict[int, float]) -> str:
-    """'gateway 40%, worker 35%, worker 33%, Redis 20%': where the CPU went."""
+    """'worker 35%, worker 33%, Redis 20%': where the CPU went (processes under 0.5% of a
+    core, such as a supervisor or multiprocessing's resource tracker, left out)."""
     parts = []
     masters = {gw.pid for gw in service.gateways}
     for pid, pct in sorted(used.items(), key=lambda kv: -kv[1]):
+        if pct < 0.5:
+            continue
         role = (
             "Redis"
             if pid == service.redis_pid
@@ -231,3 +264,42 @@ def describe(service: Service, used: dict[int, float]) -> str:
         )
         parts.append(f"{role} {pct:.0f}%")
     return ", ".join(parts)
+
+
+CONNECTED = re.compile(r"\d+ viewers connected")
+START_DELAY_S = 0.5  # `giftstream loadtest`: from "connected" to the start of its run
+
+
+class CpuWindow:
+    """The CPU each of `pids` uses during a load test's timed run, not its connecting or
+    draining: from its line "N viewers connected" (`on_line`, fed the load test's output)
+    to the end of its duration."""
+
+    def __init__(self, pids: Sequence[int], duration_s: float) -> None:
+        self.pids = list(pids)
+        self.wall_s = START_DELAY_S + duration_s
+        self.before: dict[int, float] | None = None
+        self.after: dict[int, float] | None = None
+        self.timer: threading.Timer | None = None
+
+    def on_line(self, line: str, _t: float) -> None:
+        if self.before is None and CONNECTED.search(line):
+            self.before = cpu_seconds(self.pids)
+            self.timer = threading.Timer(self.wall_s, self._end)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _end(self) -> None:
+        self.after = cpu_seconds(self.pids)
+
+    def used_s(self) -> dict[int, float]:
+        """CPU seconds of each process over the window (once the load test has ended)."""
+        if self.timer is not None:
+            self.timer.join(self.wall_s + 5)
+        if self.before is None or self.after is None:
+            raise RuntimeError("the load test's run was not seen from start to end")
+        return {p: c - self.before.get(p, c) for p, c in self.after.items()}
+
+    def shares(self) -> dict[int, float]:
+        """% of a core each process used over the window."""
+        return {p: 100 * c / self.wall_s for p, c in self.used_s().items()}

@@ -79,7 +79,11 @@ async function connectAll(n, onFrame) {
 }
 
 // ---- viewers --------------------------------------------------------------------------
-const frames = new Map(); // first seq -> { n, keys: [event ids or sent times], times: [] }
+// (first seq, length) -> { n, keys: [event ids or sent times], times: [] }. The length too:
+// viewers of one process on different gateways (or workers) get the same events batched
+// differently per tick, and a frame is parsed once per process, not once per receipt.
+const frames = new Map();
+const FRAME_KEY = 2 ** 24; // frame lengths stay under 16 MiB; seq * 2^24 stays exact below 2^53
 
 function firstSeq(buf) {
   const at = buf.indexOf(SEQ);
@@ -115,8 +119,9 @@ function onViewerFrame(buf) {
   }
   const seq = firstSeq(buf);
   if (seq < 0) return;
-  let f = frames.get(seq);
-  if (f === undefined) { f = digest(buf); frames.set(seq, f); }
+  const key = seq * FRAME_KEY + buf.length;
+  let f = frames.get(key);
+  if (f === undefined) { f = digest(buf); frames.set(key, f); }
   f.times.push(t);
   received += 1;
 }
@@ -131,7 +136,7 @@ function stats(cmd) {
   const hist = new Map();
   let deliveries = 0, unmatched = 0, maxMs = 0, framesIn = 0;
   const { t0, t1 } = cmd;
-  for (const [seq, f] of frames) {
+  for (const [key, f] of frames) {
     let last = 0;
     for (const t of f.times) {
       if (t > last) last = t;
@@ -147,7 +152,7 @@ function stats(cmd) {
         hist.set(b, (hist.get(b) || 0) + 1);
       }
     }
-    if (last < t1) frames.delete(seq); // no more receipts expected for it in later windows
+    if (last < t1) frames.delete(key); // no more receipts expected for it in later windows
   }
   const cpu = process.cpuUsage();
   out({ deliveries, frames: framesIn, unmatched, max_ms: maxMs, hist: Object.fromEntries(hist), received,

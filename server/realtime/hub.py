@@ -250,6 +250,19 @@ class Hub:
         for room_id in sorted(wanted - self.rooms.keys()):
             await self._load(room_id)
 
+    async def catch_up(self, room: Room, since: int | None) -> None:
+        """A `since` beyond what this gateway has read of a shared room (the client saw newer
+        events on another gateway, which read the log first): read the room's log to its end
+        now, delivering it to the viewers here, so the join recovers from `since` instead of
+        answering `recovered: false` for events Redis has."""
+        broker = self.broker
+        if since is None or not broker.shared or since <= broker.top_seq(room.id):
+            return
+        try:
+            await broker.flush((room.id,))
+        finally:
+            await self._drop_ended()
+
     # ---- membership ---------------------------------------------------------------------
 
     def join(

@@ -356,6 +356,7 @@ class Session:
         if message.since is not None:
             self.core.admit_replay(time.monotonic())
         room = hub.rooms.get(message.room) or await hub.live_room(message.room)
+        await hub.catch_up(room, message.since)
         joined, missed = hub.join(self.conn, room, message.since, user=self.user.user)
         # written here, before any await, so no room flush can slip between them; together
         # or not at all: a replay that would pass the backlog bound closes the socket 4008

@@ -122,6 +122,37 @@ async def test_since_on_another_gateway_recovers_what_was_written_on_the_first(
         await client.close()
 
 
+async def test_since_beyond_what_this_gateway_has_read_recovers(
+    two_gateways: Callable[..., Any], tokens: TokenMaker
+) -> None:
+    """A viewer who saw newer events on gateway a than gateway b has read yet (b reads once a
+    tick; here its tick is an hour) rejoins on b with `since`: b reads the log first."""
+    a, b = await two_gateways(a_limits={"tick_s": 0.01}, tick_s=3600.0)
+    async with AdminClient(a.admin_url, WEBHOOK_SECRET) as admin:
+        await admin.buy("ann", "coins_700")
+    creator = await go_live(a, tokens)
+    sender = await viewer(a, tokens, "ann")
+    there = await viewer(b, tokens, "cy")  # b follows the room from here on
+    watcher = await viewer(a, tokens, "bob")
+    await sender.request(gift("seen-on-a"))
+    (seen,) = await watcher.wait_for_room_events(1, kind="gift")
+    await watcher.close()
+    missed = [await sender.request(gift(f"not-yet-read-by-b-{i}")) for i in range(2)]
+    await sender.wait_for_room_events(3, kind="gift")
+    back, _ = await WsClient.login(b.ws_url, tokens("bob"))
+    rejoined = await back.request({"type": "join", "room": "cara", "since": seen["seq"]})
+    assert rejoined["recovered"] is True, rejoined
+    replay = await back.wait_for_room_events(2, kind="gift")
+    assert [e["event"] for e in replay] == [ok["event"] for ok in missed]
+    # b's own viewer got what b read for it, in seq order, with no gap
+    got = await there.wait_for_room_events(3, kind="gift")
+    assert [e["event"] for e in got[1:]] == [ok["event"] for ok in missed]
+    seqs = [e["seq"] for e in there.room_events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    for client in (back, there, sender, creator):
+        await client.close()
+
+
 async def test_viewer_counts_are_summed_over_gateways(
     two_gateways: Callable[..., Any], tokens: TokenMaker
 ) -> None:
