@@ -15,6 +15,10 @@
     giftstream:partitions            string, Redis Cluster only: the partition count, set
                                      at the first start (SET NX) and kept for good
 
+Keys that belong to one ledger stream L carry its name, so on a cluster they share its slot:
+L:dead (the consumers' dead letters), L:checkpoint and L:checkpoint:* (the checkpoint
+folder's state), giftstream:relay:lease:L (the relay's lease on L).
+
 On a Redis Cluster every per-user key above carries its partition's hash tag after the prefix
 (`giftstream:{p07}:wallet:U`) and each partition has its own ledger; `KeySpace` gives every
 name in both layouts, so no module builds a key by hand.
@@ -172,6 +176,21 @@ SINGLE = KeySpace()  # one Redis with the default ledger key: today's names
 LIVE_ROOMS = PREFIX + "rooms:live"  # set: the ids of the rooms live now (KeySpace.live_rooms)
 OPS_LOG = PREFIX + "ops:log"  # stream: the service's ops notices (realtime/opslog.py)
 GATEWAYS = PREFIX + "gateways"  # hash: each gateway's heartbeat (realtime/registry.py)
+
+
+def dead_letters(ledger: str) -> str:
+    """The default dead-letter stream of a ledger stream: giftstream:ledger:dead."""
+    return ledger + ":dead"
+
+
+def checkpoint(ledger: str) -> str:
+    """The checkpoint hash of a ledger stream; its other keys are this name plus a suffix."""
+    return ledger + ":checkpoint"
+
+
+def relay_lease(ledger: str) -> str:
+    """The lease that lets one relay at a time publish a ledger stream."""
+    return f"{PREFIX}relay:lease:{ledger}"
 
 
 def utc_day(now_ms: int) -> str:
