@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from giftstream.loadtest.api import Api, bounded
+from giftstream.server.money.keys import KeySpace
 
 MAX_LISTED = 10  # breaches named per check; the count says how many in all
 
@@ -117,7 +118,7 @@ async def check_wallets(
 
 async def check_redis(
     redis_url: str | None,
-    ledger_key: str,
+    keyspace: KeySpace,
     ledger_from: str | None,
     outcome: Outcome,
     users: set[str],
@@ -139,13 +140,14 @@ async def check_redis(
     audit_check = Check("audit")
     ledger = Check("ledger")
     try:
-        report = await audit(client, ledger_key=ledger_key)
+        report = await audit(client, keyspace=keyspace)
         audit_check.detail = report.summary()
         for text in report.breaches:
             audit_check.breach(text)
         gifts: dict[tuple[str, str], tuple[str, int]] = {}
         purchased: Counter[str] = Counter()
         start = "-" if ledger_from is None else "(" + ledger_from
+        (ledger_key,) = keyspace.ledgers()  # one Redis: `ledger_from` is this stream's id
         async for entry in read_entries(client, ledger_key, start=start):
             data = entry.data
             if entry.kind == "gift" and data["sender"] in users:

@@ -50,6 +50,7 @@ from giftstream.loadtest.scenario import SERVER_GIFTS_PER_S, Scenario, Secrets
 from giftstream.loadtest.system import ServerSample, ServerWatch, raise_nofile_limit
 from giftstream.loadtest.worker import Control, worker_main
 from giftstream.server.config import redact_url
+from giftstream.server.money.keys import KeySpace
 from giftstream.server.realtime.auth import Role, mint_token
 
 START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then
@@ -173,7 +174,8 @@ async def _run(
             raise RunError(f"cannot read the catalog from {s.admin}: {exc}") from exc
         plan = make_plan(s, catalog, run_id)
         _warn(s, console)
-        ledger_from = await _ledger_position(s.redis_url, s.ledger_key)
+        keyspace = KeySpace(ledger_key=s.ledger_key)  # the server's, on one Redis
+        ledger_from = await _ledger_position(s.redis_url, keyspace.ledger())
         console.print(
             f"[bold]giftstream loadtest[/] run {run_id}: {s.viewers} viewers ({s.gifters} "
             f"gifting) in {s.rooms} rooms over {s.workers} workers, {s.duration:g} s, "
@@ -199,7 +201,7 @@ async def _run(
         wallet_check, money = await check_wallets(api, bought, outcome, plan.creators)
         checks.append(wallet_check)
         checks += await check_redis(
-            s.redis_url, s.ledger_key, ledger_from, outcome, set(plan.gifters), bought
+            s.redis_url, keyspace, ledger_from, outcome, set(plan.gifters), bought
         )
         delivery_check, delivery = check_deliveries(outcome)
         checks.append(delivery_check)

@@ -28,7 +28,7 @@ from giftstream.server.realtime.broker import Broker, MemoryBroker
 from giftstream.server.realtime.caps import ConnectionCaps
 from giftstream.server.realtime.fanout import Fanout
 from giftstream.server.realtime.gateway import WS_PATH, Gateway
-from giftstream.server.realtime.hub import LIVE_ROOMS_KEY, Hub, RoomTimes
+from giftstream.server.realtime.hub import Hub, RoomTimes
 from giftstream.server.realtime.ops import OpsFeed
 from giftstream.server.realtime.opslog import OpsLog
 from giftstream.server.realtime.ratelimit import SharedBuckets
@@ -114,7 +114,7 @@ class App:
             self.redis,
             self.gateway_id,
             self._counters,
-            LIVE_ROOMS_KEY,
+            self.keyspace.live_rooms,
             expiry_s=settings.limits.gateway_expiry_s,
         )
         self.ops = OpsFeed(self.fanout, OpsLog(self.redis), self.registry)
@@ -199,10 +199,13 @@ class App:
     def _make_broker(self) -> MemoryBroker | RedisBroker:
         limits = self.settings.limits
         if self.settings.broker == "memory":
-            return MemoryBroker(self.redis, history_size=limits.history_size)
+            return MemoryBroker(
+                self.redis, history_size=limits.history_size, keyspace=self.keyspace
+            )
         return RedisBroker(
             self.redis,
             history_size=limits.history_size,
+            keyspace=self.keyspace,
             gateway_id=self.gateway_id,
             presence_refresh_s=limits.presence_refresh_s,
             presence_ttl_s=limits.presence_ttl_s,

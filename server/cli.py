@@ -442,13 +442,19 @@ def _own_embedded_redis(redis_dir: Path) -> EmbeddedRedis | str:
             raise ConfigError(f"embedded Redis: {exc}") from exc
 
 
+def _keyspace(values: dict[str, Any]) -> keys.KeySpace:
+    """The key space the ledger commands name keys by: one Redis's, with the configured
+    ledger key (these commands do not reach a Redis Cluster yet, issue 14)."""
+    return keys.KeySpace(ledger_key=values["ledger_key"])
+
+
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from giftstream.server.ledger.relay.config import RelayConfig
     from giftstream.server.ledger.relay.status import read_status
     from giftstream.server.ledger.relay.worker import run_relay
 
     _log_at(values["log_level"])
-    ledger_key: str = values["ledger_key"]
+    (ledger_key,) = _keyspace(values).ledgers()  # one relay (and lease) per ledger stream
     if args.status:
         with _ledger_redis(values) as url:
             status = uvloop.run(read_status(url, ledger_key))
@@ -498,7 +504,7 @@ def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
             group,
             consumer,
             handler,
-            ledger_key=values["ledger_key"],
+            keyspace=_keyspace(values),
             dead_letter_key=args.dead_letter_key,
             batch=args.batch,
             block_ms=args.block_ms,
@@ -518,34 +524,35 @@ def _trim(args: argparse.Namespace, values: dict[str, Any]) -> int:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
     with _ledger_redis(values) as url:
-        return uvloop.run(_run_trim(url, values["ledger_key"], keep))
+        return uvloop.run(_run_trim(url, _keyspace(values), keep))
 
 
-async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
+async def _run_trim(url: str, keyspace: keys.KeySpace, keep: int) -> int:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from giftstream.server.ledger.trim import trim
+    from giftstream.server.ledger.trim import trim_all
 
     client = aioredis.Redis.from_url(url)
     try:
-        done = await trim(client, ledger_key, keep_min_entries=keep)
+        done = await trim_all(client, keyspace, keep_min_entries=keep)
     except (RedisError, OSError) as exc:
         where = redact_url(url)
         print(f"giftstream: error: cannot trim in Redis at {where}: {exc}", file=sys.stderr)
         return 1
     finally:
         await client.aclose()
-    print(done.summary(ledger_key))
+    for ledger_key, trimmed in done.items():
+        print(trimmed.summary(ledger_key))
     return 0
 
 
 def _audit(args: argparse.Namespace, values: dict[str, Any]) -> int:
     with _ledger_redis(values) as url:
-        return uvloop.run(_run_audit(url, values["ledger_key"]))
+        return uvloop.run(_run_audit(url, _keyspace(values)))
 
 
-async def _run_audit(url: str, ledger_key: str) -> int:
+async def _run_audit(url: str, keyspace: keys.KeySpace) -> int:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
@@ -553,7 +560,7 @@ async def _run_audit(url: str, ledger_key: str) -> int:
 
     client = aioredis.Redis.from_url(url)
     try:
-        report = await audit(client, ledger_key=ledger_key)
+        report = await audit(client, keyspace=keyspace)
     except (RedisError, OSError) as exc:
         where = redact_url(url)
         print(f"giftstream: error: cannot audit Redis at {where}: {exc}", file=sys.stderr)

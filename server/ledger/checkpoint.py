@@ -70,7 +70,7 @@ class CheckpointKeys:
 
     @classmethod
     def of(cls, ledger_key: str = keys.LEDGER) -> CheckpointKeys:
-        base = ledger_key + ":checkpoint"
+        base = keys.checkpoint(ledger_key)
         return cls(
             base,
             base + ":wallets",

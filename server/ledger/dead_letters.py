@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def dead_letter_stream(ledger_key: str = keys.LEDGER) -> str:
     """The default dead-letter stream of a ledger: giftstream:ledger:dead."""
-    return ledger_key + ":dead"
+    return keys.dead_letters(ledger_key)
 
 
 async def replay_dead_letters(

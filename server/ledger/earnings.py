@@ -42,10 +42,12 @@ class EarningsConsumer:
         redis: aioredis.Redis,
         ledger_key: str = keys.LEDGER,
         *,
+        keyspace: keys.KeySpace = keys.SINGLE,
         seen_keep_ms: int = SEEN_KEEP_MS,
     ) -> None:
         self.redis = redis
         self.ledger_key = ledger_key  # unused: every ledger's gifts count the same
+        self.keyspace = keyspace  # names the counters (in the creator's partition)
         self.seen_keep_ms = seen_keep_ms
         self.counted = 0
         self.duplicates = 0
@@ -63,7 +65,7 @@ class EarningsConsumer:
         day_end_ms = (entry.ts // DAY_MS + 1) * DAY_MS
         keep_until = max(day_end_ms, int(time.time() * 1000)) + self.seen_keep_ms
         counted = await self._script(
-            keys=[keys.SINGLE.earnings_seen(creator, day), keys.SINGLE.earnings(creator)],
+            keys=[self.keyspace.earnings_seen(creator, day), self.keyspace.earnings(creator)],
             args=[entry.event, day, d["diamonds"], d["coins"], d["count"], keep_until],
         )
         if int(counted):
@@ -73,14 +75,14 @@ class EarningsConsumer:
         return False
 
 
-async def earnings(redis: aioredis.Redis, creator: str, day: str) -> dict[str, Any]:
+async def earnings(
+    redis: aioredis.Redis, creator: str, day: str, keyspace: keys.KeySpace = keys.SINGLE
+) -> dict[str, Any]:
     """A creator's earnings on one UTC day (YYYY-MM-DD): diamonds credited, coins gifted,
     gift items received and gift events; zeros for a day without gifts."""
     if not DAY.fullmatch(day):
         raise ValueError(f"day must be YYYY-MM-DD, not {day!r}")
-    values = await redis.hmget(
-        keys.SINGLE.earnings(creator), [f"{day}:{name}" for name in COUNTERS]
-    )
+    values = await redis.hmget(keyspace.earnings(creator), [f"{day}:{name}" for name in COUNTERS])
     totals: dict[str, Any] = {"creator": creator, "day": day}
     for name, value in zip(COUNTERS, values, strict=True):
         totals[name] = 0 if value is None else int(value)

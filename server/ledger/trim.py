@@ -100,6 +100,17 @@ async def trim(
     return Trim(removed, min_id, held_by, int(await redis.xlen(ledger_key)))
 
 
+async def trim_all(
+    redis: aioredis.Redis, keyspace: keys.KeySpace, *, keep_min_entries: int
+) -> dict[str, Trim]:
+    """trim() of every partition's ledger (one stream on one Redis), each on its own: its
+    groups, its checkpoint and its last `keep_min_entries`. Keyed by ledger stream."""
+    return {
+        ledger: await trim(redis, ledger, keep_min_entries=keep_min_entries)
+        for ledger in keyspace.ledgers()
+    }
+
+
 async def trim_ledger(
     redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
 ) -> int:

@@ -15,6 +15,10 @@
     giftstream:partitions            string, Redis Cluster only: the partition count, set
                                      at the first start (SET NX) and kept for good
 
+Keys that belong to one ledger stream L carry its name, so on a cluster they share its slot:
+L:dead (the consumers' dead letters), L:checkpoint and L:checkpoint:* (the checkpoint
+folder's state), giftstream:relay:lease:L (the relay's lease on L).
+
 On a Redis Cluster every per-user key above carries its partition's hash tag after the prefix
 (`giftstream:{p07}:wallet:U`) and each partition has its own ledger; `KeySpace` gives every
 name in both layouts, so no module builds a key by hand.
@@ -23,8 +27,10 @@ User, room and gift ids are 1-64 characters of [A-Za-z0-9_.:-] and idempotency k
 no ':' (protocol/rules.py), so `giftstream:wallet:*` matches wallets only and the last part
 of each key reads back unambiguously; the combo key joins two ids that may both hold ':'
 with '/'.
-`giftstream:room:*` and `giftstream:rooms:*` belong to the realtime path: hub.py keeps
-each room's record and the live set, broker.py (`room_key`) the seq bound in the record.
+`giftstream:room:*` and `giftstream:rooms:*` belong to the realtime path (named here too):
+hub.py keeps each room's record and the live set, the brokers the seq bound in the record,
+the Redis broker each room's log and presence. `giftstream:ops:log` (opslog.py) and
+`giftstream:gateways` (registry.py) are one key each for the whole service.
 
 What is read back comes as bytes (no client here decodes replies, so binary stays binary);
 `text` reads a key, id or field as str.
@@ -156,11 +162,35 @@ class KeySpace:
         """The room's viewers per gateway (Redis broker)."""
         return self._of(room_id, f"room:{room_id}:presence")
 
+    @property
+    def live_rooms(self) -> str:
+        """The set of the ids of the rooms live now: one key for the service, so on a cluster
+        it is in no room's slot (the room scripts that also touch it are not cluster-ready)."""
+        return LIVE_ROOMS
+
 
 MAX_PARTITIONS = 1024
 DEFAULT_PARTITIONS = 16  # a Redis Cluster's, unless --partitions says otherwise at its first start
 PARTITIONS = PREFIX + "partitions"  # string, on a cluster only: the partition count, set once
 SINGLE = KeySpace()  # one Redis with the default ledger key: today's names
+LIVE_ROOMS = PREFIX + "rooms:live"  # set: the ids of the rooms live now (KeySpace.live_rooms)
+OPS_LOG = PREFIX + "ops:log"  # stream: the service's ops notices (realtime/opslog.py)
+GATEWAYS = PREFIX + "gateways"  # hash: each gateway's heartbeat (realtime/registry.py)
+
+
+def dead_letters(ledger: str) -> str:
+    """The default dead-letter stream of a ledger stream: giftstream:ledger:dead."""
+    return ledger + ":dead"
+
+
+def checkpoint(ledger: str) -> str:
+    """The checkpoint hash of a ledger stream; its other keys are this name plus a suffix."""
+    return ledger + ":checkpoint"
+
+
+def relay_lease(ledger: str) -> str:
+    """The lease that lets one relay at a time publish a ledger stream."""
+    return f"{PREFIX}relay:lease:{ledger}"
 
 
 def utc_day(now_ms: int) -> str:

@@ -37,26 +37,14 @@ MakeEvent = Callable[[int], Event]  # builds a room event given its seq
 Deliver = Callable[[str, Sequence[bytes]], None]  # (room id, one tick's encoded events)
 
 
-LIVE_ROOMS_KEY = "giftstream:rooms:live"  # set: the ids of the rooms live now
+LIVE_ROOMS_KEY = keys.LIVE_ROOMS  # set: the ids of the rooms live now
 
-
-def room_key(room_id: str) -> str:
-    """The room's Redis hash: its record (creator, title, live, started, creator_seen), the
-    memory broker's seq bound (`seq_reserved`), the Redis broker's last seq (`seq`) and the
-    viewer count last announced (`viewers_announced`)."""
-    return keys.SINGLE.room(room_id)
-
-
-def log_key(room_id: str) -> str:
-    """The room's log (Redis broker): a stream of its events, entry ID 0-<seq>, fields `t`
-    (event type) and `d` (the encoded event)."""
-    return keys.SINGLE.room_log(room_id)
-
-
-def presence_key(room_id: str) -> str:
-    """The room's viewers per gateway (Redis broker): field gateway id, value
-    `<users>:<expires ms>`."""
-    return keys.SINGLE.room_presence(room_id)
+# A room's keys are named by the broker's `keys.KeySpace`: `room(id)` the room's hash (its
+# record: creator, title, live, started, creator_seen; the memory broker's seq bound
+# `seq_reserved`, the Redis broker's last seq `seq`, the viewer count last announced
+# `viewers_announced`), `room_log(id)` the Redis broker's log (a stream of its events, entry
+# ID 0-<seq>, fields `t` event type and `d` the encoded event), `room_presence(id)` its
+# viewers per gateway (field gateway id, value `<users>:<expires ms>`).
 
 
 class History(NamedTuple):
@@ -85,6 +73,8 @@ class PresenceManager(Protocol):
 class Broker(PresenceManager, Protocol):
     """Where rooms publish and from where a gateway receives them (`async with` starts and
     stops it). A room is used on this node between `subscribe` and `unsubscribe`."""
+
+    keyspace: keys.KeySpace  # names every room key (and the live set)
 
     @property
     def shared(self) -> bool:
@@ -178,9 +168,16 @@ class MemoryBroker:
     a busy room's history kept as dicts stalled every room), and persists a seq bound in
     Redis, in blocks, before any seq past it is sent."""
 
-    def __init__(self, redis: aioredis.Redis, *, history_size: int) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        history_size: int,
+        keyspace: keys.KeySpace = keys.SINGLE,
+    ) -> None:
         self.redis = redis
         self.history_size = history_size
+        self.keyspace = keyspace
         self._rooms: dict[str, _RoomLog] = {}
         self._dirty: dict[str, _RoomLog] = {}
 
@@ -207,13 +204,13 @@ class MemoryBroker:
         seq too, when the room was numbered by it before."""
         if room_id not in self._rooms:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hincrby(room_key(room_id), "seq_reserved", SEQ_BLOCK)
-                pipe.hget(room_key(room_id), "seq")
+                pipe.hincrby(self.keyspace.room(room_id), "seq_reserved", SEQ_BLOCK)
+                pipe.hget(self.keyspace.room(room_id), "seq")
                 reserved, shared_seq = await pipe.execute()
             bound = int(reserved)
             if shared_seq is not None and int(shared_seq) > bound - SEQ_BLOCK:
                 bound = int(shared_seq) + SEQ_BLOCK
-                await self.redis.hset(room_key(room_id), "seq_reserved", bound)
+                await self.redis.hset(self.keyspace.room(room_id), "seq_reserved", bound)
             if room_id not in self._rooms:  # else a racing subscribe won: keep its numbering
                 start = bound - SEQ_BLOCK
                 self._rooms[room_id] = _RoomLog(
@@ -279,7 +276,7 @@ class MemoryBroker:
                 return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for log, bound in bounds.items():
-                    pipe.hset(room_key(log.room_id), "seq_reserved", bound)
+                    pipe.hset(self.keyspace.room(log.room_id), "seq_reserved", bound)
                 await pipe.execute()
             for log, bound in bounds.items():
                 log.seq_reserved = max(log.seq_reserved, bound)
@@ -330,8 +327,8 @@ class MemoryBroker:
         self.publish(room_id, lambda seq: RoomEnded(room=room_id, seq=seq).as_dict())
         await self.flush((room_id,))  # its seq bound is persisted by now
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(room_key(room_id), "live", "0")
-            pipe.srem(LIVE_ROOMS_KEY, room_id)
+            pipe.hset(self.keyspace.room(room_id), "live", "0")
+            pipe.srem(self.keyspace.live_rooms, room_id)
             await pipe.execute()
         return True
 

@@ -33,7 +33,7 @@ from giftstream.protocol.rules import ALL_ROOMS
 from giftstream.server import scripts
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
-from giftstream.server.realtime.broker import LIVE_ROOMS_KEY, Broker, MakeEvent, room_key
+from giftstream.server.realtime.broker import LIVE_ROOMS_KEY, Broker, MakeEvent
 from giftstream.server.realtime.fanout import Fanout, text_frame
 from giftstream.server.realtime.ops import OpsFeed
 
@@ -101,6 +101,7 @@ class Hub:
     ) -> None:
         self.redis = redis
         self.broker = broker
+        self.keyspace = broker.keyspace  # one naming of room keys, the broker's
         self.fanout = fanout
         self.ops = ops
         self.metrics = metrics
@@ -118,7 +119,7 @@ class Hub:
     async def restore(self) -> int:
         """After a restart: with the memory broker, load the rooms Redis says are live (their
         history was memory); a shared broker loads each on demand. Returns how many are live."""
-        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
+        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(self.keyspace.live_rooms))
         if self.broker.shared:
             return len(room_ids)
         rooms = [room for room in await self._records(room_ids) if room is not None]
@@ -132,7 +133,7 @@ class Hub:
         """Each room's record as a Room, None for one that is not live."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
-                pipe.hgetall(room_key(room_id))
+                pipe.hgetall(self.keyspace.room(room_id))
             records = await pipe.execute()
         rooms: list[Room | None] = []
         for room_id, raw in zip(room_ids, records, strict=True):
@@ -157,13 +158,14 @@ class Hub:
         if room is not None:
             if title and title != room.title:
                 room.title = title
-                await self.redis.hset(room_key(creator), "title", title)
+                await self.redis.hset(self.keyspace.room(creator), "title", title)
             return room
         if not self.broker.shared:
             # the seq first: Redis never records a room live that this node could not number
             await self.broker.subscribe(creator, self._deliver)
         opened, stored_title, started = await self._open(
-            keys=[room_key(creator), LIVE_ROOMS_KEY], args=[creator, title, now_ms]
+            keys=[self.keyspace.room(creator), self.keyspace.live_rooms],
+            args=[creator, title, now_ms],
         )
         if creator in self.rooms:  # two go_live from the same creator raced; keep the first
             return self.rooms[creator]
@@ -203,17 +205,17 @@ class Hub:
             room = await self._load(room_id)
             if room is not None:
                 return room
-        if await self.redis.exists(room_key(room_id)):
+        if await self.redis.exists(self.keyspace.room(room_id)):
             raise ProtocolError(ErrorCode.ROOM_NOT_LIVE, f"room {room_id} is not live")
         raise ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {room_id}")
 
     async def refusal_elsewhere(self, room_id: str) -> ProtocolError:
         """Why a request about a room not followed here is refused (without following it):
         live elsewhere, it was not joined here; else not live, or unknown."""
-        live = await self.redis.hget(room_key(room_id), "live")
+        live = await self.redis.hget(self.keyspace.room(room_id), "live")
         if live == b"1":
             return ProtocolError(ErrorCode.NOT_JOINED, f"join room {room_id} before gifting")
-        if live is not None or await self.redis.exists(room_key(room_id)):
+        if live is not None or await self.redis.exists(self.keyspace.room(room_id)):
             return ProtocolError(ErrorCode.ROOM_NOT_LIVE, f"room {room_id} is not live")
         return ProtocolError(ErrorCode.UNKNOWN_ROOM, f"no room {room_id}")
 
@@ -245,7 +247,7 @@ class Hub:
             return
         wanted = set(room_ids)
         if ALL_ROOMS in wanted:
-            live = {keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY)}
+            live = {keys.text(m) for m in await self.redis.smembers(self.keyspace.live_rooms)}
             wanted = (wanted - {ALL_ROOMS}) | live
         for room_id in sorted(wanted - self.rooms.keys()):
             await self._load(room_id)
@@ -413,18 +415,18 @@ class Hub:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for creator in self._creators:
-                await self._seen(keys=[room_key(creator)], client=pipe)
+                await self._seen(keys=[self.keyspace.room(creator)], client=pipe)
             await pipe.execute()
 
     async def end_idle_rooms(self) -> int:
         """End every live room whose creator has not been seen for the idle time, whichever
         gateway holds it (each room's end re-checks, atomically); returns how many."""
-        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(LIVE_ROOMS_KEY))
+        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(self.keyspace.live_rooms))
         if not room_ids:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
-                pipe.hmget(room_key(room_id), ["creator_seen", "started"])
+                pipe.hmget(self.keyspace.room(room_id), ["creator_seen", "started"])
             pipe.time()
             *records, (seconds, micros) = await pipe.execute()
         now_ms = int(seconds) * 1000 + int(micros) // 1000

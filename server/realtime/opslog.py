@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from giftstream.server.money import keys
 
-OPS_LOG_KEY = "giftstream:ops:log"
+OPS_LOG_KEY = keys.OPS_LOG
 OPS_LOG_MAXLEN = 1000  # approximate (MAXLEN ~): notices for watchers now, not an archive
 READ_COUNT = 256  # entries read per turn; more wait for the next turn
 

@@ -1,6 +1,6 @@
 """The shared broker: any number of gateways on one Redis serve the same rooms.
 
-Each room's events live once, in its log stream (`broker.log_key`, entry ID 0-<seq>): a gift
+Each room's events live once, in its log stream (`KeySpace.room_log`, entry ID 0-<seq>): a gift
 is appended by its money script with its settlement (server/lua/send_gift.lua), any other
 event by `room_publish.lua`; both number it with the room's one counter, so log order is seq
 order whichever gateway wrote. A gateway follows the rooms it serves; each tick its flush
@@ -35,15 +35,12 @@ from redis.exceptions import NoScriptError, RedisError
 
 from giftstream.protocol.codec import encode_event, split_at_seq
 from giftstream.server import scripts
+from giftstream.server.money import keys
 from giftstream.server.realtime.broker import (
-    LIVE_ROOMS_KEY,
     Deliver,
     History,
     MakeEvent,
     history_after,
-    log_key,
-    presence_key,
-    room_key,
 )
 
 log = logging.getLogger(__name__)
@@ -82,8 +79,10 @@ class RedisBroker:
         gateway_id: str,
         presence_refresh_s: float = 5.0,
         presence_ttl_s: float = 15.0,
+        keyspace: keys.KeySpace = keys.SINGLE,
     ) -> None:
         self.redis = redis
+        self.keyspace = keyspace
         self.history_size = history_size
         self.gateway_id = gateway_id
         self.presence_refresh_s = presence_refresh_s
@@ -136,8 +135,8 @@ class RedisBroker:
             followed.deliver = deliver
             return
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xrevrange(log_key(room_id), "+", "-", count=self.history_size)
-            pipe.hmget(room_key(room_id), ["seq", "seq_reserved"])
+            pipe.xrevrange(self.keyspace.room_log(room_id), "+", "-", count=self.history_size)
+            pipe.hmget(self.keyspace.room(room_id), ["seq", "seq_reserved"])
             tail, (seq, reserved) = await pipe.execute()
         if room_id in self._rooms:  # a racing subscribe won: keep its position
             self._rooms[room_id].deliver = deliver
@@ -151,9 +150,9 @@ class RedisBroker:
         followed = _Followed(
             room_id=room_id,
             deliver=deliver,
-            record=room_key(room_id),
-            log=log_key(room_id),
-            presence=presence_key(room_id),
+            record=self.keyspace.room(room_id),
+            log=self.keyspace.room_log(room_id),
+            presence=self.keyspace.room_presence(room_id),
             room_json=orjson.dumps(room_id),
             last_id=tail[0][0] if tail else b"0-0",
             top_seq=max(newest, int(seq or 0), int(reserved or 0)),
@@ -220,7 +219,8 @@ class RedisBroker:
     def _publish_call(
         self, room_id: str, room_json: bytes, ops: Sequence[bytes | str | int]
     ) -> tuple[list[str], list[Any]]:
-        keys_ = [room_key(room_id), log_key(room_id), presence_key(room_id), LIVE_ROOMS_KEY]
+        ks = self.keyspace
+        keys_ = [ks.room(room_id), ks.room_log(room_id), ks.room_presence(room_id), ks.live_rooms]
         return keys_, [self.history_size, room_id, room_json, *ops]
 
     async def flush(self, room_ids: Collection[str] | None = None) -> None:
@@ -347,7 +347,7 @@ class RedisBroker:
         return False
 
     def gift_log(self, room_id: str) -> str:
-        return log_key(room_id)
+        return self.keyspace.room_log(room_id)
 
     def report_presence(self, room_id: str, connections: int) -> None:
         """Written to Redis at the next flush."""

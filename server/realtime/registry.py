@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from giftstream.server.money import keys
 from giftstream.server.scripts import register
 
-GATEWAYS_KEY = "giftstream:gateways"
+GATEWAYS_KEY = keys.GATEWAYS
 DEFAULT_EXPIRY_S = 15.0  # a gateway silent this long is gone (PROTOCOL.md 6: within 15 s)
 MAX_COUNTER = 2**53 - 1  # what a Lua number and a JSON reader both hold exactly
 

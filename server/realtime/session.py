@@ -53,7 +53,7 @@ from giftstream.server.money.catalog import Catalog, Gift
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import GiftRoom, SettledGift, Wallet
 from giftstream.server.realtime.auth import AuthError, Identity, TokenRules, verify_token
-from giftstream.server.realtime.broker import Event, MakeEvent, room_key
+from giftstream.server.realtime.broker import Event, MakeEvent
 from giftstream.server.realtime.caps import CapReason, ConnectionCaps
 from giftstream.server.realtime.connection import Connection, Outcome, State, Step
 from giftstream.server.realtime.fanout import Fanout, close_or_abort
@@ -458,7 +458,7 @@ class Session:
         meanwhile. Either way a gift is never settled unseen."""
         sender = self.user
         in_room = GiftRoom(
-            record=room_key(room.id),
+            record=self.parts.hub.keyspace.room(room.id),
             log=self.parts.hub.broker.gift_log(room.id),
             room_json=room.json,
             sender_json=self._sender_json,

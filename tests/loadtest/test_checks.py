@@ -188,9 +188,10 @@ async def test_an_unreachable_redis_is_named_without_its_password() -> None:
     """The end-of-run Redis checks, and the ledger position read before the run."""
     from giftstream.loadtest.check import check_redis
     from giftstream.loadtest.runner import RunError, _ledger_position
+    from giftstream.server.money.keys import SINGLE
 
     bad_redis = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
-    checks = await check_redis(bad_redis, "giftstream:ledger", None, outcome(), {"g"}, {})
+    checks = await check_redis(bad_redis, SINGLE, None, outcome(), {"g"}, {})
     for check in checks:
         assert check.status == "fail"
         assert check.breaches[0].startswith(f"cannot read Redis at {redact_url(bad_redis)}: ")

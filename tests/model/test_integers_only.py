@@ -31,7 +31,6 @@ from giftstream.server.money.admin import http_status
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import MAX_BALANCE, Wallet
-from giftstream.server.realtime.broker import log_key, room_key
 from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.model.conftest import Eval, Everything, fund
 from tests.model.keyspace import snapshot
@@ -238,8 +237,8 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.SINGLE.combo("ann", "cara"),
             keys.LEDGER,
             keys.SINGLE.held("cara"),
-            room_key("cara"),  # live (setup_raw); the gateway's call under the Redis broker
-            log_key("cara"),
+            keys.SINGLE.room("cara"),  # live (setup_raw); the gateway's call under the Redis broker
+            keys.SINGLE.room_log("cara"),
         ],
         [
             "ev-1",
@@ -334,7 +333,7 @@ async def setup_raw(name: str, money: Wallet, redis: aioredis.Redis) -> RawCall:
         key="gift-key-bob",
         gift=HEART,
     )
-    await redis.hset(room_key("cara"), "live", "1")
+    await redis.hset(keys.SINGLE.room("cara"), "live", "1")
     if name == "dead_letter":
         await redis.xgroup_create(keys.LEDGER, "earnings", id="0")
         reply: Any = await redis.xreadgroup("earnings", "consumer-1", {keys.LEDGER: ">"}, count=1)

@@ -36,7 +36,6 @@ from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import MAX_BALANCE, GiftRoom, Wallet
-from giftstream.server.realtime.broker import log_key, room_key
 from tests.model.conftest import SCRIPT_NAMES, Eval, everything, fund
 from tests.server.conftest import NOW_MS, MoneyClock
 
@@ -120,8 +119,8 @@ Break = Callable[[World], Awaitable[None]]
 # cara's room as the gateway passes it under the Redis broker: the gift's event is written
 # to the room's log by the same script.
 IN_ROOM = GiftRoom(
-    record=room_key("cara"),
-    log=log_key("cara"),
+    record=keys.SINGLE.room("cara"),
+    log=keys.SINGLE.room_log("cara"),
     room_json=b'"cara"',
     sender_json=b'{"id":"ann","name":"Ann"}',
     gift_json=b'{"id":"heart","name":"Heart","coins":5,"animation":"heart.webp"}',
@@ -311,7 +310,7 @@ class Case:
 
 
 SENDER, CREATOR = keys.SINGLE.wallet("ann"), keys.SINGLE.wallet("cara")
-ROOM, ROOM_LOG = room_key("cara"), log_key("cara")
+ROOM, ROOM_LOG = keys.SINGLE.room("cara"), keys.SINGLE.room_log("cara")
 GIFT_RECORD = keys.SINGLE.gift_key("ann", "gift-key-np")
 COMBO, HELD = keys.SINGLE.combo("ann", "cara"), keys.SINGLE.held("cara")
 RECEIPT_NEW, RECEIPT_OLD = keys.SINGLE.receipt("rc-np-1"), keys.SINGLE.receipt(RECEIPT)

@@ -11,8 +11,8 @@ import pytest
 
 from giftstream.protocol.codec import gift_json, sender_json
 from giftstream.server.app import App
+from giftstream.server.money import keys
 from giftstream.server.money.wallet import GiftRoom
-from giftstream.server.realtime.broker import room_key
 from tests.conftest import WEBHOOK_SECRET
 from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 
@@ -53,7 +53,7 @@ def room_of_a_dead_gateway(app: App) -> GiftRoom:
     died before its hub could publish)."""
     rose = app.catalog.gifts["rose"]
     return GiftRoom(
-        record=room_key("cara"),
+        record=keys.SINGLE.room("cara"),
         log=app.broker.gift_log("cara"),
         room_json=b'"cara"',
         sender_json=sender_json("ann", "Ann"),

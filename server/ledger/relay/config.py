@@ -15,7 +15,7 @@ DEFAULT_LEASE_TTL_MS = 10_000
 
 def lease_key(ledger_key: str = keys.LEDGER) -> str:
     """The Redis key of the lease that lets one relay at a time publish `ledger_key`."""
-    return f"{keys.PREFIX}relay:lease:{ledger_key}"
+    return keys.relay_lease(ledger_key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ CONSUMER = "doomed"
 
 async def main(redis_url: str, handler_name: str, stall_after: int) -> None:
     client = aioredis.Redis.from_url(redis_url)
-    real = HANDLERS[handler_name](client, keys.LEDGER)
+    real = HANDLERS[handler_name](client, keys.SINGLE, keys.SINGLE.ledger())
     handled = 0
 
     async def handler(entry: LedgerEntry) -> None:

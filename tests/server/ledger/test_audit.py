@@ -209,6 +209,6 @@ async def test_a_configured_ledger_key(redis_client: aioredis.Redis) -> None:
     )
     await mixed_workload(wallet)
     assert await redis_client.exists(keys.LEDGER) == 0
-    report = await audit(redis_client, ledger_key="test:ledger")
+    report = await audit(redis_client, keyspace=keys.KeySpace(ledger_key="test:ledger"))
     assert report.ok and report.entries == 9
     assert not (await audit(redis_client)).ok  # the default stream holds none of it

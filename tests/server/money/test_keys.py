@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import zlib
+from pathlib import Path
 
 import pytest
 from redis.crc import key_slot
@@ -79,3 +82,80 @@ def test_ledgers_one_per_partition() -> None:
 def test_bad_partition_counts_are_refused(partitions: int, cluster: bool) -> None:
     with pytest.raises(ValueError, match="partition"):
         KeySpace(partitions=partitions, cluster=cluster)
+
+
+# ---- no module names a key by hand ------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[3]
+KEYS_PY = REPO / "server" / "money" / "keys.py"
+KEY_LITERAL = re.compile(r"giftstream:\S")  # a key name; "giftstream: error: ..." is a message
+LUA_KEY_LITERAL = re.compile(r"""['"]giftstream:\S""")
+
+
+def hand_made_keys(source: str) -> list[str]:
+    """Where Python source names a key outside keys.py: a string literal (or an f-string's
+    text) beginning `giftstream:` and a use of keys.PREFIX. Docstrings are prose, not keys.
+    Nothing else needs allowing: metric names begin `giftstream_`, NATS subjects
+    `giftstream.`, and error messages `giftstream: ` (a space after the colon)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if id(node) not in docstrings and KEY_LITERAL.match(node.value):
+                found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr == "PREFIX":
+            if isinstance(node.value, ast.Name) and node.value.id == "keys":
+                found.append(f"line {node.lineno}: keys.PREFIX")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("money.keys"):
+            if any(alias.name == "PREFIX" for alias in node.names):
+                found.append(f"line {node.lineno}: imports PREFIX")
+    return found
+
+
+def test_the_scan_finds_hand_made_keys() -> None:
+    """The scan below can fail: each way of building a key by hand is caught."""
+    source = """
+\"\"\"Docstring naming giftstream:ledger is prose.\"\"\"
+from giftstream.server.money import keys
+from giftstream.server.money.keys import PREFIX
+LIVE = "giftstream:rooms:live"
+def lease(ledger: str) -> str:
+    return f"giftstream:relay:lease:{ledger}" + keys.PREFIX
+MESSAGE = "giftstream: error: no"
+METRIC = "giftstream_connections"
+"""
+    assert sorted(hand_made_keys(source)) == [
+        "line 4: imports PREFIX",
+        "line 5: 'giftstream:rooms:live'",
+        "line 7: 'giftstream:relay:lease:'",
+        "line 7: keys.PREFIX",
+    ]
+    assert LUA_KEY_LITERAL.search("redis.call('GET', 'giftstream:wallet:' .. u)")
+    assert not LUA_KEY_LITERAL.search("error('giftstream: bad ' .. KEYS[1])")
+
+
+def test_no_module_names_a_key_outside_keys_py() -> None:
+    """Every money, room and ledger key is named in server/money/keys.py (issue 14: on a
+    cluster one naming must pick each key's slot), never by hand in server/ or loadtest/;
+    the Lua scripts are given every key (KEYS), never build one."""
+    found = []
+    for folder in ("server", "loadtest"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path != KEYS_PY:
+                where = path.relative_to(REPO)
+                found += [f"{where} {hit}" for hit in hand_made_keys(path.read_text())]
+    lua = sorted((REPO / "server" / "lua").glob("*.lua"))
+    assert lua  # the scan reads the scripts where they are
+    for path in lua:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if LUA_KEY_LITERAL.search(line):
+                found.append(f"{path.relative_to(REPO)} line {number}: {line.strip()}")
+    assert found == []

@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 from giftstream.protocol.codec import encode_event, gift_json, sender_json
 from giftstream.protocol.events import GiftEvent
 from giftstream.server.app import App
+from giftstream.server.money import keys
 from giftstream.server.money.catalog import Economics, Gift, Package
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import GiftRoom, Wallet
-from giftstream.server.realtime.broker import LIVE_ROOMS_KEY, log_key, room_key
 from tests.conftest import WEBHOOK_SECRET
 from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 from tests.model.keyspace import snapshot
@@ -222,16 +222,16 @@ async def test_a_room_whose_creator_is_away_is_ended_by_any_gateway(
     creator = await go_live(a, tokens)
     watcher = await viewer(b, tokens, "bob")
     # while cara is connected (to a), a keeps her room seen
-    first = int(await redis_client.hget(room_key("cara"), "creator_seen") or 0)
+    first = int(await redis_client.hget(keys.SINGLE.room("cara"), "creator_seen") or 0)
     await watcher.wait_until(
         lambda: True if watcher.room_events else None, 10, "the first viewers event"
     )
     await creator.close()  # cara's gateway no longer sees her
     (ended,) = await watcher.wait_for_room_events(1, timeout=20, kind="room_ended")
     assert ended["room"] == "cara"
-    record = await redis_client.hgetall(room_key("cara"))
+    record = await redis_client.hgetall(keys.SINGLE.room("cara"))
     assert record[b"live"] == b"0" and int(record[b"creator_seen"]) >= first
-    assert not await redis_client.sismember(LIVE_ROOMS_KEY, "cara")
+    assert not await redis_client.sismember(keys.LIVE_ROOMS, "cara")
     await watcher.close()
 
 
@@ -241,22 +241,22 @@ async def test_a_connected_creator_keeps_their_room_seen(
     a, b = await two_gateways(room_idle_s=30.0, creator_seen_s=0.05)
     creator = await go_live(a, tokens)
     watcher = await viewer(b, tokens, "bob")
-    first = int(await redis_client.hget(room_key("cara"), "creator_seen") or 0)
+    first = int(await redis_client.hget(keys.SINGLE.room("cara"), "creator_seen") or 0)
 
     async def seen_since() -> bool:
-        return int(await redis_client.hget(room_key("cara"), "creator_seen") or 0) > first
+        return int(await redis_client.hget(keys.SINGLE.room("cara"), "creator_seen") or 0) > first
 
     # wait on Redis telling of writes to the room's record, not on a clock
     await redis_client.config_set("notify-keyspace-events", "Kh")
     try:
         async with redis_client.pubsub() as pubsub:
-            await pubsub.subscribe(f"__keyspace@0__:{room_key('cara')}")
+            await pubsub.subscribe(f"__keyspace@0__:{keys.SINGLE.room('cara')}")
             async with asyncio.timeout(20):
                 while not await seen_since():
                     await pubsub.get_message(timeout=None)
     finally:
         await redis_client.config_set("notify-keyspace-events", "")
-    assert await redis_client.hget(room_key("cara"), "live") == b"1"
+    assert await redis_client.hget(keys.SINGLE.room("cara"), "live") == b"1"
     for client in (watcher, creator):
         await client.close()
 
@@ -278,8 +278,8 @@ async def a_wallet(redis_client: aioredis.Redis) -> Wallet:
 
 def in_cara(sender: str, name: str, gift: Gift) -> GiftRoom:
     return GiftRoom(
-        record=room_key("cara"),
-        log=log_key("cara"),
+        record=keys.SINGLE.room("cara"),
+        log=keys.SINGLE.room_log("cara"),
         room_json=orjson.dumps("cara"),
         sender_json=sender_json(sender, name),
         gift_json=gift_json(gift.id, gift.name, gift.coins, gift.animation),
@@ -291,7 +291,7 @@ async def test_the_script_writes_the_protocol_gift_event_byte_for_byte(
     redis_client: aioredis.Redis,
 ) -> None:
     wallet = await a_wallet(redis_client)
-    await redis_client.hset(room_key("cara"), mapping={"live": "1", "seq": 41})
+    await redis_client.hset(keys.SINGLE.room("cara"), mapping={"live": "1", "seq": 41})
     settled = await wallet.send_gift(
         sender="zoe",
         adult=True,
@@ -302,7 +302,7 @@ async def test_the_script_writes_the_protocol_gift_event_byte_for_byte(
         key="odd-gift-key-1",
         in_room=in_cara("zoe", ZOE, ODD_GIFT),
     )
-    logged: Any = await redis_client.xrange(log_key("cara"))
+    logged: Any = await redis_client.xrange(keys.SINGLE.room_log("cara"))
     ((entry_id, fields),) = logged
     expected = GiftEvent(
         room="cara",
@@ -319,7 +319,7 @@ async def test_the_script_writes_the_protocol_gift_event_byte_for_byte(
         ts=settled.ts,
     )
     assert fields == {b"t": b"gift", b"d": encode_event(expected.as_dict())}
-    assert entry_id == b"0-42" and await redis_client.hget(room_key("cara"), "seq") == b"42"
+    assert entry_id == b"0-42" and await redis_client.hget(keys.SINGLE.room("cara"), "seq") == b"42"
     # a replay of the key settles nothing and writes no second event
     again = await wallet.send_gift(
         sender="zoe",
@@ -331,7 +331,7 @@ async def test_the_script_writes_the_protocol_gift_event_byte_for_byte(
         key="odd-gift-key-1",
         in_room=in_cara("zoe", ZOE, ODD_GIFT),
     )
-    assert again.replayed and await redis_client.xlen(log_key("cara")) == 1
+    assert again.replayed and await redis_client.xlen(keys.SINGLE.room_log("cara")) == 1
     await wallet.drain()
 
 
@@ -342,7 +342,7 @@ async def test_a_gift_to_a_room_not_live_is_refused_and_changes_nothing(
 ) -> None:
     wallet = await a_wallet(redis_client)
     if record:
-        await redis_client.hset(room_key("cara"), mapping=dict[Any, Any](record))
+        await redis_client.hset(keys.SINGLE.room("cara"), mapping=dict[Any, Any](record))
     room = in_cara("zoe", "Zoe", ODD_GIFT)
     if not log:
         room = GiftRoom(room.record, "", b"", b"", b"", 0)  # what the memory broker passes
@@ -395,6 +395,8 @@ async def test_memory_broker_gateway_still_serves_a_room(
         ok = await sender.request(gift("memory-broker-1"))
         (event,) = await sender.wait_for_room_events(1, kind="gift")
         assert event["event"] == ok["event"]
-        assert not await node.redis.exists(log_key("cara"))  # nothing in Redis but the bound
+        assert not await node.redis.exists(
+            keys.SINGLE.room_log("cara")
+        )  # nothing in Redis but the bound
         for client in (sender, creator):
             await client.close()
