@@ -114,7 +114,7 @@ class App:
             self.redis,
             self.gateway_id,
             self._counters,
-            self.keyspace.live_rooms,
+            self.keyspace.all_live_rooms(),
             expiry_s=settings.limits.gateway_expiry_s,
         )
         self.ops = OpsFeed(self.fanout, OpsLog(self.redis), self.registry)

@@ -1,7 +1,8 @@
 -- Opens a creator's room, from any gateway: live, in the live set, seen now (Redis's clock),
 -- its viewer count to be announced afresh. A room already live stays as it is; a non-empty
 -- title replaces its title.
--- KEYS: room record, the live-room set. ARGV: creator (the room's id), title, started (ms).
+-- KEYS: room record, the live-room set of the room's partition (its slot on a cluster).
+-- ARGV: creator (the room's id), title, started (ms).
 -- Reply: {opened now (0/1), title, started}.
 local room_record, live_set = KEYS[1], KEYS[2]
 local creator, title = ARGV[1], ARGV[2]

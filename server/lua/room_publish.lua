@@ -8,7 +8,7 @@
 --                        set): one atomic end, whichever gateway asks
 --   'idle' ms            the same end, only when the creator has not been seen for `ms`
 -- A room that has ended (live=0) takes no more events: its `room_ended` was the last.
--- KEYS: room record, room log, room presence, the live-room set.
+-- KEYS: room record, room log, room presence, the live-room set of the room's partition.
 -- ARGV: log size, room id, room id as JSON, then the ops.
 -- Reply: {viewers now (-1 when no 'v'), ended by this call (0/1), live after (0/1), last seq}.
 local room_record, room_log, presence, live_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -14,6 +14,8 @@
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
     giftstream:partitions            string, Redis Cluster only: the partition count, set
                                      at the first start (SET NX) and kept for good
+    giftstream:rooms:live            set: the ids of the rooms live now (one per partition on
+                                     a cluster, KeySpace.live_rooms_of / all_live_rooms)
 
 Keys that belong to one ledger stream L carry its name, so on a cluster they share its slot:
 L:dead (the consumers' dead letters), L:checkpoint and L:checkpoint:* (the checkpoint
@@ -28,7 +30,7 @@ no ':' (protocol/rules.py), so `giftstream:wallet:*` matches wallets only and th
 of each key reads back unambiguously; the combo key joins two ids that may both hold ':'
 with '/'.
 `giftstream:room:*` and `giftstream:rooms:*` belong to the realtime path (named here too):
-hub.py keeps each room's record and the live set, the brokers the seq bound in the record,
+hub.py keeps each room's record and the live sets, the brokers the seq bound in the record,
 the Redis broker each room's log and presence. `giftstream:ops:log` (opslog.py) and
 `giftstream:gateways` (registry.py) are one key each for the whole service.
 
@@ -162,18 +164,23 @@ class KeySpace:
         """The room's viewers per gateway (Redis broker)."""
         return self._of(room_id, f"room:{room_id}:presence")
 
-    @property
-    def live_rooms(self) -> str:
-        """The set of the ids of the rooms live now: one key for the service, so on a cluster
-        it is in no room's slot (the room scripts that also touch it are not cluster-ready)."""
-        return LIVE_ROOMS
+    def live_rooms_of(self, room_id: str) -> str:
+        """The live-room set the room belongs in: its creator's partition's, so the room
+        scripts touch it with the room's keys on one shard (one Redis: the one set)."""
+        return self._of(room_id, LIVE_ROOMS.removeprefix(PREFIX))
+
+    def all_live_rooms(self) -> list[str]:
+        """Every partition's live-room set, partition 0 first: readers take their union (and
+        sum counts outside scripts, which may not read keys of several slots)."""
+        rest = LIVE_ROOMS.removeprefix(PREFIX)
+        return [f"{PREFIX}{self.tag(p)}{rest}" for p in range(self.partitions)]
 
 
 MAX_PARTITIONS = 1024
 DEFAULT_PARTITIONS = 16  # a Redis Cluster's, unless --partitions says otherwise at its first start
 PARTITIONS = PREFIX + "partitions"  # string, on a cluster only: the partition count, set once
 SINGLE = KeySpace()  # one Redis with the default ledger key: today's names
-LIVE_ROOMS = PREFIX + "rooms:live"  # set: the ids of the rooms live now (KeySpace.live_rooms)
+LIVE_ROOMS = PREFIX + "rooms:live"  # set: the ids of the rooms live now, one Redis's name
 OPS_LOG = PREFIX + "ops:log"  # stream: the service's ops notices (realtime/opslog.py)
 GATEWAYS = PREFIX + "gateways"  # hash: each gateway's heartbeat (realtime/registry.py)
 

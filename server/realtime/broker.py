@@ -37,7 +37,7 @@ MakeEvent = Callable[[int], Event]  # builds a room event given its seq
 Deliver = Callable[[str, Sequence[bytes]], None]  # (room id, one tick's encoded events)
 
 
-LIVE_ROOMS_KEY = keys.LIVE_ROOMS  # set: the ids of the rooms live now
+LIVE_ROOMS_KEY = keys.LIVE_ROOMS  # one Redis's live-room set (a cluster: one per partition)
 
 # A room's keys are named by the broker's `keys.KeySpace`: `room(id)` the room's hash (its
 # record: creator, title, live, started, creator_seen; the memory broker's seq bound
@@ -328,7 +328,7 @@ class MemoryBroker:
         await self.flush((room_id,))  # its seq bound is persisted by now
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keyspace.room(room_id), "live", "0")
-            pipe.srem(self.keyspace.live_rooms, room_id)
+            pipe.srem(self.keyspace.live_rooms_of(room_id), room_id)
             await pipe.execute()
         return True
 

@@ -119,7 +119,7 @@ class Hub:
     async def restore(self) -> int:
         """After a restart: with the memory broker, load the rooms Redis says are live (their
         history was memory); a shared broker loads each on demand. Returns how many are live."""
-        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(self.keyspace.live_rooms))
+        room_ids = sorted(await self._live_room_ids())
         if self.broker.shared:
             return len(room_ids)
         rooms = [room for room in await self._records(room_ids) if room is not None]
@@ -128,6 +128,14 @@ class Hub:
             self.rooms[room.id] = room
         self.metrics.rooms_live.set(len(self.rooms))
         return len(self.rooms)
+
+    async def _live_room_ids(self) -> set[str]:
+        """The ids in every partition's live-room set (one Redis: the one set), one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for live_set in self.keyspace.all_live_rooms():
+                pipe.smembers(live_set)
+            members = await pipe.execute()
+        return {keys.text(m) for part in members for m in part}
 
     async def _records(self, room_ids: Sequence[str]) -> list[Room | None]:
         """Each room's record as a Room, None for one that is not live."""
@@ -164,7 +172,7 @@ class Hub:
             # the seq first: Redis never records a room live that this node could not number
             await self.broker.subscribe(creator, self._deliver)
         opened, stored_title, started = await self._open(
-            keys=[self.keyspace.room(creator), self.keyspace.live_rooms],
+            keys=[self.keyspace.room(creator), self.keyspace.live_rooms_of(creator)],
             args=[creator, title, now_ms],
         )
         if creator in self.rooms:  # two go_live from the same creator raced; keep the first
@@ -247,7 +255,7 @@ class Hub:
             return
         wanted = set(room_ids)
         if ALL_ROOMS in wanted:
-            live = {keys.text(m) for m in await self.redis.smembers(self.keyspace.live_rooms)}
+            live = await self._live_room_ids()
             wanted = (wanted - {ALL_ROOMS}) | live
         for room_id in sorted(wanted - self.rooms.keys()):
             await self._load(room_id)
@@ -421,7 +429,7 @@ class Hub:
     async def end_idle_rooms(self) -> int:
         """End every live room whose creator has not been seen for the idle time, whichever
         gateway holds it (each room's end re-checks, atomically); returns how many."""
-        room_ids = sorted(keys.text(m) for m in await self.redis.smembers(self.keyspace.live_rooms))
+        room_ids = sorted(await self._live_room_ids())
         if not room_ids:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -220,7 +220,12 @@ class RedisBroker:
         self, room_id: str, room_json: bytes, ops: Sequence[bytes | str | int]
     ) -> tuple[list[str], list[Any]]:
         ks = self.keyspace
-        keys_ = [ks.room(room_id), ks.room_log(room_id), ks.room_presence(room_id), ks.live_rooms]
+        keys_ = [
+            ks.room(room_id),
+            ks.room_log(room_id),
+            ks.room_presence(room_id),
+            ks.live_rooms_of(room_id),
+        ]
         return keys_, [self.history_size, room_id, room_json, *ops]
 
     async def flush(self, room_ids: Collection[str] | None = None) -> None:

@@ -10,7 +10,7 @@ gateway that stops cleanly at once.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -132,8 +132,9 @@ class ServiceMeter:
 class GatewayRegistry:
     """This gateway's heartbeat in `giftstream:gateways`, and readings of all of them.
 
-    `counters` is asked at each heartbeat; `live_rooms_key` is the set of live rooms (the
-    hub's). Both scripts take Redis's TIME, so the age of a
+    `counters` is asked at each heartbeat; `live_rooms_keys` are the sets of live rooms (the
+    hub's, one per partition), counted outside the scripts as they may be in other slots. Both
+    scripts take Redis's TIME, so the age of a
     heartbeat is judged by one clock however skewed the gateways' own are."""
 
     def __init__(
@@ -141,11 +142,13 @@ class GatewayRegistry:
         redis: aioredis.Redis,
         gateway_id: str,
         counters: Callable[[], Counters],
-        live_rooms_key: str,
+        live_rooms_keys: Sequence[str],
         expiry_s: float = DEFAULT_EXPIRY_S,
     ) -> None:
         self.redis = redis
-        self.live_rooms_key = live_rooms_key
+        if isinstance(live_rooms_keys, str):
+            raise TypeError("live_rooms_keys: a list of keys, not one key's name")
+        self.live_rooms_keys = list(live_rooms_keys)
         self.gateway_id = gateway_id
         self.counters = counters
         self.expiry_ms = max(1, round(expiry_s * 1000))
@@ -171,15 +174,16 @@ class GatewayRegistry:
                 client=pipe,
             )
             await self._survey(keys=[GATEWAYS_KEY], args=[self.expiry_ms], client=pipe)
-            pipe.scard(self.live_rooms_key)
-            _, reply, rooms = await pipe.execute()
+            for live_set in self.live_rooms_keys:
+                pipe.scard(live_set)
+            _, reply, *live_counts = await pipe.execute()
         now_ms, *fields = reply
         beats: dict[str, Heartbeat] = {}
         for gateway, raw in zip(fields[::2], fields[1::2], strict=True):
             beat = Heartbeat.parse(raw)
             if beat is not None:
                 beats[keys.text(gateway)] = beat
-        return Survey(now_ms=int(now_ms), rooms=int(rooms), beats=beats)
+        return Survey(now_ms=int(now_ms), rooms=sum(int(n) for n in live_counts), beats=beats)
 
     async def remove(self) -> None:
         """Take this gateway out at once (a clean stop), not after the expiry."""

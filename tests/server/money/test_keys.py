@@ -33,6 +33,8 @@ def test_one_redis_keeps_todays_names() -> None:
     assert space.room_presence("cara") == "giftstream:room:cara:presence"
     assert space.wallet_match == "giftstream:wallet:*"
     assert KeySpace(ledger_key="test:ledger").ledger() == "test:ledger"
+    assert space.live_rooms_of("cara") == space.live_rooms_of("dan") == "giftstream:rooms:live"
+    assert space.all_live_rooms() == ["giftstream:rooms:live"] == [keys.LIVE_ROOMS]
 
 
 def test_partition_is_crc32_mod_p_and_stable() -> None:
@@ -74,6 +76,20 @@ def test_ledgers_one_per_partition() -> None:
     assert len(set(ledgers)) == 16 and ledgers[7] == "giftstream:{p07}:ledger"
     custom = KeySpace(ledger_key="giftstream:money", partitions=2, cluster=True)
     assert custom.ledgers() == ["giftstream:{p00}:money", "giftstream:{p01}:money"]
+
+
+def test_live_rooms_one_set_per_partition_on_a_cluster() -> None:
+    """A room's live set is its creator's partition's, so the room scripts (room_open,
+    room_publish) and the memory broker's end touch one slot; readers take every set."""
+    sets = CLUSTER.all_live_rooms()
+    assert len(set(sets)) == 16 and sets[7] == "giftstream:{p07}:rooms:live"
+    assert CLUSTER.live_rooms_of("ann") == "giftstream:{p03}:rooms:live" == sets[3]
+    for room in ("ann", "cara", "a:b.c-d_9", *(f"u{i}" for i in range(50))):
+        live_set = CLUSTER.live_rooms_of(room)
+        assert live_set == sets[CLUSTER.partition(room)]
+        room_keys = [CLUSTER.room(room), CLUSTER.room_log(room), CLUSTER.room_presence(room)]
+        assert {key_slot(k.encode()) for k in room_keys} == {key_slot(live_set.encode())}
+    assert len({key_slot(k.encode()) for k in sets}) == 16  # one slot each
 
 
 @pytest.mark.parametrize(

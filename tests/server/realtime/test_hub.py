@@ -6,8 +6,18 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from giftstream.server.app import App
+from giftstream.server.metrics import Metrics
+from giftstream.server.money import keys
+from giftstream.server.money.keys import KeySpace
+from giftstream.server.realtime.broker import MemoryBroker
+from giftstream.server.realtime.fanout import Fanout
+from giftstream.server.realtime.hub import Hub
+from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.realtime.opslog import OpsLog
+from giftstream.server.realtime.registry import Counters, GatewayRegistry
 from tests.conftest import JWT_SECRET
 from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 
@@ -265,3 +275,37 @@ async def test_shutdown_ends_the_tick_even_if_its_cancel_is_lost(
         await in_tick.wait()
     async with asyncio.timeout(30):
         await node.shutdown()
+
+
+def bare_hub(redis: aioredis.Redis, keyspace: KeySpace) -> Hub:
+    """A hub over the memory broker naming keys by `keyspace`, without a running server."""
+    metrics = Metrics()
+    registry = GatewayRegistry(redis, "g", lambda: Counters(0, 0, 0), keyspace.all_live_rooms())
+    ops = OpsFeed(Fanout(1 << 20, metrics), OpsLog(redis), registry)
+    return Hub(
+        redis, MemoryBroker(redis, history_size=16, keyspace=keyspace), ops.fanout, ops, metrics
+    )
+
+
+async def test_live_rooms_are_kept_per_partition_and_read_from_every_one(
+    redis_client: aioredis.Redis,
+) -> None:
+    """With a cluster's KeySpace (hash-tagged names work on one Redis too) each room goes into
+    its creator's partition's live set, in the room's slot (room_open); a restarted node
+    restores the rooms of every partition, and an end takes a room out of its own set."""
+    space = KeySpace(partitions=4, cluster=True)
+    creators = [
+        next(f"c{i}" for i in range(200) if space.partition(f"c{i}") == p) for p in range(4)
+    ]
+    hub = bare_hub(redis_client, space)
+    for creator in creators:
+        await hub.go_live(creator, "Show", 1000)
+    for creator in creators:
+        assert await redis_client.smembers(space.live_rooms_of(creator)) == {creator.encode()}
+    assert not await redis_client.exists(keys.LIVE_ROOMS)  # no service-wide set on a cluster
+    fresh = bare_hub(redis_client, space)
+    assert await fresh.restore() == 4 and sorted(fresh.rooms) == sorted(creators)
+    await fresh.end_live(creators[2])
+    assert not await redis_client.exists(space.live_rooms_of(creators[2]))
+    assert await redis_client.scard(space.live_rooms_of(creators[1])) == 1
+    assert (await fresh.ops.registry.survey()).rooms == 3

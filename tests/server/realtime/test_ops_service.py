@@ -160,7 +160,7 @@ async def test_a_gateway_that_died_leaves_the_stats_within_the_expiry(
     async with make_app(gateway_expiry_s=3) as b:
         ops = await watch(b, tokens, clients, "otto", ["*"])
         dead = GatewayRegistry(
-            redis_client, "deadgateway1", lambda: Counters(5, 0, 0), LIVE_ROOMS_KEY
+            redis_client, "deadgateway1", lambda: Counters(5, 0, 0), [LIVE_ROOMS_KEY]
         )
         await dead.beat()  # its last words
         await stats_where(ops, "the dead one's 5 and B's 1", lambda s: s["connections"] == 6)

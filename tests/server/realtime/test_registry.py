@@ -7,6 +7,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from giftstream.server.money.keys import KeySpace
 from giftstream.server.realtime.hub import LIVE_ROOMS_KEY
 from giftstream.server.realtime.opslog import OPS_LOG_KEY, Notice, OpsLog
 from giftstream.server.realtime.registry import (
@@ -119,7 +120,7 @@ def test_gateway_ids_are_12_hex_and_fresh() -> None:
 def registry(
     redis: aioredis.Redis, gateway: str, counters: Counters, expiry_s: float = 15.0
 ) -> GatewayRegistry:
-    return GatewayRegistry(redis, gateway, lambda: counters, LIVE_ROOMS_KEY, expiry_s=expiry_s)
+    return GatewayRegistry(redis, gateway, lambda: counters, [LIVE_ROOMS_KEY], expiry_s=expiry_s)
 
 
 async def redis_ms(redis: aioredis.Redis) -> int:
@@ -154,6 +155,21 @@ async def test_survey_counts_live_gateways_and_rooms_and_cleans_the_dead(
     assert found.beats["live"].connections == 4 and found.beats["reader"].connections == 2
     assert found.now_ms >= now
     assert sorted(await redis_client.hkeys(GATEWAYS_KEY)) == [b"live", b"reader"]  # dead gone
+
+
+async def test_survey_sums_the_live_rooms_of_every_partition(
+    redis_client: aioredis.Redis,
+) -> None:
+    """On a cluster each partition has its live-room set (in its own slot): the count is their
+    sum, taken outside the scripts. Hash-tagged names work on one Redis too."""
+    sets = KeySpace(partitions=4, cluster=True).all_live_rooms()
+    await redis_client.sadd(sets[0], "ann")
+    await redis_client.sadd(sets[2], "cara", "dan")
+    await redis_client.sadd(sets[3], "eve")
+    found = await GatewayRegistry(redis_client, "g", lambda: Counters(0, 0, 0), sets).survey()
+    assert found.rooms == 4
+    with pytest.raises(TypeError, match="list of keys"):
+        GatewayRegistry(redis_client, "g", lambda: Counters(0, 0, 0), LIVE_ROOMS_KEY)
 
 
 async def test_remove_takes_the_gateway_out_at_once(redis_client: aioredis.Redis) -> None:
