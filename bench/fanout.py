@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ class Node:
                 await self.proc.wait()
 
 
-def cpu_each(pids: list[int]) -> dict[int, float]:
+def cpu_each(pids: Sequence[int]) -> dict[int, float]:
     """CPU seconds used so far by each of `pids` still running."""
     found = {}
     for pid in pids:

@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
-from bench.fanout import LadderResult, Target, ladder
+from bench.fanout import LadderResult, Step, Target, ladder
 from bench.procs import ROOT, VENV_BIN, Giftstream, Proc, install_peers, raise_nofile, start_peer
 from bench.scaleout import (
     CpuWindow,
@@ -1034,6 +1034,21 @@ def scaleout_settle_args() -> list[str]:
     ]
 
 
+async def scaleout_step(b: Bench, target: Target, run_id: str) -> Step:
+    """Scenarios 7-10's one measured step: the same load on whatever `target` serves it;
+    `run_id` names the run (made unique by the clock)."""
+    return await fixed_step(
+        target,
+        viewers=SCALEOUT_VIEWERS,
+        senders=SENDERS,
+        gifts_per_s=SCALEOUT_RATE,
+        step_s=SCALEOUT_STEP_S,
+        tmp=b.tmp,
+        run_id=f"{run_id}{int(time.time()) % 10000}",
+        log=log,
+    )
+
+
 async def scenario_broker(b: Bench) -> Section:
     """One room of N viewers: on 1 gateway, and spread over 3 on one Redis; the gateways' CPU
     per delivery (all their processes), the second over the first."""
@@ -1058,15 +1073,8 @@ async def scenario_broker(b: Bench) -> Section:
                 b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
                 # three viewer processes either way: the same load generator in both arms
                 viewers_on = [gws[i % n] for i in range(3)]
-                step = await fixed_step(
-                    svc.target(f"{n} gateway(s)", gws[0], viewers_on),
-                    viewers=SCALEOUT_VIEWERS,
-                    senders=SENDERS,
-                    gifts_per_s=SCALEOUT_RATE,
-                    step_s=SCALEOUT_STEP_S,
-                    tmp=b.tmp,
-                    run_id=f"b{n}{run}{int(time.time()) % 10000}",
-                    log=log,
+                step = await scaleout_step(
+                    b, svc.target(f"{n} gateway(s)", gws[0], viewers_on), f"b{n}{run}"
                 )
             finally:
                 svc.stop()
@@ -1131,16 +1139,7 @@ async def scenario_workers(b: Bench) -> Section:
                 b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
                 target = svc.target(f"--workers {workers}", gw, [gw, gw])
                 target.pids.append(svc.redis_pid)
-                step = await fixed_step(
-                    target,
-                    viewers=SCALEOUT_VIEWERS,
-                    senders=SENDERS,
-                    gifts_per_s=SCALEOUT_RATE,
-                    step_s=SCALEOUT_STEP_S,
-                    tmp=b.tmp,
-                    run_id=f"w{workers}{run}{int(time.time()) % 10000}",
-                    log=log,
-                )
+                step = await scaleout_step(b, target, f"w{workers}{run}")
                 fan = describe(svc, step.cpu_by_pid)
                 window = CpuWindow(target.pids, SCALEOUT_SETTLE_S)
                 rep, shown = loadtest(
@@ -1196,15 +1195,10 @@ async def scenario_crossgw(b: Bench) -> Section:
         b.own_pids |= {*svc.gateway_pids(), svc.redis_pid}
         for run in range(RUNS):
             for where, viewers_on in (("same", a), ("cross", other)):
-                step = await fixed_step(
+                step = await scaleout_step(
+                    b,
                     svc.target(f"viewers on {where}", a, [viewers_on, viewers_on]),
-                    viewers=SCALEOUT_VIEWERS,
-                    senders=SENDERS,
-                    gifts_per_s=SCALEOUT_RATE,
-                    step_s=SCALEOUT_STEP_S,
-                    tmp=b.tmp,
-                    run_id=f"x{where[0]}{run}{int(time.time()) % 10000}",
-                    log=log,
+                    f"x{where[0]}{run}",
                 )
                 (same if where == "same" else cross).append(step.p50_ms)
                 (same99 if where == "same" else cross99).append(step.p99_ms)
@@ -1257,16 +1251,7 @@ async def scenario_onebroker(b: Bench) -> Section:
                 b.own_pids |= {gw.pid, svc.redis_pid}
                 target = svc.target(f"--broker {kind}", gw, [gw, gw])
                 target.pids.append(svc.redis_pid)
-                step = await fixed_step(
-                    target,
-                    viewers=SCALEOUT_VIEWERS,
-                    senders=SENDERS,
-                    gifts_per_s=SCALEOUT_RATE,
-                    step_s=SCALEOUT_STEP_S,
-                    tmp=b.tmp,
-                    run_id=f"o{kind[0]}{run}{int(time.time()) % 10000}",
-                    log=log,
-                )
+                step = await scaleout_step(b, target, f"o{kind[0]}{run}")
                 window = CpuWindow(target.pids, SCALEOUT_SETTLE_S)
                 rep, shown = loadtest(b, svc, settle_args, f"one{kind}-{run}", window.on_line)
                 used = window.used_s()

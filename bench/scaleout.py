@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 
-from bench.fanout import LadderResult, Step, Target, ladder
+from bench.fanout import LadderResult, Step, Target, cpu_each, ladder
 from bench.procs import VENV_BIN, Proc, wait_port
 from giftstream.server.embedded_redis import EmbeddedRedis, free_port
 
@@ -187,17 +187,6 @@ def wait_workers(gw: Gateway, count: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"fewer than {count} workers listen on {gw.port} after {timeout:g} s")
 
 
-def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
-    found = {}
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            found[pid] = float(t.user + t.system)
-        except psutil.Error:
-            pass
-    return found
-
-
 async def fixed_step(
     target: Target,
     *,
@@ -284,13 +273,13 @@ class CpuWindow:
 
     def on_line(self, line: str, _t: float) -> None:
         if self.before is None and CONNECTED.search(line):
-            self.before = cpu_seconds(self.pids)
+            self.before = cpu_each(self.pids)
             self.timer = threading.Timer(self.wall_s, self._end)
             self.timer.daemon = True
             self.timer.start()
 
     def _end(self) -> None:
-        self.after = cpu_seconds(self.pids)
+        self.after = cpu_each(self.pids)
 
     def used_s(self) -> dict[int, float]:
         """CPU seconds of each process over the window (once the load test has ended)."""
