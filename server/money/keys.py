@@ -11,6 +11,11 @@
     giftstream:combo:U/R             hash: U's current streak in room R (gift, combo, at)
     giftstream:receipt:RC            hash: a purchase, later its refund (kept for good)
     giftstream:payout:IK             hash: a payout and its result (kept for good)
+    giftstream:receipt_claim:RC      hash, Redis Cluster only: owner (the buyer), params (the
+                                     package), ts: the receipt's claim, in RC's partition,
+                                     while giftstream:{pUU}:receipt:RC sits in the buyer's
+    giftstream:payout_claim:IK       hash, Redis Cluster only: owner (the creator), params
+                                     (the diamonds), ts: the key's claim, likewise
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
     giftstream:partitions            string, Redis Cluster only: the partition count, set
                                      at the first start (SET NX) and kept for good
@@ -121,12 +126,35 @@ class KeySpace:
         """In the sender's partition: the gift script (on the sender's shard) keeps it."""
         return self._of(sender, f"combo:{sender}/{room}")
 
-    def receipt(self, receipt_id: str) -> str:
-        return self._of(receipt_id, f"receipt:{receipt_id}")
+    def receipt(self, receipt_id: str, *, owner: str | None = None) -> str:
+        """A purchase's record, later its refund's. On a cluster it sits in its buyer's
+        partition (`owner`, required there) so purchase.lua and refund.lua touch it with the
+        wallet on one shard; the receipt's own claim (`receipt_claim`) keeps it global."""
+        return self._of(self._owner(owner, "receipt"), f"receipt:{receipt_id}")
 
-    def payout(self, key: str) -> str:
-        """Payout keys are global, not per creator: one key never pays out twice."""
-        return self._of(key, f"payout:{key}")
+    def receipt_claim(self, receipt_id: str) -> str:
+        """Cluster only: which user (and package) a receipt went to, in the receipt's own
+        partition, so a replay of it on another user is refused (server/money/claims.py)."""
+        return self._of(receipt_id, f"receipt_claim:{receipt_id}")
+
+    def payout(self, key: str, *, owner: str | None = None) -> str:
+        """A payout's record. Payout keys are global, not per creator: one key never pays out
+        twice (on a cluster its claim, `payout_claim`, sees to that, and the record sits in
+        the creator's partition, `owner`, required there)."""
+        return self._of(self._owner(owner, "payout"), f"payout:{key}")
+
+    def payout_claim(self, key: str) -> str:
+        """Cluster only: which creator (and diamonds) a payout key went to, in the key's own
+        partition (server/money/claims.py)."""
+        return self._of(key, f"payout_claim:{key}")
+
+    def _owner(self, owner: str | None, what: str) -> str:
+        """The user whose partition holds a record (any on one Redis: there is one)."""
+        if owner is None:
+            if self.cluster:
+                raise ValueError(f"a {what} record on a cluster sits in its owner's partition")
+            return ""
+        return owner
 
     def ledger(self, partition: int = 0) -> str:
         """The ledger stream of a partition: the configured key itself on one Redis."""
