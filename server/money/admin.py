@@ -20,6 +20,7 @@ from typing import Any, TypeGuard
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -192,7 +193,7 @@ class _Api:
 
     wallet: Wallet
     catalog: Catalog
-    redis: aioredis.Redis
+    redis: aioredis.Redis | RedisCluster
     metrics: Metrics
     clock: Clock
 
@@ -256,7 +257,10 @@ class _Api:
     async def healthz(self, request: web.Request) -> web.Response:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                await self.redis.ping()
+                if isinstance(self.redis, RedisCluster):  # up: every shard's master answers
+                    await self.redis.ping(target_nodes=RedisCluster.PRIMARIES)
+                else:
+                    await self.redis.ping()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("healthz: Redis does not answer PING: %r", exc)
             return _json(503, {"ok": False, "redis": "down"})
@@ -285,7 +289,7 @@ def build_admin_app(
     *,
     wallet: Wallet,
     catalog: Catalog,
-    redis: aioredis.Redis,
+    redis: aioredis.Redis | RedisCluster,
     webhook_secret: str,
     metrics: Metrics,
     clock: Clock | None = None,

@@ -13,6 +13,7 @@ two days around midnight). No caller passes a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
@@ -31,6 +33,7 @@ from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.batcher import ScriptBatcher
 from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
+from giftstream.server.money.claims import Claims
 from giftstream.server.money.refusal import Reason, Refusal
 
 log = logging.getLogger(__name__)
@@ -210,7 +213,8 @@ class Wallet:
         self._scripts: dict[str, AsyncScript] = {
             name: scripts.register(redis, name) for name in SCRIPTS
         }
-        self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
+        if not keyspace.cluster:  # one Redis only: it pipelines one connection (helper A's)
+            self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
         self._lua_seconds = (
             {name: metrics.lua_seconds.labels(script=name) for name in SCRIPTS}
             if metrics is not None
@@ -225,17 +229,17 @@ class Wallet:
     @property
     def in_flight(self) -> int:
         """Money movements sent to Redis whose outcome is not handled yet."""
-        return self._batcher.in_flight
+        return 0 if self._keys.cluster else self._batcher.in_flight
 
     @property
     def redis_writes(self) -> int:
         """Writes the money path has made to Redis: how many round trips its calls shared."""
-        return self._batcher.writes
+        return 0 if self._keys.cluster else self._batcher.writes
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Wait for every movement in progress, callers cancelled or not (SIGTERM, tests);
         returns how many were still running after `timeout_s` (their keys answer retries)."""
-        return await self._batcher.drain(timeout_s)
+        return 0 if self._keys.cluster else await self._batcher.drain(timeout_s)
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
@@ -360,6 +364,11 @@ class Wallet:
         _check_receipt(receipt)
         _check_int("package coins", package.coins, 1, MAX_PACKAGE_COINS)
         _check_int("package price_cents", package.price_cents, 0, MAX_PRICE_CENTS)
+        if self._keys.cluster:  # the receipt is global; its record sits in the user's partition
+            if adult:
+                await self._claims.claim_receipt(receipt, user, package.id)
+            else:  # refused or replayed by purchase.lua: nothing to claim
+                await self._claims.check_receipt(receipt, user, package.id)
         event = _new_id()
 
         def purchased(reply: list[Any]) -> PurchaseResult:
@@ -377,7 +386,11 @@ class Wallet:
 
         return await self._call(
             "purchase",
-            [self._keys.wallet(user), self._keys.receipt(receipt), self._ledger_key],
+            [
+                self._keys.wallet(user),
+                self._keys.receipt(receipt, owner=user),
+                self._keys.ledger_of(user),
+            ],
             [
                 event,
                 user,
@@ -397,12 +410,9 @@ class Wallet:
         """Reverse a purchase once; what the balance cannot cover becomes debt (the creator's
         diamonds from gifts of those coins stay: the hold is what keeps them unpaid)."""
         _check_receipt(receipt)
-        owner = await self._redis.hget(
-            self._keys.receipt(receipt), "user"
-        )  # never changes once set
-        if owner is None:
+        user = await self._receipt_owner(receipt)  # never changes once set
+        if user is None:
             raise Refusal(Reason.UNKNOWN_RECEIPT, f"no purchase with receipt {receipt}")
-        user = keys.text(owner)
         event = _new_id()
 
         def refunded(reply: list[Any]) -> RefundResult:
@@ -420,17 +430,30 @@ class Wallet:
 
         return await self._call(
             "refund",
-            [self._keys.receipt(receipt), self._keys.wallet(user), self._ledger_key],
+            [
+                self._keys.receipt(receipt, owner=user),
+                self._keys.wallet(user),
+                self._keys.ledger_of(user),
+            ],
             [event, user, receipt, self._now_arg()],
             refunded,
         )
+
+    async def _receipt_owner(self, receipt: str) -> str | None:
+        """The receipt's buyer: its record's on one Redis, its claim's on a cluster (a claim
+        whose purchase never ran finds no record: refund.lua then says unknown_receipt)."""
+        if self._keys.cluster:
+            claim = await self._claims.receipt(receipt)
+            return None if claim is None else claim.owner
+        owner = await self._redis.hget(self._keys.receipt(receipt), "user")
+        return None if owner is None else keys.text(owner)
 
     async def wallet(self, user: str) -> WalletView:
         """Balances, debt, limits, the spend of this UTC day and ISO week, and the diamonds
         on hold and payable now, all read in one MULTI with Redis's time."""
         async with self._redis.pipeline(transaction=True) as pipe:
             self._read_view(pipe, user)
-            return self._view(user, await pipe.execute())
+            return self._view(user, await self._with_time(user, await pipe.execute()))
 
     async def set_daily_limit(self, user: str, daily_limit: int | None) -> WalletView:
         """Set (None: clear) the user's cap on coins spent per UTC day; returns the wallet."""
@@ -461,7 +484,7 @@ class Wallet:
                     continue
                 writes += 1
             self._read_view(pipe, user)
-            return self._view(user, (await pipe.execute())[writes:])
+            return self._view(user, await self._with_time(user, (await pipe.execute())[writes:]))
 
     async def payout(self, *, creator: str, diamonds: int, key: str) -> PayoutResult:
         """Turn payable diamonds into cents once per key: only diamonds past their hold, and
@@ -474,6 +497,8 @@ class Wallet:
             raise Refusal(
                 Reason.BELOW_MINIMUM, f"a payout needs at least {minimum} diamonds, not {diamonds}"
             )
+        if self._keys.cluster:  # the key is global; its record sits in the creator's partition
+            await self._claims.claim_payout(key, creator, diamonds)
         event = _new_id()
 
         def paid(reply: list[Any]) -> PayoutResult:
@@ -491,8 +516,8 @@ class Wallet:
             "payout",
             [
                 self._keys.wallet(creator),
-                self._keys.payout(key),
-                self._ledger_key,
+                self._keys.payout(key, owner=creator),
+                self._keys.ledger_of(creator),
                 self._keys.held(creator),
             ],
             [
@@ -508,6 +533,14 @@ class Wallet:
             paid,
         )
 
+    @functools.cached_property
+    def _claims(self) -> Claims:
+        """The claim step of purchases and payouts, on a cluster only (claims.py); built on
+        first use."""
+        if not isinstance(self._redis, RedisCluster):
+            raise TypeError("a cluster KeySpace needs a RedisCluster client")
+        return Claims(self._redis, self._keys, now=self._now_arg)
+
     # ---- money time ---------------------------------------------------------------------
 
     def _now_arg(self) -> int | str:
@@ -517,7 +550,18 @@ class Wallet:
     def _read_view(self, pipe: Any, user: str) -> None:
         pipe.hmget(self._keys.wallet(user), list(_VIEW_FIELDS))
         pipe.hgetall(self._keys.held(user))
-        pipe.time()
+        if not self._keys.cluster:
+            pipe.time()
+
+    async def _with_time(self, user: str, results: list[Any]) -> list[Any]:
+        """The view's reads and Redis's time: read in the MULTI on one Redis; on a cluster,
+        whose MULTI takes keyed commands only, asked next of the node the scripts of this
+        wallet read TIME on (a view, not a movement: a moment apart is no harm)."""
+        if not self._keys.cluster:
+            return results
+        assert isinstance(self._redis, RedisCluster)
+        node = self._redis.get_node_from_key(self._keys.wallet(user))
+        return [*results, await self._redis.time(target_nodes=node)]
 
     def _view(self, user: str, results: Sequence[Any]) -> WalletView:
         values, held_buckets, (seconds, micros) = results
@@ -565,6 +609,9 @@ class Wallet:
                 raise Refusal(Reason(status), keys.text(reply[1]))
             return result(reply[1:])
 
+        if self._keys.cluster:  # no batcher on a cluster (helper A's switch replaces this)
+            script = self._scripts[name]
+            return on_reply(await script(keys=script_keys, args=args, client=self._redis))
         return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
 
 
