@@ -348,3 +348,33 @@ async def test_the_wait_runs_on_the_claims_connection(
     assert refused.value.reason is Reason.UNAVAILABLE
     replica.process.send_signal(signal.SIGCONT)
     await claims.claim_receipt("rc-cluster-wait", ANN, "coins_70")
+
+
+async def test_a_claim_outlives_its_masters_failover(
+    api: Api, rc: RedisCluster, redis_cluster: RedisClusterProcesses
+) -> None:
+    """The claim's master killed -9 and its replica promoted: the claim was WAITed onto the
+    replica, so a replay on another user is still refused, and the buyer's retry credits the
+    receipt once in all (again, if the credit itself was lost with the master)."""
+    receipt = "rc-cluster-failover"
+    claim_key = SPACE.receipt_claim(receipt)
+    await topology_lists_replicas(rc, claim_key)
+    assert await api.buy(ANN, "coins_350", receipt) == {"coins": 350, "credited": True}
+    node = rc.get_node_from_key(claim_key)
+    assert node is not None
+    master = next(n for n in redis_cluster.nodes if n.port == node.port)
+    killed, _ = redis_cluster.kill_master(master)
+    try:
+        status, body = await api.call(
+            "POST", "/v1/purchases", {"receipt": receipt, "user": BOB, "package": "coins_350"}
+        )
+        assert status == 409 and body["error"] == "receipt_reused"
+        status, again = await api.call(
+            "POST", "/v1/purchases", {"receipt": receipt, "user": ANN, "package": "coins_350"}
+        )
+        assert status == 200 and again["coins"] == 350
+        assert await kinds(rc, SPACE.ledger_of(ANN)) == [("purchase", ANN)]
+        assert await kinds(rc, SPACE.ledger_of(BOB)) == []
+    finally:
+        redis_cluster.restart(killed)
+        redis_cluster.wait_ok()
