@@ -110,6 +110,27 @@ async def test_two_gateways_on_a_cluster_serve_rooms_across_them(
         stop_all([a, b])
 
 
+async def test_workers_serve_a_cluster(
+    cluster_url: str, tmp_path: Path, tokens: TokenMaker
+) -> None:
+    """`serve --workers 2`: every worker process builds its own cluster client and takes
+    part; a room opened through the shared port is joined through it."""
+    server = gateway(tmp_path, "workers", cluster_url)
+    server.args += ["--workers", "2"]
+    clients: list[WsClient] = []
+    try:
+        await asyncio.to_thread(server.start, 60)
+        clients.append(await go_live(server.ws_url, tokens, "cara"))
+        viewer, _ = await WsClient.login(server.ws_url, tokens("vw"))
+        clients.append(viewer)
+        joined = await viewer.request({"type": "join", "room": "cara"}, timeout=20)
+        assert joined["type"] == "joined" and joined["creator"] == "cara", joined
+    finally:
+        for client in clients:
+            await client.close()
+        stop_all([server])
+
+
 @pytest.mark.xfail(strict=False, reason="needs crediting merge (helpers A and B, issue 14)")
 async def test_gifts_on_a_cluster_reach_both_gateways_once(
     cluster_url: str, tmp_path: Path, tokens: TokenMaker
@@ -129,9 +150,7 @@ async def test_gifts_on_a_cluster_reach_both_gateways_once(
             for member in (senders[g], viewers[g]):
                 await member.join(proc.ws_url, g)
                 members.append(member)
-        acked = [
-            (await senders[g].gift(f"cl-{g}-{n}"))["event"] for g in "ab" for n in range(3)
-        ]
+        acked = [(await senders[g].gift(f"cl-{g}-{n}"))["event"] for g in "ab" for n in range(3)]
         for member in members:
             await member.wait_for_gifts(set(acked), timeout=DEADLINE_S)
         ledger = {str(g["event"]) for g in cluster_ledger_gifts(cluster_url, "cara")}
