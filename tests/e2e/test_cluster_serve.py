@@ -39,6 +39,7 @@ def cluster_ledger_gifts(url: str, room: str) -> list[dict[str, object]]:
         found = []
         for ledger in SPACE.ledgers():
             for _, fields in client.xrange(ledger) or []:
+                assert fields is not None
                 data = orjson.loads(fields[b"data"])
                 if data["kind"] == "gift" and data["room"] == room:
                     found.append(data)

@@ -97,8 +97,8 @@ async def test_a_cluster_that_denies_info_is_still_told_by_cluster_info(
             )
     try:
         url = cluster_url.replace("redis://", "redis://app:app-pw@")
-        async with cluster_app(url, data_dir, catalog, partitions=16) as node:
-            assert isinstance(node.redis, RedisCluster)
+        async with cluster_app(url, data_dir, catalog, partitions=16) as started:
+            assert isinstance(started.redis, RedisCluster)
     finally:
         for node in redis_cluster.nodes:
             with node.client() as client:
