@@ -444,8 +444,10 @@ class Hub:
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
                 pipe.hmget(self.keyspace.room(room_id), ["creator_seen", "started"])
-            pipe.time()
-            *records, (seconds, micros) = await pipe.execute()
+            records = await pipe.execute()
+        # Redis's clock, asked on its own: a cluster pipeline refuses TIME (no key, no shard).
+        # A first sift only: each room's end re-checks by its own shard's clock.
+        seconds, micros = await self.redis.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         idle_ms = round(self.times.room_idle_s * 1000)
         ended = 0

@@ -103,3 +103,24 @@ async def test_a_cluster_that_denies_info_is_still_told_by_cluster_info(
         for node in redis_cluster.nodes:
             with node.client() as client:
                 client.acl_deluser("app")
+
+
+@pytest.mark.parametrize("broker", ["redis", "memory"])
+async def test_rooms_of_two_partitions_on_a_cluster(
+    broker: str, cluster_url: str, data_dir: Path, catalog: Catalog
+) -> None:
+    """The hub's multi-partition readers (live sets, records, creator_seen, the idle sweep,
+    the registry's room count) and either broker's room writes each stay within a slot."""
+    settings = dataclasses.replace(make_settings(cluster_url, data_dir, broker), partitions=16)
+    async with App(settings, catalog) as node:
+        assert node.keyspace.partition("cara") != node.keyspace.partition("dan")
+        for creator in ("cara", "dan"):
+            await node.hub.go_live(creator, f"{creator} live", 1_000)
+            node.hub.creator_connected(creator)
+        await node.hub.keep_creators_seen()
+        assert await node.hub.end_idle_rooms() == 0
+        assert await node.hub.restore() == 2
+        assert (await node.registry.survey()).rooms == 2
+        await node.hub.flush()
+        await node.hub.end_live("dan")
+        assert (await node.registry.survey()).rooms == 1
