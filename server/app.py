@@ -210,7 +210,7 @@ class App:
         )
 
     async def _connect(self) -> RedisClient:
-        """The node's one client: one Redis's (a blocking pool of --redis-pool-size), or, when
+        """The node's one client: one Redis's (a blocking pool of redis_pool_size), or, when
         the URL is a node of a Redis Cluster, a cluster client that reaches every shard."""
         assert self.redis_url is not None
         where = redact_url(self.redis_url)
@@ -226,6 +226,8 @@ class App:
             await single.aclose()
             raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
         await single.aclose()
+        # No redis_pool_size here: a cluster client's per-node pool refuses a call past its
+        # cap (MaxConnectionsError) instead of making it wait, as the blocking pool above does.
         cluster = cluster_client(self.redis_url)
         try:
             await cluster.initialize()  # the slot map, from the node given
