@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from giftstream.server.config import Settings, redact_url
@@ -35,10 +36,10 @@ from giftstream.server.realtime.ratelimit import SharedBuckets
 from giftstream.server.realtime.redis_broker import RedisBroker
 from giftstream.server.realtime.registry import Counters, GatewayRegistry, new_gateway_id
 from giftstream.server.realtime.session import NodeParts, NodeState
-from giftstream.server.redis_check import assess, read_settings
+from giftstream.server.redis_check import assess, read_cluster_settings, read_settings
 from giftstream.server.redis_cluster import (
-    NOT_YET,
     PartitionsMismatch,
+    RedisClient,
     claim_partitions,
     cluster_client,
     is_cluster,
@@ -85,19 +86,10 @@ class App:
         settings = self.settings
         if self.redis_url is None:
             self.redis_url = await asyncio.to_thread(self._start_embedded_redis)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.redis_url, max_connections=settings.redis_pool_size, timeout=10
-        )
-        self.redis = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+        self.redis = await self._connect()
         self._stack.push_async_callback(self.redis.aclose)
-        try:
-            await self.redis.ping()
-        except (RedisError, OSError) as exc:
-            where = redact_url(self.redis_url)
-            raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
-        await self._refuse_cluster_for_now()
         await self._check_redis()
-        self.keyspace = keys.KeySpace(ledger_key=settings.ledger_key)
+        self.keyspace = await self._keyspace()
         self.wallet = Wallet(
             self.redis,
             self.catalog.economics,
@@ -107,6 +99,12 @@ class App:
             payout_daily_cap=settings.payout_daily_cap,
         )
         await self.wallet.load_scripts()
+        # MERGE (issue 14, helper A): on a cluster, the crediting runner starts here, once the
+        # wallet is up and before the gateway takes gifts:
+        #     if self.keyspace.cluster:
+        #         self.crediting = Crediting(self.redis, self.keyspace, self.metrics)
+        #         self._spawn(self.crediting.run(self._stopping))
+        # (server/money/crediting.py). One Redis credits in the gift script: nothing to start.
         self.fanout = Fanout(
             settings.limits.max_backlog_bytes, self.metrics, settings.limits.close_timeout_s
         )
@@ -189,7 +187,7 @@ class App:
             "giftstream worker ready" if shared_ports else "giftstream ready",
             self.ws_url,
             self.admin_url,
-            redact_url(self.redis_url),
+            self.redis_description,
             settings.ledger_key,
             settings.broker,
             self.gateway_id,
@@ -211,39 +209,69 @@ class App:
             presence_ttl_s=limits.presence_ttl_s,
         )
 
-    async def _refuse_cluster_for_now(self) -> None:
-        """On a Redis Cluster node: reach the whole cluster, fix its partition count, then
-        refuse with one line, since the money path is not cluster-ready yet (issue 14). Without
-        this a start failed later, on the first key of another shard (MovedError)."""
+    async def _connect(self) -> RedisClient:
+        """The node's one client: one Redis's (a blocking pool of redis_pool_size), or, when
+        the URL is a node of a Redis Cluster, a cluster client that reaches every shard."""
         assert self.redis_url is not None
         where = redact_url(self.redis_url)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=self.settings.redis_pool_size, timeout=10
+        )
+        single = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         try:
-            if not await is_cluster(self.redis):
-                return
-            cluster = cluster_client(self.redis_url)
-            try:
-                await claim_partitions(cluster, self.settings.partitions)
-            finally:
-                await cluster.aclose()
+            await single.ping()
+            if not await is_cluster(single):
+                return single
+        except (RedisError, OSError) as exc:
+            await single.aclose()
+            raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
+        await single.aclose()
+        # No redis_pool_size here: a cluster client's per-node pool refuses a call past its
+        # cap (MaxConnectionsError) instead of making it wait, as the blocking pool above does.
+        cluster = cluster_client(self.redis_url)
+        try:
+            await cluster.initialize()  # the slot map, from the node given
+        except (RedisError, OSError) as exc:
+            await cluster.aclose()
+            raise StartupError(f"cannot reach the Redis Cluster at {where}: {exc}") from exc
+        return cluster
+
+    async def _keyspace(self) -> keys.KeySpace:
+        """One Redis: today's key names. A cluster: its partition count, fixed by the first
+        start (a start asking another count is refused in one line)."""
+        ledger_key = self.settings.ledger_key
+        if not isinstance(self.redis, RedisCluster):
+            return keys.KeySpace(ledger_key=ledger_key)
+        try:
+            partitions = await claim_partitions(self.redis, self.settings.partitions)
         except PartitionsMismatch as exc:
             raise StartupError(str(exc)) from exc
         except (RedisError, OSError) as exc:
+            where = redact_url(self.redis_url or "")
             raise StartupError(f"cannot reach the Redis Cluster at {where}: {exc}") from exc
-        raise StartupError(NOT_YET)
+        return keys.KeySpace(ledger_key=ledger_key, partitions=partitions, cluster=True)
 
     async def _check_redis(self) -> None:
-        """Refuse a Redis that may evict money; warn of one that keeps no AOF."""
+        """Refuse a Redis that may evict money; warn of one that keeps no AOF. On a cluster,
+        every master is judged: each holds the money of its slots."""
         assert self.redis_url is not None
+        where = redact_url(self.redis_url)
         try:
-            found = await read_settings(self.redis)
+            if isinstance(self.redis, RedisCluster):
+                found = {
+                    f"{name} (a master of the cluster at {where})": settings
+                    for name, settings in (await read_cluster_settings(self.redis)).items()
+                }
+            else:
+                found = {where: await read_settings(self.redis)}
         except (RedisError, OSError) as exc:
-            where = redact_url(self.redis_url)
             raise StartupError(f"cannot read the settings of Redis at {where}: {exc}") from exc
-        assessment = assess(found, redact_url(self.redis_url))
-        if assessment.refusal is not None:
-            raise StartupError(assessment.refusal)
-        for warning in assessment.warnings:
-            log.warning("%s", warning)
+        for node, settings in found.items():
+            assessment = assess(settings, node)
+            if assessment.refusal is not None:
+                raise StartupError(assessment.refusal)
+            for warning in assessment.warnings:
+                log.warning("%s", warning)
 
     def _start_embedded_redis(self) -> str:
         try:
@@ -263,6 +291,14 @@ class App:
 
     def _counters(self) -> Counters:
         return Counters(self.node_state.connections, self.ops.gifts, self.ops.coins)
+
+    @property
+    def redis_description(self) -> str:
+        """The Redis as the ready line names it: a cluster says so, with its partitions."""
+        where = redact_url(self.redis_url or "")
+        if self.keyspace.cluster:
+            return f"{where} (Redis Cluster, {self.keyspace.partitions} partitions)"
+        return where
 
     @property
     def ws_url(self) -> str:

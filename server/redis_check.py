@@ -5,17 +5,28 @@ can drop a wallet or an idempotency record: a coin would vanish, or a retried gi
 debited twice. The server refuses such a Redis. One that keeps no AOF loses the last
 acknowledged movements when it restarts: the server warns and goes on (a replica or RDB
 snapshots may be the operator's choice). Managed Redis often renames or denies CONFIG: then
-INFO tells, and when neither does the server warns and goes on.
+INFO tells, and when neither does the server warns and goes on. On a Redis Cluster every
+master holds money of its slots, so each is read and judged (`read_cluster_settings`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-__all__ = ["NOEVICTION", "Assessment", "RedisSettings", "assess", "read_settings"]
+from giftstream.server.redis_cluster import RedisClient, masters
+
+__all__ = [
+    "NOEVICTION",
+    "Assessment",
+    "RedisSettings",
+    "assess",
+    "read_cluster_settings",
+    "read_settings",
+]
 
 NOEVICTION = "noeviction"
 
@@ -40,10 +51,11 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _config_get(redis: aioredis.Redis, name: str) -> str | None:
-    """One CONFIG GET value, or None where CONFIG is renamed, denied or does not know it."""
+async def _config_get(redis: RedisClient, name: str, **target: Any) -> str | None:
+    """One CONFIG GET value, or None where CONFIG is renamed, denied or does not know it.
+    `target`: a cluster client's `target_nodes`, so the one node asked answers alone."""
     try:
-        found = await redis.config_get(name)
+        found = await redis.config_get(name, **target)
     except ResponseError:  # unknown command (renamed), NOPERM (ACL)
         return None
     for key, value in found.items():
@@ -52,28 +64,37 @@ async def _config_get(redis: aioredis.Redis, name: str) -> str | None:
     return None
 
 
-async def _info(redis: aioredis.Redis, section: str) -> dict[str, object]:
+async def _info(redis: RedisClient, section: str, **target: Any) -> dict[str, object]:
     try:
-        info: dict[str, object] = await redis.info(section)
+        info: dict[str, object] = await redis.info(section, **target)
     except ResponseError:
         return {}
     return info
 
 
-async def read_settings(redis: aioredis.Redis) -> RedisSettings:
+async def read_settings(redis: RedisClient, **target: Any) -> RedisSettings:
     """The eviction policy and AOF setting: CONFIG GET, else INFO memory / persistence."""
-    policy = await _config_get(redis, "maxmemory-policy")
+    policy = await _config_get(redis, "maxmemory-policy", **target)
     if policy is None:
-        found = (await _info(redis, "memory")).get("maxmemory_policy")
+        found = (await _info(redis, "memory", **target)).get("maxmemory_policy")
         policy = None if found is None else _text(found)
-    appendonly_text = await _config_get(redis, "appendonly")
+    appendonly_text = await _config_get(redis, "appendonly", **target)
     appendonly: bool | None
     if appendonly_text is not None:
         appendonly = appendonly_text == "yes"
     else:
-        enabled = (await _info(redis, "persistence")).get("aof_enabled")
+        enabled = (await _info(redis, "persistence", **target)).get("aof_enabled")
         appendonly = None if enabled is None else _text(enabled) == "1"
     return RedisSettings(maxmemory_policy=policy, appendonly=appendonly)
+
+
+async def read_cluster_settings(redis: RedisCluster) -> dict[str, RedisSettings]:
+    """Each master's settings, by its host:port: a master that may evict or keeps no AOF
+    risks the money of its slots as one Redis would all of it."""
+    found: dict[str, RedisSettings] = {}
+    for node in masters(redis):
+        found[node.name] = await read_settings(redis, target_nodes=node)
+    return found
 
 
 def assess(found: RedisSettings, where: str) -> Assessment:

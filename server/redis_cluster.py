@@ -5,22 +5,24 @@ A cluster node answers `INFO cluster` with `cluster_enabled:1`; then redis-py's 
 shard from that one URL. The partition count is fixed when the data is created: the first
 start stores it (`giftstream:partitions`, SET NX) and a later start with another refuses.
 One Redis never gets that key: it has one partition and exactly today's keys.
+
+Every part of a node (hub, brokers, registry, ops log, admin, wallet) takes the one client the
+app built, a plain `Redis` or a `RedisCluster`: `RedisClient` names that choice in one place.
 """
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
 from giftstream.server.money import keys
 
-# What is not cluster-ready yet (issue 14), said in the one line a refused start prints.
-NOT_YET = (
-    "Redis Cluster: not yet supported for the money path (a gift's sender and creator "
-    "wallets sit on different shards; issue 14) nor for the Redis broker's room scripts: "
-    "use one Redis for now"
-)
+# The client every part of a node is given: one Redis's, or a cluster's (slots, MOVED/ASK
+# and failover are redis-py's). Commands and scripts stay within one slot either way.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
 
 class PartitionsMismatch(ValueError):
@@ -46,6 +48,11 @@ async def is_cluster(redis: aioredis.Redis) -> bool:
 def cluster_client(url: str) -> RedisCluster:
     """A cluster client that finds every node from the URL of one."""
     return RedisCluster.from_url(url)
+
+
+def masters(redis: RedisCluster) -> list[ClusterNode]:
+    """The cluster's masters as the client last saw them (each holds money of its slots)."""
+    return list(redis.get_primaries())
 
 
 async def claim_partitions(redis: RedisCluster, wanted: int) -> int:

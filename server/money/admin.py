@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any, TypeGuard
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +36,7 @@ from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.openapi import OPENAPI_PATH, openapi_document
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import LimitChange, Wallet
+from giftstream.server.redis_cluster import RedisClient
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -193,7 +193,7 @@ class _Api:
 
     wallet: Wallet
     catalog: Catalog
-    redis: aioredis.Redis | RedisCluster
+    redis: RedisClient
     metrics: Metrics
     clock: Clock
 
@@ -289,7 +289,7 @@ def build_admin_app(
     *,
     wallet: Wallet,
     catalog: Catalog,
-    redis: aioredis.Redis | RedisCluster,
+    redis: RedisClient,
     webhook_secret: str,
     metrics: Metrics,
     clock: Clock | None = None,

@@ -35,6 +35,7 @@ from giftstream.server.money.batcher import ScriptBatcher
 from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
 from giftstream.server.money.claims import Claims
 from giftstream.server.money.refusal import Reason, Refusal
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,7 +192,7 @@ class Wallet:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         economics: Economics,
         *,
         keyspace: keys.KeySpace = keys.SINGLE,
@@ -213,8 +214,11 @@ class Wallet:
         self._scripts: dict[str, AsyncScript] = {
             name: scripts.register(redis, name) for name in SCRIPTS
         }
-        if not keyspace.cluster:  # one Redis only: it pipelines one connection (helper A's)
-            self._batcher = ScriptBatcher(redis)  # concurrent movements share round trips
+        # STAND-IN (c14-rt, issue 14): helper A's cluster Wallet replaces this. One Redis's
+        # batcher cannot reach a cluster's shards: there scripts go through the client.
+        self._batcher = (  # concurrent movements share round trips
+            ScriptBatcher(redis) if isinstance(redis, aioredis.Redis) else None
+        )
         self._lua_seconds = (
             {name: metrics.lua_seconds.labels(script=name) for name in SCRIPTS}
             if metrics is not None
@@ -229,17 +233,17 @@ class Wallet:
     @property
     def in_flight(self) -> int:
         """Money movements sent to Redis whose outcome is not handled yet."""
-        return 0 if self._keys.cluster else self._batcher.in_flight
+        return self._batcher.in_flight if self._batcher is not None else 0
 
     @property
     def redis_writes(self) -> int:
         """Writes the money path has made to Redis: how many round trips its calls shared."""
-        return 0 if self._keys.cluster else self._batcher.writes
+        return self._batcher.writes if self._batcher is not None else 0
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Wait for every movement in progress, callers cancelled or not (SIGTERM, tests);
         returns how many were still running after `timeout_s` (their keys answer retries)."""
-        return 0 if self._keys.cluster else await self._batcher.drain(timeout_s)
+        return await self._batcher.drain(timeout_s) if self._batcher is not None else 0
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
@@ -609,9 +613,8 @@ class Wallet:
                 raise Refusal(Reason(status), keys.text(reply[1]))
             return result(reply[1:])
 
-        if self._keys.cluster:  # no batcher on a cluster (helper A's switch replaces this)
-            script = self._scripts[name]
-            return on_reply(await script(keys=script_keys, args=args, client=self._redis))
+        if self._batcher is None:  # STAND-IN (c14-rt): a cluster, until helper A's merge
+            return on_reply(await self._scripts[name](keys=script_keys, args=args))
         return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
 
 

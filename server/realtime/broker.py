@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, Self
 
-import redis.asyncio as aioredis
-
 from giftstream.protocol.codec import encode_event
 from giftstream.protocol.events import RoomEnded, ViewersEvent
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 SEQ_BLOCK = 1024  # seqs reserved per Redis write
 GIFTS_REMEMBERED = 4096  # gift event ids a room remembers having published, newest kept
@@ -170,7 +169,7 @@ class MemoryBroker:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         history_size: int,
         keyspace: keys.KeySpace = keys.SINGLE,

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
-import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 from websockets.asyncio.server import ServerConnection
 
 from giftstream.protocol.codec import is_room_ended, join_room_frame
@@ -36,6 +36,7 @@ from giftstream.server.money import keys
 from giftstream.server.realtime.broker import LIVE_ROOMS_KEY, Broker, MakeEvent
 from giftstream.server.realtime.fanout import Fanout, text_frame
 from giftstream.server.realtime.ops import OpsFeed
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Hub:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         broker: Broker,
         fanout: Fanout,
         ops: OpsFeed,
@@ -421,9 +422,17 @@ class Hub:
         """Their rooms' `creator_seen`, now (Redis's clock), for the creators connected here."""
         if not self._creators:
             return
+        try:
+            await self._keep_seen()
+        except NoScriptError:  # not loaded yet, or lost (a restart, a cluster's failover)
+            await scripts.load(self.redis, self._seen)
+            await self._keep_seen()
+
+    async def _keep_seen(self) -> None:
+        """One EVALSHA per creator, pipelined (a cluster's pipeline sends each to its shard)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for creator in self._creators:
-                await self._seen(keys=[self.keyspace.room(creator)], client=pipe)
+                pipe.evalsha(self._seen.sha, 1, self.keyspace.room(creator))
             await pipe.execute()
 
     async def end_idle_rooms(self) -> int:
@@ -435,8 +444,10 @@ class Hub:
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id in room_ids:
                 pipe.hmget(self.keyspace.room(room_id), ["creator_seen", "started"])
-            pipe.time()
-            *records, (seconds, micros) = await pipe.execute()
+            records = await pipe.execute()
+        # Redis's clock, asked on its own: a cluster pipeline refuses TIME (no key, no shard).
+        # A first sift only: each room's end re-checks by its own shard's clock.
+        seconds, micros = await self.redis.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         idle_ms = round(self.times.room_idle_s * 1000)
         ended = 0

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 OPS_LOG_KEY = keys.OPS_LOG
 OPS_LOG_MAXLEN = 1000  # approximate (MAXLEN ~): notices for watchers now, not an archive
@@ -31,7 +30,7 @@ class OpsLog:
     """Appends and reads `giftstream:ops:log`. Entry fields: `r` the room (so a reader routes
     without decoding), `t` the event type, `d` the encoded event (written to watchers as is)."""
 
-    def __init__(self, redis: aioredis.Redis, key: str = OPS_LOG_KEY) -> None:
+    def __init__(self, redis: RedisClient, key: str = OPS_LOG_KEY) -> None:
         self.redis = redis
         self.key = key
         self._pending: list[Notice] = []

@@ -5,7 +5,9 @@ is appended by its money script with its settlement (server/lua/send_gift.lua), 
 event by `room_publish.lua`; both number it with the room's one counter, so log order is seq
 order whichever gateway wrote. A gateway follows the rooms it serves; each tick its flush
 sends, in one pipelined round trip, this gateway's presence changes, the queued events of its
-rooms (one `room_publish` per room) and one non-blocking XREAD over every followed log, then
+rooms (one `room_publish` per room) and one non-blocking XREAD over every followed log (on a
+Redis Cluster, one XREAD per partition: a partition's logs share its slot, and one command
+may not read several slots; the pipeline still goes out once, to each shard), then
 hands each room's new entries to the hub as one batch: the `d` bytes are already the encoded
 events, framed once by the hub for all its viewers there. Polling each tick keeps the
 tick's batching, costs one round trip a tick however many rooms, and, unlike pub/sub's
@@ -30,7 +32,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 from giftstream.protocol.codec import encode_event, split_at_seq
@@ -42,6 +43,7 @@ from giftstream.server.realtime.broker import (
     MakeEvent,
     history_after,
 )
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class _Followed:
     """One room this gateway follows."""
 
     room_id: str
+    partition: int  # its creator's: its keys' slot on a cluster, so its log's XREAD group
     deliver: Deliver
     record: str
     log: str
@@ -73,7 +76,7 @@ class RedisBroker:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         history_size: int,
         gateway_id: str,
@@ -149,6 +152,7 @@ class RedisBroker:
         newest = _seq_of(tail[0][0]) if tail else 0
         followed = _Followed(
             room_id=room_id,
+            partition=self.keyspace.partition(room_id),
             deliver=deliver,
             record=self.keyspace.room(room_id),
             log=self.keyspace.room_log(room_id),
@@ -256,8 +260,9 @@ class RedisBroker:
                         published.append((followed, ops))
                         keys_, args = self._publish_call(followed.room_id, followed.room_json, ops)
                         pipe.evalsha(self._publish.sha, len(keys_), *keys_, *args)
-                if targets:
-                    pipe.xread({f.log: f.last_id for f in targets}, count=self.read_count)
+                reads = _reads_by_partition(targets)
+                for streams in reads:
+                    pipe.xread(streams, count=self.read_count)
                 try:
                     results = await pipe.execute(raise_on_error=False) if len(pipe) else []
                 except BaseException:
@@ -279,20 +284,29 @@ class RedisBroker:
                     followed.ops[:0] = ops  # written next tick
                 else:
                     self._note_viewers(followed, reply, followed.written)
-            read = next(replies, None)
-            if isinstance(read, BaseException):
-                failed.append(read)
-                read = None
-            more = self._deliver_read(read or [])
+            read: list[Any] = []
+            for reply in replies:  # the XREADs, one per partition
+                if isinstance(reply, BaseException):
+                    failed.append(reply)
+                else:
+                    read.extend(reply or ())
+            more = self._deliver_read(read)
             for _ in range(MAX_READS):
                 if not more:
                     break
-                streams: dict[Any, Any] = {f.log: f.last_id for f in more}
-                more = self._deliver_read(await self.redis.xread(streams, count=self.read_count))
+                more = self._deliver_read(await self._read(more))
         if failed:
             if any(isinstance(error, NoScriptError) for error in failed):
                 await self._load_scripts()  # Redis restarted or flushed its scripts
             raise failed[0]
+
+    async def _read(self, rooms: list[_Followed]) -> list[Any]:
+        """One more read of these rooms' logs (one XREAD per partition, one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for streams in _reads_by_partition(rooms):
+                pipe.xread(streams, count=self.read_count)
+            replies = await pipe.execute()
+        return [stream for reply in replies for stream in reply or ()]
 
     def _deliver_read(self, read: Any) -> list[_Followed]:
         """Hand each room's entries of one XREAD to its subscriber; the rooms that may have
@@ -362,6 +376,15 @@ class RedisBroker:
         """This gateway's viewers now, plus the others' as last summed (within a second)."""
         followed = self._rooms[room_id]
         return followed.remote + followed.users
+
+
+def _reads_by_partition(rooms: list[_Followed]) -> list[dict[Any, Any]]:
+    """The XREAD streams (log -> last id read) of these rooms, one dict per partition: one
+    XREAD may only read keys of one slot on a cluster (one Redis: partition 0, one read)."""
+    reads: dict[int, dict[Any, Any]] = {}
+    for followed in rooms:
+        reads.setdefault(followed.partition, {})[followed.log] = followed.last_id
+    return list(reads.values())
 
 
 def _seq_of(entry_id: bytes) -> int:

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import orjson
-import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from giftstream.server.money import keys
-from giftstream.server.scripts import register
+from giftstream.server.redis_cluster import RedisClient
+from giftstream.server.scripts import load, register
 
 GATEWAYS_KEY = keys.GATEWAYS
 DEFAULT_EXPIRY_S = 15.0  # a gateway silent this long is gone (PROTOCOL.md 6: within 15 s)
@@ -139,7 +140,7 @@ class GatewayRegistry:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         gateway_id: str,
         counters: Callable[[], Counters],
         live_rooms_keys: Sequence[str],
@@ -166,14 +167,18 @@ class GatewayRegistry:
         """Write this gateway's heartbeat, then read every live gateway's and the number of
         live rooms, in one round trip (so the reader's own share is never an interval old);
         heartbeats past the expiry (a killed gateway) or unreadable are deleted, left out."""
+        try:
+            return await self._survey_once()
+        except NoScriptError:  # not loaded yet, or lost (a restart, a cluster's failover)
+            await load(self.redis, self._heartbeat, self._survey)
+            return await self._survey_once()
+
+    async def _survey_once(self) -> Survey:
         connections, gifts, coins = self.counters()
         async with self.redis.pipeline(transaction=False) as pipe:
-            await self._heartbeat(
-                keys=[GATEWAYS_KEY],
-                args=[self.gateway_id, connections, gifts, coins],
-                client=pipe,
-            )
-            await self._survey(keys=[GATEWAYS_KEY], args=[self.expiry_ms], client=pipe)
+            mine = (self.gateway_id, connections, gifts, coins)
+            pipe.evalsha(self._heartbeat.sha, 1, GATEWAYS_KEY, *mine)
+            pipe.evalsha(self._survey.sha, 1, GATEWAYS_KEY, self.expiry_ms)
             for live_set in self.live_rooms_keys:
                 pipe.scard(live_set)
             _, reply, *live_counts = await pipe.execute()

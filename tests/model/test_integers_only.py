@@ -394,6 +394,7 @@ async def test_raw_calls_mirror_what_wallet_py_sends(
     await money.load_scripts()
     names = {id(script): name for name, script in money._scripts.items()}
     sent: dict[str, tuple[list[str], list[Any]]] = {}
+    assert money._batcher is not None  # one Redis: the batcher carries every call
     submit = money._batcher.submit
 
     def spy(script: Any, script_keys: Any, args: Any, on_reply: Any) -> Any:
