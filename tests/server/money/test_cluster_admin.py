@@ -58,7 +58,7 @@ def clock() -> Clock:
 @pytest.fixture
 async def money(rc: RedisCluster, catalog: Catalog, clock: Clock) -> Wallet:
     wallet = Wallet(
-        rc,  # type: ignore[arg-type]  # Wallet's client type is widened by helper A
+        rc,
         catalog.economics,
         keyspace=SPACE,
         clock=clock,
@@ -261,7 +261,7 @@ async def test_payout_cap_and_hold_in_the_creators_partition(
     rc: RedisCluster, catalog: Catalog, clock: Clock
 ) -> None:
     wallet = Wallet(
-        rc,  # type: ignore[arg-type]
+        rc,
         catalog.economics,
         keyspace=SPACE,
         clock=clock,
