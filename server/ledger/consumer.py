@@ -27,6 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 from giftstream.server import scripts
 from giftstream.server.config import redact_url
 from giftstream.server.ledger.checkpoint import CheckpointFolder
+from giftstream.server.ledger.connect import AnyRedis
 from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer
 from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry
@@ -37,14 +38,14 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[LedgerEntry], Awaitable[None]]
 # (redis, the key space, the ledger stream consumed) -> handler
-HandlerFactory = Callable[[aioredis.Redis, keys.KeySpace, str], Handler]
+HandlerFactory = Callable[[AnyRedis, keys.KeySpace, str], Handler]
 
 
-def _earnings(redis: aioredis.Redis, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
+def _earnings(redis: AnyRedis, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
     return EarningsConsumer(redis, ledger_key, keyspace=keyspace)
 
 
-def _checkpoint(redis: aioredis.Redis, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
+def _checkpoint(redis: AnyRedis, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
     return CheckpointFolder(redis, ledger_key)  # its keys follow the stream's name
 
 
@@ -113,7 +114,7 @@ class LedgerConsumer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         group: str,
         consumer: str,
         handler: Handler,
@@ -369,7 +370,7 @@ class LedgerConsumer:
 UNREAD_COUNT_CAP = 10_000  # when Redis cannot say how many are unread, count at most this many
 
 
-async def group_lag(redis: aioredis.Redis, ledger_key: str, group: str) -> int:
+async def group_lag(redis: AnyRedis, ledger_key: str, group: str) -> int:
     """Entries the group has not acked: pending plus not yet read (0 without the group).
 
     When entries were deleted behind the group, Redis cannot say how many are unread; they

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
+from giftstream.server.ledger.connect import AnyRedis
 from giftstream.server.ledger.entries import LedgerEntry, parse_entry, read_raw
 from giftstream.server.money import keys
 
@@ -19,7 +18,7 @@ def dead_letter_stream(ledger_key: str = keys.LEDGER) -> str:
 
 
 async def replay_dead_letters(
-    redis: aioredis.Redis,
+    redis: AnyRedis,
     group: str,
     handler: Callable[[LedgerEntry], Awaitable[None]],
     *,

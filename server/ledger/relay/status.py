@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from giftstream.server.config import redact_url
+from giftstream.server.ledger.connect import AnyRedis
 from giftstream.server.ledger.lease import Holder, lease_holder
 from giftstream.server.ledger.relay.config import lease_key
 from giftstream.server.ledger.relay.lag import relay_lag
@@ -17,7 +18,7 @@ from giftstream.server.money import keys
 log = logging.getLogger(__name__)
 
 
-async def relay_status(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> dict[str, Any]:
+async def relay_status(redis: AnyRedis, ledger_key: str = keys.LEDGER) -> dict[str, Any]:
     """The relay's lag, and who holds the relay lease (None: no relay runs, or one is
     waiting to take it) with its TTL left."""
     lag = await relay_lag(redis, ledger_key)

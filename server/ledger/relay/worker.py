@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError, ResponseError
 
 from giftstream.server.config import redact_url
+from giftstream.server.ledger.connect import AnyRedis
 from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.ledger.lease import Lease, lease_holder
 from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
@@ -81,7 +82,7 @@ class Relay:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         config: RelayConfig,
         metrics: RelayMetrics | None = None,
         *,
