@@ -12,6 +12,7 @@ from giftstream.server.ledger.audit import audit
 from giftstream.server.ledger.checkpoint import checkpoint_last_id, fold_checkpoints
 from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.ledger.trim import trim_all
+from giftstream.server.money import keys
 from tests.server.ledger.cluster_ledger import ClusterLedger, users_by_partition
 
 
@@ -87,7 +88,7 @@ async def test_every_wallet_on_every_master_is_read(ledger: ClusterLedger) -> No
     users = users_by_partition(ledger.space, ledger.space.partitions)
     for n, user in enumerate(users):
         await ledger.purchase(user, 10 + n)
-    nodes = {ledger.redis.get_node_from_key(ledger.space.wallet(user)).name for user in users}
+    nodes = {str(ledger.redis.get_node_from_key(ledger.space.wallet(user))) for user in users}
     assert len(nodes) == 3  # the wallets sit on every master: SCAN must visit them all
     report = await audit(ledger.redis, keyspace=ledger.space)
     assert report.ok, report.breaches
@@ -124,5 +125,5 @@ async def test_checkpoints_fold_only_credited_gifts_and_the_audit_starts_from_th
 
 
 async def _ids(ledger: ClusterLedger, ledger_key: str) -> AsyncIterator[str]:
-    for stream_id, _fields in await ledger.redis.xrange(ledger_key):
-        yield stream_id.decode()
+    for stream_id, _fields in await ledger.redis.xrange(ledger_key) or []:
+        yield keys.text(stream_id)
