@@ -8,6 +8,7 @@ them. The downstream (audit, checkpoint, consume, relay, trim) must read exactly
 from __future__ import annotations
 
 import itertools
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class ClusterLedger:
     redis: RedisCluster
     space: keys.KeySpace
     events: itertools.count[int] = field(default_factory=itertools.count)
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # ids unique across opens
     coins: dict[str, int] = field(default_factory=dict)
     diamonds: dict[str, int] = field(default_factory=dict)
 
@@ -57,7 +59,7 @@ class ClusterLedger:
         await self.redis.aclose()
 
     async def _append(self, owner: str, data: dict[str, Any]) -> str:
-        data = {"event": f"ev-{next(self.events)}", "ts": TS, **data}
+        data = {"event": f"ev-{self.run}-{next(self.events)}", "ts": TS, **data}
         stream_id = await self.redis.xadd(self.space.ledger_of(owner), {"data": orjson.dumps(data)})
         return keys.text(stream_id)
 
@@ -70,7 +72,7 @@ class ClusterLedger:
             {
                 "kind": "purchase",
                 "user": user,
-                "receipt": f"rc-{n}",
+                "receipt": f"rc-{self.run}-{n}",
                 "package": "p",
                 "coins": coins,
                 "credited": coins,
@@ -94,7 +96,7 @@ class ClusterLedger:
                 "creator": creator,
                 "room": creator,
                 "gift": "heart",
-                "key": f"k-{n}",
+                "key": f"k-{self.run}-{n}",
                 "count": 1,
                 "coins": coins,
                 "diamonds": diamonds,
@@ -126,7 +128,7 @@ class ClusterLedger:
             {
                 "kind": "payout",
                 "creator": creator,
-                "key": f"po-{n}",
+                "key": f"po-{self.run}-{n}",
                 "payout": f"payout-{n}",
                 "diamonds": diamonds,
                 "cents": diamonds,
