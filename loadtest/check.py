@@ -1,7 +1,8 @@
 """The end of every run: the money and delivery checks (DESIGN.md §2) held against what the
 load test's clients were told.
 
-- audit: `giftstream audit`'s replay of the ledger against every wallet (needs Redis).
+- audit: `giftstream audit`'s replay of the ledger against every wallet (needs Redis; on a
+  Redis Cluster every partition's ledger and every wallet on every master).
 - wallets: for each load-test gifter, coins bought = coins held + coins spent on gifts that
   were acknowledged, read through the signed wallet API.
 - ledger: every `gift_ok` a client saw is in the ledger under its sender and key with the
@@ -14,12 +15,18 @@ load test's clients were told.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from giftstream.loadtest.api import Api, bounded
 from giftstream.server.money.keys import KeySpace
+
+if TYPE_CHECKING:
+    from giftstream.server.ledger.audit import AuditReport
+    from giftstream.server.redis_cluster import RedisClient
 
 MAX_LISTED = 10  # breaches named per check; the count says how many in all
 
@@ -119,44 +126,51 @@ async def check_wallets(
 async def check_redis(
     redis_url: str | None,
     keyspace: KeySpace,
-    ledger_from: str | None,
+    ledger_from: dict[str, str] | None,
     outcome: Outcome,
     users: set[str],
     bought: dict[str, int],
 ) -> list[Check]:
     """The audit, and the ledger against the acknowledgements, when the server's Redis is
-    known; otherwise both are reported as skipped."""
+    known; otherwise both are reported as skipped. `keyspace` gives the ledger key; a Redis
+    Cluster behind the URL is found, with its partitions. `ledger_from`: each ledger's last
+    id before the run (runner._ledger_position)."""
     if redis_url is None:
         reason = "skipped: no --redis-url (the server's Redis) given"
         return [Check("audit", "skipped", reason), Check("ledger", "skipped", reason)]
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
     from giftstream.server.config import redact_url
-    from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
     from giftstream.server.ledger.entries import LedgerError, read_entries
 
-    client = aioredis.Redis.from_url(redis_url)
     audit_check = Check("audit")
     ledger = Check("ledger")
     try:
-        report = await audit(client, keyspace=keyspace)
+        client, space = await open_ledger_redis(redis_url, keyspace.ledger_key)
+    except (RedisError, OSError, NoPartitions) as exc:
+        for check in (audit_check, ledger):
+            check.breach(f"cannot read Redis at {redact_url(redis_url)}: {exc}")
+        return [audit_check, ledger]
+    try:
+        report = await _settled_audit(client, space)
         audit_check.detail = report.summary()
         for text in report.breaches:
             audit_check.breach(text)
         gifts: dict[tuple[str, str], tuple[str, int]] = {}
         purchased: Counter[str] = Counter()
-        start = "-" if ledger_from is None else "(" + ledger_from
-        (ledger_key,) = keyspace.ledgers()  # one Redis: `ledger_from` is this stream's id
-        async for entry in read_entries(client, ledger_key, start=start):
-            data = entry.data
-            if entry.kind == "gift" and data["sender"] in users:
-                sent_as = (data["sender"], data["key"])
-                if sent_as in gifts:
-                    ledger.breach(f"gift key {data['key']} of {data['sender']} settled twice")
-                gifts[sent_as] = (entry.event, int(data["coins"]))
-            elif entry.kind == "purchase" and data["user"] in users:
-                purchased[data["user"]] += int(data["credited"])
+        for ledger_key in space.ledgers():
+            after = (ledger_from or {}).get(ledger_key)
+            start = "-" if after is None else "(" + after
+            async for entry in read_entries(client, ledger_key, start=start):
+                data = entry.data
+                if entry.kind == "gift" and data["sender"] in users:
+                    sent_as = (data["sender"], data["key"])
+                    if sent_as in gifts:
+                        ledger.breach(f"gift key {data['key']} of {data['sender']} settled twice")
+                    gifts[sent_as] = (entry.event, int(data["coins"]))
+                elif entry.kind == "purchase" and data["user"] in users:
+                    purchased[data["user"]] += int(data["credited"])
     except (RedisError, OSError) as exc:
         for check in (audit_check, ledger):
             check.breach(f"cannot read Redis at {redact_url(redis_url)}: {exc}")
@@ -185,6 +199,25 @@ async def check_redis(
         else f"{len(acked)} gift_ok, {len(gifts)} ledger gifts of this run"
     )
     return [audit_check, ledger]
+
+
+SETTLE_S = 10.0  # a cluster's crediting is at most ~1 s behind: this is generous
+
+
+async def _settled_audit(client: RedisClient, space: KeySpace) -> AuditReport:
+    """The audit, once crediting has reached every gift of the run (a Redis Cluster credits
+    creators up to ~1 s after the gift; an audit racing a credit names a wallet it has not
+    caught up with). One Redis credits in the gift's script: the first audit is it."""
+    from giftstream.server.ledger.audit import audit
+
+    deadline = time.monotonic() + SETTLE_S
+    report = await audit(client, keyspace=space)
+    while (report.diamonds_uncredited or not report.ok) and time.monotonic() < deadline:
+        if not space.cluster:
+            break
+        await asyncio.sleep(0.2)  # crediting runs every 100 ms: look again
+        report = await audit(client, keyspace=space)
+    return report
 
 
 def check_deliveries(outcome: Outcome) -> tuple[Check, dict[str, Any]]:

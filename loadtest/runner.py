@@ -51,6 +51,7 @@ from giftstream.loadtest.system import ServerSample, ServerWatch, raise_nofile_l
 from giftstream.loadtest.worker import Control, worker_main
 from giftstream.server.config import redact_url
 from giftstream.server.money.keys import KeySpace
+from giftstream.server.money.keys import text as keys_text
 from giftstream.server.realtime.auth import Role, mint_token
 
 START_DELAY_S = 0.5  # from "go" to the common start time: every worker is waiting by then
@@ -174,8 +175,8 @@ async def _run(
             raise RunError(f"cannot read the catalog from {s.admin}: {exc}") from exc
         plan = make_plan(s, catalog, run_id)
         _warn(s, console)
-        keyspace = KeySpace(ledger_key=s.ledger_key)  # the server's, on one Redis
-        ledger_from = await _ledger_position(s.redis_url, keyspace.ledger())
+        keyspace = KeySpace(ledger_key=s.ledger_key)  # its ledger key; a cluster's is found
+        ledger_from = await _ledger_position(s.redis_url, s.ledger_key)
         console.print(
             f"[bold]giftstream loadtest[/] run {run_id}: {s.viewers} viewers ({s.gifters} "
             f"gifting) in {s.rooms} rooms over {s.workers} workers, {s.duration:g} s, "
@@ -241,24 +242,31 @@ def _warn(s: Scenario, console: Console) -> None:
         )
 
 
-async def _ledger_position(redis_url: str | None, ledger_key: str) -> str | None:
-    """The ledger's last entry id before the run: the ledger check reads only after it."""
+async def _ledger_position(redis_url: str | None, ledger_key: str) -> dict[str, str] | None:
+    """Each ledger's last entry id before the run (one Redis: the one ledger; a cluster:
+    every partition's), the empty ones left out: the ledger check reads only after them."""
     if redis_url is None:
         return None
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    client = aioredis.Redis.from_url(redis_url)
+    from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
+
+    positions: dict[str, str] = {}
     try:
-        last = await client.xrevrange(ledger_key, count=1)
+        client, keyspace = await open_ledger_redis(redis_url, ledger_key)
+    except (RedisError, OSError, NoPartitions) as exc:
+        raise RunError(f"cannot read the ledger at {redact_url(redis_url)}: {exc}") from exc
+    try:
+        for key in keyspace.ledgers():
+            last = await client.xrevrange(key, count=1)
+            if last:
+                entry_id = last[0][0]
+                positions[key] = keys_text(entry_id)
     except (RedisError, OSError) as exc:
         raise RunError(f"cannot read the ledger at {redact_url(redis_url)}: {exc}") from exc
     finally:
         await client.aclose()
-    if not last:
-        return None
-    entry_id = last[0][0]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return positions
 
 
 async def _fund(api: Api, plan: Plan) -> dict[str, int]:

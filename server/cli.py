@@ -442,19 +442,13 @@ def _own_embedded_redis(redis_dir: Path) -> EmbeddedRedis | str:
             raise ConfigError(f"embedded Redis: {exc}") from exc
 
 
-def _keyspace(values: dict[str, Any]) -> keys.KeySpace:
-    """The key space the ledger commands name keys by: one Redis's, with the configured
-    ledger key (these commands do not reach a Redis Cluster yet, issue 14)."""
-    return keys.KeySpace(ledger_key=values["ledger_key"])
-
-
 def _relay(args: argparse.Namespace, values: dict[str, Any]) -> int:
     from giftstream.server.ledger.relay.config import RelayConfig
     from giftstream.server.ledger.relay.status import read_status
     from giftstream.server.ledger.relay.worker import run_relay
 
     _log_at(values["log_level"])
-    (ledger_key,) = _keyspace(values).ledgers()  # one relay (and lease) per ledger stream
+    ledger_key = values["ledger_key"]  # a cluster's ledgers are named after it, one relay each
     if args.status:
         with _ledger_redis(values) as url:
             status = uvloop.run(read_status(url, ledger_key))
@@ -504,7 +498,7 @@ def _consume(args: argparse.Namespace, values: dict[str, Any]) -> int:
             group,
             consumer,
             handler,
-            keyspace=_keyspace(values),
+            ledger_key=values["ledger_key"],
             dead_letter_key=args.dead_letter_key,
             batch=args.batch,
             block_ms=args.block_ms,
@@ -524,16 +518,22 @@ def _trim(args: argparse.Namespace, values: dict[str, Any]) -> int:
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
     with _ledger_redis(values) as url:
-        return uvloop.run(_run_trim(url, _keyspace(values), keep))
+        return uvloop.run(_run_trim(url, values["ledger_key"], keep))
 
 
-async def _run_trim(url: str, keyspace: keys.KeySpace, keep: int) -> int:
-    import redis.asyncio as aioredis
+async def _run_trim(url: str, ledger_key: str, keep: int) -> int:
     from redis.exceptions import RedisError
 
+    from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
     from giftstream.server.ledger.trim import trim_all
 
-    client = aioredis.Redis.from_url(url)
+    try:
+        client, keyspace = await open_ledger_redis(url, ledger_key)
+    except (RedisError, OSError, NoPartitions) as exc:
+        print(
+            f"giftstream: error: cannot trim in Redis at {redact_url(url)}: {exc}", file=sys.stderr
+        )
+        return 1
     try:
         done = await trim_all(client, keyspace, keep_min_entries=keep)
     except (RedisError, OSError) as exc:
@@ -549,16 +549,20 @@ async def _run_trim(url: str, keyspace: keys.KeySpace, keep: int) -> int:
 
 def _audit(args: argparse.Namespace, values: dict[str, Any]) -> int:
     with _ledger_redis(values) as url:
-        return uvloop.run(_run_audit(url, _keyspace(values)))
+        return uvloop.run(_run_audit(url, values["ledger_key"]))
 
 
-async def _run_audit(url: str, keyspace: keys.KeySpace) -> int:
-    import redis.asyncio as aioredis
+async def _run_audit(url: str, ledger_key: str) -> int:
     from redis.exceptions import RedisError
 
     from giftstream.server.ledger.audit import audit
+    from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 
-    client = aioredis.Redis.from_url(url)
+    try:
+        client, keyspace = await open_ledger_redis(url, ledger_key)
+    except (RedisError, OSError, NoPartitions) as exc:
+        print(f"giftstream: error: cannot audit Redis at {redact_url(url)}: {exc}", file=sys.stderr)
+        return 2
     try:
         report = await audit(client, keyspace=keyspace)
     except (RedisError, OSError) as exc:

@@ -32,7 +32,8 @@ def script_source(name: str) -> str:
 
 
 def register(redis: RedisClient, name: str) -> AsyncScript:
-    """Script NAME on `redis`, called as `await script(keys=..., args=...)`."""
+    """Script NAME on `redis` (one Redis, or a cluster: each call runs on the shard of its
+    keys, which must share a slot), called as `await script(keys=..., args=...)`."""
     return redis.register_script(script_source(name))
 
 

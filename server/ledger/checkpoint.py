@@ -16,6 +16,13 @@ The fold runs the audit's own code, so the two cannot disagree; each chunk lands
 script that refuses it unless the checkpoint is still where the fold read it. Event ids are
 checked unique within a chunk and after the checkpoint, not across it (that would keep every
 id forever); receipts and payout keys, which carry the money rules, are checked for good.
+
+On a Redis Cluster each partition's ledger has its own checkpoint (its keys carry the ledger's
+name, so its tag: one script on one shard). Its wallets are that ledger's part of each wallet
+(the audit sums the parts), and it folds a gift only once the gift's creator is credited (the
+credit cursors, credit_cursors.py): the fold stops before the first gift crediting has not
+reached, so everything folded is in the wallets and trimming (held by the checkpoint) never
+removes a gift still to be credited.
 """
 
 from __future__ import annotations
@@ -28,13 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from giftstream.server import scripts
 from giftstream.server.ledger.audit import AuditReport, Balances, Replay, StreamState
+from giftstream.server.ledger.credit_cursors import read_credit_cursors
 from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry, stream_id_key
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,11 @@ BALANCES = ("coins", "diamonds", "debt")
 
 class CheckpointConflict(RuntimeError):
     """Other folders kept moving the checkpoint; the entry stays pending and is tried again."""
+
+
+class CreditPending(RuntimeError):
+    """A cluster's fold stopped before a gift crediting has not reached yet; the entry stays
+    pending and is tried again (crediting runs every 100 ms)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +103,17 @@ class Checkpoint:
     replay: Replay  # the audit's state right after that entry; its report counts entries
 
 
-async def checkpoint_last_id(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
+async def checkpoint_last_id(redis: RedisClient, ledger_key: str = keys.LEDGER) -> str | None:
     """The last entry the checkpoint has folded; None when there is no checkpoint yet."""
     value = await redis.hget(CheckpointKeys.of(ledger_key).main, "last_id")
     return None if value is None else keys.text(value)
 
 
 async def snapshot(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER
+    redis: RedisClient, ledger_key: str = keys.LEDGER, *, partitioned: bool = False
 ) -> tuple[Checkpoint | None, StreamState]:
-    """The whole checkpoint and the stream's state, read in one MULTI so they agree."""
+    """The whole checkpoint and the stream's state, read in one MULTI so they agree.
+    `partitioned`: one of a cluster's ledgers (audit.Replay)."""
     k = CheckpointKeys.of(ledger_key)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.xinfo_stream(ledger_key)
@@ -119,7 +133,7 @@ async def snapshot(
     main = _names(main)
     if "last_id" not in main:
         return None, stream
-    replay = _restore(main, wallets, receipts, payouts, negative)
+    replay = _restore(main, wallets, receipts, payouts, negative, partitioned=partitioned)
     replay.report.breaches.extend(keys.text(b) for b in breaches)
     return Checkpoint(keys.text(main["last_id"]), replay), stream
 
@@ -128,19 +142,27 @@ class CheckpointFolder:
     """The `checkpoint` group's handler. Handed an entry, it folds the ledger in stream order
     from the checkpoint up to that entry (and a chunk past it), whatever order entries come
     in: a retried entry is then already folded, and trimming what the group acked removes
-    only folded entries. Idempotent by stream id; safe to run twice at once."""
+    only folded entries. Idempotent by stream id; safe to run twice at once.
+
+    Given a cluster's `keyspace`, `ledger_key` is one of its partitions' ledgers and the fold
+    waits for crediting (CreditPending when an entry handed to it is not folded for that)."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         ledger_key: str = keys.LEDGER,
         *,
         chunk: int = FOLD_CHUNK,
+        keyspace: keys.KeySpace = keys.SINGLE,
     ) -> None:
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
         self.redis = redis
         self.ledger_key = ledger_key
+        self.keyspace = keyspace
+        self.partitioned = keyspace.cluster
+        self.source = keyspace.ledgers().index(ledger_key) if keyspace.cluster else 0
+        self._waiting = False  # the last fold stopped before a gift not credited yet
         self.keys = CheckpointKeys.of(ledger_key)
         self.chunk = chunk
         self._script: AsyncScript = scripts.register(redis, "checkpoint")
@@ -151,6 +173,11 @@ class CheckpointFolder:
     async def __call__(self, entry: LedgerEntry) -> None:
         if self._folded is None or stream_id_key(entry.id) > self._folded:
             await self.fold(through=entry.id)
+            if self._waiting:
+                raise CreditPending(
+                    f"{self.ledger_key}: the checkpoint waits for a gift's creator credit "
+                    f"before folding on to {entry.id}"
+                )
 
     async def fold(self, through: str | None = None) -> str | None:
         """Fold until `through` is folded (None: up to the stream's last entry now); the
@@ -163,6 +190,7 @@ class CheckpointFolder:
             through = keys.text(newest[0][0])
         target = stream_id_key(through)
         conflicts = 0  # chunks in a row another folder landed first
+        self._waiting = False
         while True:
             last = await checkpoint_last_id(self.redis, self.ledger_key)
             if last is not None:
@@ -172,6 +200,9 @@ class CheckpointFolder:
             outcome = await self._fold_chunk(last)
             if outcome == "empty":
                 return last  # nothing after the checkpoint: `through` is gone
+            if outcome == "waiting":
+                self._waiting = True
+                return last  # the next entry is a gift crediting has not reached
             if outcome == "ok":
                 conflicts = 0
                 continue
@@ -182,13 +213,18 @@ class CheckpointFolder:
 
     async def _fold_chunk(self, last: str | None) -> str:
         """Fold the chunk after `last`, where the checkpoint was: 'ok', 'folded' (someone
-        else did), 'conflict' (it moved meanwhile) or 'empty' (nothing after it)."""
+        else did), 'conflict' (it moved meanwhile), 'empty' (nothing after it) or, on a
+        cluster, 'waiting' (the next entry is a gift not credited yet)."""
         k = self.keys
         start = "-" if last is None else "(" + last
         page = await self.redis.xrange(self.ledger_key, min=start, max="+", count=self.chunk)
         if not page:
             return "empty"
         entries = [(keys.text(stream_id), fields or {}) for stream_id, fields in page]
+        if self.partitioned:
+            entries = await self._credited_prefix(entries)
+            if not entries:
+                return "waiting"
         users, receipts, payout_keys = _touched(entries)
         negatives = [f"{name}:{user}" for user in users for name in BALANCES]
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -207,6 +243,7 @@ class CheckpointFolder:
             {r: v for r, v in zip(receipts, receipt_values, strict=False) if v is not None},
             [key for key, flag in zip(payout_keys, paid, strict=False) if flag],
             [n for n, flag in zip(negatives, negative, strict=False) if flag],
+            partitioned=self.partitioned,
         )
         for stream_id, fields in entries:
             replay.feed(stream_id, fields)
@@ -225,11 +262,39 @@ class CheckpointFolder:
                 )
         return outcome
 
+    async def _credited_prefix(
+        self, entries: list[tuple[str, dict[Any, Any]]]
+    ) -> list[tuple[str, dict[Any, Any]]]:
+        """The entries before the first gift whose creator crediting has not reached (the
+        cursors read now: they only move forward)."""
+        cursors = await read_credit_cursors(self.redis, self.keyspace)
+        for n, (stream_id, fields) in enumerate(entries):
+            try:
+                entry = parse_entry(stream_id, fields)
+            except LedgerError:
+                continue  # folded as the breach it is
+            if entry.kind == "gift" and not cursors.credited(
+                self.source, entry.data["creator"], stream_id
+            ):
+                return entries[:n]
+        return entries
 
-async def fold_checkpoint(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
-    """Fold the checkpoint up to the ledger's last entry now, without the consumer group (an
-    operator's catch-up, or a test's); the checkpoint's last id after."""
-    return await CheckpointFolder(redis, ledger_key).fold()
+
+async def fold_checkpoint(
+    redis: RedisClient, ledger_key: str = keys.LEDGER, *, keyspace: keys.KeySpace = keys.SINGLE
+) -> str | None:
+    """Fold the checkpoint up to the ledger's last entry now (on a cluster: up to the first
+    gift not credited yet), without the consumer group (an operator's catch-up, or a
+    test's); the checkpoint's last id after."""
+    return await CheckpointFolder(redis, ledger_key, keyspace=keyspace).fold()
+
+
+async def fold_checkpoints(redis: RedisClient, keyspace: keys.KeySpace) -> dict[str, str | None]:
+    """fold_checkpoint of every partition's ledger, keyed by ledger stream."""
+    return {
+        ledger: await fold_checkpoint(redis, ledger, keyspace=keyspace)
+        for ledger in keyspace.ledgers()
+    }
 
 
 def _touched(entries: list[tuple[str, dict[Any, Any]]]) -> tuple[list[str], list[str], list[str]]:
@@ -259,13 +324,15 @@ def _restore(
     receipts: dict[Any, Any],
     payouts: Any,
     negative: Any,
+    *,
+    partitioned: bool = False,
 ) -> Replay:
     """A Replay at the saved state (all of it, or the part a chunk touches)."""
     report = AuditReport()
     report.entries = int(main.get("entries", 0))
     for name in TOTALS:
         setattr(report, name, int(main.get(name, 0)))
-    replay = Replay(report)
+    replay = Replay(report, partitioned=partitioned)
     for user, raw in wallets.items():
         saved = orjson.loads(raw)
         balances = Balances(

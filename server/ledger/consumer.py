@@ -6,6 +6,11 @@ idle `claim_idle_ms`. So a handler may see an entry twice, in any order relative
 and must be idempotent by the entry's event id: exactly once in effect, not in delivery.
 An entry that fails `max_deliveries` times, or does not parse, is moved to the dead-letter
 stream (LEDGER:dead) and acked, so one poison entry never holds the others back.
+
+On a Redis Cluster each partition's ledger has its own group (same name) and dead letters
+(LEDGER:dead, in the ledger's slot); `giftstream consume` runs one LedgerConsumer per ledger
+in its one process, each reading its ledger alone: an XREADGROUP of several streams must
+name keys of one slot, and the ledgers sit on every shard.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
@@ -27,25 +31,27 @@ from redis.exceptions import RedisError, ResponseError
 from giftstream.server import scripts
 from giftstream.server.config import redact_url
 from giftstream.server.ledger.checkpoint import CheckpointFolder
+from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 from giftstream.server.ledger.dead_letters import dead_letter_stream
 from giftstream.server.ledger.earnings import EarningsConsumer
 from giftstream.server.ledger.entries import LedgerEntry, LedgerError, parse_entry
 from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, start_worker
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[LedgerEntry], Awaitable[None]]
 # (redis, the key space, the ledger stream consumed) -> handler
-HandlerFactory = Callable[[aioredis.Redis, keys.KeySpace, str], Handler]
+HandlerFactory = Callable[[RedisClient, keys.KeySpace, str], Handler]
 
 
-def _earnings(redis: aioredis.Redis, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
+def _earnings(redis: RedisClient, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
     return EarningsConsumer(redis, ledger_key, keyspace=keyspace)
 
 
-def _checkpoint(redis: aioredis.Redis, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
-    return CheckpointFolder(redis, ledger_key)  # its keys follow the stream's name
+def _checkpoint(redis: RedisClient, keyspace: keys.KeySpace, ledger_key: str) -> Handler:
+    return CheckpointFolder(redis, ledger_key, keyspace=keyspace)  # keys follow the stream's
 
 
 # `giftstream consume --handler NAME`: the handlers a consumer process can run.
@@ -99,6 +105,12 @@ class ConsumerMetrics:
             by_group,
             registry=r,
         )
+        self._lags: dict[tuple[str, str], int] = {}
+
+    def show_lag(self, group: str, ledger_key: str, lag: int) -> None:
+        """One ledger's lag; the gauge shows the group's sum over the ledgers."""
+        self._lags[(group, ledger_key)] = lag
+        self.lag.labels(group).set(sum(n for (g, _), n in self._lags.items() if g == group))
 
 
 class LedgerConsumer:
@@ -113,7 +125,7 @@ class LedgerConsumer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         group: str,
         consumer: str,
         handler: Handler,
@@ -222,7 +234,7 @@ class LedgerConsumer:
 
     def _show_lag(self, lag: int) -> None:
         if self.metrics is not None:
-            self.metrics.lag.labels(self.group).set(lag)
+            self.metrics.show_lag(self.group, self.ledger_key, lag)
 
     # ---- one pass -----------------------------------------------------------------------
 
@@ -369,7 +381,7 @@ class LedgerConsumer:
 UNREAD_COUNT_CAP = 10_000  # when Redis cannot say how many are unread, count at most this many
 
 
-async def group_lag(redis: aioredis.Redis, ledger_key: str, group: str) -> int:
+async def group_lag(redis: RedisClient, ledger_key: str, group: str) -> int:
     """Entries the group has not acked: pending plus not yet read (0 without the group).
 
     When entries were deleted behind the group, Redis cannot say how many are unread; they
@@ -401,7 +413,7 @@ async def run_consumer(
     consumer: str,
     handler_name: str = "earnings",
     *,
-    keyspace: keys.KeySpace = keys.SINGLE,
+    ledger_key: str = keys.LEDGER,
     dead_letter_key: str | None = None,
     batch: int = DEFAULT_BATCH,
     block_ms: int = DEFAULT_BLOCK_MS,
@@ -409,43 +421,54 @@ async def run_consumer(
     max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     metrics_port: int | None = None,
 ) -> int:
-    """`giftstream consume --group NAME`: run one consumer with a handler from HANDLERS until
-    SIGTERM or SIGINT. Exit code: 0 stopped by a signal, 1 Redis unreachable at start,
-    2 a bad argument (unknown handler, bad number)."""
+    """`giftstream consume --group NAME`: run one consumer with a handler from HANDLERS, on
+    every ledger (one Redis's, or each partition's of a cluster), until SIGTERM or SIGINT.
+    Exit code: 0 stopped by a signal, 1 Redis unreachable at start, 2 a bad argument
+    (unknown handler, bad number, one dead-letter stream for several ledgers)."""
     factory = HANDLERS.get(handler_name)
     if factory is None:
         log.error("unknown handler %r; one of: %s", handler_name, ", ".join(sorted(HANDLERS)))
         return 2
-    ledgers = keyspace.ledgers()
-    if len(ledgers) != 1:  # issue 14: one LedgerConsumer per partition's ledger, not built yet
-        log.error("consuming %d partitioned ledgers is not supported yet", len(ledgers))
-        return 2
-    (ledger_key,) = ledgers
     if handler_name == "checkpoint" and group != "checkpoint":
         log.warning("the checkpoint handler runs in group %r, not 'checkpoint'", group)
-    metrics = ConsumerMetrics()
-    client = aioredis.Redis.from_url(redis_url)
     try:
-        try:
-            consumer_task = LedgerConsumer(
-                client,
-                group,
-                consumer,
-                factory(client, keyspace, ledger_key),
-                ledger_key=ledger_key,
-                dead_letter_key=dead_letter_key,
-                batch=batch,
-                block_ms=block_ms,
-                claim_idle_ms=claim_idle_ms,
-                max_deliveries=max_deliveries,
-                metrics=metrics,
+        client, keyspace = await open_ledger_redis(redis_url, ledger_key)
+    except (RedisError, OSError, NoPartitions) as exc:
+        log.error("cannot reach Redis at %s: %s", redact_url(redis_url), exc)
+        return 1
+    metrics = ConsumerMetrics()
+    try:
+        ledgers = keyspace.ledgers()
+        if dead_letter_key is not None and len(ledgers) > 1:
+            log.error(
+                "--dead-letter-key names one stream; on a Redis Cluster each of the %d "
+                "ledgers keeps its own (LEDGER:dead, in its slot)",
+                len(ledgers),
             )
+            return 2
+        try:
+            consumers = [
+                LedgerConsumer(
+                    client,
+                    group,
+                    consumer,
+                    factory(client, keyspace, ledger),
+                    ledger_key=ledger,
+                    dead_letter_key=dead_letter_key,
+                    batch=batch,
+                    block_ms=block_ms,
+                    claim_idle_ms=claim_idle_ms,
+                    max_deliveries=max_deliveries,
+                    metrics=metrics,
+                )
+                for ledger in ledgers
+            ]
         except ValueError as exc:
             log.error("%s", exc)
             return 2
         try:
-            await client.ping()
-            await consumer_task.ensure_group()
+            for each in consumers:
+                await each.ensure_group()
         except (RedisError, OSError) as exc:
             log.error("cannot reach Redis at %s: %s", redact_url(redis_url), exc)
             return 1
@@ -453,14 +476,14 @@ async def run_consumer(
         if stop is None:
             return 2
         log.info(
-            "consumer ready: group %s, consumer %s, handler %s, ledger %s",
+            "consumer ready: group %s, consumer %s, handler %s, %s",
             group,
             consumer,
             handler_name,
-            ledger_key,
+            f"ledger {ledgers[0]}" if len(ledgers) == 1 else f"{len(ledgers)} partitions' ledgers",
         )
         started = time.monotonic()
-        await consumer_task.run(stop)
+        await asyncio.gather(*(each.run(stop) for each in consumers))
         log.info("consumer %s/%s stopped after %.1fs", group, consumer, time.monotonic() - started)
         return 0
     finally:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
 from giftstream.server.ledger.entries import LedgerEntry, parse_entry, read_raw
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ def dead_letter_stream(ledger_key: str = keys.LEDGER) -> str:
 
 
 async def replay_dead_letters(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     group: str,
     handler: Callable[[LedgerEntry], Awaitable[None]],
     *,

@@ -20,12 +20,12 @@ import re
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from giftstream.server import scripts
 from giftstream.server.ledger.entries import LedgerEntry
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 SEEN_KEEP_MS = 3 * 24 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -39,7 +39,7 @@ class EarningsConsumer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         ledger_key: str = keys.LEDGER,
         *,
         keyspace: keys.KeySpace = keys.SINGLE,
@@ -76,7 +76,7 @@ class EarningsConsumer:
 
 
 async def earnings(
-    redis: aioredis.Redis, creator: str, day: str, keyspace: keys.KeySpace = keys.SINGLE
+    redis: RedisClient, creator: str, day: str, keyspace: keys.KeySpace = keys.SINGLE
 ) -> dict[str, Any]:
     """A creator's earnings on one UTC day (YYYY-MM-DD): diamonds credited, coins gifted,
     gift items received and gift events; zeros for a day without gifts."""

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 # The fields each kind of entry must carry, besides event, kind and ts; what a consumer may
 # rely on. Every int is a non-negative integer.
@@ -109,7 +109,7 @@ def next_stream_id(stream_id: str) -> str:
 
 
 async def read_raw(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     ledger_key: str = keys.LEDGER,
     start: str = "-",
     count: int = 1000,
@@ -127,7 +127,7 @@ async def read_raw(
 
 
 async def read_entries(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, start: str = "-", count: int = 1000
+    redis: RedisClient, ledger_key: str = keys.LEDGER, start: str = "-", count: int = 1000
 ) -> AsyncIterator[LedgerEntry]:
     """Every parsed entry from `start` (inclusive) on; a bad entry raises LedgerError."""
     async for stream_id, fields in read_raw(redis, ledger_key, start, count):

@@ -17,9 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from giftstream.server import scripts
+from giftstream.server.redis_cluster import RedisClient
 
 
 def new_token() -> str:
@@ -36,7 +35,7 @@ class Holder:
         return {"holder": self.token, "ttl_ms": self.ttl_ms}
 
 
-async def lease_holder(redis: aioredis.Redis, key: str) -> Holder | None:
+async def lease_holder(redis: RedisClient, key: str) -> Holder | None:
     """Who holds the lease and for how much longer; None when nobody does."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.get(key)
@@ -51,7 +50,7 @@ class Lease:
     """One process's claim on `key`. `held()` is what a holder checks before each step that
     only the holder may do; it turns False by itself once the lease may have expired."""
 
-    def __init__(self, redis: aioredis.Redis, key: str, ttl_ms: int, token: str | None = None):
+    def __init__(self, redis: RedisClient, key: str, ttl_ms: int, token: str | None = None):
         if type(ttl_ms) is not int or ttl_ms < 100:
             raise ValueError(f"the lease TTL must be an integer of at least 100 ms, not {ttl_ms!r}")
         self.redis = redis

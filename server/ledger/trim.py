@@ -8,18 +8,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from giftstream.server.ledger.checkpoint import checkpoint_last_id
 from giftstream.server.ledger.entries import next_stream_id, stream_id_key
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
 
 async def group_trim_points(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER
+    redis: RedisClient, ledger_key: str = keys.LEDGER
 ) -> dict[str, str] | None:
     """Per consumer group, the oldest stream id it still needs: its oldest pending entry, or
     (nothing pending) the id right after its last delivered one. None when there is no
@@ -41,7 +41,7 @@ async def group_trim_points(
     return points
 
 
-async def safe_trim_point(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> str | None:
+async def safe_trim_point(redis: RedisClient, ledger_key: str = keys.LEDGER) -> str | None:
     """The oldest stream id some consumer group still needs (see group_trim_points). None
     when the stream has no group: nothing may go, since a consumer may come later."""
     points = await group_trim_points(redis, ledger_key)
@@ -67,9 +67,7 @@ class Trim:
         )
 
 
-async def trim(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
-) -> Trim:
+async def trim(redis: RedisClient, ledger_key: str = keys.LEDGER, *, keep_min_entries: int) -> Trim:
     """Remove the entries every consumer group has acked and the checkpoint has folded,
     keeping at least the last `keep_min_entries`. XTRIM MINID, exact: never MAXLEN, which
     cuts by count whoever still needs the entries. No groups, or no checkpoint yet (the
@@ -101,7 +99,7 @@ async def trim(
 
 
 async def trim_all(
-    redis: aioredis.Redis, keyspace: keys.KeySpace, *, keep_min_entries: int
+    redis: RedisClient, keyspace: keys.KeySpace, *, keep_min_entries: int
 ) -> dict[str, Trim]:
     """trim() of every partition's ledger (one stream on one Redis), each on its own: its
     groups, its checkpoint and its last `keep_min_entries`. Keyed by ledger stream."""
@@ -112,7 +110,7 @@ async def trim_all(
 
 
 async def trim_ledger(
-    redis: aioredis.Redis, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
+    redis: RedisClient, ledger_key: str = keys.LEDGER, *, keep_min_entries: int
 ) -> int:
     """trim(), logged; how many entries went."""
     done = await trim(redis, ledger_key, keep_min_entries=keep_min_entries)

@@ -17,6 +17,8 @@
     giftstream:payout_claim:IK       hash, Redis Cluster only: owner (the creator), params
                                      (the diamonds), ts: the key's claim, likewise
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
+    giftstream:{pCC}:credited        hash, Redis Cluster only: partition CC's credit cursors,
+                                     field pSS = the last ledger id of partition SS credited
     giftstream:partitions            string, Redis Cluster only: the partition count, set
                                      at the first start (SET NX) and kept for good
     giftstream:rooms:live            set: the ids of the rooms live now (one per partition on
@@ -169,6 +171,12 @@ class KeySpace:
     def ledger_of(self, user: str) -> str:
         """The ledger stream a user's movements are appended to."""
         return self.ledger(self.partition(user))
+
+    def credit_cursors(self, target: int) -> str:
+        """Redis Cluster: the hash of partition `target`'s credit cursors, field `pSS` = the
+        last ledger id of source partition SS whose gifts' diamonds are credited in `target`
+        (absent: none yet). Kept in `target`, so the credit and its cursor move in one script."""
+        return f"{PREFIX}{self.tag(target)}credited"
 
     # ---- the earnings consumer's counters (hash-tagged by creator since they were made) ---
 

@@ -30,3 +30,6 @@ class RelayConfig:
     max_backoff_s: float = 5.0
     lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS  # renewed every third of it
     publish_timeout_s: float = 5.0  # for JetStream to acknowledge a whole batch
+    # Other ledgers' relays publish to the same stream at once (a cluster's partitions): the
+    # stream's last message and sequence then say nothing of this ledger (jetstream.py)
+    shared_stream: bool = False

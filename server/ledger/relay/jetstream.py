@@ -7,6 +7,17 @@ stores them in that order; every message after a batch's first carries
 every later one of the batch too, and what it stored is always a prefix of the batch. The
 first message of a batch expects the stream's last sequence as this connection knows it, so
 a relay that slept through losing its lease cannot add a stale batch after the new holder's.
+
+A Redis Cluster's ledgers (one per partition) are relayed into the same stream, by relays
+publishing at once (`RelayConfig.shared_stream`): the stream's last sequence and last message
+are then another ledger's as often as not, so neither fences a batch nor says what of this
+ledger JetStream holds. Exactly once rests on `Nats-Msg-Id` alone there: a pending entry
+published again (a relay killed between publish and ack, a lapsed holder's batch) is a
+duplicate JetStream drops, as long as it comes within the stream's duplicate window (24 h by
+default; a ledger's relay is taken over within a lease TTL while any relay process runs).
+Each ledger's entries are still published in its order, a batch at a time on one connection;
+only a message refused mid-batch and published again after later ones (which JetStream then
+drops as duplicates) lands out of that order.
 """
 
 from __future__ import annotations
@@ -100,6 +111,8 @@ class JetStream:
                 )
             )
             log.info("created JetStream stream %s", name)
+        if self.config.shared_stream:
+            return  # the stream's last message is any ledger's: no fence, no stored_upto
         self._last_seq = info.state.last_seq or 0
         if info.state.messages:  # an emptied stream (purged, aged out) keeps a last_seq
             try:
@@ -141,7 +154,9 @@ class JetStream:
                 token = str(next(self._tokens))
                 futures.append(self._acks.setdefault(token, loop.create_future()))
                 headers = {"Nats-Msg-Id": message.msg_id, STREAM_ID_HEADER: message.stream_id}
-                if previous is not None:
+                if self.config.shared_stream:
+                    pass  # another ledger's message may come between any two of ours
+                elif previous is not None:
                     headers[api.Header.EXPECTED_LAST_MSG_ID] = previous
                 elif self._last_seq is not None:
                     headers[api.Header.EXPECTED_LAST_SEQUENCE] = str(self._last_seq)
@@ -164,7 +179,8 @@ class JetStream:
                 self._last_seq = None  # the reconnect that follows learns it again
                 return stored, ack
             # a duplicate's ack names the first copy's sequence, not the stream's last
-            self._last_seq = None if ack.get("duplicate") else int(ack["seq"])
+            fenced = not ack.get("duplicate") and not self.config.shared_stream
+            self._last_seq = int(ack["seq"]) if fenced else None
             stored += 1
         return stored, None
 

@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.ledger.relay.config import GROUP
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class Lag:
         }
 
 
-async def relay_lag(redis: aioredis.Redis, ledger_key: str = keys.LEDGER) -> Lag:
+async def relay_lag(redis: RedisClient, ledger_key: str = keys.LEDGER) -> Lag:
     """Entries not yet relayed and the age of the oldest, from the stream and the group."""
     now_ms = time.time() * 1000
     # The group's counts and its pending summary in one MULTI, so both describe one moment:

@@ -12,22 +12,30 @@ The single-publisher argument needs one relay per ledger: a Redis lease
 (server/ledger/lease.py, key `giftstream:relay:lease:<ledger key>`) is taken before publishing
 and checked before every batch; a relay that cannot renew it stops publishing and waits to take
 it again, and a second relay waits for it: a standby that takes over once the holder dies.
+
+On a Redis Cluster every partition's ledger has its own lease (`giftstream:relay:lease:L`, in
+L's slot) and `giftstream relay` runs one Relay per ledger in its one process: each takes its
+ledger's lease when it is free and publishes that ledger, so several relay processes share
+the ledgers, and one dying leaves its ledgers to the others within a lease TTL. They publish
+into the same JetStream stream and subjects with `Nats-Msg-Id` = the event id, as on one
+Redis (jetstream.py says what fences a shared stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError, ResponseError
 
 from giftstream.server.config import redact_url
+from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.ledger.lease import Lease, lease_holder
 from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
@@ -35,6 +43,7 @@ from giftstream.server.ledger.relay.jetstream import JetStream
 from giftstream.server.ledger.relay.lag import Lag, relay_lag
 from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, start_worker
 from giftstream.server.money import keys
+from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +79,22 @@ class RelayMetrics:
         )
         self.lease_held = Gauge(
             "giftstream_relay_lease_held",
-            "1 while this relay holds the lease and may publish",
+            "Ledger leases this relay holds (publishes): 1 or 0 on one Redis",
             registry=r,
         )
+        self._held: set[str] = set()
+        self._lags: dict[str, Lag] = {}
+
+    def show_lease(self, ledger_key: str, held: bool) -> None:
+        """Whether this process holds `ledger_key`'s lease; the gauge counts them."""
+        (self._held.add if held else self._held.discard)(ledger_key)
+        self.lease_held.set(len(self._held))
+
+    def show_lag(self, ledger_key: str, lag: Lag) -> None:
+        """One ledger's lag; the gauges show the sum of entries and the oldest's age."""
+        self._lags[ledger_key] = lag
+        self.lag_entries.set(sum(each.entries for each in self._lags.values()))
+        self.oldest_age.set(max(each.oldest_age_s for each in self._lags.values()))
 
 
 class Relay:
@@ -81,7 +103,7 @@ class Relay:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         config: RelayConfig,
         metrics: RelayMetrics | None = None,
         *,
@@ -163,7 +185,7 @@ class Relay:
         """Stop publishing: close NATS, so that whoever holds the lease next (we, again,
         perhaps) starts from the last message JetStream holds."""
         self._holding = False
-        self.metrics.lease_held.set(0)
+        self.metrics.show_lease(self.config.ledger_key, False)
         log.error(
             "lost the relay lease %s (%s): stopped publishing; waiting to take it again",
             self.lease.key,
@@ -177,7 +199,7 @@ class Relay:
         if await self.lease.acquire():
             self._holding = True
             self._waiting_for = None
-            self.metrics.lease_held.set(1)
+            self.metrics.show_lease(self.config.ledger_key, True)
             log.info(
                 "took the relay lease %s as %s (ttl %d ms): publishing",
                 self.lease.key,
@@ -185,7 +207,7 @@ class Relay:
                 self.config.lease_ttl_ms,
             )
             return True
-        self.metrics.lease_held.set(0)
+        self.metrics.show_lease(self.config.ledger_key, False)
         holder = await lease_holder(self.redis, self.lease.key)
         who = holder.token if holder else "nobody (just released)"
         if who != self._waiting_for:
@@ -229,7 +251,7 @@ class Relay:
 
     async def _let_go(self) -> None:
         """Release the lease on a clean stop, so a standby takes over without waiting."""
-        self.metrics.lease_held.set(0)
+        self.metrics.show_lease(self.config.ledger_key, False)
         try:
             released = await self.lease.release()
         except (RedisError, OSError) as exc:
@@ -309,8 +331,7 @@ class Relay:
                 raise
 
     def _show_lag(self, lag: Lag) -> None:
-        self.metrics.lag_entries.set(lag.entries)
-        self.metrics.oldest_age.set(lag.oldest_age_s)
+        self.metrics.show_lag(self.config.ledger_key, lag)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> float:
@@ -320,20 +341,39 @@ async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> flo
 
 
 async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | None) -> int:
-    """`giftstream relay`: relay until SIGTERM or SIGINT, while holding the relay lease.
+    """`giftstream relay`: relay until SIGTERM or SIGINT every ledger whose lease this process
+    holds (one Redis: the one ledger; a cluster: each partition's, one Relay each).
     Exit code: 0 stopped by a signal, 1 Redis unreachable, 2 the metrics port taken."""
     metrics = RelayMetrics()
     stop = start_worker(metrics.registry, metrics_port)
     if stop is None:
         return 2
-    client = aioredis.Redis.from_url(redis_url)
     where = redact_url(redis_url)
     try:
+        client, keyspace = await open_ledger_redis(redis_url, config.ledger_key)
+    except (RedisError, OSError, NoPartitions) as exc:
+        log.error("cannot reach Redis at %s: %s", where, exc)
+        return 1
+    try:
         await client.ping()
+        ledgers = keyspace.ledgers()
         log.info(
-            "relay ready: %s -> %s stream %s", where, redact_url(config.nats_url), config.stream
+            "relay ready: %s (%s) -> %s stream %s",
+            where,
+            f"ledger {ledgers[0]}" if len(ledgers) == 1 else f"{len(ledgers)} ledgers",
+            redact_url(config.nats_url),
+            config.stream,
         )
-        await Relay(client, config, metrics).run(stop)
+        shared = len(ledgers) > 1
+        relays = [
+            Relay(
+                client,
+                dataclasses.replace(config, ledger_key=ledger, shared_stream=shared),
+                metrics,
+            )
+            for ledger in ledgers
+        ]
+        await asyncio.gather(*(relay.run(stop) for relay in relays))
     except (RedisError, OSError) as exc:
         log.error("cannot reach Redis at %s: %s", where, exc)
         return 1

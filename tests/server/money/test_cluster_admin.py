@@ -88,7 +88,7 @@ async def kinds(rc: RedisCluster, ledger: str) -> list[tuple[str, str]]:
     """(kind, user or creator) of each entry of one partition's ledger."""
     return [
         (e.data["kind"], e.data.get("user") or e.data["creator"])
-        async for e in read_entries(rc, ledger)  # type: ignore[arg-type]
+        async for e in read_entries(rc, ledger)
     ]
 
 
