@@ -23,6 +23,10 @@
                                      at the first start (SET NX) and kept for good
     giftstream:rooms:live            set: the ids of the rooms live now (one per partition on
                                      a cluster, KeySpace.live_rooms_of / all_live_rooms)
+    giftstream:relays                hash, Redis Cluster only: each running relay process's
+                                     heartbeat, field = relay id, value = when it expires
+                                     (ms, Redis's clock); the relays share the ledgers' leases
+                                     by it (KeySpace.relays; another ledger key: its own hash)
 
 Keys that belong to one ledger stream L carry its name, so on a cluster they share its slot:
 L:dead (the consumers' dead letters), L:checkpoint and L:checkpoint:* (the checkpoint
@@ -172,6 +176,12 @@ class KeySpace:
         """The ledger stream a user's movements are appended to."""
         return self.ledger(self.partition(user))
 
+    def relays(self) -> str:
+        """The relay processes' heartbeats for these ledgers (server/ledger/relay/share.py):
+        one small hash, in any slot; a ledger key of its own gets a hash of its own, so relays
+        of another ledger never count in its fair shares."""
+        return RELAYS if self.ledger_key == LEDGER else f"{RELAYS}:{self.ledger_key}"
+
     def credit_cursors(self, target: int) -> str:
         """Redis Cluster: the hash of partition `target`'s credit cursors, field `pSS` = the
         last ledger id of source partition SS whose gifts' diamonds are credited in `target`
@@ -218,6 +228,7 @@ PARTITIONS = PREFIX + "partitions"  # string, on a cluster only: the partition c
 SINGLE = KeySpace()  # one Redis with the default ledger key: today's names
 LIVE_ROOMS = PREFIX + "rooms:live"  # set: the ids of the rooms live now, one Redis's name
 OPS_LOG = PREFIX + "ops:log"  # stream: the service's ops notices (realtime/opslog.py)
+RELAYS = PREFIX + "relays"  # hash: each relay process's heartbeat (KeySpace.relays)
 GATEWAYS = PREFIX + "gateways"  # hash: each gateway's heartbeat (realtime/registry.py)
 
 

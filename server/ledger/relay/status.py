@@ -12,6 +12,7 @@ from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 from giftstream.server.ledger.lease import Holder, lease_holder
 from giftstream.server.ledger.relay.config import lease_key
 from giftstream.server.ledger.relay.lag import relay_lag
+from giftstream.server.ledger.relay.share import live_relays
 from giftstream.server.money import keys
 from giftstream.server.redis_cluster import RedisClient
 
@@ -26,9 +27,27 @@ async def relay_status(redis: RedisClient, ledger_key: str = keys.LEDGER) -> dic
     return {**lag.as_dict(), "lease": holder.as_dict() if holder else None}
 
 
+async def relays_status(
+    redis: RedisClient, key: str, ledgers: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Each relay process (alive by its heartbeat, or holding a lease without one): how long
+    its heartbeat has left (None: none) and the ledgers whose leases it holds."""
+    now, alive = await live_relays(redis, key)
+    relays: dict[str, dict[str, Any]] = {
+        relay: {"ttl_ms": max(0, expires - now), "ledgers": []}
+        for relay, expires in sorted(alive.items())
+    }
+    for ledger, status in ledgers.items():
+        if status["lease"] is not None:
+            holder = relays.setdefault(status["lease"]["holder"], {"ttl_ms": None, "ledgers": []})
+            holder["ledgers"].append(ledger)
+    return relays
+
+
 async def read_status(redis_url: str, ledger_key: str) -> dict[str, Any] | None:
     """relay_status of the Redis at `redis_url`; None, logged, when it cannot be reached. On a
-    Redis Cluster: every partition's ledger's under `ledgers`, with the summed lag."""
+    Redis Cluster: every partition's ledger's under `ledgers`, with the summed lag, and which
+    relay holds which ledger under `relays`."""
     try:
         client, keyspace = await open_ledger_redis(redis_url, ledger_key)
     except (RedisError, OSError, NoPartitions) as exc:
@@ -43,6 +62,7 @@ async def read_status(redis_url: str, ledger_key: str) -> dict[str, Any] | None:
             "entries": sum(status["entries"] for status in each.values()),
             "oldest_age_s": max(status["oldest_age_s"] for status in each.values()),
             "leases_held": sum(status["lease"] is not None for status in each.values()),
+            "relays": await relays_status(client, keyspace.relays(), each),
             "ledgers": each,
         }
     except (RedisError, OSError) as exc:

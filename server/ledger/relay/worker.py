@@ -14,11 +14,12 @@ and checked before every batch; a relay that cannot renew it stops publishing an
 it again, and a second relay waits for it: a standby that takes over once the holder dies.
 
 On a Redis Cluster every partition's ledger has its own lease (`giftstream:relay:lease:L`, in
-L's slot) and `giftstream relay` runs one Relay per ledger in its one process: each takes its
-ledger's lease when it is free and publishes that ledger, so several relay processes share
-the ledgers, and one dying leaves its ledgers to the others within a lease TTL. They publish
-into the same JetStream stream and subjects with `Nats-Msg-Id` = the event id, as on one
-Redis (jetstream.py says what fences a shared stream).
+L's slot) and `giftstream relay` runs one Relay per ledger in its one process, each lease
+taken as the process's relay id. The processes split the leases live (share.py): each holds
+at most its fair share, hands the surplus over between batches when another relay joins, and
+takes a dead one's ledgers once its heartbeat and leases expire. They publish into the same
+JetStream stream and subjects with `Nats-Msg-Id` = the event id, as on one Redis
+(jetstream.py says what fences a shared stream).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from redis.exceptions import RedisError, ResponseError
 from giftstream.server.config import redact_url
 from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 from giftstream.server.ledger.entries import stream_id_key
-from giftstream.server.ledger.lease import Lease, lease_holder
+from giftstream.server.ledger.lease import Lease, lease_holder, new_token
 from giftstream.server.ledger.relay.config import CONSUMER, GROUP, RelayConfig, lease_key
 from giftstream.server.ledger.relay.jetstream import JetStream
 from giftstream.server.ledger.relay.lag import Lag, relay_lag
+from giftstream.server.ledger.relay.share import Share
 from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, start_worker
 from giftstream.server.money import keys
 from giftstream.server.redis_cluster import RedisClient
@@ -82,8 +84,27 @@ class RelayMetrics:
             "Ledger leases this relay holds (publishes): 1 or 0 on one Redis",
             registry=r,
         )
+        self.live_relays = Gauge(
+            "giftstream_relay_live_relays",
+            "Relay processes alive by their heartbeats (a Redis Cluster's; 0 on one Redis)",
+            registry=r,
+        )
+        self.fair_share = Gauge(
+            "giftstream_relay_fair_share",
+            "Ledger leases this relay may hold among the live relays (a Redis Cluster's)",
+            registry=r,
+        )
+        self.handed_over = Counter(
+            "giftstream_relay_leases_handed_over",
+            "Leases released between batches to another relay's share (one joined)",
+            registry=r,
+        )
         self._held: set[str] = set()
         self._lags: dict[str, Lag] = {}
+
+    def show_share(self, share: Share) -> None:
+        self.live_relays.set(len(share.live))
+        self.fair_share.set(share.quota)
 
     def show_lease(self, ledger_key: str, held: bool) -> None:
         """Whether this process holds `ledger_key`'s lease; the gauge counts them."""
@@ -109,10 +130,12 @@ class Relay:
         *,
         jetstream: JetStream | None = None,
         lease_token: str | None = None,
+        share: Share | None = None,
     ) -> None:
         self.redis = redis
         self.config = config
         self.metrics = metrics or RelayMetrics()
+        self.share = share  # a cluster's: this process's share of the leases (None: no limit)
         self.lease = Lease(redis, lease_key(config.ledger_key), config.lease_ttl_ms, lease_token)
         self.jetstream = jetstream or JetStream(config)
         self._refresh_lag = LagRefresh(
@@ -142,6 +165,9 @@ class Relay:
         backoff = 0.1
         while not stop.is_set():
             try:
+                if self._holding and self.share and self.share.give_up(self.config.ledger_key):
+                    await self._hand_over()
+                    continue
                 if not self.lease.held():
                     if self._holding:  # a renewal was refused, or none got through in time
                         await self._lost(
@@ -181,10 +207,33 @@ class Relay:
     def _lease_poll_s(self) -> float:
         return min(self.config.lease_ttl_ms / 3000, 1.0)
 
+    async def _hand_over(self) -> None:
+        """Release the lease for a relay below its share. Called between batches only:
+        everything this relay published is acknowledged by JetStream and acked in Redis, so
+        the next holder starts right after it, and the ledger stays in order."""
+        self._holding = False
+        self.metrics.show_lease(self.config.ledger_key, False)
+        await self.jetstream.close()
+        released = await self.lease.release()
+        if released:
+            self.metrics.handed_over.inc()
+        assert self.share is not None
+        log.info(
+            "handed the relay lease %s over (%s; this relay's share is %d of %d ledgers, "
+            "%d relays alive)",
+            self.lease.key,
+            "released" if released else "it was no longer ours",
+            self.share.quota,
+            self.share.ledgers,
+            len(self.share.live),
+        )
+
     async def _lost(self, why: str) -> None:
         """Stop publishing: close NATS, so that whoever holds the lease next (we, again,
         perhaps) starts from the last message JetStream holds."""
         self._holding = False
+        if self.share:
+            self.share.drop(self.config.ledger_key)
         self.metrics.show_lease(self.config.ledger_key, False)
         log.error(
             "lost the relay lease %s (%s): stopped publishing; waiting to take it again",
@@ -196,7 +245,16 @@ class Relay:
     async def _take_lease(self) -> bool:
         """Take the lease if it is free; say so, or say (once per holder) who has it."""
         await self.jetstream.close()  # not holding: never publish on a connection from before
-        if await self.lease.acquire():
+        if self.share and not self.share.reserve(self.config.ledger_key):
+            self.metrics.show_lease(self.config.ledger_key, False)
+            return False  # this relay holds its share: the ledger is another's to take
+        try:
+            taken = await self.lease.acquire()
+        except BaseException:
+            if self.share:
+                self.share.drop(self.config.ledger_key)  # not to hold a place in the share
+            raise
+        if taken:
             self._holding = True
             self._waiting_for = None
             self.metrics.show_lease(self.config.ledger_key, True)
@@ -208,6 +266,8 @@ class Relay:
             )
             return True
         self.metrics.show_lease(self.config.ledger_key, False)
+        if self.share:
+            self.share.drop(self.config.ledger_key)
         holder = await lease_holder(self.redis, self.lease.key)
         who = holder.token if holder else "nobody (just released)"
         if who != self._waiting_for:
@@ -252,6 +312,8 @@ class Relay:
     async def _let_go(self) -> None:
         """Release the lease on a clean stop, so a standby takes over without waiting."""
         self.metrics.show_lease(self.config.ledger_key, False)
+        if self.share:
+            self.share.drop(self.config.ledger_key)
         try:
             released = await self.lease.release()
         except (RedisError, OSError) as exc:
@@ -340,6 +402,26 @@ async def _sleep_or_stop(stop: asyncio.Event, delay: float, limit: float) -> flo
     return min(delay * 2, limit)
 
 
+async def _run_relays(relays: list[Relay], share: Share | None, stop: asyncio.Event) -> None:
+    """Run every Relay of this process; on a cluster, beating its heartbeat meanwhile (seen
+    alive before it takes any lease) and leaving the heartbeats when they have stopped."""
+    if share is None:
+        await asyncio.gather(*(relay.run(stop) for relay in relays))
+        return
+    await share.beat()
+    log.info(
+        "relay %s: sharing %d ledgers with the other live relays", share.relay_id, share.ledgers
+    )
+    ended = asyncio.Event()
+    beating = asyncio.create_task(share.run(ended), name="relay-heartbeat")
+    try:
+        await asyncio.gather(*(relay.run(stop) for relay in relays))
+    finally:
+        ended.set()
+        await beating
+        await share.leave()
+
+
 async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | None) -> int:
     """`giftstream relay`: relay until SIGTERM or SIGINT every ledger whose lease this process
     holds (one Redis: the one ledger; a cluster: each partition's, one Relay each).
@@ -364,16 +446,28 @@ async def run_relay(redis_url: str, config: RelayConfig, metrics_port: int | Non
             redact_url(config.nats_url),
             config.stream,
         )
-        shared = len(ledgers) > 1
+        relay_id = new_token()  # every lease this process takes, and its heartbeat
+        share = None
+        if len(ledgers) > 1:
+            share = Share(
+                client,
+                keyspace.relays(),
+                relay_id,
+                len(ledgers),
+                config.lease_ttl_ms,
+                metrics.show_share,
+            )
         relays = [
             Relay(
                 client,
-                dataclasses.replace(config, ledger_key=ledger, shared_stream=shared),
+                dataclasses.replace(config, ledger_key=ledger, shared_stream=share is not None),
                 metrics,
+                lease_token=relay_id,
+                share=share,
             )
             for ledger in ledgers
         ]
-        await asyncio.gather(*(relay.run(stop) for relay in relays))
+        await _run_relays(relays, share, stop)
     except (RedisError, OSError) as exc:
         log.error("cannot reach Redis at %s: %s", where, exc)
         return 1
