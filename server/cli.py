@@ -115,14 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     relay.add_argument(
-        "--status", action="store_true", help="print the relay's lag and the lease holder, and exit"
+        "--status",
+        action="store_true",
+        help="print the relay's lag and the lease holder (a cluster's: which relay holds which "
+        "ledger), and exit",
     )
     relay.add_argument(
         "--lease-ttl-ms",
         type=_at_least(100),
         default=10_000,
         help="the relay lease's TTL: a standby relay takes over this long after the holder "
-        "dies (renewed every third of it)",
+        "dies (renewed every third of it; on a cluster also the relays' heartbeat expiry)",
     )
     add_options(relay, only=WORKER_OPTIONS, helps=LEDGER_HELPS)
 
