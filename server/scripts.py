@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 # Redis 7 refuses a script with a shebang whole when it is out of memory, instead of failing
@@ -28,8 +29,9 @@ def script_source(name: str) -> str:
     return shebang + "\n" + prelude + "\n" + body
 
 
-def register(redis: aioredis.Redis, name: str) -> AsyncScript:
-    """Script NAME on `redis`, called as `await script(keys=..., args=...)`."""
+def register(redis: aioredis.Redis | RedisCluster, name: str) -> AsyncScript:
+    """Script NAME on `redis`, called as `await script(keys=..., args=...)`. On a Redis
+    Cluster each call goes to the shard of its keys (all in one slot)."""
     return redis.register_script(script_source(name))
 
 
