@@ -239,6 +239,7 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.SINGLE.held("cara"),
             keys.SINGLE.room("cara"),  # live (setup_raw); the gateway's call under the Redis broker
             keys.SINGLE.room_log("cara"),
+            "",  # no credit outbox: one Redis
         ],
         [
             "ev-1",
@@ -394,6 +395,7 @@ async def test_raw_calls_mirror_what_wallet_py_sends(
     await money.load_scripts()
     names = {id(script): name for name, script in money._scripts.items()}
     sent: dict[str, tuple[list[str], list[Any]]] = {}
+    assert money._batcher is not None  # one Redis
     submit = money._batcher.submit
 
     def spy(script: Any, script_keys: Any, args: Any, on_reply: Any) -> Any:
