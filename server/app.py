@@ -35,7 +35,12 @@ from giftstream.server.realtime.ratelimit import SharedBuckets
 from giftstream.server.realtime.redis_broker import RedisBroker
 from giftstream.server.realtime.registry import Counters, GatewayRegistry, new_gateway_id
 from giftstream.server.realtime.session import NodeParts, NodeState
-from giftstream.server.redis_check import assess, read_settings
+from giftstream.server.redis_check import (
+    assess,
+    durable_ack_refusal,
+    has_waitaof,
+    read_settings,
+)
 from giftstream.server.redis_cluster import (
     NOT_YET,
     PartitionsMismatch,
@@ -105,6 +110,7 @@ class App:
             metrics=self.metrics,
             payout_hold_days=settings.payout_hold_days,
             payout_daily_cap=settings.payout_daily_cap,
+            durable_ack=settings.durable_ack,
         )
         await self.wallet.load_scripts()
         self.fanout = Fanout(
@@ -242,6 +248,11 @@ class App:
         assessment = assess(found, redact_url(self.redis_url))
         if assessment.refusal is not None:
             raise StartupError(assessment.refusal)
+        if self.settings.durable_ack:
+            waitaof = await has_waitaof(self.redis)
+            refusal = durable_ack_refusal(found, redact_url(self.redis_url), waitaof)
+            if refusal is not None:
+                raise StartupError(refusal)
         for warning in assessment.warnings:
             log.warning("%s", warning)
 

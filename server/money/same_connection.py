@@ -13,9 +13,11 @@ back for a round; a gift's caller gets the error as from any script call).
 
 How many replicas to wait for: Redis lists a replica in CLUSTER SLOTS only once it has
 received data (repl offset > 0), so the client's topology says 0 on a fresh cluster.
-`Replicas` takes the larger of that and the master's own ROLE, and never lowers what it saw
-for a node: a replica that is cut off is the very case a WAIT must not wave through (with
-`cluster-replica-validity-factor 0` it may still be promoted, without what it missed).
+`Replicas` takes the larger of that and the master's own count (INFO replication's
+connected_slaves, which counts a replica still in its first sync; ROLE does not), and never
+lowers what it saw for a node: a replica that is cut off is the very case a WAIT must not
+wave through (with `cluster-replica-validity-factor 0` it may still be promoted, without
+what it missed).
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-ROLE_REFRESH_S = 5.0  # how often a master's own count of replicas is asked again
+REPLICAS_REFRESH_S = 5.0  # how often a master's own count of replicas is asked again
 
 
 class Replicas:
     """How many replicas a WAIT on a key's master must hear from; see the module docstring."""
 
-    def __init__(self, redis: RedisCluster, refresh_s: float = ROLE_REFRESH_S) -> None:
+    def __init__(self, redis: RedisCluster, refresh_s: float = REPLICAS_REFRESH_S) -> None:
         self._redis = redis
         self._refresh_s = refresh_s
         self._seen: dict[str, int] = {}
@@ -49,9 +51,9 @@ class Replicas:
         now = time.monotonic()
         if now - self._asked.get(node.name, -self._refresh_s) >= self._refresh_s:
             self._asked[node.name] = now
-            role = await node.execute_command("ROLE")
-            if _text(role[0]) == "master":
-                seen = max(seen, len(role[2]))
+            info = await node.execute_command("INFO", "replication")
+            if info.get("role") == "master":  # its replicas, in sync or still syncing
+                seen = max(seen, int(info.get("connected_slaves", 0)))
         self._seen[node.name] = seen
         return node, seen
 

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import MovedError, RedisError, TryAgainError
+from redis.exceptions import MovedError, RedisError, ResponseError, TryAgainError
 
 from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
 from giftstream.server import scripts
@@ -235,6 +235,7 @@ class Wallet:
         self.on_credit_due = on_credit_due
         self._durable_ack = durable_ack
         self._durable_ack_timeout_ms = durable_ack_timeout_ms
+        self._waitaof = True  # until a Redis before 7.2 says it does not know it
         # One Redis: concurrent movements share round trips. A cluster: the client's calls,
         # each kept running when its caller is cancelled (tracked here for `drain`).
         self._cluster: RedisCluster | None = None
@@ -404,11 +405,21 @@ class Wallet:
     async def _wait_aof(self) -> None:
         """One Redis, --durable-ack: until the AOF holding the gift is fsynced. WAITAOF waits
         for the writes of its own connection, so a marker is written on it first: the AOF is
-        one sequence, and the marker comes after the gift."""
+        one sequence, and the marker comes after the gift. A Redis before 7.2 has no WAITAOF:
+        the start let it through only with appendfsync always (redis_check.py), where the
+        gift's reply itself came after the fsync."""
+        if not self._waitaof:
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.incr(self._keys.durable_ack_marker())
             pipe.execute_command("WAITAOF", 1, 0, self._durable_ack_timeout_ms)
-            _, (local, _) = await pipe.execute()
+            _, waited = await pipe.execute(raise_on_error=False)
+        if isinstance(waited, ResponseError) and "unknown command" in str(waited).lower():
+            self._waitaof = False
+            return
+        if isinstance(waited, Exception):
+            raise waited
+        local, _ = waited
         if int(local) < 1:
             self._durable_short(
                 f"WAITAOF: the AOF not fsynced in {self._durable_ack_timeout_ms} ms"
