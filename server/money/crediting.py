@@ -20,6 +20,9 @@ here or on any gateway, goes on from the cursors. Many runners at once are safe 
 and each gateway runs one: woken by `poke()` after each gift it settled, else every 100 ms.
 Entries stay in the outbox an hour after their credit: a failover of the creator's shard
 that loses a credit loses its cursor with it, and the entry is credited again.
+
+`redis` may also be one plain Redis holding the cluster's hash-tagged names (tests, the model
+test): its takes then wait for no replica.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
@@ -89,7 +93,7 @@ class Crediting:
 
     def __init__(
         self,
-        redis: RedisCluster,
+        redis: RedisCluster | aioredis.Redis,
         keyspace: keys.KeySpace,
         metrics: Metrics | None = None,
         *,
@@ -107,7 +111,7 @@ class Crediting:
         self._wait_timeout_ms = wait_timeout_ms
         self._take = scripts.register(redis, "credit_take")
         self._credit = scripts.register(redis, "credit")
-        self._replicas = Replicas(redis)
+        self._replicas = Replicas(redis) if isinstance(redis, RedisCluster) else None
         self._poked = asyncio.Event()
         self._more = False  # the last round left entries behind (a full batch)
 
@@ -172,10 +176,16 @@ class Crediting:
         args: list[Any] = [cursors.get((source, c), "") for c in self._partitions]
         args += [self._batch, self._retention_ms]
         try:
-            node, replicas = await self._replicas.of(marker)
-            reply, acked = await script_then_wait(
-                node, self._take, [*outboxes, marker], args, replicas, self._wait_timeout_ms
-            )
+            if isinstance(self._redis, RedisCluster):
+                assert self._replicas is not None
+                node, replicas = await self._replicas.of(marker)
+                reply, acked = await script_then_wait(
+                    node, self._take, [*outboxes, marker], args, replicas, self._wait_timeout_ms
+                )
+            else:
+                replicas = 0
+                reply = await self._take(keys=[*outboxes, marker], args=args)
+                acked = 0
         except RedisError as exc:  # MOVED after a failover, a lost connection, ...
             log.info("crediting: partition %d held back: %s", source, exc)
             self._held_back()
