@@ -23,6 +23,7 @@ from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.admin import AdminServer, build_admin_app
 from giftstream.server.money.catalog import Catalog
+from giftstream.server.money.crediting import Crediting
 from giftstream.server.money.wallet import Wallet
 from giftstream.server.realtime.auth import TokenRules
 from giftstream.server.realtime.broker import Broker, MemoryBroker
@@ -36,7 +37,13 @@ from giftstream.server.realtime.ratelimit import SharedBuckets
 from giftstream.server.realtime.redis_broker import RedisBroker
 from giftstream.server.realtime.registry import Counters, GatewayRegistry, new_gateway_id
 from giftstream.server.realtime.session import NodeParts, NodeState
-from giftstream.server.redis_check import assess, read_cluster_settings, read_settings
+from giftstream.server.redis_check import (
+    assess,
+    durable_ack_refusal,
+    has_waitaof,
+    read_cluster_settings,
+    read_settings,
+)
 from giftstream.server.redis_cluster import (
     PartitionsMismatch,
     RedisClient,
@@ -97,14 +104,15 @@ class App:
             metrics=self.metrics,
             payout_hold_days=settings.payout_hold_days,
             payout_daily_cap=settings.payout_daily_cap,
+            durable_ack=settings.durable_ack,
         )
         await self.wallet.load_scripts()
-        # MERGE (issue 14, helper A): on a cluster, the crediting runner starts here, once the
-        # wallet is up and before the gateway takes gifts:
-        #     if self.keyspace.cluster:
-        #         self.crediting = Crediting(self.redis, self.keyspace, self.metrics)
-        #         self._spawn(self.crediting.run(self._stopping))
-        # (server/money/crediting.py). One Redis credits in the gift script: nothing to start.
+        if self.keyspace.cluster:
+            # a gift's diamonds reach its creator's partition by this runner (crediting.py),
+            # woken by each gift settled here; any gateway's runner may credit any gift
+            self.crediting = Crediting(self.redis, self.keyspace, self.metrics)
+            self.wallet.on_credit_due = self.crediting.poke
+            self._spawn(self.crediting.run(self._stopping))
         self.fanout = Fanout(
             settings.limits.max_backlog_bytes, self.metrics, settings.limits.close_timeout_s
         )
@@ -272,6 +280,11 @@ class App:
                 raise StartupError(assessment.refusal)
             for warning in assessment.warnings:
                 log.warning("%s", warning)
+        if self.settings.durable_ack and isinstance(self.redis, aioredis.Redis):
+            # one Redis: durable acks are WAITAOF's (a cluster's are its replicas' WAIT)
+            refusal = durable_ack_refusal(found[where], where, await has_waitaof(self.redis))
+            if refusal is not None:
+                raise StartupError(refusal)
 
     def _start_embedded_redis(self) -> str:
         try:

@@ -122,6 +122,9 @@ class Settings:
     # (this process alone; one gateway)
     broker: str = "redis"
     limits: Limits = field(default_factory=Limits)
+    # --durable-ack: gift_ok only once the gift survives a crash (a cluster's replicas hold it,
+    # or one Redis's AOF is fsynced); off, a master's last acked gifts may be lost (async copies)
+    durable_ack: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,7 @@ class Option:
     default: str | None
     parse: Callable[[str], Any]
     help: str
+    switch: bool = False  # a flag without a value (`--durable-ack`); its variable takes 1/0
 
     @property
     def dest(self) -> str:
@@ -179,6 +183,15 @@ def _hold_days(text: str) -> int:
     if not 0 <= days <= MAX_PAYOUT_HOLD_DAYS:
         raise ValueError(f"must be whole days from 0 to {MAX_PAYOUT_HOLD_DAYS}")
     return days
+
+
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _partitions(text: str) -> int:
@@ -408,6 +421,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "always has one",
     ),
     Option(
+        "--durable-ack",
+        "GIFTSTREAM_DURABLE_ACK",
+        "0",
+        _switch,
+        "answer gift_ok only once the gift survives a crash: on a Redis Cluster once the "
+        "sender shard's replicas hold it (WAIT), on one Redis once its AOF is fsynced "
+        "(WAITAOF; refused at start when appendonly is off). Costs latency; off by default",
+        switch=True,
+    ),
+    Option(
         "--payout-daily-cap",
         "GIFTSTREAM_PAYOUT_DAILY_CAP",
         str(DEFAULT_PAYOUT_DAILY_CAP),
@@ -451,7 +474,17 @@ def add_options(
         if only is None or opt.flag in only:
             what = (helps or {}).get(opt.flag, opt.help)
             where = f"env {opt.env}" + (f"; default {opt.default}" if opt.default else "")
-            parser.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{what} ({where})")
+            if opt.switch:
+                parser.add_argument(
+                    opt.flag,
+                    dest=opt.dest,
+                    action="store_const",
+                    const="1",
+                    default=None,
+                    help=f"{what} ({where})",
+                )
+            else:
+                parser.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{what} ({where})")
 
 
 def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -552,6 +585,7 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         payout_daily_cap=_given_or(values, "payout_daily_cap", DEFAULT_PAYOUT_DAILY_CAP),
         broker=values.get("broker") or "redis",
         limits=dataclasses.replace(limits, **changed),
+        durable_ack=bool(values.get("durable_ack")),
     )
 
 

@@ -40,6 +40,39 @@ class Metrics:
             "Gift requests answered from their idempotency key",
             registry=r,
         )
+        # Crediting a gift's creator across partitions (Redis Cluster; money/crediting.py)
+        self.credit_lag_ms = Gauge(
+            "giftstream_credit_lag_ms",
+            "At the last crediting round: ms since the oldest gift it found uncredited (0: none)",
+            registry=r,
+        )
+        self.credits_applied = Counter(
+            "giftstream_credits_applied",
+            "Gifts whose diamonds a crediting round of this node credited",
+            registry=r,
+        )
+        self.credit_cas_losses = Counter(
+            "giftstream_credit_cas_losses",
+            "Credits not written because another runner had moved the cursor first",
+            registry=r,
+        )
+        self.credit_wait_holdbacks = Counter(
+            "giftstream_credit_wait_holdbacks",
+            "Source partitions left uncredited for a round: their replicas did not ack what "
+            "was read in time, or their shard did not answer",
+            registry=r,
+        )
+        self.claim_wait_holdbacks = Counter(
+            "giftstream_claim_wait_holdbacks",
+            "Purchases and payouts refused as unavailable (retry): their claim's replicas did "
+            "not ack it in time (Redis Cluster)",
+            registry=r,
+        )
+        self.durable_ack_short = Counter(
+            "giftstream_durable_ack_short",
+            "--durable-ack gifts answered although WAIT/WAITAOF acked fewer than asked",
+            registry=r,
+        )
         self.lua_seconds = Histogram(
             "giftstream_lua_seconds",
             "Round trip of one money script call",

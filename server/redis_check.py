@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
@@ -24,6 +25,8 @@ __all__ = [
     "Assessment",
     "RedisSettings",
     "assess",
+    "durable_ack_refusal",
+    "has_waitaof",
     "read_cluster_settings",
     "read_settings",
 ]
@@ -37,6 +40,7 @@ class RedisSettings:
 
     maxmemory_policy: str | None
     appendonly: bool | None
+    appendfsync: str | None = None  # always / everysec / no; None: would not say
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,22 @@ async def read_settings(redis: RedisClient, **target: Any) -> RedisSettings:
     else:
         enabled = (await _info(redis, "persistence", **target)).get("aof_enabled")
         appendonly = None if enabled is None else _text(enabled) == "1"
-    return RedisSettings(maxmemory_policy=policy, appendonly=appendonly)
+    return RedisSettings(
+        maxmemory_policy=policy,
+        appendonly=appendonly,
+        appendfsync=await _config_get(redis, "appendfsync", **target),
+    )
+
+
+async def has_waitaof(redis: aioredis.Redis) -> bool:
+    """Whether this Redis knows WAITAOF (7.2 and later); asked with nothing to wait for."""
+    try:
+        await redis.execute_command("WAITAOF", 0, 0, 1)  # type: ignore[no-untyped-call]
+    except ResponseError as exc:
+        if "unknown command" in str(exc).lower():
+            return False
+        raise
+    return True
 
 
 async def read_cluster_settings(redis: RedisCluster) -> dict[str, RedisSettings]:
@@ -121,3 +140,22 @@ def assess(found: RedisSettings, where: str) -> Assessment:
             "movements since its last snapshot; set appendonly yes"
         )
     return Assessment(refusal=None, warnings=tuple(warnings))
+
+
+def durable_ack_refusal(found: RedisSettings, where: str, waitaof: bool) -> str | None:
+    """--durable-ack on one Redis: a gift is answered once the AOF holding it is fsynced,
+    by WAITAOF (Redis 7.2+) or, on an older Redis, by `appendfsync always` (which fsyncs
+    before every reply). The one line that stops start-up, or None."""
+    if found.appendonly is not True:
+        said = "keeps no AOF (appendonly no)" if found.appendonly is False else "would not say"
+        return (
+            f"--durable-ack / GIFTSTREAM_DURABLE_ACK needs a Redis with AOF, and Redis at "
+            f"{where} {said}: set appendonly yes, or start without --durable-ack"
+        )
+    if not waitaof and found.appendfsync != "always":
+        return (
+            f"--durable-ack / GIFTSTREAM_DURABLE_ACK needs WAITAOF (Redis 7.2+) or appendfsync "
+            f"always, and Redis at {where} has neither: upgrade Redis, set appendfsync always, "
+            "or start without --durable-ack"
+        )
+    return None

@@ -6,7 +6,13 @@
 -- own (money_now).
 -- KEYS: sender wallet, creator wallet, key record, combo, ledger, creator's held diamonds,
 -- room record ('' for a caller that moves money only: no room check), room log ('' under the
--- memory broker, whose hub publishes the event itself).
+-- memory broker, whose hub publishes the event itself), credit outbox ('' on one Redis).
+-- On a Redis Cluster (KEYS[9] = the outbox giftstream:{pSS}:credits:pCC) the creator's keys
+-- live on another shard: KEYS[2], [6], [7] and [8] are then the outbox's name again (a key of
+-- the sender's slot; '' would hash to slot 0 and the cluster refuses keys of two slots) and
+-- are not touched. The script checks and debits the sender, appends the ledger entry, and
+-- appends the creator's part to the outbox under the ledger entry's id; crediting.py credits
+-- it on the creator's shard. The gateway checked the room is live (the room record is there).
 -- ARGV: event, sender, creator, room, gift, key, count, coins, diamonds, adult, now ('' in
 -- production: Redis's TIME), key ttl, combo gap, combo ttl, payout hold in days; then the
 -- event's parts, JSON encoded by the gateway as the protocol encodes them (room id, sender
@@ -16,6 +22,15 @@
 local sender_wallet, creator_wallet, key_record = KEYS[1], KEYS[2], KEYS[3]
 local combo_key, ledger, held_key = KEYS[4], KEYS[5], KEYS[6]
 local room_record, room_log = KEYS[7], KEYS[8]
+local outbox = KEYS[9] or ''
+local cluster = outbox ~= ''
+if cluster then
+  if creator_wallet ~= outbox or held_key ~= outbox or room_record ~= outbox or
+      room_log ~= outbox then
+    error('giftstream: on a cluster the creator\'s keys are passed as the outbox')
+  end
+  room_record, room_log = '', ''
+end
 local event, sender, creator, room, gift, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local count = int_arg(7, 1, 99)
 local coins = int_arg(8, 1, 99e9)  -- gift price (at most 1e9) times count
@@ -74,8 +89,12 @@ if balance < coins then
   return {'insufficient_coins', string.format('this gift costs %d coins; you have %d',
     coins, balance)}
 end
-stored_int(creator_wallet, 'diamonds')  -- a corrupt balance stops the script here, not midway
-local _, due = held_buckets(held_key, today)
+local due = {}
+if not cluster then
+  stored_int(creator_wallet, 'diamonds')  -- a corrupt balance stops the script here, not midway
+  local _held
+  _held, due = held_buckets(held_key, today)
+end
 local streak = redis.call('HMGET', combo_key, 'gift', 'combo', 'at')
 local combo = 1
 if streak[1] == gift and now - tonumber(streak[3]) < combo_gap then
@@ -98,17 +117,26 @@ if room_log ~= '' then
     string.format(',"count":%d,"combo":%d,"ts":%d}', count, combo, now)
 end
 
-append_ledger(ledger, 'event', event, 'kind', 'gift', 'ts', now, 'sender', sender,
+local entry = append_ledger(ledger, 'event', event, 'kind', 'gift', 'ts', now, 'sender', sender,
   'creator', creator, 'room', room, 'gift', gift, 'count', count, 'coins', coins,
   'diamonds', diamonds, 'platform', coins - diamonds, 'key', key, 'combo', combo,
   'payable_at', payable_at)
 local after = redis.call('HINCRBY', sender_wallet, 'coins', -coins)
-redis.call('HINCRBY', creator_wallet, 'diamonds', diamonds)
-if release and diamonds > 0 then
-  redis.call('HINCRBY', held_key, release, diamonds)
-end
-if #due > 0 then
-  redis.call('HDEL', held_key, unpack(due))
+if cluster then
+  -- The ledger's ids only grow on this shard and only this script appends to an outbox, with
+  -- the ledger's id, so this XADD cannot be refused.
+  redis.call('XADD', outbox, entry, 'event', event, 'creator', creator, 'room', room,
+    'diamonds', diamonds, 'release', release or 0, 'ts', now, 'count', count, 'combo', combo,
+    'room_json', room_json, 'sender_json', sender_json, 'gift_json', gift_json,
+    'log_size', log_size)
+else
+  redis.call('HINCRBY', creator_wallet, 'diamonds', diamonds)
+  if release and diamonds > 0 then
+    redis.call('HINCRBY', held_key, release, diamonds)
+  end
+  if #due > 0 then
+    redis.call('HDEL', held_key, unpack(due))
+  end
 end
 redis.call('HSET', key_record, 'room', room, 'gift', gift, 'count', count, 'event', event,
   'coins', after, 'combo', combo, 'diamonds', diamonds, 'ts', now)

@@ -10,10 +10,10 @@ two steps:
     owner or params is refused as the one-Redis scripts refuse a reused receipt or key (the
     same Reason, so the same HTTP status). The claim must outlive a failover of its shard (a
     lost claim would let a replay on another user through), so it is followed by `WAIT n` on
-    the same connection: [script, WAIT] go in one cluster pipeline whose WAIT targets the claim
-    key's node, and a pipeline sends one node's commands in order on one connection. n is the
-    replicas the client's topology gives that shard; fewer acks, or a slot that moved while the
-    pipeline ran, refuse the request as `unavailable` (a retry of the same request is safe).
+    the same connection (same_connection.py: the client's own node object, not a pipeline, whose
+    retries may resend the WAIT alone elsewhere). n is the shard's replicas as `Replicas` counts
+    them; fewer acks refuse the request as `unavailable` (a retry of the same request is safe),
+    and a slot that moved meanwhile is asked again on its new master.
  2. credit (wallet.py): the existing purchase/payout script in the owner's partition, with
     its idempotency record there (`KeySpace.receipt(rc, owner=user)`), exactly once as on one
     Redis.
@@ -28,17 +28,18 @@ would take the id for other params later. One Redis has no claims at all: exactl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import NoScriptError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MovedError, RedisError, TryAgainError
 
 from giftstream.server import scripts
 from giftstream.server.money import keys
 from giftstream.server.money.refusal import Reason, Refusal
+from giftstream.server.money.same_connection import Replicas, script_then_wait
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Claims:
         *,
         now: Callable[[], int | str] = lambda: "",
         wait_ms: int = CLAIM_WAIT_MS,
+        replicas: Replicas | None = None,
+        on_held_back: Callable[[], object] | None = None,
     ) -> None:
         if not keyspace.cluster:
             raise ValueError("claims are for a Redis Cluster; one Redis needs none")
@@ -72,6 +75,8 @@ class Claims:
         self._keys = keyspace
         self._now = now
         self._wait_ms = wait_ms
+        self._replicas = replicas or Replicas(redis)
+        self._held_back = on_held_back or (lambda: None)
         self._script = redis.register_script(scripts.script_source("claim"))
 
     # ---- receipts --------------------------------------------------------------------------
@@ -115,24 +120,28 @@ class Claims:
         """Write or confirm the claim and wait for its replicas: None when it is (owner,
         params)'s, else the other claim (nothing written)."""
         for _ in range(ATTEMPTS):
-            node = self._redis.get_node_from_key(claim_key)
-            if node is None:
-                break  # the slot is served by no node right now
-            replicas = self._replica_count(claim_key)
+            node, replicas = await self._replicas.of(claim_key)
             try:
-                reply, acked = await self._claim_then_wait(claim_key, owner, params, node, replicas)
-            except NoScriptError:  # a flushed or newly promoted node: load it, then again
-                await self._redis.script_load(self._script.script)
+                reply, acked = await script_then_wait(
+                    node,
+                    self._script,
+                    [claim_key],
+                    [owner, params, self._now()],
+                    replicas,
+                    self._wait_ms,
+                )
+            except (MovedError, TryAgainError):  # a failover: the script did not run there
+                with contextlib.suppress(RedisError):
+                    await self._redis.exists(claim_key)  # the client follows it, renewing its map
                 continue
             status = keys.text(reply[0])
             if status == "taken":
                 return Claim(keys.text(reply[1]), keys.text(reply[2]))
             if status != "ok":
                 raise RuntimeError(f"claim.lua replied {reply!r}")
-            if self._redis.get_node_from_key(claim_key) != node:
-                continue  # the slot moved meanwhile: the WAIT may have been another node's
-            if int(acked) >= replicas:
+            if acked >= replicas:
                 return None
+            self._held_back()
             log.warning(
                 "claim %s: %s of %d replicas acked within %d ms",
                 claim_key,
@@ -145,21 +154,6 @@ class Claims:
                 "the claim is not on its replicas yet; retry the same request",
             )
         raise Refusal(Reason.UNAVAILABLE, "the cluster is failing over; retry the same request")
-
-    async def _claim_then_wait(
-        self, claim_key: str, owner: str, params: str, node: ClusterNode, replicas: int
-    ) -> tuple[list[Any], int]:
-        """[claim.lua, WAIT replicas] on the claim's node, in order, on one connection."""
-        async with self._redis.pipeline() as pipe:
-            pipe.evalsha(self._script.sha, 1, claim_key, owner, params, self._now())
-            pipe.execute_command("WAIT", replicas, self._wait_ms, target_nodes=node)
-            reply, acked = await pipe.execute()
-        return reply, int(acked)
-
-    def _replica_count(self, key: str) -> int:
-        """The replicas of the key's shard in the client's topology (0 when none)."""
-        nodes = self._redis.nodes_manager.slots_cache.get(self._redis.keyslot(key), [])
-        return max(len(nodes) - 1, 0)
 
 
 def _refuse_receipt(receipt: str, taken: Claim | None) -> None:

@@ -27,6 +27,17 @@
                                      heartbeat, field = relay id, value = when it expires
                                      (ms, Redis's clock); the relays share the ledgers' leases
                                      by it (KeySpace.relays; another ledger key: its own hash)
+    giftstream:durable_ack           string, one Redis with --durable-ack only: a counter
+                                     written after each gift so WAITAOF covers the gift
+
+Redis Cluster only, the creators' credit across partitions (crediting.py):
+
+    giftstream:{pSS}:credits:pCC     stream: the gifts of senders in partition SS to creators
+                                     in CC, each with its ledger entry's id; kept an hour after
+                                     crediting (a creator shard's failover re-credits from it)
+    giftstream:{pCC}:credited        hash: field pSS = the last outbox id of SS credited to CC
+    giftstream:{pSS}:credit_take     string: counter written by each take that read entries,
+                                     so the WAIT after it covers what was read
 
 Keys that belong to one ledger stream L carry its name, so on a cluster they share its slot:
 L:dead (the consumers' dead letters), L:checkpoint and L:checkpoint:* (the checkpoint
@@ -182,11 +193,26 @@ class KeySpace:
         of another ledger never count in its fair shares."""
         return RELAYS if self.ledger_key == LEDGER else f"{RELAYS}:{self.ledger_key}"
 
+    # ---- crediting a gift's creator in another partition (Redis Cluster) -----------------
+
+    def credit_outbox(self, source: int, target: int) -> str:
+        """The gifts of partition `source`'s senders to `target`'s creators, in the source's
+        slot: the gift script appends to it with its ledger entry, on the sender's shard."""
+        return f"{PREFIX}{self.tag(source)}credits:p{target:02d}"
+
     def credit_cursors(self, target: int) -> str:
-        """Redis Cluster: the hash of partition `target`'s credit cursors, field `pSS` = the
-        last ledger id of source partition SS whose gifts' diamonds are credited in `target`
-        (absent: none yet). Kept in `target`, so the credit and its cursor move in one script."""
+        """Per source partition, the last outbox id credited to `target`: in the target's slot,
+        so a credit and its cursor move in one script."""
         return f"{PREFIX}{self.tag(target)}credited"
+
+    def credit_take_marker(self, source: int) -> str:
+        """Written by a take that read entries, so a WAIT on its connection covers them."""
+        return f"{PREFIX}{self.tag(source)}credit_take"
+
+    def durable_ack_marker(self) -> str:
+        """One Redis, --durable-ack: written after a gift so WAITAOF on its connection covers
+        the gift (WAITAOF waits for the writes of its own connection)."""
+        return f"{PREFIX}durable_ack"
 
     # ---- the earnings consumer's counters (hash-tagged by creator since they were made) ---
 

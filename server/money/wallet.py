@@ -9,10 +9,22 @@ Money time is Redis's own clock, read by each script (TIME): the UTC day a spend
 against, a combo's gap, a hold's end and every ledger entry's `ts` are then the same on every
 gateway, whatever its own clock says (a user spread over skewed gateways cannot spend into
 two days around midnight). No caller passes a time.
+
+On a Redis Cluster (`keyspace.cluster`) scripts go through the RedisCluster client to the shard
+of their keys (no ScriptBatcher: its pipelining is one Redis's). A gift then debits the sender
+and appends to the sender partition's ledger and to a credit outbox on the sender's shard;
+the creator is credited by crediting.py, which `on_credit_due` (its `poke`) wakes.
+
+`durable_ack` (--durable-ack): a gift is answered only once it is safe from a crash: on a
+cluster once the sender shard's replicas hold it (`WAIT` on the script's own connection), on
+one Redis once the AOF holding it is fsynced (`WAITAOF 1 0`). A wait that acks fewer than asked
+within the timeout still answers: the gift is settled and cannot be undone (a metric counts it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -23,9 +35,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import MovedError, RedisError, ResponseError, TryAgainError
 
 from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
 from giftstream.server import scripts
@@ -35,6 +47,7 @@ from giftstream.server.money.batcher import ScriptBatcher
 from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
 from giftstream.server.money.claims import Claims
 from giftstream.server.money.refusal import Reason, Refusal
+from giftstream.server.money.same_connection import Replicas, script_then_wait
 from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
@@ -59,6 +72,7 @@ DEFAULT_PAYOUT_DAILY_CAP = 2_000_000
 MAX_PAYOUT_DIAMONDS = MAX_AMOUNT
 MAX_RECEIPT_LEN = 256
 SCRIPTS = ("send_gift", "purchase", "refund", "payout")
+DEFAULT_DURABLE_ACK_TIMEOUT_MS = 1000  # how long a --durable-ack gift waits for its copies
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +214,13 @@ class Wallet:
         payout_hold_days: int = DEFAULT_PAYOUT_HOLD_DAYS,
         payout_daily_cap: int = DEFAULT_PAYOUT_DAILY_CAP,
         clock: Callable[[], int] | None = None,
+        on_credit_due: Callable[[], object] | None = None,
+        durable_ack: bool = False,
+        durable_ack_timeout_ms: int = DEFAULT_DURABLE_ACK_TIMEOUT_MS,
     ) -> None:
+        """`redis` is a RedisCluster exactly when `keyspace.cluster`. `on_credit_due` (a
+        cluster's Crediting.poke) runs after each gift settled here, so its creator is credited
+        at once rather than at the next tick."""
         _check_int("payout_hold_days", payout_hold_days, 0, MAX_PAYOUT_HOLD_DAYS)
         _check_int("payout_daily_cap", payout_daily_cap, 1, MAX_PAYOUT_DAILY_CAP)
         self._redis = redis
@@ -214,11 +234,23 @@ class Wallet:
         self._scripts: dict[str, AsyncScript] = {
             name: scripts.register(redis, name) for name in SCRIPTS
         }
-        # STAND-IN (c14-rt, issue 14): helper A's cluster Wallet replaces this. One Redis's
-        # batcher cannot reach a cluster's shards: there scripts go through the client.
-        self._batcher = (  # concurrent movements share round trips
-            ScriptBatcher(redis) if isinstance(redis, aioredis.Redis) else None
-        )
+        self.on_credit_due = on_credit_due
+        self._durable_ack = durable_ack
+        self._durable_ack_timeout_ms = durable_ack_timeout_ms
+        self._waitaof = True  # until a Redis before 7.2 says it does not know it
+        # One Redis: concurrent movements share round trips. A cluster: the client's calls,
+        # each kept running when its caller is cancelled (tracked here for `drain`).
+        self._cluster: RedisCluster | None = None
+        self._batcher: ScriptBatcher | None = None
+        if keyspace.cluster:
+            assert isinstance(redis, RedisCluster), "a cluster keyspace needs a RedisCluster"
+            self._cluster = redis
+            self._replicas = Replicas(redis)
+        else:
+            assert not isinstance(redis, RedisCluster), "a RedisCluster needs a cluster keyspace"
+            self._batcher = ScriptBatcher(redis)
+        self._calls: set[asyncio.Task[Any]] = set()
+        self._cluster_writes = 0
         self._lua_seconds = (
             {name: metrics.lua_seconds.labels(script=name) for name in SCRIPTS}
             if metrics is not None
@@ -233,17 +265,22 @@ class Wallet:
     @property
     def in_flight(self) -> int:
         """Money movements sent to Redis whose outcome is not handled yet."""
-        return self._batcher.in_flight if self._batcher is not None else 0
+        return len(self._calls) if self._batcher is None else self._batcher.in_flight
 
     @property
     def redis_writes(self) -> int:
         """Writes the money path has made to Redis: how many round trips its calls shared."""
-        return self._batcher.writes if self._batcher is not None else 0
+        return self._cluster_writes if self._batcher is None else self._batcher.writes
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Wait for every movement in progress, callers cancelled or not (SIGTERM, tests);
         returns how many were still running after `timeout_s` (their keys answer retries)."""
-        return await self._batcher.drain(timeout_s) if self._batcher is not None else 0
+        if self._batcher is not None:
+            return await self._batcher.drain(timeout_s)
+        if not self._calls:
+            return 0
+        _, pending = await asyncio.wait(set(self._calls), timeout=timeout_s)
+        return len(pending)
 
     # ---- gifts (WebSocket) --------------------------------------------------------------
 
@@ -267,7 +304,11 @@ class Wallet:
 
         `in_room` (the gateway's gifts): the room must be live (else `room_not_live`), and
         when it names a log the gift's event is written there with the settlement. Without
-        it (money-only callers: tools, tests) no room is checked or written."""
+        it (money-only callers: tools, tests) no room is checked or written.
+
+        On a cluster the room's record is on the creator's shard: it is read before the
+        script, and the event is written with the creator's credit (crediting.py); a gift
+        racing its room's end is settled, and its event not written."""
         if not is_count(count):
             raise Refusal(Reason.BAD_COUNT, f"count must be 1 to {MAX_COUNT}")
         if not is_key(key):
@@ -276,6 +317,8 @@ class Wallet:
         coins = gift.coins * count
         diamonds = self._economics.diamonds_for(coins)
         event = _new_id()
+        if self._cluster is not None and in_room is not None:
+            await self._check_live(room, in_room)
 
         def settled(reply: list[Any]) -> SettledGift:
             first_event = keys.text(reply[0])
@@ -295,19 +338,41 @@ class Wallet:
                     self._metrics.coins_settled.inc(coins)
             if on_settled is not None:
                 on_settled(result)
+            if self._cluster is not None and not result.replayed and self.on_credit_due:
+                self.on_credit_due()
             return result
 
-        return await self._call(
-            "send_gift",
-            [
-                self._keys.wallet(sender),
+        room_args = _NO_ROOM_ARGS if in_room is None else in_room.event_args
+        if self._cluster is None:
+            creator_keys = [
                 self._keys.wallet(creator),
-                self._keys.gift_key(sender, key),
-                self._keys.combo(sender, room),
-                self._ledger_key,
                 self._keys.held(creator),
                 "" if in_room is None else in_room.record,
                 "" if in_room is None else in_room.log,
+                "",  # no credit outbox: the creator is credited here
+            ]
+            ledger = self._ledger_key
+        else:
+            outbox = self._keys.credit_outbox(
+                self._keys.partition(sender), self._keys.partition(creator)
+            )
+            creator_keys = [outbox] * 5  # the creator's keys are on another shard
+            ledger = self._keys.ledger_of(sender)
+            if in_room is None or not in_room.log:
+                room_args = _NO_ROOM_ARGS  # no log: the hub publishes the event itself
+        wallet, held, record, log_key, outbox_key = creator_keys
+        reply = await self._call(
+            "send_gift",
+            [
+                self._keys.wallet(sender),
+                wallet,
+                self._keys.gift_key(sender, key),
+                self._keys.combo(sender, room),
+                ledger,
+                held,
+                record,
+                log_key,
+                outbox_key,
             ],
             [
                 event,
@@ -325,10 +390,47 @@ class Wallet:
                 keys.COMBO_GAP_MS,
                 keys.COMBO_TTL_MS,
                 self.payout_hold_days,
-                *(_NO_ROOM_ARGS if in_room is None else in_room.event_args),
+                *room_args,
             ],
             settled,
+            durable=self._durable_ack,
         )
+        if self._durable_ack and self._cluster is None:
+            await self._wait_aof()
+        return reply
+
+    async def _check_live(self, room: str, in_room: GiftRoom) -> None:
+        """On a cluster: the room's record says live (the script cannot read it there)."""
+        if keys.text(await self._redis.hget(in_room.record, "live") or b"") != "1":
+            raise Refusal(Reason.ROOM_NOT_LIVE, f"room {room} is not live")
+
+    async def _wait_aof(self) -> None:
+        """One Redis, --durable-ack: until the AOF holding the gift is fsynced. WAITAOF waits
+        for the writes of its own connection, so a marker is written on it first: the AOF is
+        one sequence, and the marker comes after the gift. A Redis before 7.2 has no WAITAOF:
+        the start let it through only with appendfsync always (redis_check.py), where the
+        gift's reply itself came after the fsync."""
+        if not self._waitaof:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incr(self._keys.durable_ack_marker())
+            pipe.execute_command("WAITAOF", 1, 0, self._durable_ack_timeout_ms)
+            _, waited = await pipe.execute(raise_on_error=False)
+        if isinstance(waited, ResponseError) and "unknown command" in str(waited).lower():
+            self._waitaof = False
+            return
+        if isinstance(waited, Exception):
+            raise waited
+        local, _ = waited
+        if int(local) < 1:
+            self._durable_short(
+                f"WAITAOF: the AOF not fsynced in {self._durable_ack_timeout_ms} ms"
+            )
+
+    def _durable_short(self, what: str) -> None:
+        log.warning("durable ack: answering a settled gift although %s", what)
+        if self._metrics is not None:
+            self._metrics.durable_ack_short.inc()
 
     async def settled_gift(
         self, *, sender: str, key: str, room: str, gift: str, count: int
@@ -543,7 +645,14 @@ class Wallet:
         first use."""
         if not isinstance(self._redis, RedisCluster):
             raise TypeError("a cluster KeySpace needs a RedisCluster client")
-        return Claims(self._redis, self._keys, now=self._now_arg)
+        metrics = self._metrics
+        return Claims(
+            self._redis,
+            self._keys,
+            now=self._now_arg,
+            replicas=self._replicas,
+            on_held_back=None if metrics is None else metrics.claim_wait_holdbacks.inc,
+        )
 
     # ---- money time ---------------------------------------------------------------------
 
@@ -599,9 +708,12 @@ class Wallet:
         script_keys: Sequence[str],
         args: Sequence[Any],
         result: Callable[[list[Any]], T],
+        *,
+        durable: bool = False,
     ) -> T:
         """Run a script; a refusal becomes a Refusal. A cancelled caller does not stop it:
-        the reply is still read and `result` still runs (a retry is answered by its key)."""
+        the reply is still read and `result` still runs (a retry is answered by its key).
+        `durable` on a cluster: a WAIT for the shard's replicas on the script's connection."""
         started = time.perf_counter()
         latency = self._lua_seconds.get(name)
 
@@ -613,11 +725,46 @@ class Wallet:
                 raise Refusal(Reason(status), keys.text(reply[1]))
             return result(reply[1:])
 
-        if self._batcher is None:  # STAND-IN (c14-rt): a cluster, until helper A's merge
-            return on_reply(await self._scripts[name](keys=script_keys, args=args))
-        return await self._batcher.submit(self._scripts[name], script_keys, args, on_reply)
+        script = self._scripts[name]
+        if self._batcher is not None:
+            return await self._batcher.submit(script, script_keys, args, on_reply)
+
+        async def on_cluster() -> T:
+            return on_reply(await self._cluster_call(script, script_keys, args, durable))
+
+        task = asyncio.ensure_future(on_cluster())
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return await asyncio.shield(task)
+
+    async def _cluster_call(
+        self, script: AsyncScript, script_keys: Sequence[str], args: Sequence[Any], durable: bool
+    ) -> Any:
+        """A script on the shard of its keys, through the client. Durable: with a WAIT on its
+        own connection; a MOVED there (the script did not run) lets the client renew its slot
+        map and tries again, a few times."""
+        assert self._cluster is not None
+        self._cluster_writes += 1
+        if not durable:
+            return await script(keys=script_keys, args=args, client=self._cluster)
+        for _ in range(DURABLE_ATTEMPTS):
+            node, replicas = await self._replicas.of(script_keys[0])
+            try:
+                reply, acked = await script_then_wait(
+                    node, script, script_keys, args, replicas, self._durable_ack_timeout_ms
+                )
+            except (MovedError, TryAgainError) as exc:
+                moved: Exception = exc
+                with contextlib.suppress(RedisError):
+                    await self._cluster.exists(script_keys[0])  # the client follows it
+                continue
+            if acked < replicas:
+                self._durable_short(f"WAIT: {acked} of {replicas} replicas acked in time")
+            return reply
+        raise moved
 
 
+DURABLE_ATTEMPTS = 3  # a durable gift's tries when its shard's slot moved meanwhile
 # What a money-only gift sends in place of the room's event parts.
 _NO_ROOM_ARGS: tuple[str, str, str, int] = ("", "", "", 0)
 

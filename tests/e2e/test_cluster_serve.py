@@ -11,7 +11,6 @@ import asyncio
 from pathlib import Path
 
 import orjson
-import pytest
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 from giftstream.server.money import keys
@@ -134,7 +133,6 @@ async def test_workers_serve_a_cluster(
         stop_all([server])
 
 
-@pytest.mark.xfail(strict=False, reason="needs crediting merge (helpers A and B, issue 14)")
 async def test_gifts_on_a_cluster_reach_both_gateways_once(
     cluster_url: str, tmp_path: Path, tokens: TokenMaker
 ) -> None:

@@ -239,6 +239,7 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.SINGLE.held("cara"),
             keys.SINGLE.room("cara"),  # live (setup_raw); the gateway's call under the Redis broker
             keys.SINGLE.room_log("cara"),
+            "",  # no credit outbox: one Redis
         ],
         [
             "ev-1",

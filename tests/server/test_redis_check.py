@@ -36,5 +36,7 @@ def test_no_aof_or_no_answer_warns() -> None:
 async def test_the_embedded_redis_passes(redis_client: aioredis.Redis) -> None:
     """The fixture's Redis is an EmbeddedRedis, started as `serve` starts its own."""
     found = await read_settings(redis_client)
-    assert found == RedisSettings(maxmemory_policy="noeviction", appendonly=True)
+    assert found == RedisSettings(
+        maxmemory_policy="noeviction", appendonly=True, appendfsync="everysec"
+    )
     assert assess(found, WHERE) == Assessment(None, ())

@@ -1,0 +1,91 @@
+"""A script and a `WAIT` on ONE connection to a Redis Cluster shard's master, through redis-py.
+
+`WAIT n timeout` counts the replicas that hold every write made *on its own connection*, so
+it says something about a script only when both went down the same socket. redis-py's cluster
+pipeline does send one node's commands in order on one connection (checked on a real cluster,
+issue 14: [EVALSHA of a write, WAIT 1] answers 1, and 0 with the replica stopped), but when a
+command fails it resends only that one, on whatever connection the retry takes: a WAIT resent
+alone on a fresh connection acks nothing it was meant to, and a script redirected by MOVED runs
+elsewhere while the WAIT still answers for the old node. So the two go through the client's
+own node object (`ClusterNode.execute_pipeline`: one connection, in order, no retry), on the
+node the client's own slot map names; any error is the caller's to handle (crediting holds
+back for a round; a gift's caller gets the error as from any script call).
+
+How many replicas to wait for: Redis lists a replica in CLUSTER SLOTS only once it has
+received data (repl offset > 0), so the client's topology says 0 on a fresh cluster.
+`Replicas` takes the larger of that and the master's own count (INFO replication's
+connected_slaves, which counts a replica still in its first sync; ROLE does not), and never
+lowers what it saw for a node: a replica that is cut off is the very case a WAIT must not
+wave through (with `cluster-replica-validity-factor 0` it may still be promoted, without
+what it missed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+REPLICAS_REFRESH_S = 5.0  # how often a master's own count of replicas is asked again
+
+
+class Replicas:
+    """How many replicas a WAIT on a key's master must hear from; see the module docstring."""
+
+    def __init__(self, redis: RedisCluster, refresh_s: float = REPLICAS_REFRESH_S) -> None:
+        self._redis = redis
+        self._refresh_s = refresh_s
+        self._seen: dict[str, int] = {}
+        self._asked: dict[str, float] = {}
+
+    async def of(self, key: str) -> tuple[ClusterNode, int]:
+        """The master that holds `key` now (the client's slot map) and its replica count."""
+        node = self._redis.get_node_from_key(key)
+        assert node is not None  # a master always (replica=False); raises when uncovered
+        slot_nodes = self._redis.nodes_manager.slots_cache.get(self._redis.keyslot(key), [])
+        seen = max(self._seen.get(node.name, 0), len(slot_nodes) - 1)
+        now = time.monotonic()
+        if now - self._asked.get(node.name, -self._refresh_s) >= self._refresh_s:
+            self._asked[node.name] = now
+            info = await node.execute_command("INFO", "replication")
+            if info.get("role") == "master":  # its replicas, in sync or still syncing
+                seen = max(seen, int(info.get("connected_slaves", 0)))
+        self._seen[node.name] = seen
+        return node, seen
+
+
+async def script_then_wait(
+    node: ClusterNode,
+    script: AsyncScript,
+    keys: Sequence[str],
+    args: Sequence[Any],
+    replicas: int,
+    timeout_ms: int,
+) -> tuple[Any, int]:
+    """(the script's reply, how many replicas acked it): both sent on one connection to
+    `node`. NOSCRIPT (a node that forgot the script) loads it there and sends both again
+    (the script did not run); any other error is raised (MovedError: the slot left `node`)."""
+    for _ in range(2):
+        commands = [
+            PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
+            PipelineCommand(1, "WAIT", replicas, timeout_ms),
+        ]
+        await node.execute_pipeline(commands)
+        reply, acked = commands[0].result, commands[1].result
+        if isinstance(reply, NoScriptError):
+            script.sha = _text(await node.execute_command("SCRIPT LOAD", script.script))
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            raise acked
+        return reply, int(acked)
+    raise NoScriptError(f"script {script.sha} not loaded on {node.name}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
