@@ -114,6 +114,9 @@ class ClusterNode:
                 "",
                 "--maxmemory-policy",
                 "noeviction",
+                # a replica's first sync starts at once, not after Redis's default 5 s wait
+                "--repl-diskless-sync-delay",
+                "0",
                 "--logfile",
                 str(self.directory / "redis.log"),
                 "--daemonize",
@@ -213,12 +216,25 @@ class RedisClusterProcesses:
         )
 
     def wait_ok(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until every live node says cluster_state:ok with all slots served."""
+        """Until every live node says cluster_state:ok with all slots served, and every live
+        replica is in sync with its master (a WAIT then counts it: the money path waits for
+        the replicas a master reports, syncing or not)."""
         for node in self.nodes:
             if node.alive():
                 _wait(
                     f"cluster_state:ok on {node.address}", lambda n=node: self._node_ok(n), timeout
                 )
+        for node in self.nodes:
+            if node.alive():
+                _wait(f"{node.address} in sync", lambda n=node: self._synced(n), timeout)
+
+    def _synced(self, node: ClusterNode) -> bool:
+        info = node.info("replication")
+        if info["role"] != "slave":
+            return True
+        return info.get("master_link_status") == "up" and not int(
+            str(info.get("master_sync_in_progress", 0))
+        )
 
     def masters(self) -> list[ClusterNode]:
         """The live nodes that are masters right now."""

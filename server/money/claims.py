@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import MovedError, RedisError, TryAgainError
+from redis.exceptions import ConnectionError, MovedError, RedisError, TimeoutError, TryAgainError
 
 from giftstream.server import scripts
 from giftstream.server.money import keys
@@ -130,7 +130,9 @@ class Claims:
                     replicas,
                     self._wait_ms,
                 )
-            except (MovedError, TryAgainError):  # a failover: the script did not run there
+            except (MovedError, TryAgainError, ConnectionError, TimeoutError):
+                # a failover: the slot moved, or its master died, maybe after the script ran
+                # (a claim is idempotent: asked again, the same owner and params answer ok)
                 with contextlib.suppress(RedisError):
                     await self._redis.exists(claim_key)  # the client follows it, renewing its map
                 continue

@@ -37,7 +37,14 @@ from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import (
+    ConnectionError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
 from giftstream.server import scripts
@@ -753,7 +760,9 @@ class Wallet:
                 reply, acked = await script_then_wait(
                     node, script, script_keys, args, replicas, self._durable_ack_timeout_ms
                 )
-            except (MovedError, TryAgainError) as exc:
+            except (MovedError, TryAgainError, ConnectionError, TimeoutError) as exc:
+                # the slot moved or its master died (maybe after the script ran: a gift key
+                # answers the retry with its first result, so asking again is safe)
                 moved: Exception = exc
                 with contextlib.suppress(RedisError):
                     await self._cluster.exists(script_keys[0])  # the client follows it
