@@ -19,8 +19,8 @@ from giftstream.server.redis_cluster import RedisClient
 
 
 def cursor_field(source: int) -> str:
-    """The field of source partition `source` in a cursors hash: p00, p01, ..."""
-    return f"p{source:02d}"
+    """The field of source partition `source` in a cursors hash (KeySpace names it)."""
+    return keys.KeySpace.credit_cursor_field(source)
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,7 +206,7 @@ class Crediting:
         """Step 3: credit `entries` (read after cursor `expected`) in `target`; returns how
         many were credited (0: another runner moved the cursor first)."""
         script_keys = [self._keys.credit_cursors(target)]
-        args: list[Any] = [f"p{source:02d}", expected]
+        args: list[Any] = [self._keys.credit_cursor_field(source), expected]
         for entry in entries:
             entry_keys, event = self._entry_keys(target, entry)
             script_keys += entry_keys

@@ -205,6 +205,11 @@ class KeySpace:
         so a credit and its cursor move in one script."""
         return f"{PREFIX}{self.tag(target)}credited"
 
+    @staticmethod
+    def credit_cursor_field(source: int) -> str:
+        """The field of source partition `source` in a cursors hash: p00, p01, ..."""
+        return f"p{source:02d}"
+
     def credit_take_marker(self, source: int) -> str:
         """Written by a take that read entries, so a WAIT on its connection covers them."""
         return f"{PREFIX}{self.tag(source)}credit_take"
