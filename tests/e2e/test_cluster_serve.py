@@ -151,7 +151,9 @@ async def test_gifts_on_a_cluster_reach_both_gateways_once(
             for member in (senders[g], viewers[g]):
                 await member.join(proc.ws_url, g)
                 members.append(member)
-        acked = [(await senders[g].gift(f"cluster-{g}-{n:04d}"))["event"] for g in "ab" for n in range(3)]
+        acked = [
+            (await senders[g].gift(f"cluster-{g}-{n:04d}"))["event"] for g in "ab" for n in range(3)
+        ]
         for member in members:
             await member.wait_for_gifts(set(acked), timeout=DEADLINE_S)
         ledger = {str(g["event"]) for g in cluster_ledger_gifts(cluster_url, "cara")}
