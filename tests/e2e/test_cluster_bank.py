@@ -344,6 +344,11 @@ def report(name: str, outcome: Outcome) -> None:
         "jetstream": (
             len(outcome.jetstream) if isinstance(outcome.jetstream, list) else outcome.jetstream
         ),
+        "jetstream_not_in_ledger": (
+            len({m for m, _, _ in outcome.jetstream} - {e.event for e in outcome.verdict.ledger})
+            if isinstance(outcome.jetstream, list)
+            else None
+        ),
     }
     print(f"\n{name}: {json.dumps(figures)}")
 
@@ -380,7 +385,7 @@ async def test_bank_on_a_cluster_with_durable_ack_through_a_master_killed(
     jetstream: RelayConfig | str,
 ) -> None:
     replicas_online(redis_cluster)
-    load = Load(rich=40, poor=10, acks_before_kill=300, acks_after_failover=300)
+    load = Load(rich=60, poor=15, acks_before_kill=500, acks_after_failover=500)
     outcome = await bank_on_cluster(
         redis_cluster, cluster_url, tmp_path, jetstream, durable=True, load=load, seed=14
     )
@@ -406,7 +411,7 @@ async def test_bank_on_a_cluster_without_durable_ack_loses_only_whole_gifts(
     jetstream: RelayConfig | str,
 ) -> None:
     replicas_online(redis_cluster)
-    load = Load(rich=24, poor=6, acks_before_kill=150, acks_after_failover=150)
+    load = Load(rich=30, poor=8, acks_before_kill=250, acks_after_failover=250)
     outcome = await bank_on_cluster(
         redis_cluster, cluster_url, tmp_path, jetstream, durable=False, load=load, seed=41
     )
