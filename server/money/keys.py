@@ -40,7 +40,8 @@ Redis Cluster only, the creators' credit across partitions (crediting.py):
                                      so the WAIT after it covers what was read
 
 Keys that belong to one ledger stream L carry its name, so on a cluster they share its slot:
-L:dead (the consumers' dead letters), L:checkpoint and L:checkpoint:* (the checkpoint
+L:dead (the consumers' dead letters), L:relay_mark (a counter the relay writes so a WAIT
+covers what it read), L:checkpoint and L:checkpoint:* (the checkpoint
 folder's state), giftstream:relay:lease:L (the relay's lease on L).
 
 On a Redis Cluster every per-user key above carries its partition's hash tag after the prefix
@@ -271,6 +272,12 @@ def dead_letters(ledger: str) -> str:
 def checkpoint(ledger: str) -> str:
     """The checkpoint hash of a ledger stream; its other keys are this name plus a suffix."""
     return ledger + ":checkpoint"
+
+
+def relay_mark(ledger: str) -> str:
+    """Redis Cluster: the mark the relay writes, in its ledger's slot, before a WAIT that
+    says the entries it read are on the replicas (same_connection.replicated)."""
+    return ledger + ":relay_mark"
 
 
 def relay_lease(ledger: str) -> str:

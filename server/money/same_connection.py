@@ -87,5 +87,15 @@ async def script_then_wait(
     raise NoScriptError(f"script {script.sha} not loaded on {node.name}")
 
 
+async def replicated(
+    node: ClusterNode, mark: AsyncScript, mark_key: str, replicas: int, timeout_ms: int
+) -> bool:
+    """Whether `node`'s replicas hold everything it had written before now: a master's writes
+    reach its replicas in one ordered stream, so a WAIT covering a mark written now covers
+    all that came before it (what a reader of a stream read before the mark)."""
+    _, acked = await script_then_wait(node, mark, [mark_key], [], replicas, timeout_ms)
+    return acked >= replicas
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -15,10 +15,11 @@ of their keys (no ScriptBatcher: its pipelining is one Redis's). A gift then deb
 and appends to the sender partition's ledger and to a credit outbox on the sender's shard;
 the creator is credited by crediting.py, which `on_credit_due` (its `poke`) wakes.
 
-`durable_ack` (--durable-ack): a gift is answered only once it is safe from a crash: on a
-cluster once the sender shard's replicas hold it (`WAIT` on the script's own connection), on
-one Redis once the AOF holding it is fsynced (`WAITAOF 1 0`). A wait that acks fewer than asked
-within the timeout still answers: the gift is settled and cannot be undone (a metric counts it).
+`durable_ack` (--durable-ack): a gift, purchase, refund or payout is answered only once it
+is safe from a crash: on a cluster once its shard's replicas hold it (`WAIT` on the script's
+own connection), on one Redis once the AOF holding it is fsynced (`WAITAOF 1 0`). A wait that
+acks fewer than asked within the timeout still answers: the movement is done and cannot be
+undone (a metric counts it).
 """
 
 from __future__ import annotations
@@ -368,7 +369,7 @@ class Wallet:
             if in_room is None or not in_room.log:
                 room_args = _NO_ROOM_ARGS  # no log: the hub publishes the event itself
         wallet, held, record, log_key, outbox_key = creator_keys
-        reply = await self._call(
+        return await self._movement(
             "send_gift",
             [
                 self._keys.wallet(sender),
@@ -400,11 +401,21 @@ class Wallet:
                 *room_args,
             ],
             settled,
-            durable=self._durable_ack,
         )
+
+    async def _movement(
+        self,
+        name: str,
+        script_keys: Sequence[str],
+        args: Sequence[Any],
+        on_reply: Callable[[list[Any]], T],
+    ) -> T:
+        """A movement of coins or diamonds: its script, and with --durable-ack the wait that
+        makes its answer safe from a failover (the replicas) or a crash (the AOF's fsync)."""
+        result = await self._call(name, script_keys, args, on_reply, durable=self._durable_ack)
         if self._durable_ack and self._cluster is None:
             await self._wait_aof()
-        return reply
+        return result
 
     async def _check_live(self, room: str, in_room: GiftRoom) -> None:
         """On a cluster: the room's record says live (the script cannot read it there)."""
@@ -497,7 +508,7 @@ class Wallet:
                 event=first_event,
             )
 
-        return await self._call(
+        return await self._movement(
             "purchase",
             [
                 self._keys.wallet(user),
@@ -541,7 +552,7 @@ class Wallet:
                 event=first_event,
             )
 
-        return await self._call(
+        return await self._movement(
             "refund",
             [
                 self._keys.receipt(receipt, owner=user),
@@ -625,7 +636,7 @@ class Wallet:
                 replayed=first_event != event,
             )
 
-        return await self._call(
+        return await self._movement(
             "payout",
             [
                 self._keys.wallet(creator),

@@ -33,8 +33,10 @@ from typing import Any
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from giftstream.server import scripts
 from giftstream.server.config import redact_url
 from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 from giftstream.server.ledger.entries import stream_id_key
@@ -45,6 +47,7 @@ from giftstream.server.ledger.relay.lag import Lag, relay_lag
 from giftstream.server.ledger.relay.share import Share
 from giftstream.server.ledger.runtime import LAG_REFRESH_S, LagRefresh, start_worker
 from giftstream.server.money import keys
+from giftstream.server.money.same_connection import Replicas, replicated
 from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,13 @@ class RelayMetrics:
         self.oldest_age.set(max(each.oldest_age_s for each in self._lags.values()))
 
 
+REPLICA_WAIT_MS = 1000  # how long a batch waits for its ledger's replicas before a retry
+
+
+class NotReplicated(RedisError):
+    """The ledger's replicas did not ack the entries read in time: not published yet."""
+
+
 class Relay:
     """Reads the ledger as consumer group `relay` and publishes to JetStream in order,
     while it holds the relay lease."""
@@ -141,6 +151,10 @@ class Relay:
         self._refresh_lag = LagRefresh(
             lambda: relay_lag(self.redis, self.config.ledger_key), self._show_lag
         )
+        # a cluster's: publish only entries the ledger's replicas hold, so a failover never
+        # loses an entry JetStream already has (the gift's retry would then be there twice)
+        self._replicas = Replicas(redis) if isinstance(redis, RedisCluster) else None
+        self._mark = scripts.register(redis, "mark")
         self._holding = False  # we took the lease and have not seen it go
         self._waiting_for: str | None = None  # the holder we last said we wait for
 
@@ -193,6 +207,11 @@ class Relay:
                 )
                 await self.jetstream.close()
                 await self._refresh_lag(LAG_REFRESH_S)  # the backlog grows meanwhile: show it
+                backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
+                continue
+            except NotReplicated as exc:
+                self.metrics.errors.labels("replicas").inc()
+                log.warning("not relaying yet (%s); retrying in %.1fs", exc, backoff)
                 backoff = await _sleep_or_stop(stop, backoff, self.config.max_backoff_s)
                 continue
             except RedisError as exc:
@@ -349,6 +368,7 @@ class Relay:
         if not entries:
             return 0
         self._check_lease()  # the read may have blocked: read, not published, still pending
+        await self._check_replicated()
         batch = [
             self.jetstream.message(stream_id, fields)
             for stream_id, fields in entries
@@ -375,6 +395,17 @@ class Relay:
         if error is not None:
             raise error
         return len(entries)
+
+    async def _check_replicated(self) -> None:
+        """NotReplicated unless the ledger's replicas hold what was just read (a cluster): the
+        entries stay pending, and the next pass reads them first, in order."""
+        if self._replicas is None:
+            return
+        node, replicas = await self._replicas.of(self.config.ledger_key)
+        if not await replicated(
+            node, self._mark, keys.relay_mark(self.config.ledger_key), replicas, REPLICA_WAIT_MS
+        ):
+            raise NotReplicated(f"{self.config.ledger_key}: its replicas did not ack in time")
 
     def _check_lease(self) -> None:
         if not self.lease.held():
