@@ -14,10 +14,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from giftstream.server.embedded_redis import (
     EmbeddedRedisError,
@@ -137,6 +140,17 @@ class ClusterNode:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The node stopped (SIGSTOP): still connected, it answers nothing and acks no
+        replication until resumed (SIGCONT), whatever happens inside."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """kill -9: no shutdown, no last write to disk."""
         if self.process is not None and self.process.poll() is None:
@@ -239,6 +253,12 @@ class RedisClusterProcesses:
     def masters(self) -> list[ClusterNode]:
         """The live nodes that are masters right now."""
         return [n for n in self.nodes if n.alive() and n.info("replication")["role"] == "master"]
+
+    def node_of(self, client: redis.RedisCluster | AsyncRedisCluster, key: str) -> ClusterNode:
+        """The process of the master that `client`'s slot map says holds `key`."""
+        node = client.get_node_from_key(key)
+        assert node is not None
+        return next(n for n in self.nodes if n.port == node.port)
 
     def replicas_of(self, master: ClusterNode) -> list[ClusterNode]:
         out = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -17,7 +18,9 @@ from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.ledger.relay.config import RelayConfig
 from giftstream.server.ledger.relay.lag import relay_lag
 from giftstream.server.ledger.relay.status import read_status
+from giftstream.server.ledger.relay.worker import Relay
 from giftstream.server.money import keys
+from tests.cluster import RedisClusterProcesses
 from tests.processes import run_cli
 from tests.server.ledger.cluster_ledger import ClusterLedger, users_by_partition
 from tests.server.ledger.test_relay import (  # noqa: F401 (fixtures)
@@ -193,3 +196,40 @@ def test_relay_processes_split_the_ledgers_live_and_publish_each_entry_once(
         for relay in relays:
             relay.kill()
         writer.finish()
+
+
+async def test_a_relay_publishes_nothing_its_ledgers_replicas_do_not_hold(
+    cluster_url: str,
+    redis_cluster: RedisClusterProcesses,
+    relay_config: RelayConfig,  # noqa: F811 (a fixture)
+) -> None:
+    """An entry a master has but its replica does not could vanish in a failover; published,
+    JetStream would keep it (and the gift's retry, a new event, would land beside it). So with
+    the ledger's replica frozen the relay holds back, and publishes once it is back."""
+    ledger_writer = await ClusterLedger.open(cluster_url, LEDGERS)
+    rc = ledger_writer.redis
+    try:
+        user = users_by_partition(ledger_writer.space, 1)[0]
+        await ledger_writer.purchase(user, 70)
+        ledger = ledger_writer.space.ledger_of(user)
+        replica = redis_cluster.replicas_of(redis_cluster.node_of(rc, ledger))[0]
+        relay = Relay(rc, dataclasses.replace(relay_config, ledger_key=ledger))
+        stop = asyncio.Event()
+        with replica.frozen():
+            task = asyncio.create_task(relay.run(stop))
+            held_back = relay.metrics.errors.labels("replicas")
+            deadline = time.monotonic() + 60
+            while held_back._value.get() < 1:
+                assert time.monotonic() < deadline, "the relay never waited for the replica"
+                await asyncio.sleep(0.05)
+            assert relay.metrics.published._value.get() == 0
+        deadline = time.monotonic() + 60
+        while relay.metrics.published._value.get() < 1:
+            assert time.monotonic() < deadline, "the relay never published after the thaw"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        assert len(await jetstream_messages(relay.config)) == 1
+    finally:
+        await ledger_writer.close()
+        redis_cluster.wait_ok()

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,7 +22,7 @@ from giftstream.server.money.crediting import Crediting
 from giftstream.server.money.keys import KeySpace
 from giftstream.server.money.refusal import Reason, Refusal
 from giftstream.server.money.wallet import GiftRoom, SettledGift, Wallet
-from tests.cluster import ClusterNode, RedisClusterProcesses
+from tests.cluster import RedisClusterProcesses
 from tests.server.money.cluster_money import check_credited_once, user_in
 
 SPACE = KeySpace(cluster=True, partitions=4)
@@ -110,23 +107,6 @@ async def credited_all(*runners: Crediting, creators: list[str]) -> Counter[str]
             if time.monotonic() > deadline:
                 raise
     raise AssertionError("not all credited within 1000 rounds")
-
-
-def cluster_node(cluster: RedisClusterProcesses, rc: RedisCluster, key: str) -> ClusterNode:
-    node = rc.get_node_from_key(key)
-    assert node is not None
-    return next(n for n in cluster.nodes if n.port == node.port)
-
-
-@contextmanager
-def stopped(node: ClusterNode) -> Iterator[None]:
-    """The node frozen (SIGSTOP): it answers nothing, and acks no replication, until resumed."""
-    assert node.process is not None
-    os.kill(node.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(node.process.pid, signal.SIGCONT)
 
 
 async def test_gift_debits_sender_and_credits_creator_once(
@@ -218,11 +198,11 @@ async def test_a_take_its_replicas_do_not_ack_is_held_back(
     await fund(rc, sender, 100)
     await gift(wallet, sender, creator, "k1")
     crediting = Crediting(rc, SPACE, metrics, wait_timeout_ms=200)
-    master = cluster_node(redis_cluster, rc, SPACE.credit_take_marker(2))
+    master = redis_cluster.node_of(rc, SPACE.credit_take_marker(2))
     [replica] = redis_cluster.replicas_of(master)
     await credited_all(crediting, creators=[creator])  # learns the shard's replicas meanwhile
     await gift(wallet, sender, creator, "k2")
-    with stopped(replica):
+    with replica.frozen():
         assert await crediting.round() == 0
     assert metrics.credit_wait_holdbacks._value.get() >= 1
     assert await rc.hget(SPACE.wallet(creator), "diamonds") == b"5"
@@ -240,8 +220,8 @@ async def test_durable_ack_waits_for_the_senders_replica(
     await fund(rc, sender, 100)
     await gift(durable, sender, creator, "k1")
     assert metrics.durable_ack_short._value.get() == 0
-    [replica] = redis_cluster.replicas_of(cluster_node(redis_cluster, rc, SPACE.wallet(sender)))
-    with stopped(replica):
+    [replica] = redis_cluster.replicas_of(redis_cluster.node_of(rc, SPACE.wallet(sender)))
+    with replica.frozen():
         started = time.monotonic()
         settled = await gift(durable, sender, creator, "k2")
         assert time.monotonic() - started >= 0.25  # it waited for the replica
@@ -260,7 +240,7 @@ async def test_a_sender_shard_failover_credits_no_lost_gift_and_none_twice(
     wallet.on_credit_due = crediting.poke
     stop = asyncio.Event()
     runner = asyncio.create_task(crediting.run(stop))
-    victim = cluster_node(redis_cluster, rc, SPACE.wallet(senders[0]))
+    victim = redis_cluster.node_of(rc, SPACE.wallet(senders[0]))
     n, failed = 0, 0
 
     async def some_gifts(count: int) -> None:
