@@ -28,7 +28,9 @@
                                      (ms, Redis's clock); the relays share the ledgers' leases
                                      by it (KeySpace.relays; another ledger key: its own hash)
     giftstream:durable_ack           string, one Redis with --durable-ack only: a counter
-                                     written after each gift so WAITAOF covers the gift
+                                     written after each movement so WAITAOF covers it
+    giftstream:{pNN}:durable_mark    string, Redis Cluster with --durable-ack: the same, per
+                                     partition, before the WAIT for its shard's replicas
 
 Redis Cluster only, the creators' credit across partitions (crediting.py):
 
@@ -210,6 +212,15 @@ class KeySpace:
     def credit_cursor_field(source: int) -> str:
         """The field of source partition `source` in a cursors hash: p00, p01, ..."""
         return f"p{source:02d}"
+
+    def durable_mark(self, key: str) -> str:
+        """Redis Cluster, --durable-ack: a counter in the slot of `key` (a partition's key of
+        this KeySpace), written before the WAIT that makes a movement's answer durable, so
+        the WAIT covers the movement even when a replay wrote nothing itself."""
+        tag = key.removeprefix(PREFIX).split("}:", 1)[0] + "}:"
+        if not (self.cluster and tag.startswith("{p")):
+            raise ValueError(f"not a partition's key of a cluster: {key}")
+        return f"{PREFIX}{tag}durable_mark"
 
     def credit_take_marker(self, source: int) -> str:
         """Written by a take that read entries, so a WAIT on its connection covers them."""

@@ -65,36 +65,44 @@ async def script_then_wait(
     args: Sequence[Any],
     replicas: int,
     timeout_ms: int,
+    mark_key: str | None = None,
 ) -> tuple[Any, int]:
     """(the script's reply, how many replicas acked it): both sent on one connection to
-    `node`. NOSCRIPT (a node that forgot the script) loads it there and sends both again
-    (the script did not run); any other error is raised (MovedError: the slot left `node`)."""
+    `node`. With `mark_key` (a key of the script's slot) an INCR of it goes between them, so
+    the WAIT covers what the script found already written even when it wrote nothing itself
+    (a replayed key: the first settlement must be on the replicas before it is answered).
+    NOSCRIPT (a node that forgot the script) loads it there and sends all again (the script
+    did not run); any other error is raised (MovedError: the slot left `node`)."""
     for _ in range(2):
-        commands = [
-            PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
-            PipelineCommand(1, "WAIT", replicas, timeout_ms),
-        ]
+        commands = [PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args)]
+        if mark_key is not None:
+            commands.append(PipelineCommand(1, "INCR", mark_key))
+        commands.append(PipelineCommand(len(commands), "WAIT", replicas, timeout_ms))
         await node.execute_pipeline(commands)
-        reply, acked = commands[0].result, commands[1].result
+        reply, acked = commands[0].result, commands[-1].result
         if isinstance(reply, NoScriptError):
             script.sha = _text(await node.execute_command("SCRIPT LOAD", script.script))
             continue
-        if isinstance(reply, Exception):
-            raise reply
-        if isinstance(acked, Exception):
-            raise acked
-        return reply, int(acked)
+        for result in (reply, *(c.result for c in commands[1:])):
+            if isinstance(result, Exception):
+                raise result
+        return reply, int(_text(acked))
     raise NoScriptError(f"script {script.sha} not loaded on {node.name}")
 
 
-async def replicated(
-    node: ClusterNode, mark: AsyncScript, mark_key: str, replicas: int, timeout_ms: int
-) -> bool:
+async def replicated(node: ClusterNode, mark_key: str, replicas: int, timeout_ms: int) -> bool:
     """Whether `node`'s replicas hold everything it had written before now: a master's writes
-    reach its replicas in one ordered stream, so a WAIT covering a mark written now covers
-    all that came before it (what a reader of a stream read before the mark)."""
-    _, acked = await script_then_wait(node, mark, [mark_key], [], replicas, timeout_ms)
-    return acked >= replicas
+    reach its replicas in one ordered stream, so a WAIT covering a mark written now (on the
+    same connection) covers all that came before it (what a reader read before the mark)."""
+    commands = [
+        PipelineCommand(0, "INCR", mark_key),
+        PipelineCommand(1, "WAIT", replicas, timeout_ms),
+    ]
+    await node.execute_pipeline(commands)
+    for command in commands:
+        if isinstance(command.result, Exception):
+            raise command.result
+    return int(_text(commands[1].result)) >= replicas
 
 
 def _text(value: Any) -> str:

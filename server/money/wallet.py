@@ -769,7 +769,13 @@ class Wallet:
             node, replicas = await self._replicas.of(script_keys[0])
             try:
                 reply, acked = await script_then_wait(
-                    node, script, script_keys, args, replicas, self._durable_ack_timeout_ms
+                    node,
+                    script,
+                    script_keys,
+                    args,
+                    replicas,
+                    self._durable_ack_timeout_ms,
+                    mark_key=self._keys.durable_mark(script_keys[0]),
                 )
             except (MovedError, TryAgainError, ConnectionError, TimeoutError) as exc:
                 # the slot moved or its master died (maybe after the script ran: a gift key

@@ -36,7 +36,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from giftstream.server import scripts
 from giftstream.server.config import redact_url
 from giftstream.server.ledger.connect import NoPartitions, open_ledger_redis
 from giftstream.server.ledger.entries import stream_id_key
@@ -154,7 +153,6 @@ class Relay:
         # a cluster's: publish only entries the ledger's replicas hold, so a failover never
         # loses an entry JetStream already has (the gift's retry would then be there twice)
         self._replicas = Replicas(redis) if isinstance(redis, RedisCluster) else None
-        self._mark = scripts.register(redis, "mark")
         self._holding = False  # we took the lease and have not seen it go
         self._waiting_for: str | None = None  # the holder we last said we wait for
 
@@ -402,9 +400,8 @@ class Relay:
         if self._replicas is None:
             return
         node, replicas = await self._replicas.of(self.config.ledger_key)
-        if not await replicated(
-            node, self._mark, keys.relay_mark(self.config.ledger_key), replicas, REPLICA_WAIT_MS
-        ):
+        mark = keys.relay_mark(self.config.ledger_key)
+        if not await replicated(node, mark, replicas, REPLICA_WAIT_MS):
             raise NotReplicated(f"{self.config.ledger_key}: its replicas did not ack in time")
 
     def _check_lease(self) -> None:

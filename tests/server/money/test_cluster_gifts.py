@@ -229,6 +229,29 @@ async def test_durable_ack_waits_for_the_senders_replica(
     assert metrics.durable_ack_short._value.get() == 1
 
 
+async def test_a_durable_replay_waits_for_the_replicas_too(
+    rc: RedisCluster, metrics: Metrics, redis_cluster: RedisClusterProcesses
+) -> None:
+    """A replay's answer must not outrun the first settlement's replication either: a durable
+    replay waits too (it is not answered from the key record alone). Redis documents WAIT as
+    covering its own connection's writes, and a replay writes nothing, so the durable mark
+    written before the WAIT is what makes it cover the settlement on any Redis (7.0 here
+    waits on the master's whole offset, mark or not)."""
+    durable = Wallet(
+        rc, ECONOMICS, keyspace=SPACE, metrics=metrics, durable_ack=True, durable_ack_timeout_ms=300
+    )
+    await durable.load_scripts()
+    sender, creator = user_in(SPACE, 3, "bo"), user_in(SPACE, 1, "cara")
+    await fund(rc, sender, 100)
+    first = await gift(durable, sender, creator, "k1")
+    assert metrics.durable_ack_short._value.get() == 0
+    [replica] = redis_cluster.replicas_of(redis_cluster.node_of(rc, SPACE.wallet(sender)))
+    with replica.frozen():
+        again = await gift(durable, sender, creator, "k1")
+    assert again.replayed and again.event == first.event
+    assert metrics.durable_ack_short._value.get() == 1  # it did wait, in vain, for the replica
+
+
 async def test_a_sender_shard_failover_credits_no_lost_gift_and_none_twice(
     rc: RedisCluster, wallet: Wallet, redis_cluster: RedisClusterProcesses
 ) -> None:
