@@ -260,7 +260,9 @@ def run_setup(
     setup: Setup, shards: Shards | None, senders: int, seconds: float, tmp: Path
 ) -> Outcome:
     if not setup.cluster:
-        r = EmbeddedRedis(tmp / f"cluster-{setup.key}-redis", appendfsync=setup.appendfsync).start()
+        # a fresh data dir each run: an AOF of the last run would answer its gift keys as replays
+        data = tmp / f"cluster-{setup.key}-{time.monotonic_ns()}-redis"
+        r = EmbeddedRedis(data, appendfsync=setup.appendfsync).start()
         try:
             assert r.process is not None
             res, window = run_gifts(setup, r.url, [r.process.pid], senders, seconds, tmp)

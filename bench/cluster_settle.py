@@ -36,6 +36,7 @@ from giftstream.server.redis_cluster import RedisClient
 
 T = TypeVar("T")
 FUND_CONCURRENCY = 50
+FUNDED_GIFTS = 100_000
 
 
 class PlainWallet(Wallet):
@@ -90,9 +91,15 @@ async def gifts(args: argparse.Namespace) -> dict[str, Any]:
     big = catalog.packages["coins_17500"]
     gate = asyncio.Semaphore(FUND_CONCURRENCY)
 
+    # enough for FUNDED_GIFTS roses over all senders (a lone sender settles thousands a second)
+    purchases = max(1, -(-FUNDED_GIFTS // (args.senders * big.coins)))
+
     async def fund(i: int) -> None:
         async with gate:
-            await wallet.purchase(receipt=f"bench-{i}", user=f"s{i}", package=big, adult=True)
+            for r in range(purchases):
+                await wallet.purchase(
+                    receipt=f"bench-{i}-{r}", user=f"s{i}", package=big, adult=True
+                )
 
     await asyncio.gather(*(fund(i) for i in range(args.senders)))
     print("funded", flush=True)
