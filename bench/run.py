@@ -8,7 +8,8 @@ peers first, then the method, the machine and every figure with its command.
     BENCH_SMOKE=1 .venv/bin/python -m bench.run         # small and short: checks the wiring
 
 Knobs (environment): BENCH_SCENARIOS (fanout,settle,mixed,connections,storm,fleet, and
-issue 13's broker,workers,crossgw,onebroker: bench/scaleout.py), BENCH_RUNS,
+issue 13's broker,workers,crossgw,onebroker: bench/scaleout.py; issue 14's cluster:
+bench/cluster.py), BENCH_RUNS, BENCH_CLUSTER_SENDERS (200), BENCH_CLUSTER_S (8),
 BENCH_SMOKE, BENCH_FANOUT_VIEWERS (1000,5000), BENCH_PEERS (ws,sio,psio), BENCH_STEP_S,
 BENCH_MIXED_S, BENCH_MIXED_SCALE (share of the full mixed/storm size, default 0.25: what this
 machine's load generator can read; 1 = the issue's 5,000 viewers and 2,000 gifts/s), BENCH_OUT
@@ -26,7 +27,6 @@ import platform
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +40,9 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 
+from bench import cluster
 from bench.fanout import LadderResult, Step, Target, ladder
+from bench.figures import fmt, med, mmm
 from bench.procs import ROOT, VENV_BIN, Giftstream, Proc, install_peers, raise_nofile, start_peer
 from bench.scaleout import (
     CpuWindow,
@@ -81,7 +83,8 @@ NUMBER = {
     "workers": 8,
     "crossgw": 9,
     "onebroker": 10,
-}  # doc sections; broker, workers, crossgw and onebroker run when asked for (BENCH_SCENARIOS)
+    "cluster": 11,
+}  # doc sections; broker, workers, crossgw, onebroker and cluster run when asked for
 
 
 def log(msg: str) -> None:
@@ -111,28 +114,6 @@ def busy_others(own: set[int]) -> str:
             busy.append((c, " ".join(p.info["cmdline"] or [p.info["name"]])[:60]))
     busy.sort(reverse=True)
     return "; ".join(f"{c:.0f}% {cmd}" for c, cmd in busy[:4]) or "none over 10% of a core"
-
-
-def med(values: list[float]) -> tuple[float, float, float]:
-    vals = [v for v in values if v == v]  # drop NaN
-    if not vals:
-        return float("nan"), float("nan"), float("nan")
-    return statistics.median(vals), min(vals), max(vals)
-
-
-def fmt(v: float, digits: int = 0) -> str:
-    if v != v:
-        return "n/a"
-    if v == float("inf"):
-        return "∞"
-    return f"{v:,.{digits}f}"
-
-
-def mmm(values: list[float], digits: int = 0) -> str:
-    m, lo, hi = med(values)
-    if len([v for v in values if v == v]) <= 1:
-        return fmt(m, digits)
-    return f"**{fmt(m, digits)}** ({fmt(lo, digits)}–{fmt(hi, digits)})"
 
 
 @dataclass
@@ -1340,6 +1321,21 @@ async def scenario_onebroker(b: Bench) -> Section:
     return sec
 
 
+CLUSTER_SENDERS = int(ENV.get("BENCH_CLUSTER_SENDERS", "50" if SMOKE else "200"))
+CLUSTER_S = float(ENV.get("BENCH_CLUSTER_S", "2" if SMOKE else "8"))
+
+
+async def scenario_cluster(b: Bench) -> Section:
+    """Issue 14: settlement on one Redis against a 3-shard Redis Cluster (bench/cluster.py)."""
+    sec = Section("11. Settlement on a Redis Cluster: one Redis against 3 shards, CPU per gift")
+    cond = b.conditions()
+    log(f"[cluster] {cond}")
+    results = await asyncio.to_thread(cluster.measure, b.tmp, RUNS, CLUSTER_SENDERS, CLUSTER_S, log)
+    sec.body, rows = cluster.render(results, RUNS, CLUSTER_SENDERS, CLUSTER_S, cond)
+    sec.summary = [Row(*cells) for cells in rows]
+    return sec
+
+
 # ---- the document -----------------------------------------------------------------------
 TITLE = "# Benchmarks"
 
@@ -1520,6 +1516,7 @@ async def main() -> int:
             "workers": scenario_workers,
             "crossgw": scenario_crossgw,
             "onebroker": scenario_onebroker,
+            "cluster": scenario_cluster,
         }
         for name in NUMBER:
             if name not in SCENARIOS:
