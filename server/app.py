@@ -107,7 +107,7 @@ class App:
             durable_ack=settings.durable_ack,
         )
         await self.wallet.load_scripts()
-        if self.keyspace.cluster:
+        if self.keyspace.cluster and settings.crediting:
             # a gift's diamonds reach its creator's partition by this runner (crediting.py),
             # woken by each gift settled here; any gateway's runner may credit any gift
             self.crediting = Crediting(self.redis, self.keyspace, self.metrics)

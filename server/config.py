@@ -125,6 +125,7 @@ class Settings:
     # --durable-ack: gift_ok only once the gift survives a crash (a cluster's replicas hold it,
     # or one Redis's AOF is fsynced); off, a master's last acked gifts may be lost (async copies)
     durable_ack: bool = False
+    crediting: bool = True  # a Redis Cluster: run a crediting runner here (crediting.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,10 +426,20 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "GIFTSTREAM_DURABLE_ACK",
         "0",
         _switch,
-        "answer gift_ok only once the gift survives a crash: on a Redis Cluster once the "
-        "sender shard's replicas hold it (WAIT), on one Redis once its AOF is fsynced "
-        "(WAITAOF; refused at start when appendonly is off). Costs latency; off by default",
+        "answer a gift (purchase, refund, payout) only once it survives a crash: on a Redis "
+        "Cluster once its shard's replicas hold it (WAIT), on one Redis once its AOF is "
+        "fsynced (WAITAOF; refused at start when appendonly is off). Costs latency; off by "
+        "default",
         switch=True,
+    ),
+    Option(
+        "--crediting",
+        "GIFTSTREAM_CREDITING",
+        "on",
+        _switch,
+        "on a Redis Cluster: whether this server runs a crediting runner, which credits each "
+        "gift's diamonds in its creator's partition (any runner credits any gift, once). "
+        "'off' on all but a few servers of a large service saves their reads; never on all",
     ),
     Option(
         "--payout-daily-cap",
@@ -586,6 +597,7 @@ def build_settings(values: Mapping[str, Any], limits: Limits | None = None) -> S
         broker=values.get("broker") or "redis",
         limits=dataclasses.replace(limits, **changed),
         durable_ack=bool(values.get("durable_ack")),
+        crediting=values.get("crediting") is not False,
     )
 
 

@@ -8,6 +8,7 @@ asks another partition count than the data's is refused in one line."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -15,9 +16,9 @@ from redis.cluster import RedisCluster as SyncRedisCluster
 
 from giftstream.server.money import keys
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
-from tests.e2e.gateways import Member, gateway, start, stop_all
+from tests.e2e.gateways import Member, gateway, gateway_args, start, stop_all
 from tests.helpers import AdminClient, TokenMaker, WsClient
-from tests.processes import run_cli
+from tests.processes import ServerProcess, run_cli
 
 ROOMS = ("cara", "dan")  # a room id is its creator's id: these sit in different partitions
 SPACE = keys.KeySpace(partitions=keys.DEFAULT_PARTITIONS, cluster=True)
@@ -199,3 +200,47 @@ async def test_a_start_asking_other_partitions_is_refused_in_one_line(
     assert len(refusals) == 1, done.stderr
     assert "has 16 partitions" in refusals[0] and "--partitions 16" in refusals[0]
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def credits_applied(proc: ServerProcess) -> float:
+    """The server's `giftstream_credits_applied_total` from its /metrics."""
+    with urllib.request.urlopen(f"{proc.admin_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found = [line for line in text.splitlines() if line.startswith("giftstream_credits_applied")]
+    return sum(float(line.split()[-1]) for line in found if "_created" not in line)
+
+
+async def test_a_server_with_crediting_off_leaves_its_gifts_to_the_others_runners(
+    cluster_url: str, tmp_path: Path, tokens: TokenMaker
+) -> None:
+    """`--crediting off` (a large service runs the runner on a few servers): gifts sent on
+    that server are credited by another server's runner, exactly once, and it credits none."""
+    quiet = ServerProcess(tmp_path / "quiet", *gateway_args(cluster_url), "--crediting", "off")
+    busy = gateway(tmp_path, "busy", cluster_url)
+    clients: list[WsClient] = []
+    members: list[Member] = []
+    try:
+        await start(quiet, busy)
+        clients.append(await go_live(quiet.ws_url, tokens, "cara"))
+        async with AdminClient(quiet.admin_url, WEBHOOK_SECRET) as admin:
+            await admin.buy("sq", "coins_700")
+            sender = Member("sq", tokens("sq"), "cara")
+            members.append(sender)
+            await sender.join(quiet.ws_url, "quiet")
+            for n in range(3):
+                await sender.gift(f"quiet-gift-{n:04d}")
+            deadline = asyncio.get_running_loop().time() + DEADLINE_S
+            gifts = cluster_ledger_gifts(cluster_url, "cara")
+            diamonds = sum(int(str(g["diamonds"])) for g in gifts)
+            while (await admin.call("GET", "/v1/wallets/cara"))[1]["diamonds"] != diamonds:
+                assert asyncio.get_running_loop().time() < deadline, "never credited"
+                await asyncio.sleep(0.05)
+        assert len(gifts) == 3
+        assert await asyncio.to_thread(credits_applied, quiet) == 0
+        assert await asyncio.to_thread(credits_applied, busy) == 3
+    finally:
+        for member in members:
+            await member.close()
+        for client in clients:
+            await client.close()
+        stop_all([quiet, busy])
