@@ -10,7 +10,8 @@ in this process. Per client:
 3. a script and a WAIT on one connection to the key's master (crediting and --durable-ack need
    the WAIT to count the script's writes): how the client does it, whether it tells the truth
    with the replica paused (SIGSTOP: a WAIT on another connection would still answer 1), and
-   its calls/s under the same N callers;
+   its calls/s under the same N callers; and whether one caller's WAIT on a paused replica
+   holds up the other callers' gifts to that master (it does where one connection is shared);
 4. failover: a master killed -9 mid-run (the one holding the first tag): errors, and when the
    killed master's tags answered again;
 5. maintenance: version, latest on PyPI, license, Python versions, wheel build date.
@@ -76,6 +77,10 @@ WAIT_TIMEOUT_MS = 100
 PAUSED_WAIT_TIMEOUT_MS = 300
 KILL_AFTER_S = 1.0
 AFTER_RECOVERY_S = 3.0
+# on one master: below redis-py's 100 connections per node, past which it raises
+# MaxConnectionsError instead of waiting for a free one
+ONE_TAG_CALLERS = 90
+STALL_S = 2.0  # a replica paused this long is marked failing, not replaced (it is a replica)
 FAILOVER_CAP_S = 60.0
 
 
@@ -184,12 +189,18 @@ class Glide:
         "every other caller's commands to that node until it answers"
     )
 
+    def __init__(self, timeout_ms: int | None = None) -> None:
+        self.timeout_ms = timeout_ms
+        if timeout_ms is not None:
+            self.name = f"valkey-glide, request_timeout {timeout_ms} ms"
+
     async def start(self, url: str) -> None:
         self.glide = importlib.import_module("glide")
         self.glide.Logger.set_logger_config(self.glide.LogLevel.ERROR)  # its WARNs flood stderr
         parsed = urlparse(url)
         config = self.glide.GlideClusterClientConfiguration(
-            [self.glide.NodeAddress(parsed.hostname, parsed.port)]
+            [self.glide.NodeAddress(parsed.hostname, parsed.port)],
+            request_timeout=self.timeout_ms,  # None: glide's default, 250 ms
         )
         self.client = await self.glide.GlideClusterClient.create(config)
         self.script = self.glide.Script(GIFT)
@@ -214,6 +225,7 @@ class Run:
 
     elapsed: float = 0.0
     cpu_s: float = 0.0
+    redis_cpu_s: float = 0.0  # every live redis-server's, when measured
     latencies: list[float] = field(default_factory=list)
     errors: list[tuple[float, int, str]] = field(default_factory=list)  # (when, tag, error)
     oks: list[tuple[float, int]] = field(default_factory=list)  # (when it answered, tag)
@@ -227,6 +239,9 @@ class Run:
 
     def cpu_us(self) -> float:
         return self.cpu_s / self.calls * 1e6 if self.calls else float("nan")
+
+    def redis_cpu_us(self) -> float:
+        return self.redis_cpu_s / self.calls * 1e6 if self.calls else float("nan")
 
     def pct_ms(self, q: float) -> float:
         if not self.latencies:
@@ -258,7 +273,7 @@ async def closed_loop(
                 async with asyncio.timeout(CALL_TIMEOUT_S):
                     await call(i, tag)
             except Exception as exc:
-                run.errors.append((t0, tag, type(exc).__name__))
+                run.errors.append((t0, tag, f"{type(exc).__name__}: {str(exc)[:60]}"))
                 await asyncio.sleep(ERROR_PAUSE_S)
                 continue
             t1 = time.perf_counter()
@@ -298,7 +313,19 @@ class Result:
     wait_how: str
     wait_truthful: str
     waited: Run
+    one_tag: Run
+    stalled: Run
     failover: Failover
+
+
+def redis_cpu_s(cluster: RedisClusterProcesses) -> float:
+    """CPU seconds used so far by every live redis-server (INFO cpu: user + sys)."""
+    total = 0.0
+    for node in cluster.nodes:
+        if node.alive():
+            cpu = node.info("cpu")
+            total += float(str(cpu["used_cpu_user"])) + float(str(cpu["used_cpu_sys"]))
+    return total
 
 
 def master_of(url: str, key: str) -> int:
@@ -317,8 +344,9 @@ def seed(url: str) -> None:
 
 async def check_wait(client: Client, cluster: RedisClusterProcesses) -> str:
     """Pause the replica of tag 0's master (SIGSTOP), send a gift and a WAIT 1 the client's
-    way: it must answer 0. A WAIT on a fresh connection (no writes of its own) answers 1 all
-    the same, so a client that sent the WAIT on another connection would answer 1 too."""
+    way: it must answer 0 (no false ack), and 1 once the replica runs again. On Redis 7.0 a
+    WAIT on a fresh connection right after others' writes waits too, so this shows no false
+    ack, not by itself the one connection: that is each client's code (`wait_how`)."""
     keys = gift_keys(0)
     port = await asyncio.to_thread(master_of, cluster.url, keys[0])
     master = next(n for n in cluster.nodes if n.port == port)
@@ -326,14 +354,43 @@ async def check_wait(client: Client, cluster: RedisClusterProcesses) -> str:
     assert replica.process is not None
     replica.process.send_signal(signal.SIGSTOP)
     try:
-        with master.client() as other:  # first: a WAIT already blocked holds later ones back
-            other_conn = int(other.execute_command("WAIT", 1, PAUSED_WAIT_TIMEOUT_MS))
         paused = await client.gift_then_wait(keys, gift_args(0), 1, PAUSED_WAIT_TIMEOUT_MS)
     finally:
         replica.process.send_signal(signal.SIGCONT)
     healthy = await client.gift_then_wait(keys, gift_args(0), 1, 1000)
     verdict = "yes" if paused == 0 and healthy == 1 else "NO"
-    return f"{verdict} (paused: {paused}, healthy: {healthy}; another connection: {other_conn})"
+    return f"{verdict} (paused: {paused}, healthy: {healthy})"
+
+
+async def stalled(
+    client: Client, cluster: RedisClusterProcesses, callers: int, seconds: float
+) -> Run:
+    """Gifts on tag 0 while one more caller sends gift + WAIT 1 there the client's way with
+    that master's replica paused (a slow replica): whether its WAIT holds up everyone else's
+    gifts to the node (it does where the node's one connection is shared)."""
+    keys = gift_keys(0)
+    port = await asyncio.to_thread(master_of, cluster.url, keys[0])
+    master = next(n for n in cluster.nodes if n.port == port)
+    replica = cluster.replicas_of(master)[0]
+    assert replica.process is not None
+    stop = time.perf_counter() + seconds
+
+    async def waiter() -> None:
+        for _ in range(int(seconds * 1000 / PAUSED_WAIT_TIMEOUT_MS) + 1):
+            if time.perf_counter() >= stop:
+                return
+            await client.gift_then_wait(keys, gift_args(0), 1, PAUSED_WAIT_TIMEOUT_MS)
+
+    async def gift(i: int, tag: int) -> object:
+        return await client.gift(keys, gift_args(i))
+
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        run, _ = await asyncio.gather(closed_loop(gift, callers, seconds), waiter())
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+    await asyncio.to_thread(cluster.wait_ok)
+    return run
 
 
 async def failover(client: Client, cluster: RedisClusterProcesses, callers: int) -> Failover:
@@ -371,17 +428,22 @@ async def failover(client: Client, cluster: RedisClusterProcesses, callers: int)
     if answered:  # no answer from some time before the kill to the end: that much, at least
         gaps.append(run.elapsed + run_t0[0] - answered[-1])
     errors_after = [t for t, _, _ in run.errors if t > kill_t]
-    kinds: dict[str, int] = {}
-    for _, _, kind in run.errors:
-        kinds[kind] = kinds.get(kind, 0) + 1
     return Failover(
         errors=len(run.errors),
-        error_kinds=kinds,
+        error_kinds=kinds(run),
         promoted_s=(promoted_at[0] - kill_t) if promoted_at else float("nan"),
         gap_s=max(gaps, default=float("nan")),
         last_error_s=(max(errors_after) - kill_t) if errors_after else 0.0,
         calls_per_s=run.per_s(),
     )
+
+
+def kinds(run: Run) -> dict[str, int]:
+    """How many errors of each type a run met."""
+    found: dict[str, int] = {}
+    for _, _, kind in run.errors:
+        found[kind] = found.get(kind, 0) + 1
+    return found
 
 
 def restart(cluster: RedisClusterProcesses, node: ClusterNode) -> None:
@@ -398,16 +460,32 @@ async def measure(
         async def gift(i: int, tag: int) -> object:
             return await client.gift(gift_keys(tag), gift_args(i))
 
+        async def gift_tag0(i: int, tag: int) -> object:
+            return await client.gift(gift_keys(0), gift_args(i))
+
         async def gift_wait(i: int, tag: int) -> object:
             return await client.gift_then_wait(gift_keys(tag), gift_args(i), 1, WAIT_TIMEOUT_MS)
 
         await closed_loop(gift, args.callers, WARMUP_S)  # connections, scripts loaded
+        redis_cpu0 = await asyncio.to_thread(redis_cpu_s, cluster)
         gift_run = await closed_loop(gift, args.callers, args.seconds)
-        log(f"  gift: {gift_run.per_s():,.0f}/s, {gift_run.cpu_us():.0f} µs CPU/call")
+        gift_run.redis_cpu_s = await asyncio.to_thread(redis_cpu_s, cluster) - redis_cpu0
+        log(
+            f"  gift: {gift_run.per_s():,.0f}/s, {gift_run.cpu_us():.0f} µs CPU/call, "
+            f"Redis {gift_run.redis_cpu_us():.0f} µs/call"
+        )
         truthful = await check_wait(client, cluster)
         log(f"  WAIT truthful: {truthful}")
         waited = await closed_loop(gift_wait, args.callers, args.wait_seconds)
         log(f"  gift+WAIT: {waited.per_s():,.0f}/s, errors {len(waited.errors)}")
+        one_tag = await closed_loop(gift_tag0, ONE_TAG_CALLERS, STALL_S)
+        stall = await stalled(client, cluster, ONE_TAG_CALLERS, STALL_S)
+        log(
+            f"  one tag: {one_tag.per_s():,.0f}/s p99 {one_tag.pct_ms(0.99):.0f} ms, errors "
+            f"{kinds(one_tag)}; with a "
+            f"WAIT on a paused replica: {stall.per_s():,.0f}/s p99 {stall.pct_ms(0.99):.0f} ms, "
+            f"errors {kinds(stall)}"
+        )
         over = await failover(client, cluster, args.callers)
         log(f"  failover: {over}")
     finally:
@@ -419,6 +497,8 @@ async def measure(
         client.wait_how,
         truthful,
         waited,
+        one_tag,
+        stall,
         over,
     )
 
@@ -480,7 +560,9 @@ def pypi_facts(dist: str) -> dict[str, str]:
             with zipfile.ZipFile(wheel) as zf:
                 info = next(i for i in zf.infolist() if i.filename.endswith(".dist-info/METADATA"))
                 y, m, d = info.date_time[:3]
-                facts["wheel_built"] = f"{y:04d}-{m:02d}-{d:02d}"
+                built = f"{y:04d}-{m:02d}-{d:02d}"
+                # a reproducible build stamps every file with one fixed old date
+                facts["wheel_built"] = built if y >= 2021 else f"unknown (stamped {built})"
     return facts
 
 
@@ -490,18 +572,25 @@ def first(values: list[Any] | None) -> str:
 
 def table(results: Sequence[Result], callers: int) -> str:
     rows = [
-        "| client | version | gifts/s | client CPU µs/gift | p50 ms | p99 ms "
+        "| client | version | gifts/s | client CPU µs/gift | Redis CPU µs/gift | p50 ms | p99 ms "
         "| gift+WAIT/s (p99 ms) | WAIT counts the script (replica paused) "
+        f"| one tag, {ONE_TAG_CALLERS} callers: gifts/s (p99 ms), alone / beside a WAIT on a "
+        "paused replica "
         "| failover: errors, longest gap on the killed master's tags (s), promotion (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         f = r.failover
         rows.append(
             f"| {r.name} | {r.version} | {r.gift.per_s():,.0f} | {r.gift.cpu_us():.0f} "
+            f"| {r.gift.redis_cpu_us():.0f} "
             f"| {r.gift.pct_ms(0.5):.1f} | {r.gift.pct_ms(0.99):.1f} "
             f"| {r.waited.per_s():,.0f} ({r.waited.pct_ms(0.99):.0f}; "
             f"{len(r.waited.errors)} errors) | {r.wait_truthful} "
+            f"| {r.one_tag.per_s():,.0f} ({r.one_tag.pct_ms(0.99):.0f}; "
+            f"errors {json.dumps(kinds(r.one_tag))}) / "
+            f"{r.stalled.per_s():,.0f} ({r.stalled.pct_ms(0.99):.0f}; "
+            f"errors {json.dumps(kinds(r.stalled))}) "
             f"| {f.errors} {json.dumps(f.error_kinds)}, {f.gap_s:.1f}, {f.promoted_s:.1f} |"
         )
     return (
@@ -536,7 +625,8 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     log(f"{name}: not installed, skipped (see the docstring)")
                     continue
                 log(f"{name}: measuring")
-                results.append(await measure(CLIENTS[name](), cluster, args))
+                client = Glide(args.glide_timeout_ms) if name == "glide" else CLIENTS[name]()
+                results.append(await measure(client, cluster, args))
         finally:
             await asyncio.to_thread(cluster.stop)
     return results
@@ -548,6 +638,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--wait-seconds", type=float, default=3.0)
     parser.add_argument("--clients", nargs="+", default=list(CLIENTS), choices=list(CLIENTS))
+    parser.add_argument(
+        "--glide-timeout-ms", type=int, default=None, help="glide's request_timeout (250 ms)"
+    )
     parser.add_argument("--no-pypi", action="store_true", help="skip the maintenance facts")
     args = parser.parse_args()
     results = uvloop.run(main_async(args))
