@@ -8,12 +8,12 @@ in this process. Per client:
    partitions: calls/s and this process's CPU (time.process_time, every thread) per call;
 2. its latency p50/p99;
 3. a script and a WAIT on one connection to the key's master (crediting and --durable-ack need
-   the WAIT to count the script's writes): how the client does it, whether it tells the truth
-   with the replica paused (SIGSTOP: a WAIT on another connection would still answer 1), and
-   its calls/s under the same N callers; and whether one caller's WAIT on a paused replica
-   holds up the other callers' gifts to that master (it does where one connection is shared);
-4. failover: a master killed -9 mid-run (the one holding the first tag): errors, and when the
-   killed master's tags answered again;
+   the WAIT to count the script's writes): how the client does it, whether it answers 0 with
+   the replica paused (SIGSTOP) and 1 once it runs, and its calls/s under the same N callers;
+   and whether one caller's WAIT on a paused replica holds up 90 other callers' gifts to that
+   master (it does where the node's one connection is shared);
+4. failover: a master killed -9 mid-run (the one holding the first tag): errors, the longest
+   time without an answer on the killed master's tags, and how long the promotion took;
 5. maintenance: version, latest on PyPI, license, Python versions, wheel build date.
 
 Run on demand, not by `make bench`. coredis and valkey-glide are no dependency of giftstream:
