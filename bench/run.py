@@ -1344,7 +1344,8 @@ SUMMARY_HEAD = (
 )
 
 AFTER_SUMMARY = """Written by `make bench` (bench/run.py): do not edit by hand, except the section
-*How to read this*, which the runner keeps. Rerun it all with `make bench` (about 25 minutes),
+*How to read this* and the unnumbered sections at the end (benchmarks run by hand, each with
+its command), which the runner keeps. Rerun it all with `make bench` (about 25 minutes),
 or a subset: `BENCH_SCENARIOS=fanout,settle BENCH_RUNS=3 make bench`. The machine is shared
 (2 cores: server, Redis and the load generator on the same cores, and other engineers' test
 runs at times), so each section records the load average and the other busy processes before
@@ -1372,6 +1373,19 @@ def old_sections(old: str) -> dict[str, str]:
         if m:
             found[m.group(1)] = part.rstrip() + "\n"
     return found
+
+
+def hand_sections(old: str) -> list[str]:
+    """The sections of benchmarks run by hand (unnumbered: `make bench` does not run them), as
+    they are, in their order: the runner puts them after the numbered ones."""
+    fixed = (HOW_TO_READ_MARK, f"## {MACHINE_TITLE}")
+    return [
+        part.rstrip() + "\n"
+        for part in re.split(r"(?m)^(?=## )", old)
+        if part.startswith("## ")
+        and not re.match(r"## \d+\. ", part)
+        and part.splitlines()[0] not in fixed
+    ]
 
 
 def old_summary(old: str) -> dict[str, list[str]]:
@@ -1439,6 +1453,8 @@ def render_doc(old: str, sections: list[Section], machine: dict[str, str], last_
         rows[sec.number] = summary_lines(sec.summary)
     titles = [HOW_TO_READ_MARK[3:], MACHINE_TITLE]
     titles += [by_no[no].splitlines()[0][3:] for no in sorted(by_no, key=int)]
+    hand = hand_sections(old)
+    titles += [part.splitlines()[0][3:] for part in hand]
     contents = " · ".join(f"[{t.split(':', 1)[0]}]({anchor(t)})" for t in titles)
     lines = [
         TITLE,
@@ -1464,6 +1480,8 @@ def render_doc(old: str, sections: list[Section], machine: dict[str, str], last_
     ]
     for no in sorted(by_no, key=int):
         lines += [by_no[no].rstrip(), ""]
+    for part in hand:
+        lines += [part.rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -128,6 +128,17 @@ def test_a_subset_run_replaces_its_rows_and_section_and_keeps_the_rest() -> None
     assert render_doc(doc, [], {"cores": "2"}, "now") == doc  # a run of nothing changes nothing
 
 
+def test_a_section_written_by_hand_is_kept_after_the_numbered_ones() -> None:
+    by_hand = "## Cluster clients: by hand\n\nRun on demand.\n"
+    fanout = Section("1. Fan-out: new", ["New fan-out.", ""], [])
+
+    doc = render_doc(OLD + "\n" + by_hand, [fanout], {"cores": "2"}, "now")
+
+    assert doc.endswith("## 2. Settlement: kept\n\nOld settlement.\n\n" + by_hand)
+    assert "[Cluster clients](#cluster-clients-by-hand)" in doc
+    assert render_doc(doc, [], {"cores": "2"}, "now") == doc
+
+
 def test_the_committed_document_is_in_the_generators_layout() -> None:
     """docs/benchmarks.md rendered again from itself, with no new section, is unchanged: the
     next `make bench` keeps its layout, and only its figures move."""
