@@ -235,7 +235,8 @@ class App:
             raise StartupError(f"cannot reach Redis at {where}: {exc}") from exc
         await single.aclose()
         # No redis_pool_size here: a cluster client's per-node pool refuses a call past its
-        # cap (MaxConnectionsError) instead of making it wait, as the blocking pool above does.
+        # cap (MaxConnectionsError) instead of making it wait, as the blocking pool above does;
+        # redis_cluster.NODE_CONNECTIONS and the wallet's own bound keep below it.
         cluster = cluster_client(self.redis_url)
         try:
             await cluster.initialize()  # the slot map, from the node given

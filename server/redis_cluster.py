@@ -45,9 +45,15 @@ async def is_cluster(redis: aioredis.Redis) -> bool:
     return True
 
 
+# Connections the client may open to each node. Past it redis-py raises MaxConnectionsError
+# rather than wait, so the money path keeps its own calls in flight below it
+# (wallet.CLUSTER_CALLS_IN_FLIGHT) and this leaves room for the rest (rooms, crediting, API).
+NODE_CONNECTIONS = 256
+
+
 def cluster_client(url: str) -> RedisCluster:
     """A cluster client that finds every node from the URL of one."""
-    return RedisCluster.from_url(url)
+    return RedisCluster.from_url(url, max_connections=NODE_CONNECTIONS)
 
 
 def masters(redis: RedisCluster) -> list[ClusterNode]:

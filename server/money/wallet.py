@@ -258,6 +258,9 @@ class Wallet:
             assert not isinstance(redis, RedisCluster), "a RedisCluster needs a cluster keyspace"
             self._batcher = ScriptBatcher(redis)
         self._calls: set[asyncio.Task[Any]] = set()
+        # redis-py's cluster pool refuses a call past its per-node cap (MaxConnectionsError)
+        # instead of making it wait: movements past this many in flight wait here instead
+        self._cluster_slots = asyncio.Semaphore(CLUSTER_CALLS_IN_FLIGHT)
         self._cluster_writes = 0
         self._lua_seconds = (
             {name: metrics.lua_seconds.labels(script=name) for name in SCRIPTS}
@@ -748,7 +751,9 @@ class Wallet:
             return await self._batcher.submit(script, script_keys, args, on_reply)
 
         async def on_cluster() -> T:
-            return on_reply(await self._cluster_call(script, script_keys, args, durable))
+            async with self._cluster_slots:
+                reply = await self._cluster_call(script, script_keys, args, durable)
+            return on_reply(reply)
 
         task = asyncio.ensure_future(on_cluster())
         self._calls.add(task)
@@ -790,6 +795,7 @@ class Wallet:
         raise moved
 
 
+CLUSTER_CALLS_IN_FLIGHT = 64  # a cluster's money calls at once (each holds a connection)
 DURABLE_ATTEMPTS = 3  # a durable gift's tries when its shard's slot moved meanwhile
 # What a money-only gift sends in place of the room's event parts.
 _NO_ROOM_ARGS: tuple[str, str, str, int] = ("", "", "", 0)

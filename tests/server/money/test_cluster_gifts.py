@@ -229,6 +229,20 @@ async def test_durable_ack_waits_for_the_senders_replica(
     assert metrics.durable_ack_short._value.get() == 1
 
 
+async def test_more_gifts_at_once_than_a_nodes_connections_all_settle(
+    rc: RedisCluster, wallet: Wallet
+) -> None:
+    """redis-py's cluster pool raises MaxConnectionsError past its per-node cap (100 here, the
+    client's default) instead of waiting: 300 gifts at once, all to one shard, must queue in
+    the wallet, not fail."""
+    senders = [f"many{n}" for n in range(3000) if SPACE.partition(f"many{n}") == 1][:300]
+    creator = user_in(SPACE, 2, "cara")
+    for sender in senders:
+        await fund(rc, sender, 10)
+    settled = await asyncio.gather(*(gift(wallet, s, creator, "many") for s in senders))
+    assert [g.coins for g in settled] == [0] * len(senders)
+
+
 async def test_a_durable_replay_waits_for_the_replicas_too(
     rc: RedisCluster, metrics: Metrics, redis_cluster: RedisClusterProcesses
 ) -> None:
