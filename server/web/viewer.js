@@ -55,6 +55,7 @@ const state = {
 const client = new GiftstreamClient({ onOpen: welcomed, onFrame: handle, onState: showState });
 
 function welcomed(welcome) {
+  state.user = welcome.user;
   setBalance(welcome.coins);
   if (!state.catalog) client.send({ type: "catalog" });
   join();
@@ -77,6 +78,7 @@ function handle(frame) {
     case "catalog": return showCatalog(frame.gifts);
     case "gift_ok": return giftOk(frame);
     case "balance": return setBalance(frame.coins);
+    case "live": return join();
     case "leaderboard": return showTop(frame.entries.slice(0, 3));
     case "error": return refused(frame);
     case "gift": case "viewers": case "leaders": case "room_ended":
@@ -161,13 +163,28 @@ function refused(error) {
   const gift = state.pending.get(error.id);
   state.pending.delete(error.id);
   if (gift === undefined) {
-    if (error.code === "room_not_live" || error.code === "unknown_room") {
-      setEnded(true, REFUSALS[error.code]);
-    }
+    if (error.code === "room_not_live" || error.code === "unknown_room") notLive();
     return;
   }
   notice(REFUSALS[error.code] || `The gift was refused (${error.code}).`, "error");
   if (error.code === "insufficient_coins") client.send({ type: "balance" });
+}
+
+// The room is not live (yet): its creator gets a button to go live from here; a viewer waits,
+// and the page joins again every few seconds.
+function notLive() {
+  setEnded(true, state.joinedOnce ? "This live has ended." : "This room is not live yet.");
+  clearTimeout(state.retryJoin);
+  if (state.user === room) {
+    $("go-live").hidden = false;
+    return;
+  }
+  state.retryJoin = setTimeout(() => { if (client.isOpen) join(); }, 3000);
+}
+
+function goLive() {
+  $("go-live").hidden = true;
+  client.send({ type: "go_live", title: $("go-live-title").value });
 }
 
 function setBalance(coins) {
@@ -231,7 +248,7 @@ function showCombo(event, glyph) {
   clearTimeout(combo.expire);
   combo.expire = setTimeout(() => combo.node.classList.add("fading"), 5000);
   combo.node.classList.remove("fading");
-  while (list.childElementCount > 6) {
+  while (list.childElementCount > 4) {
     const last = list.lastElementChild;
     last.remove();
   }
@@ -270,6 +287,7 @@ function setEnded(ended, why) {
   state.ended = ended;
   for (const button of document.querySelectorAll(".gift-button")) button.disabled = ended;
   if (ended) notice(why || "This live has ended.", "info", true);
+  else $("notice").hidden = true;
 }
 
 let noticeTimer = null;
@@ -319,6 +337,7 @@ function start() {
     return;
   }
   $("live").hidden = false;
+  $("go-live").addEventListener("submit", (submit) => { submit.preventDefault(); goLive(); });
   client.start(token);
   // A host app hands a fresh token by changing the fragment: reconnect with it, no reload.
   window.addEventListener("hashchange", () => {

@@ -143,3 +143,16 @@ async def test_without_a_room_the_page_asks_for_one(open_page: OpenPage) -> None
     page = (await open_page("/")).page
     await expect(page.locator("#pick")).to_be_visible()
     await expect(page.locator("#live")).to_be_hidden()
+
+
+async def test_a_creator_goes_live_from_the_page_and_a_waiting_viewer_joins(
+    tokens: TokenMaker, open_page: OpenPage
+) -> None:
+    viewer = (await open_page(f"/?room=cara#token={tokens('ann', name='Ann')}")).page
+    await expect(viewer.locator("#notice")).to_have_text("This room is not live yet.")
+    creator = (await open_page(f"/?room=cara#token={tokens('cara', 'creator')}")).page
+    await creator.locator("#go-live-title").fill("Made on the page")
+    await creator.locator("#go-live button").click()
+    await expect(creator.locator("#title")).to_have_text("Made on the page", timeout=SHOWN_MS)
+    await expect(viewer.locator("#title")).to_have_text("Made on the page", timeout=SHOWN_MS)
+    await expect(viewer.locator("#viewers")).to_have_text("2", timeout=SHOWN_MS)
