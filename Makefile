@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev run test lint clean loadtest bench
+.PHONY: install install-dev browser run test lint clean loadtest bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,25 @@ $(STAMP): pyproject.toml
 
 $(DEVSTAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
+	@$(MAKE) --no-print-directory browser
 	touch $(DEVSTAMP)
+
+# The browser tests (tests/web) drive Debian's Chromium through Playwright; installed here with
+# apt-get when missing (as root, or through sudo). When it cannot be installed this says so
+# and goes on: the browser tests then fail, naming the browser they did not find.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "WARNING: $(CHROMIUM) is missing and installing it needs root:" \
+	  "run 'apt-get install chromium' as root; until then the browser tests (tests/web) fail." >&2; \
+	  exit 0; fi; \
+	echo "installing Debian's chromium for the browser tests (apt-get)"; \
+	if ! { $$sudo apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends chromium fonts-noto-color-emoji; }; then \
+	  echo "WARNING: apt-get could not install chromium; the browser tests (tests/web) fail" \
+	    "until $(CHROMIUM) exists." >&2; fi
 
 install: $(STAMP)
 

@@ -102,6 +102,29 @@ class BalanceReply:
 
 
 @dataclass(frozen=True, slots=True)
+class CatalogGift:
+    """One gift of the catalog as clients see it: `animation` names what to play."""
+
+    id: str
+    name: str
+    coins: int
+    animation: str
+
+    def as_dict(self) -> Wire:
+        return {"id": self.id, "name": self.name, "coins": self.coins, "animation": self.animation}
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogReply:
+    """The reply to `catalog` (its wire type is also `catalog`): the gifts, in catalog order."""
+
+    gifts: tuple[CatalogGift, ...]
+
+    def as_dict(self) -> Wire:
+        return {"type": "catalog", "gifts": [gift.as_dict() for gift in self.gifts]}
+
+
+@dataclass(frozen=True, slots=True)
 class Live:
     room: str
 
@@ -118,13 +141,36 @@ class Ended:
 
 
 @dataclass(frozen=True, slots=True)
-class Watching:
-    """The reply to `watch`: the rooms now followed, as parsed (deduplicated)."""
+class LiveRoom:
+    """A watched room live when `watch` was answered, so a dashboard opened late lists it."""
 
-    rooms: tuple[str, ...]
+    room: str
+    creator: str
+    title: str
+    viewers: int
 
     def as_dict(self) -> Wire:
-        return {"type": "watching", "rooms": list(self.rooms)}
+        return {
+            "room": self.room,
+            "creator": self.creator,
+            "title": self.title,
+            "viewers": self.viewers,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Watching:
+    """The reply to `watch`: the rooms now followed, as parsed (deduplicated), and (an
+    additive field) the watched rooms live now; omitted when None."""
+
+    rooms: tuple[str, ...]
+    live: tuple[LiveRoom, ...] | None = None
+
+    def as_dict(self) -> Wire:
+        wire: Wire = {"type": "watching", "rooms": list(self.rooms)}
+        if self.live is not None:
+            wire["live"] = [room.as_dict() for room in self.live]
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,9 +288,11 @@ class Stats:
     connections: int
     gifts_per_s: float
     coins_per_s: float
+    # additive: error replies by code, counted since each live gateway started, codes sorted
+    refusals: tuple[tuple[str, int], ...] | None = None
 
     def as_dict(self) -> Wire:
-        return {
+        wire: Wire = {
             "type": "stats",
             "ts": self.ts,
             "rooms": self.rooms,
@@ -252,6 +300,9 @@ class Stats:
             "gifts_per_s": self.gifts_per_s,
             "coins_per_s": self.coins_per_s,
         }
+        if self.refusals is not None:
+            wire["refusals"] = dict(self.refusals)
+        return wire
 
 
 ServerEvent = (
@@ -260,6 +311,7 @@ ServerEvent = (
     | Left
     | GiftOk
     | BalanceReply
+    | CatalogReply
     | Live
     | Ended
     | Watching
@@ -277,6 +329,8 @@ RoomEvent = GiftEvent | ViewersEvent | RoomEnded
 __all__ = [
     "PROTOCOL_VERSION",
     "BalanceReply",
+    "CatalogGift",
+    "CatalogReply",
     "Ended",
     "ErrorReply",
     "GiftEvent",
@@ -284,6 +338,7 @@ __all__ = [
     "Joined",
     "Left",
     "Live",
+    "LiveRoom",
     "Pong",
     "RoomEnded",
     "RoomEvent",

@@ -47,6 +47,7 @@ class MessageType(StrEnum):
     END_LIVE = "end_live"
     WATCH = "watch"
     PING = "ping"
+    CATALOG = "catalog"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,17 @@ class Ping:
     id: RequestId = None
 
 
-ClientMessage = Hello | Join | Leave | SendGift | GetBalance | GoLive | EndLive | Watch | Ping
+@dataclass(frozen=True, slots=True)
+class GetCatalog:
+    """The gifts a client can send, so it can show them as buttons (r2)."""
+
+    type: ClassVar[MessageType] = MessageType.CATALOG
+    id: RequestId = None
+
+
+ClientMessage = (
+    Hello | Join | Leave | SendGift | GetBalance | GoLive | EndLive | Watch | Ping | GetCatalog
+)
 
 
 def is_integer(value: object) -> TypeGuard[int]:
@@ -250,6 +261,10 @@ def _ping(obj: dict[str, Any], request_id: RequestId) -> Ping:
     return Ping(id=request_id)
 
 
+def _catalog(obj: dict[str, Any], request_id: RequestId) -> GetCatalog:
+    return GetCatalog(id=request_id)
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
     MessageType.HELLO: _hello,
     MessageType.JOIN: _join,
@@ -260,6 +275,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
     MessageType.END_LIVE: _end_live,
     MessageType.WATCH: _watch,
     MessageType.PING: _ping,
+    MessageType.CATALOG: _catalog,
 }
 
 __all__ = [
@@ -270,6 +286,7 @@ __all__ = [
     "ClientMessage",
     "EndLive",
     "GetBalance",
+    "GetCatalog",
     "GoLive",
     "Hello",
     "Join",

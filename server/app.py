@@ -304,7 +304,8 @@ class App:
         self._tasks.append(task)
 
     def _counters(self) -> Counters:
-        return Counters(self.node_state.connections, self.ops.gifts, self.ops.coins)
+        ops = self.ops
+        return Counters(self.node_state.connections, ops.gifts, ops.coins, ops.refusals)
 
     @property
     def redis_description(self) -> str:

@@ -314,6 +314,7 @@ def _demo_block(
         f"  Ledger: {settings.ledger_key}   check it: `{command} audit{data_dir}{ledger}`",
         f"  Demo tokens (valid 24 h; `{command} token --help` makes more):",
     ]
+    tokens: dict[str, str] = {}
     for user, name, role in DEMO_USERS:
         token = mint_token(
             settings.jwt_secret,
@@ -323,7 +324,15 @@ def _demo_block(
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
         )
+        tokens[user] = token
         lines.append(f"    {role.value:8} {user:5} {token}")
+    pages = ws_url.replace("ws://", "http://", 1).removesuffix("/ws")
+    lines += [
+        "  Pages (open in a browser; the token stays in the #fragment):",
+        f"    viewer (ann):  {pages}/?room=cara#token={tokens['ann']}",
+        f"    creator (cara, press Go live):  {pages}/?room=cara#token={tokens['cara']}",
+        f"    ops dashboard: {pages}/ops#token={tokens['otto']}",
+    ]
     lines += [
         f"  Connect (e.g. `{_python_beside(command)} -m websockets {ws_url}`) and send:",
         '    {"type":"hello","token":"<token>"}',

@@ -41,3 +41,23 @@ def test_every_package_folder_is_listed_for_the_wheel() -> None:
             relative = init.parent.relative_to(base)
             on_disk.add(".".join((name, *relative.parts)))
     assert listed == on_disk
+
+
+def test_the_web_pages_are_package_data() -> None:
+    """The pages are read from the installed package: a file of server/web/ that no
+    package-data pattern names is served by an editable install and missing from a wheel."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["giftstream.server"]
+    web = ROOT / "server" / "web"
+    files = [path.relative_to(ROOT / "server") for path in web.iterdir() if path.is_file()]
+    assert files
+    for path in files:
+        assert any(path.match(pattern) for pattern in patterns), path
+
+
+def test_every_served_file_is_in_the_web_folder() -> None:
+    from giftstream.server.realtime.pages import PAGES, STATIC_FILES
+
+    web = ROOT / "server" / "web"
+    served = {*PAGES.values(), *STATIC_FILES}
+    assert served == {path.name for path in web.iterdir() if path.is_file()}

@@ -1,6 +1,6 @@
 """The public port: WebSocket upgrades at /ws (origin allow-list, connection caps, size and
-keepalive limits) and the few plain GET pages beside it. Each accepted connection becomes a
-`Session`."""
+keepalive limits) and the web pages beside it (server/realtime/pages.py). Each accepted
+connection becomes a `Session`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from giftstream.server.realtime.caps import (
     ConnectionCaps,
     address_key,
 )
+from giftstream.server.realtime.pages import Pages
 from giftstream.server.realtime.session import NodeParts, NodeState, Session
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Gateway:
             [*(Origin(o) for o in allowed_origins), None] if allowed_origins is not None else None
         )
         self.server: Server | None = None
+        self.pages = Pages()
 
     async def __aenter__(self) -> Gateway:
         limits = self.parts.limits
@@ -151,14 +153,16 @@ class Gateway:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             return self._over_cap(conn)
-        if path == "/":
-            return conn.respond(
-                HTTPStatus.OK,
-                f"giftstream: WebSocket endpoint at {WS_PATH}, protocol {PROTOCOL_VERSION}\n",
-            )
+        page = self.pages.answer(path, request)
+        if page is not None:
+            return page
         if path == "/healthz":
             return conn.respond(HTTPStatus.OK, "ok\n")
-        return conn.respond(HTTPStatus.NOT_FOUND, f"not found; WebSocket endpoint is {WS_PATH}\n")
+        return conn.respond(
+            HTTPStatus.NOT_FOUND,
+            f"not found; pages: / (viewer), /ops; WebSocket endpoint {WS_PATH}, "
+            f"protocol {PROTOCOL_VERSION}\n",
+        )
 
     def _name_gateway(self, conn: ServerConnection, request: Request, response: Response) -> None:
         """Every answer (upgrade or page) names the process that gave it: behind one port

@@ -28,7 +28,7 @@ from websockets.asyncio.server import ServerConnection
 
 from giftstream.protocol.codec import is_room_ended, join_room_frame
 from giftstream.protocol.errors import ErrorCode, ProtocolError
-from giftstream.protocol.events import Joined
+from giftstream.protocol.events import Joined, LiveRoom
 from giftstream.protocol.rules import ALL_ROOMS
 from giftstream.server import scripts
 from giftstream.server.metrics import Metrics
@@ -39,6 +39,10 @@ from giftstream.server.realtime.ops import OpsFeed
 from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
+
+# A `watching` reply lists at most this many live rooms (its frame stays far below a
+# connection's backlog bound).
+MAX_LIVE_LISTED = 500
 
 __all__ = ["LIVE_ROOMS_KEY", "Hub", "Room", "RoomTimes"]
 
@@ -260,6 +264,28 @@ class Hub:
             wanted = (wanted - {ALL_ROOMS}) | live
         for room_id in sorted(wanted - self.rooms.keys()):
             await self._load(room_id)
+
+    def live_rooms(self, room_ids: Iterable[str]) -> tuple[LiveRoom, ...]:
+        """The rooms followed here among `room_ids` ("*": all), most viewers first, at most
+        `MAX_LIVE_LISTED`: what a `watch` answers, so a dashboard lists the rooms already
+        live (after `follow_live`, every live one), with the viewers a `joined` would say."""
+        wanted = set(room_ids)
+        rooms = (
+            self.rooms.values()
+            if ALL_ROOMS in wanted
+            else (self.rooms[r] for r in wanted if r in self.rooms)
+        )
+        listed = [
+            LiveRoom(
+                room=room.id,
+                creator=room.creator,
+                title=room.title,
+                viewers=self.broker.presence(room.id),
+            )
+            for room in rooms
+        ]
+        listed.sort(key=lambda live: (-live.viewers, live.room))
+        return tuple(listed[:MAX_LIVE_LISTED])
 
     async def catch_up(self, room: Room, since: int | None) -> None:
         """A `since` beyond what this gateway has read of a shared room (the client saw newer

@@ -36,6 +36,7 @@ class OpsFeed:
         self._opened_listeners: list[Callable[[str], object]] = []
         self.gifts = 0  # settled here since start, for this gateway's heartbeat
         self.coins = 0
+        self._refusals: dict[str, int] = {}  # error replies sent here since start, by code
 
     def watch(self, conn: ServerConnection, rooms: tuple[str, ...]) -> None:
         """Replace what `conn` watches with `rooms` (room ids, or "*" for all)."""
@@ -83,6 +84,15 @@ class OpsFeed:
         """Count a settled gift for this gateway's heartbeat."""
         self.gifts += 1
         self.coins += coins
+
+    def record_refusal(self, code: str) -> None:
+        """Count an error reply for this gateway's heartbeat (the dashboard's refusals)."""
+        self._refusals[code] = self._refusals.get(code, 0) + 1
+
+    @property
+    def refusals(self) -> tuple[tuple[str, int], ...]:
+        """The error replies sent here since start, by code, codes sorted."""
+        return tuple(sorted(self._refusals.items()))
 
     async def start(self) -> None:
         """Read the ops log from now on (before the gateway takes connections)."""
@@ -145,6 +155,7 @@ class OpsFeed:
                 connections=figures.connections,
                 gifts_per_s=figures.gifts_per_s,
                 coins_per_s=figures.coins_per_s,
+                refusals=figures.refusals,
             )
         )
         self.fanout.deliver(list(self._rooms_of), frame)

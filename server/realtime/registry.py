@@ -9,10 +9,11 @@ gateway that stops cleanly at once.
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import orjson
 from redis.exceptions import NoScriptError
@@ -24,6 +25,7 @@ from giftstream.server.scripts import load, register
 GATEWAYS_KEY = keys.GATEWAYS
 DEFAULT_EXPIRY_S = 15.0  # a gateway silent this long is gone (PROTOCOL.md 6: within 15 s)
 MAX_COUNTER = 2**53 - 1  # what a Lua number and a JSON reader both hold exactly
+_REFUSAL_CODE = re.compile(r"[a-z_]{1,32}")  # fullmatch; the heartbeat script's pattern too
 
 
 def new_gateway_id() -> str:
@@ -32,12 +34,17 @@ def new_gateway_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+Refusals = tuple[tuple[str, int], ...]  # (error code, count) pairs, codes sorted
+
+
 class Counters(NamedTuple):
-    """What a gateway reports: open connections now, gifts and coins settled since it started."""
+    """What a gateway reports: open connections now, gifts and coins settled since it started,
+    and the error replies it sent since it started, by code."""
 
     connections: int
     gifts: int
     coins: int
+    refusals: Refusals = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +55,12 @@ class Heartbeat:
     gifts: int
     coins: int
     ts: int
+    refusals: Refusals = ()
 
     @classmethod
     def parse(cls, raw: bytes | str) -> Heartbeat | None:
-        """The heartbeat in a hash field's value; None for anything else (it is skipped)."""
+        """The heartbeat in a hash field's value; None for anything else (it is skipped).
+        `refusals` is optional (a gateway of an older release writes none)."""
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -61,11 +70,31 @@ class Heartbeat:
         values: list[int] = []
         for name in ("connections", "gifts", "coins", "ts"):
             value = data.get(name)
-            if type(value) is not int or not 0 <= value <= MAX_COUNTER:  # no bool, no float
+            if not _is_counter(value):
                 return None
             values.append(value)
         connections, gifts, coins, ts = values
-        return cls(connections=connections, gifts=gifts, coins=coins, ts=ts)
+        refusals = data.get("refusals", {})
+        if not isinstance(refusals, dict) or not all(
+            is_refusal_code(code) and _is_counter(count) for code, count in refusals.items()
+        ):
+            return None
+        return cls(
+            connections=connections,
+            gifts=gifts,
+            coins=coins,
+            ts=ts,
+            refusals=tuple(sorted(refusals.items())),
+        )
+
+
+def _is_counter(value: object) -> TypeGuard[int]:
+    return type(value) is int and 0 <= value <= MAX_COUNTER  # no bool, no float
+
+
+def is_refusal_code(code: object) -> bool:
+    """An error code as a heartbeat may carry it (the heartbeat script checks the same)."""
+    return isinstance(code, str) and _REFUSAL_CODE.fullmatch(code) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +115,7 @@ class ServiceFigures:
     connections: int
     gifts_per_s: float
     coins_per_s: float
+    refusals: Refusals = ()
 
 
 class ServiceMeter:
@@ -127,7 +157,17 @@ class ServiceMeter:
             connections=sum(beat.connections for beat in survey.beats.values()),
             gifts_per_s=round(sum(gifts for gifts, _ in self._rates.values()), 2),
             coins_per_s=round(sum(coins for _, coins in self._rates.values()), 2),
+            refusals=_summed(beat.refusals for beat in survey.beats.values()),
         )
+
+
+def _summed(each: Iterable[Refusals]) -> Refusals:
+    """Refusal counts of several gateways, summed by code."""
+    totals: dict[str, int] = {}
+    for refusals in each:
+        for code, count in refusals:
+            totals[code] = totals.get(code, 0) + count
+    return tuple(sorted(totals.items()))
 
 
 class GatewayRegistry:
@@ -158,10 +198,15 @@ class GatewayRegistry:
 
     async def beat(self) -> None:
         """Write this gateway's counters, stamped with Redis's time."""
-        connections, gifts, coins = self.counters()
-        await self._heartbeat(
-            keys=[GATEWAYS_KEY], args=[self.gateway_id, connections, gifts, coins]
-        )
+        await self._heartbeat(keys=[GATEWAYS_KEY], args=self._heartbeat_args())
+
+    def _heartbeat_args(self) -> list[str | int]:
+        """The heartbeat script's ARGV: id, connections, gifts, coins, then code, count, ..."""
+        connections, gifts, coins, refusals = self.counters()
+        args: list[str | int] = [self.gateway_id, connections, gifts, coins]
+        for code, count in refusals:
+            args += [code, count]
+        return args
 
     async def survey(self) -> Survey:
         """Write this gateway's heartbeat, then read every live gateway's and the number of
@@ -174,10 +219,8 @@ class GatewayRegistry:
             return await self._survey_once()
 
     async def _survey_once(self) -> Survey:
-        connections, gifts, coins = self.counters()
         async with self.redis.pipeline(transaction=False) as pipe:
-            mine = (self.gateway_id, connections, gifts, coins)
-            pipe.evalsha(self._heartbeat.sha, 1, GATEWAYS_KEY, *mine)
+            pipe.evalsha(self._heartbeat.sha, 1, GATEWAYS_KEY, *self._heartbeat_args())
             pipe.evalsha(self._survey.sha, 1, GATEWAYS_KEY, self.expiry_ms)
             for live_set in self.live_rooms_keys:
                 pipe.scard(live_set)

@@ -25,6 +25,8 @@ from giftstream.protocol.codec import encode_error, encode_reply, gift_json, sen
 from giftstream.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from giftstream.protocol.events import (
     BalanceReply,
+    CatalogGift,
+    CatalogReply,
     Ended,
     GiftEvent,
     GiftOk,
@@ -38,6 +40,7 @@ from giftstream.protocol.messages import (
     ClientMessage,
     EndLive,
     GetBalance,
+    GetCatalog,
     GoLive,
     Hello,
     Join,
@@ -259,7 +262,7 @@ class Session:
             raise
         except Exception:
             refusal = self._failed(request_id)
-        self.parts.metrics.errors.labels(refusal.code.value).inc()
+        self._count_refusal(refusal)
         self.core.refused(refusal, time.monotonic())
         return refusal
 
@@ -277,8 +280,14 @@ class Session:
 
     def _refuse(self, error: ProtocolError) -> None:
         """Answer with the error the core refused a frame with, and count it."""
-        self.parts.metrics.errors.labels(error.code.value).inc()
+        self._count_refusal(error)
         self._write(encode_error(error))
+
+    def _count_refusal(self, error: ProtocolError) -> None:
+        """Every error reply, in the metrics and in the ops feed's refusals by code."""
+        code = error.code.value
+        self.parts.metrics.errors.labels(code).inc()
+        self.parts.ops.record_refusal(code)
 
     def _write(self, *frames: bytes) -> None:
         self.parts.fanout.write(self.conn, *frames)
@@ -351,6 +360,9 @@ class Session:
         coins, diamonds = await self.parts.wallet.balance(self.user.user)
         return BalanceReply(coins=coins, diamonds=diamonds)
 
+    async def on_catalog(self, message: GetCatalog) -> CatalogReply:
+        return _catalog_reply(self.parts.catalog)
+
     async def on_join(self, message: Join) -> None:
         hub = self.parts.hub
         if message.since is not None:
@@ -388,7 +400,7 @@ class Session:
             raise ProtocolError(ErrorCode.FORBIDDEN, "only ops users can watch the ops feed")
         self.parts.ops.watch(self.conn, message.rooms)
         await self.parts.hub.follow_live(message.rooms)
-        return Watching(rooms=message.rooms)
+        return Watching(rooms=message.rooms, live=self.parts.hub.live_rooms(message.rooms))
 
     async def on_gift(self, message: SendGift) -> GiftOk:
         now = time.monotonic()
@@ -482,6 +494,16 @@ class Session:
         )
 
 
+def _catalog_reply(catalog: Catalog) -> CatalogReply:
+    """The catalog as the `catalog` reply (asked once per page load: built when asked)."""
+    return CatalogReply(
+        gifts=tuple(
+            CatalogGift(id=gift.id, name=gift.name, coins=gift.coins, animation=gift.animation)
+            for gift in catalog.gifts.values()
+        )
+    )
+
+
 @functools.lru_cache(maxsize=1024)
 def _gift_json(gift: Gift) -> bytes:
     """A catalog gift as a gift event's `gift`, encoded once."""
@@ -537,5 +559,6 @@ _HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[Any]]] = {
     EndLive: Session.on_end_live,
     Watch: Session.on_watch,
     Ping: Session.on_ping,
+    GetCatalog: Session.on_catalog,
     Hello: Session.on_hello_again,
 }

@@ -14,6 +14,8 @@ import pytest
 from giftstream.protocol import (
     PROTOCOL_VERSION,
     BalanceReply,
+    CatalogGift,
+    CatalogReply,
     Ended,
     ErrorCode,
     ErrorReply,
@@ -105,6 +107,22 @@ CASES: list[tuple[ServerEvent, dict[str, Any]]] = [
         BalanceReply(coins=1185, diamonds=30),
         {"type": "balance", "coins": 1185, "diamonds": 30},
     ),
+    (
+        CatalogReply(
+            gifts=(
+                CatalogGift(id="rose", name="Rose", coins=1, animation="anim.rose.v1"),
+                CatalogGift(id="lion", name="Lion", coins=29999, animation="anim.lion.v1"),
+            )
+        ),
+        {
+            "type": "catalog",
+            "gifts": [
+                {"id": "rose", "name": "Rose", "coins": 1, "animation": "anim.rose.v1"},
+                {"id": "lion", "name": "Lion", "coins": 29999, "animation": "anim.lion.v1"},
+            ],
+        },
+    ),
+    (CatalogReply(gifts=()), {"type": "catalog", "gifts": []}),
     (Live(room="cara"), {"type": "live", "room": "cara"}),
     (Ended(room="cara"), {"type": "ended", "room": "cara"}),
     (Watching(rooms=("*",)), {"type": "watching", "rooms": ["*"]}),

@@ -16,6 +16,7 @@ from giftstream.protocol import (
     EndLive,
     ErrorCode,
     GetBalance,
+    GetCatalog,
     GoLive,
     Hello,
     Join,
@@ -75,6 +76,8 @@ def refused(obj: dict[str, Any] | str) -> ProtocolError:
         ('{"type":"watch","rooms":["a","b","a","b","c"]}', Watch(rooms=("a", "b", "c"))),
         ('{"type":"watch","rooms":["b","*","b"]}', Watch(rooms=("b", "*"))),
         ('{"type":"ping"}', Ping()),
+        ('{"type":"catalog"}', GetCatalog()),
+        ('{"type":"catalog","room":"ignored"}', GetCatalog()),
     ],
 )
 def test_every_request_type_parses(wire: str, expected: ClientMessage) -> None:
@@ -99,6 +102,7 @@ def test_request_id_on_every_type() -> None:
         {"type": "end_live"},
         {"type": "watch", "rooms": ["*"]},
         {"type": "ping"},
+        {"type": "catalog"},
     ]
     for obj in requests:
         message = decode_frame(frame({**obj, "id": "req-9"}))
@@ -117,6 +121,7 @@ def test_message_type_values() -> None:
         "end_live",
         "watch",
         "ping",
+        "catalog",
     ]
     assert Watch.type is MessageType.WATCH and SendGift.type is MessageType.GIFT
 

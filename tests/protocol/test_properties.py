@@ -43,7 +43,7 @@ fields = st.sampled_from(
     ["type", "id", "room", "gift", "count", "key", "since", "token", "title", "rooms"]
 )
 message_types = st.sampled_from(
-    ["hello", "join", "leave", "gift", "balance", "go_live", "end_live", "watch", "ping"]
+    ["hello", "join", "leave", "gift", "balance", "go_live", "end_live", "watch", "ping", "catalog"]
 )
 # objects shaped like requests, with fields of any JSON type: reach deep into every parser
 request_like = st.fixed_dictionaries({"type": message_types}, optional={"id": json_values}).flatmap(

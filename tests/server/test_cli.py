@@ -401,6 +401,15 @@ def test_redis_url_prints_the_running_embedded_redis(tmp_path: Path) -> None:
         assert f"  Redis: {url} (embedded; its port changes at each start: " in block
         assert f"`giftstream redis-url --data-dir {data_dir}` prints it)" in block
         assert f"check it: `giftstream audit --data-dir {data_dir}`" in block
+        # the pages, ready to click: the token in the fragment, the viewer in cara's room
+        page_lines = [line.split() for line in proc.log if "#token=" in line]
+        urls = [words[-1] for words in page_lines]
+        assert [url.split("#token=")[0].split("/", 3)[-1] for url in urls] == [
+            "?room=cara",
+            "?room=cara",
+            "ops",
+        ]
+        assert all(len(url.split("#token=")[1].split(".")) == 3 for url in urls)  # JWTs
     finally:
         assert proc.stop() == 0
     assert redis_url_of(data_dir).returncode == 1

@@ -209,11 +209,42 @@ async def test_origin_allow_list(redis_url: str, data_dir: Path, catalog: Catalo
 async def test_plain_pages_on_the_public_port(app: App) -> None:
     base = app.ws_url.replace("ws://", "http://").removesuffix("/ws")
     async with aiohttp.ClientSession() as http:
+        for path, kind in [
+            ("/", "text/html"),
+            ("/?room=cara", "text/html"),
+            ("/ops", "text/html"),
+            ("/static/viewer.js", "text/javascript"),
+            ("/static/client.js", "text/javascript"),
+            ("/static/ops.js", "text/javascript"),
+            ("/static/style.css", "text/css"),
+            ("/static/gifts.css", "text/css"),
+        ]:
+            async with http.get(base + path) as response:
+                assert response.status == 200, path
+                assert response.headers["Content-Type"].startswith(kind), path
+                assert response.headers["Cache-Control"] == "no-cache"
+                assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+                assert response.headers["X-Content-Type-Options"] == "nosniff"
+                etag = response.headers["ETag"]
+                assert await response.read()
+            async with http.get(base + path, headers={"If-None-Match": etag}) as response:
+                assert response.status == 304, path
+                assert await response.read() == b""
         async with http.get(base + "/") as response:
-            assert response.status == 200
-            assert "/ws" in await response.text()
-        async with http.get(base + "/nope") as response:
-            assert response.status == 404
+            assert "/static/viewer.js" in await response.text()
+        for missing in (
+            "/nope",
+            "/static/",
+            "/static/nope.js",
+            "/static/../pyproject.toml",
+            "/static/%2e%2e/realtime/pages.py",
+            "/static/..%2fapp.py",
+            "/static//etc/passwd",
+            "/index.html",
+            "/ops/",
+        ):
+            async with http.get(base + missing) as response:
+                assert response.status == 404, missing
 
 
 async def test_slow_consumer_is_closed_4008(make_app: Callable[..., App]) -> None:

@@ -212,6 +212,7 @@ async def test_ops_feed(app: App, tokens: TokenMaker, admin: AdminClient) -> Non
     assert await ops.request({"type": "watch", "rooms": ["*"]}) == {
         "type": "watching",
         "rooms": ["*"],
+        "live": [],
     }
     creator = await live_room(app, tokens, title="Live!")
     opened = await ops.expect("room_opened")
@@ -225,7 +226,9 @@ async def test_ops_feed(app: App, tokens: TokenMaker, admin: AdminClient) -> Non
     assert gifts[0]["event"] == ok["event"] and gifts[0]["count"] == 2
     # a line sent before the viewer came says 2 connections: wait for one that counts it
     stats = await ops.expect("stats", timeout=10, rooms=1, connections=3)
-    assert set(stats) == {"type", "ts", "rooms", "connections", "gifts_per_s", "coins_per_s"}
+    assert set(stats) == {
+        *("type", "ts", "rooms", "connections", "gifts_per_s", "coins_per_s", "refusals")
+    }
     for client in (viewer, creator, ops):
         await client.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from giftstream.server.money.keys import KeySpace
 from giftstream.server.realtime.hub import LIVE_ROOMS_KEY
@@ -132,14 +133,47 @@ async def test_a_heartbeat_is_the_counters_stamped_with_redis_time(
     redis_client: aioredis.Redis,
 ) -> None:
     before = await redis_ms(redis_client)
-    await registry(redis_client, "gw1", Counters(3, 2, 150)).beat()
+    refusals = (("insufficient_coins", 4), ("rate_limited", 1))
+    await registry(redis_client, "gw1", Counters(3, 2, 150, refusals)).beat()
     after = await redis_ms(redis_client)
     raw = await redis_client.hget(GATEWAYS_KEY, "gw1")
     assert raw is not None
     stored = orjson.loads(raw)
-    assert stored.keys() == {"connections", "gifts", "coins", "ts"}
+    assert stored.keys() == {"connections", "gifts", "coins", "ts", "refusals"}
     assert (stored["connections"], stored["gifts"], stored["coins"]) == (3, 2, 150)
+    assert stored["refusals"] == {"insufficient_coins": 4, "rate_limited": 1}
     assert before <= stored["ts"] <= after
+    beat = Heartbeat.parse(raw)
+    assert beat is not None and beat.refusals == refusals
+
+
+async def test_refusals_are_summed_by_code_over_the_gateways() -> None:
+    meter = ServiceMeter()
+    beats = {
+        "a": Heartbeat(1, 0, 0, 1000, (("internal", 1), ("rate_limited", 2))),
+        "b": Heartbeat(1, 0, 0, 1000, (("rate_limited", 3),)),
+        "c": Heartbeat(1, 0, 0, 1000),
+    }
+    figures = meter.update(Survey(now_ms=1000, rooms=0, beats=beats))
+    assert figures.refusals == (("internal", 1), ("rate_limited", 5))
+
+
+@pytest.mark.parametrize(
+    "refusals",
+    ['{"Bad-Code":1}', '{"x":-1}', '{"x":1.5}', '{"x":true}', "[]", '{"x":"1"}'],
+)
+def test_a_heartbeat_with_bad_refusals_is_skipped(refusals: str) -> None:
+    raw = '{"connections":1,"gifts":0,"coins":0,"ts":5,"refusals":' + refusals + "}"
+    assert Heartbeat.parse(raw) is None
+
+
+async def test_the_heartbeat_script_refuses_a_bad_refusal_code(
+    redis_client: aioredis.Redis,
+) -> None:
+    bad = registry(redis_client, "gw1", Counters(3, 2, 150, (("bad code", 1),)))
+    with pytest.raises(ResponseError):
+        await bad.beat()
+    assert await redis_client.hget(GATEWAYS_KEY, "gw1") is None
 
 
 async def test_survey_counts_live_gateways_and_rooms_and_cleans_the_dead(
