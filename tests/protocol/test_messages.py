@@ -16,6 +16,7 @@ from giftstream.protocol import (
     EndLive,
     ErrorCode,
     GetBalance,
+    GetLeaderboard,
     GoLive,
     Hello,
     Join,
@@ -99,6 +100,7 @@ def test_request_id_on_every_type() -> None:
         {"type": "end_live"},
         {"type": "watch", "rooms": ["*"]},
         {"type": "ping"},
+        {"type": "leaderboard", "board": "week", "room": "r"},
     ]
     for obj in requests:
         message = decode_frame(frame({**obj, "id": "req-9"}))
@@ -117,6 +119,7 @@ def test_message_type_values() -> None:
         "end_live",
         "watch",
         "ping",
+        "leaderboard",
     ]
     assert Watch.type is MessageType.WATCH and SendGift.type is MessageType.GIFT
 
@@ -441,3 +444,26 @@ def _parse_error(obj: dict[str, Any]) -> ProtocolError:
     with pytest.raises(ProtocolError) as caught:
         parse_message(obj)
     return caught.value
+
+
+def test_leaderboard_request() -> None:
+    """session and week name a room; creators_day names none (a room there is refused)."""
+    for board in ("session", "week"):
+        message = decode_frame(frame({"type": "leaderboard", "board": board, "room": "cara"}))
+        assert isinstance(message, GetLeaderboard)
+        assert (message.board, message.room) == (board, "cara")
+    message = decode_frame(frame({"type": "leaderboard", "board": "creators_day"}))
+    assert isinstance(message, GetLeaderboard)
+    assert (message.board, message.room) == ("creators_day", None)
+    bad = [
+        {"type": "leaderboard"},
+        {"type": "leaderboard", "board": "month", "room": "cara"},
+        {"type": "leaderboard", "board": 1, "room": "cara"},
+        {"type": "leaderboard", "board": "session"},
+        {"type": "leaderboard", "board": "week", "room": "not a room"},
+        {"type": "leaderboard", "board": "creators_day", "room": "cara"},
+    ]
+    for obj in bad:
+        with pytest.raises(ProtocolError) as info:
+            decode_frame(frame({**obj, "id": 7}))
+        assert (info.value.code, info.value.request_id) == (ErrorCode.BAD_REQUEST, 7), obj
