@@ -418,7 +418,7 @@ class Wallet:
                 keys.COMBO_TTL_MS,
                 self.payout_hold_days,
                 *room_args,
-                b"" if in_room is None else in_room.name_json,
+                "" if in_room is None else in_room.name_json,
                 int(in_room is not None),
             ],
             settled,
