@@ -455,7 +455,7 @@ def test_leaderboard_request() -> None:
     message = decode_frame(frame({"type": "leaderboard", "board": "creators_day"}))
     assert isinstance(message, GetLeaderboard)
     assert (message.board, message.room) == ("creators_day", None)
-    bad = [
+    bad: list[dict[str, Any]] = [
         {"type": "leaderboard"},
         {"type": "leaderboard", "board": "month", "room": "cara"},
         {"type": "leaderboard", "board": 1, "room": "cara"},
