@@ -251,14 +251,19 @@ def openapi_document() -> dict[str, Any]:
                 _ref("Leaderboard"),
                 (*_READ_ERRORS, "404"),
                 parameters=[
-                    {"name": "board", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {
+                        "name": "board",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": list(BOARDS)},
+                    },
                     {
                         "name": "room",
                         "in": "query",
                         "required": False,
-                        "description": "the room (its creator's id); required by session and"
-                        " week, refused by creators_day",
-                        "schema": {"type": "string"},
+                        "description": "the room (its creator's id): required by session and"
+                        " week, refused by creators_day (400)",
+                        "schema": _ID,
                     },
                 ],
             )
