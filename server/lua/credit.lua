@@ -9,8 +9,9 @@
 -- it on one Redis, byte for byte). A gift whose room ended before its credit gets no event.
 -- And the boards, as send_gift.lua counts them on one Redis, by the gift's own time (ts): the
 -- week's and the creators_day board, and, for a gift sent in the room (`session` 1) whose
--- room is still in the session it was sent in (live, started at or before ts), the session
--- board. An entry from before the boards (coins 0) counts on none.
+-- room is still in the session it was sent in (live, opened by Redis's clock at or before
+-- ts: a room ended and opened again since is another session), the session board. An entry
+-- from before the boards (coins 0) counts on none.
 -- KEYS[1]: the target's cursors hash giftstream:{pCC}:credited; then per entry: creator
 -- wallet, creator's held diamonds, room record, room log, the room's session board, the
 -- creator's week board prefix, the creator's names, the creators_day board prefix, the
@@ -69,7 +70,7 @@ for e = 1, entries do
   local boards, creator_name
   if coins > 0 then
     local session = ''
-    if in_room == 1 and live and stored_int(record, 'started') <= ts then
+    if in_room == 1 and live and stored_int(record, 'opened') <= ts then
       session = session_board
     end
     boards = board_plan(session, week_prefix, names, day_prefix, creator_names, ts)

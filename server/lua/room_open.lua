@@ -1,6 +1,7 @@
 -- Opens a creator's room, from any gateway: live, in the live set, seen now (Redis's clock),
 -- its viewer count to be announced afresh, and a new session: its session leaderboard empty
--- and no `leaders` published yet. A room already live stays as it is (its session board
+-- and no `leaders` published yet. `opened` is when, by Redis's clock (`started` is the
+-- gateway's): credit.lua counts a gift on the session board only if settled since. A room already live stays as it is (its session board
 -- too: a live room restored after a restart keeps it); a non-empty title replaces its title.
 -- KEYS: room record, the live-room set of the room's partition (its slot on a cluster), the
 -- room's session board.
@@ -18,8 +19,9 @@ if redis.call('HGET', room_record, 'live') == '1' then
   local record = redis.call('HMGET', room_record, 'title', 'started')
   return {0, record[1] or '', exact_int(record[2] or '') or 0}
 end
+local now = redis_now()
 redis.call('HSET', room_record, 'creator', creator, 'title', title, 'live', '1',
-  'started', started, 'creator_seen', redis_now(), 'viewers_announced', 0,
+  'started', started, 'opened', now, 'creator_seen', now, 'viewers_announced', 0,
   'creator_name', creator_name, 'leaders', '[]', 'leaders_at', 0)
 redis.call('SADD', live_set, creator)
 redis.call('DEL', session_board)

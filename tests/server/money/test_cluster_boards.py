@@ -12,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from giftstream.server.money.boards import Board, Entry
 from giftstream.server.money.crediting import Crediting
 from giftstream.server.money.wallet import GiftRoom, Wallet
+from giftstream.server.scripts import register
 from tests.server.money.cluster_money import user_in
 from tests.server.money.test_cluster_gifts import (
     ROSE,
@@ -103,3 +104,29 @@ async def test_boards_right_after_crediting_exactly_once(
         (1, dan, dan, 100),
         (2, cara, "Cara", 30),
     ]
+
+
+async def test_a_gift_credited_after_its_room_reopened_is_not_on_the_new_session(
+    rc: RedisCluster,  # noqa: F811
+    wallet: Wallet,  # noqa: F811
+) -> None:
+    sender, cara = user_in(SPACE, 0, "ann"), user_in(SPACE, 3, "cara")
+    await rc.hset(SPACE.room(cara), mapping={"live": "1", "started": 0})
+    await fund(rc, sender, 100)
+    await wallet.send_gift(
+        sender=sender,
+        adult=True,
+        creator=cara,
+        room=cara,
+        gift=ROSE,
+        count=2,
+        key="gift-key-old-session",
+        in_room=room_of(cara, sender),
+    )
+    await rc.hset(SPACE.room(cara), "live", "0")  # ended, then live again before the credit
+    opened = register(rc, "room_open")
+    room_keys = [SPACE.room(cara), SPACE.live_rooms_of(cara), SPACE.board_session(cara)]
+    await opened(keys=room_keys, args=[cara, "Again", 0, ""])
+    await credited_all(Crediting(rc, SPACE), creators=[cara])
+    assert await wallet.boards.top(Board.SESSION, cara) == []
+    assert table(await wallet.boards.top(Board.WEEK, cara)) == [(1, sender, sender.title(), 10)]
