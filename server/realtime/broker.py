@@ -48,9 +48,10 @@ LIVE_ROOMS_KEY = keys.LIVE_ROOMS  # one Redis's live-room set (a cluster: one pe
 # record: creator, title, live, started, opened (Redis's clock), creator_seen, creator_name
 # (JSON text, for the boards), leaders and leaders_at (the last `leaders` top, JSON, and
 # when); the memory broker's seq bound `seq_reserved`, the Redis broker's last seq `seq`,
-# the viewer count last announced `viewers_announced`), `room_log(id)` the Redis broker's log (a stream of its events, entry
-# ID 0-<seq>, fields `t` event type and `d` the encoded event), `room_presence(id)` its
-# viewers per gateway (field gateway id, value `<users>:<expires ms>`).
+# the viewer count last announced `viewers_announced`), `room_log(id)` the Redis broker's
+# log (a stream of its events, entry ID 0-<seq>, fields `t` event type and `d` the encoded
+# event), `room_presence(id)` its viewers per gateway (field gateway id, value
+# `<users>:<expires ms>`).
 
 
 class History(NamedTuple):
