@@ -24,6 +24,7 @@ ROOM_FRAME_PREFIXES: tuple[bytes, ...] = (
     b'{"type":"gift","room"',
     b'{"type":"viewers"',
     b'{"type":"room_ended"',
+    b'{"type":"leaders"',
 )
 
 # A str's UTF-8 size is at least its length and at most 4x: below this many characters
@@ -114,6 +115,11 @@ def encode_room_frame(events: Sequence[dict[str, Any]]) -> bytes:
 def sender_json(user_id: str, name: str) -> bytes:
     """The `sender` object of a gift event, as `GiftEvent.as_dict` has it."""
     return orjson.dumps({"id": user_id, "name": name})
+
+
+def text_json(text: str) -> bytes:
+    """A string as JSON text: a display name as the boards keep it and splice it into events."""
+    return orjson.dumps(text)
 
 
 def gift_json(gift_id: str, name: str, coins: int, animation: str) -> bytes:

@@ -197,6 +197,40 @@ class ErrorReply:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """One place on a board: `rank` is left out where the order says it (`leaders`)."""
+
+    user: str
+    name: str
+    coins: int
+    rank: int = 0
+
+    def as_dict(self) -> Wire:
+        return {"user": self.user, "name": self.name, "coins": self.coins}
+
+    def as_ranked(self) -> Wire:
+        return {"rank": self.rank, "user": self.user, "name": self.name, "coins": self.coins}
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderboardReply:
+    """The reply to `leaderboard`: at most 10 entries, highest first; `room` is null for
+    `creators_day`."""
+
+    board: str
+    room: str | None
+    entries: tuple[Leader, ...]
+
+    def as_dict(self) -> Wire:
+        return {
+            "type": "leaderboard",
+            "board": self.board,
+            "room": self.room,
+            "entries": [entry.as_ranked() for entry in self.entries],
+        }
+
+
 # ---- room events (every viewer of the room) -----------------------------------------------
 
 
@@ -257,6 +291,24 @@ class RoomEnded:
 
     def as_dict(self) -> Wire:
         return {"type": "room_ended", "room": self.room, "seq": self.seq}
+
+
+@dataclass(frozen=True, slots=True)
+class LeadersEvent:
+    """The session's top 3 senders, on change, at most once a second a room. The Redis broker
+    writes the same bytes from Lua (server/lua/room_publish.lua): keep the key order."""
+
+    room: str
+    seq: int
+    top: tuple[Leader, ...]
+
+    def as_dict(self) -> Wire:
+        return {
+            "type": "leaders",
+            "room": self.room,
+            "seq": self.seq,
+            "top": [leader.as_dict() for leader in self.top],
+        }
 
 
 # ---- ops feed -----------------------------------------------------------------------------
@@ -322,9 +374,11 @@ ServerEvent = (
     | RoomEnded
     | RoomOpened
     | Stats
+    | LeaderboardReply
+    | LeadersEvent
 )
 
-RoomEvent = GiftEvent | ViewersEvent | RoomEnded
+RoomEvent = GiftEvent | ViewersEvent | RoomEnded | LeadersEvent
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -336,6 +390,9 @@ __all__ = [
     "GiftEvent",
     "GiftOk",
     "Joined",
+    "Leader",
+    "LeaderboardReply",
+    "LeadersEvent",
     "Left",
     "Live",
     "LiveRoom",

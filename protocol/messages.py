@@ -15,10 +15,12 @@ from typing import Any, ClassVar, TypeGuard
 from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.protocol.rules import (
     ALL_ROOMS,
+    BOARDS,
     ID_RULE,
     KEY_RULE,
     MAX_COUNT,
     MAX_ID_CHARS,
+    ROOMLESS_BOARDS,
     is_count,
     is_id,
     is_key,
@@ -48,6 +50,7 @@ class MessageType(StrEnum):
     WATCH = "watch"
     PING = "ping"
     CATALOG = "catalog"
+    LEADERBOARD = "leaderboard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,28 @@ class GetCatalog:
     id: RequestId = None
 
 
+@dataclass(frozen=True, slots=True)
+class GetLeaderboard:
+    """A board's top 10: `session` or `week` of `room`, or `creators_day` (room None)."""
+
+    type: ClassVar[MessageType] = MessageType.LEADERBOARD
+    board: str
+    room: str | None = None
+    id: RequestId = None
+
+
 ClientMessage = (
-    Hello | Join | Leave | SendGift | GetBalance | GoLive | EndLive | Watch | Ping | GetCatalog
+    Hello
+    | Join
+    | Leave
+    | SendGift
+    | GetBalance
+    | GoLive
+    | EndLive
+    | Watch
+    | Ping
+    | GetCatalog
+    | GetLeaderboard
 )
 
 
@@ -265,6 +288,17 @@ def _catalog(obj: dict[str, Any], request_id: RequestId) -> GetCatalog:
     return GetCatalog(id=request_id)
 
 
+def _leaderboard(obj: dict[str, Any], request_id: RequestId) -> GetLeaderboard:
+    board = obj.get("board")
+    if not isinstance(board, str) or board not in BOARDS:
+        raise _bad(f"`board` must be one of {', '.join(BOARDS)}", request_id)
+    if board in ROOMLESS_BOARDS:
+        if obj.get("room") is not None:
+            raise _bad(f"the {board} board takes no `room`", request_id)
+        return GetLeaderboard(board=board, id=request_id)
+    return GetLeaderboard(board=board, room=_room(obj, request_id), id=request_id)
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
     MessageType.HELLO: _hello,
     MessageType.JOIN: _join,
@@ -276,6 +310,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], RequestId], ClientMessage]] = {
     MessageType.WATCH: _watch,
     MessageType.PING: _ping,
     MessageType.CATALOG: _catalog,
+    MessageType.LEADERBOARD: _leaderboard,
 }
 
 __all__ = [
@@ -287,6 +322,7 @@ __all__ = [
     "EndLive",
     "GetBalance",
     "GetCatalog",
+    "GetLeaderboard",
     "GoLive",
     "Hello",
     "Join",

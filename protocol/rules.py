@@ -22,6 +22,9 @@ KEY_RULE: Final = f"8-64 characters of [{KEY_CHARS}]"
 KEY_PATTERN: Final = re.compile(f"[{KEY_CHARS}]{{8,64}}")  # fullmatch, never match(...$)
 
 MAX_COUNT: Final = 99  # of one gift in one send
+# The leaderboards (PROTOCOL.md §2.2): session and week of a room, creators_day of no room.
+BOARDS: Final = ("session", "week", "creators_day")
+ROOMLESS_BOARDS: Final = ("creators_day",)
 ALL_ROOMS: Final = "*"  # `watch` every room
 # Every amount the internal HTTP API takes (coins, diamonds): far below 2**53, so each one
 # stays exact in Lua's doubles.
@@ -45,6 +48,7 @@ def is_count(value: object) -> TypeGuard[int]:
 
 __all__ = [
     "ALL_ROOMS",
+    "BOARDS",
     "ID_CHARS",
     "ID_PATTERN",
     "ID_RULE",
@@ -54,6 +58,7 @@ __all__ = [
     "MAX_AMOUNT",
     "MAX_COUNT",
     "MAX_ID_CHARS",
+    "ROOMLESS_BOARDS",
     "is_count",
     "is_id",
     "is_key",

@@ -24,7 +24,7 @@ CLOCK_KEYS = frozenset({GATEWAYS_KEY})
 
 Frame = dict[str, Any]
 T = TypeVar("T")
-ROOM_EVENT_TYPES = frozenset({"gift", "viewers", "room_ended"})
+ROOM_EVENT_TYPES = frozenset({"gift", "viewers", "room_ended", "leaders"})
 
 
 class TokenMaker:

@@ -156,3 +156,107 @@ local function append_room_event(room_hash, room_log, seq, kind, data, log_size)
   redis.call('HSET', room_hash, 'seq', seq)
   redis.call('XADD', room_log, 'MAXLEN', '~', log_size, id, 't', kind, 'd', data)
 end
+
+-- Leaderboards (server/money/boards.py). A gift counts on its room's session board, its
+-- creator's week board and its creator partition's creators_day board in the step that
+-- credits the creator, once. The week's and day's boards are named by a prefix the caller
+-- passes and the period's epoch day (the week's Monday) appended here from the gift's time.
+-- Names are kept as JSON text (the gateway's encoding), spliced into the `leaders` event.
+local WEEK_BOARD_MS = 15 * DAY_MS  -- a week's board is kept this long after its Monday
+local DAY_BOARD_MS = 3 * DAY_MS  -- a day's board is kept this long after its start
+local NAMES_MS = 15 * DAY_MS  -- a names hash is kept this long after its last write
+
+-- A read that stops the script when `key` exists as another type than `kind`, so the writes
+-- after it cannot fail with WRONGTYPE midway.
+local function want_type(key, kind)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= 'none' and found ~= kind then
+    error('giftstream: ' .. key .. ' is a ' .. found .. ', not a ' .. kind)
+  end
+end
+
+-- A display name as JSON text: `json` when it is a JSON string, the id quoted when it is ''
+-- (ids need no escaping); anything else stops the script.
+local function name_json(json, id)
+  if json == '' or json == nil then
+    return '"' .. id .. '"'
+  end
+  local ok, decoded = pcall(cjson.decode, json)
+  if not ok or type(decoded) ~= 'string' then
+    error('giftstream: a name is not JSON text: ' .. tostring(json))
+  end
+  return json
+end
+
+-- The checks of counting one gift at `ms` on the boards (every key's type), before any write;
+-- returns the plan `count_on_boards` carries out. `session` is '' when the gift counts on no
+-- session board.
+local function board_plan(session, week_prefix, names, day_prefix, creator_names, ms)
+  local day = epoch_day(ms)
+  local week = iso_week(day)
+  local plan = {
+    session = session, names = names, creator_names = creator_names,
+    week = week_prefix .. string.format('%d', week),
+    day = day_prefix .. string.format('%d', day),
+    week_ttl = math.max(week * DAY_MS + WEEK_BOARD_MS - ms, 1),
+    day_ttl = math.max(day * DAY_MS + DAY_BOARD_MS - ms, 1),
+  }
+  if session ~= '' then want_type(session, 'zset') end
+  want_type(plan.week, 'zset')
+  want_type(plan.day, 'zset')
+  want_type(names, 'hash')
+  want_type(creator_names, 'hash')
+  return plan
+end
+
+local function count_on_boards(plan, sender, sender_name, creator, creator_name, coins)
+  if plan.session ~= '' then
+    redis.call('ZINCRBY', plan.session, coins, sender)
+  end
+  redis.call('ZINCRBY', plan.week, coins, sender)
+  redis.call('PEXPIRE', plan.week, plan.week_ttl)
+  redis.call('ZINCRBY', plan.day, coins, creator)
+  redis.call('PEXPIRE', plan.day, plan.day_ttl)
+  redis.call('HSET', plan.names, sender, sender_name)
+  redis.call('PEXPIRE', plan.names, NAMES_MS)
+  redis.call('HSET', plan.creator_names, creator, creator_name)
+  redis.call('PEXPIRE', plan.creator_names, NAMES_MS)
+end
+
+-- a < b byte by byte, as Redis orders members (Lua's `<` follows the locale's collation).
+local function bytes_less(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- The board's top n (reads only): {user, coins, name JSON or false}, highest first, ties by
+-- user id (byte order). Those above the n-th score are all read and sorted; of those tied
+-- at it, Redis gives the first in byte order itself (equal scores sort by member), so a
+-- board of many equal senders costs n, not its size.
+local function board_top(board, names, n)
+  local head = redis.call('ZREVRANGE', board, 0, n - 1, 'WITHSCORES')
+  if #head == 0 then
+    return {}
+  end
+  local cutoff = head[#head]
+  local above = redis.call('ZRANGEBYSCORE', board, '(' .. cutoff, '+inf', 'WITHSCORES')
+  local top = {}
+  for i = 1, #above, 2 do
+    top[#top + 1] = {above[i], tonumber(above[i + 1])}
+  end
+  table.sort(top, function(a, b)
+    if a[2] ~= b[2] then return a[2] > b[2] end
+    return bytes_less(a[1], b[1])
+  end)
+  local tied = redis.call('ZRANGEBYSCORE', board, cutoff, cutoff, 'LIMIT', 0, n - #top)
+  for _, user in ipairs(tied) do
+    top[#top + 1] = {user, tonumber(cutoff)}
+  end
+  for _, entry in ipairs(top) do
+    entry[3] = redis.call('HGET', names, entry[1])
+  end
+  return top
+end

@@ -7,18 +7,29 @@
 --   'end'                `room_ended`, and the room is no longer live (live=0, out of the live
 --                        set): one atomic end, whichever gateway asks
 --   'idle' ms            the same end, only when the creator has not been seen for `ms`
+--   'l' gap_ms           `leaders`, the session board's top 3 (with names), when it differs
+--                        from the last published (the record's `leaders`) and `gap_ms` have
+--                        passed since (`leaders_at`): so N gateways asking after each gift
+--                        they saw make one event per change, at most one per gap
 -- A room that has ended (live=0) takes no more events: its `room_ended` was the last.
--- KEYS: room record, room log, room presence, the live-room set of the room's partition.
+-- KEYS: room record, room log, room presence, the live-room set of the room's partition, the
+-- room's session board and names.
 -- ARGV: log size, room id, room id as JSON, then the ops.
--- Reply: {viewers now (-1 when no 'v'), ended by this call (0/1), live after (0/1), last seq}.
+-- Reply: {viewers now (-1 when no 'v'), ended by this call (0/1), live after (0/1), last seq,
+-- leaders (-1 no 'l', 0 unchanged, 1 published, 2 changed but within the gap: ask again)}.
 local room_record, room_log, presence, live_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local session_board, names = KEYS[5], KEYS[6]
 local log_size = int_arg(1, 1, 2^31)
 local room_id, room_json = ARGV[2], ARGV[3]
 local state = redis.call('HGET', room_record, 'live')
 local live, open = state == '1', state ~= '0'
 local seq = room_seq(room_record, room_log)
 local now = redis_now()
-local viewers, ended = -1, 0
+local viewers, ended, leaders = -1, 0, -1
+-- the leaders' reads, checked here before any write
+want_type(session_board, 'zset')
+want_type(names, 'hash')
+local leaders_at = stored_int(room_record, 'leaders_at')
 
 local function append(kind, data)
   seq = seq + 1
@@ -70,6 +81,28 @@ while i <= #ARGV do
       redis.call('HSET', room_record, 'viewers_announced', viewers)
     end
     i = i + 1
+  elseif op == 'l' then
+    local gap = int_arg(i + 1, 0, 2^40)
+    if open then
+      local parts = {}
+      for _, e in ipairs(board_top(session_board, names, 3)) do
+        -- user ids need no JSON escaping; names are kept as JSON text
+        parts[#parts + 1] = '{"user":"' .. e[1] .. '","name":' .. (e[3] or ('"' .. e[1] .. '"'))
+          .. string.format(',"coins":%d}', e[2])
+      end
+      local top = '[' .. table.concat(parts, ',') .. ']'
+      if top == (redis.call('HGET', room_record, 'leaders') or '[]') then
+        leaders = 0
+      elseif now - leaders_at < gap then
+        leaders = 2
+      else
+        append('leaders', '{"type":"leaders","room":' .. room_json ..
+          string.format(',"seq":%d,"top":', seq + 1) .. top .. '}')
+        redis.call('HSET', room_record, 'leaders', top, 'leaders_at', now)
+        leaders_at, leaders = now, 1
+      end
+    end
+    i = i + 2
   elseif op == 'end' then
     if live then end_room() end
     i = i + 1
@@ -83,4 +116,4 @@ while i <= #ARGV do
     error('giftstream: unknown room op ' .. tostring(op))
   end
 end
-return {viewers, ended, live and 1 or 0, seq}
+return {viewers, ended, live and 1 or 0, seq, leaders}

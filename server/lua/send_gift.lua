@@ -1,14 +1,19 @@
 -- Settles one gift. Checks in the contract's order: the key (a replay answers with the first
 -- result, even at balance 0, and writes nothing: its event was written the first time), the
 -- room is live, debt, age, daily and weekly limits, balance. Then, and only then: ledger
--- entry, debit, credit, the creator's held diamonds, key record (24 h), the day's and week's
--- spend, the combo, and the gift's event in the room's log. Time, day and week are Redis's
+-- entry, debit, credit, the creator's held diamonds, the boards (a first settlement only: a
+-- replay returned above), key record (24 h), the day's and week's spend, the combo, and the
+-- gift's event in the room's log. Time, day and week are Redis's
 -- own (money_now).
 -- KEYS: sender wallet, creator wallet, key record, combo, ledger, creator's held diamonds,
 -- room record ('' for a caller that moves money only: no room check), room log ('' under the
--- memory broker, whose hub publishes the event itself), credit outbox ('' on one Redis).
+-- memory broker, whose hub publishes the event itself), credit outbox ('' on one Redis);
+-- then the boards (the creator's, counted here on one Redis): the room's session board (''
+-- for a caller that moves money only), the creator's week board prefix, the room's names,
+-- the creator partition's creators_day board prefix and its creator names.
 -- On a Redis Cluster (KEYS[9] = the outbox giftstream:{pSS}:credits:pCC) the creator's keys
--- live on another shard: KEYS[2], [6], [7] and [8] are then the outbox's name again (a key of
+-- live on another shard: KEYS[2], [6], [7], [8] and [10] to [14] are then the outbox's name
+-- again (a key of
 -- the sender's slot; '' would hash to slot 0 and the cluster refuses keys of two slots) and
 -- are not touched. The script checks and debits the sender, appends the ledger entry, and
 -- appends the creator's part to the outbox under the ledger entry's id; crediting.py credits
@@ -16,18 +21,24 @@
 -- ARGV: event, sender, creator, room, gift, key, count, coins, diamonds, adult, now ('' in
 -- production: Redis's TIME), key ttl, combo gap, combo ttl, payout hold in days; then the
 -- event's parts, JSON encoded by the gateway as the protocol encodes them (room id, sender
--- {"id","name"}, gift {"id","name","coins","animation"}) and the log's size.
+-- {"id","name"}, gift {"id","name","coins","animation"}) and the log's size; the sender's
+-- name as JSON text ('' = the id), for the boards; 1 for a gift sent in the room (the
+-- gateway's), 0 for money only: only the former counts on the room's session board.
 -- Reply: {'ok', event, sender coins after, combo, diamonds, ts} -- the first result on a
 -- replay -- or {refusal code, message}.
 local sender_wallet, creator_wallet, key_record = KEYS[1], KEYS[2], KEYS[3]
 local combo_key, ledger, held_key = KEYS[4], KEYS[5], KEYS[6]
 local room_record, room_log = KEYS[7], KEYS[8]
 local outbox = KEYS[9] or ''
+local session_board, week_prefix, names = KEYS[10], KEYS[11], KEYS[12]
+local day_prefix, creator_names = KEYS[13], KEYS[14]
 local cluster = outbox ~= ''
 if cluster then
-  if creator_wallet ~= outbox or held_key ~= outbox or room_record ~= outbox or
-      room_log ~= outbox then
-    error('giftstream: on a cluster the creator\'s keys are passed as the outbox')
+  for _, k in ipairs({creator_wallet, held_key, room_record, room_log, session_board,
+      week_prefix, names, day_prefix, creator_names}) do
+    if k ~= outbox then
+      error('giftstream: on a cluster the creator\'s keys are passed as the outbox')
+    end
   end
   room_record, room_log = '', ''
 end
@@ -42,6 +53,8 @@ local combo_gap, combo_ttl = int_arg(13, 1, 2^40), int_arg(14, 1, 2^40)
 local hold_days = int_arg(15, 0, 3650)
 local room_json, sender_json, gift_json = ARGV[16], ARGV[17], ARGV[18]
 local log_size = int_arg(19, 0, 2^31)
+local sender_name = name_json(ARGV[20], sender)
+local in_room = int_arg(21, 0, 1)  -- a gateway's gift in the room: it counts on the session
 local today = epoch_day(now)
 local week = iso_week(today)
 
@@ -90,10 +103,16 @@ if balance < coins then
     coins, balance)}
 end
 local due = {}
+local boards, creator_name
 if not cluster then
   stored_int(creator_wallet, 'diamonds')  -- a corrupt balance stops the script here, not midway
   local _held
   _held, due = held_buckets(held_key, today)
+  -- the session board counts gifts in a live room (checked above); money-only callers have none
+  local session = in_room == 1 and room_record ~= '' and session_board or ''
+  boards = board_plan(session, week_prefix, names, day_prefix, creator_names, now)
+  creator_name = name_json(room_record ~= '' and redis.call('HGET', room_record, 'creator_name')
+    or '', creator)
 end
 local streak = redis.call('HMGET', combo_key, 'gift', 'combo', 'at')
 local combo = 1
@@ -128,7 +147,8 @@ if cluster then
   redis.call('XADD', outbox, entry, 'event', event, 'creator', creator, 'room', room,
     'diamonds', diamonds, 'release', release or 0, 'ts', now, 'count', count, 'combo', combo,
     'room_json', room_json, 'sender_json', sender_json, 'gift_json', gift_json,
-    'log_size', log_size)
+    'log_size', log_size, 'sender', sender, 'coins', coins, 'name_json', sender_name,
+    'session', in_room)
 else
   redis.call('HINCRBY', creator_wallet, 'diamonds', diamonds)
   if release and diamonds > 0 then
@@ -137,6 +157,7 @@ else
   if #due > 0 then
     redis.call('HDEL', held_key, unpack(due))
   end
+  count_on_boards(boards, sender, sender_name, creator, creator_name, coins)
 end
 redis.call('HSET', key_record, 'room', room, 'gift', gift, 'count', count, 'event', event,
   'coins', after, 'combo', combo, 'diamonds', diamonds, 'ts', now)

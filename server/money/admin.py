@@ -32,6 +32,7 @@ from giftstream.protocol.signing import (
     verify,
 )
 from giftstream.server.metrics import PROMETHEUS_CONTENT_TYPE, Metrics
+from giftstream.server.money.boards import board_of
 from giftstream.server.money.catalog import Catalog
 from giftstream.server.money.openapi import OPENAPI_PATH, openapi_document
 from giftstream.server.money.refusal import Reason, Refusal
@@ -68,6 +69,7 @@ _HTTP_STATUS = {
     Reason.BAD_SIGNATURE: 401,
     Reason.UNDERAGE: 403,
     Reason.UNKNOWN_RECEIPT: 404,
+    Reason.UNKNOWN_ROOM: 404,
     Reason.RECEIPT_REUSED: 409,
     Reason.KEY_REUSED: 409,
     Reason.BALANCE_LIMIT: 409,
@@ -248,6 +250,19 @@ class _Api:
         result = await self.wallet.payout(creator=creator, diamonds=diamonds, key=key)
         return _json(200, result.as_wire())
 
+    async def get_leaderboard(self, request: web.Request) -> web.Response:
+        """A board's top 10 (boards.py): 400 for a bad board or room (creators_day takes
+        none), 404 `unknown_room` for a room never opened, else the entries (maybe none)."""
+        rooms = request.query.getall("room", [])
+        if len(rooms) > 1:
+            raise Refusal(Reason.BAD_REQUEST, "send `room` once")
+        board, room = board_of(request.match_info["board"], rooms[0] if rooms else None)
+        entries = await self.wallet.boards.top(board, room)
+        return _json(
+            200,
+            {"board": board.value, "room": room, "entries": [e.as_wire() for e in entries]},
+        )
+
     async def get_openapi(self, request: web.Request) -> web.Response:
         return _json(200, openapi_document())
 
@@ -335,6 +350,7 @@ def build_admin_app(
     router.add_put("/v1/wallets/{user}/limit", api.put_limit)
     router.add_post("/v1/payouts", api.payout)
     router.add_get("/v1/catalog", api.get_catalog, allow_head=False)
+    router.add_get("/v1/leaderboards/{board}", api.get_leaderboard, allow_head=False)
     router.add_get("/healthz", api.healthz)  # HEAD too, for load balancers' probes
     router.add_get("/metrics", api.get_metrics, allow_head=False)
     router.add_get(OPENAPI_PATH, api.get_openapi, allow_head=False)

@@ -61,7 +61,14 @@ ENTRY_FIELDS = (
     "sender_json",
     "gift_json",
     "log_size",
+    "creator",
+    "sender",
+    "coins",
+    "name_json",
+    "session",
 )
+# What an entry written before the leaderboards lacks: coins 0 counts it on no board.
+_LEGACY_DEFAULTS = {"sender": b"", "coins": b"0", "name_json": b"", "session": b"0"}
 
 _EVENT_PARTS = ("room_json", "sender_json", "gift_json")
 Cursors = dict[tuple[int, int], str]  # (source, target) -> last outbox id credited
@@ -212,7 +219,9 @@ class Crediting:
             script_keys += entry_keys
             args.append(entry.id)
             args += [
-                entry.fields[name] if event or name not in _EVENT_PARTS else b""
+                entry.fields.get(name, _LEGACY_DEFAULTS.get(name, b""))
+                if event or name not in _EVENT_PARTS
+                else b""
                 for name in ENTRY_FIELDS
             ]
         reply = await self._credit(keys=script_keys, args=args)
@@ -225,18 +234,27 @@ class Crediting:
         return len(entries)
 
     def _entry_keys(self, target: int, entry: Entry) -> tuple[list[str], bool]:
-        """(creator wallet, held, room record, room log; whether the room gets the event).
-        Without an event the record and log are the wallet's name, untouched. A room of
-        another partition than its creator (never from the gateway: a room id is its creator's
-        id) gets no event: its keys would sit on another slot and stop this source for good."""
+        """(creator wallet, held, room record, room log, session board, then the creator's
+        boards and names; whether the room gets the event). A room of another partition than
+        its creator (never from the gateway: a room id is its creator's id) gets no event and
+        no session count: its keys would sit on another slot and stop this source for good,
+        so its record, log and session board are the wallet's name, untouched."""
+        ks = self._keys
         creator = entry.creator
-        if self._keys.partition(creator) != target:
+        if ks.partition(creator) != target:
             raise ValueError(f"outbox of partition {target} holds creator {creator}")
-        wallet, held = self._keys.wallet(creator), self._keys.held(creator)
+        wallet, held = ks.wallet(creator), ks.held(creator)
+        boards = [
+            ks.board_week_prefix(creator),
+            ks.board_names(creator),
+            ks.board_creators_day_prefix(target),
+            ks.board_creator_names(target),
+        ]
         room = entry.room
-        if not entry.fields.get("room_json") or self._keys.partition(room) != target:
-            return [wallet, held, wallet, wallet], False
-        return [wallet, held, self._keys.room(room), self._keys.room_log(room)], True
+        if ks.partition(room) != target:
+            return [wallet, held, wallet, wallet, wallet, *boards], False
+        room_keys = [ks.room(room), ks.room_log(room), ks.board_session(room)]
+        return [wallet, held, *room_keys, *boards], bool(entry.fields.get("room_json"))
 
     def _held_back(self) -> None:
         if self._metrics is not None:

@@ -17,6 +17,17 @@
     giftstream:payout_claim:IK       hash, Redis Cluster only: owner (the creator), params
                                      (the diamonds), ts: the key's claim, likewise
     giftstream:ledger                stream: one entry per movement, field `data` (configurable)
+    giftstream:board:session:R       zset: sender -> coins gifted in room R's live session now
+                                     (emptied when R goes live; counted by the script that
+                                     credits R's creator, once per gift)
+    giftstream:board:week:C:W        zset: sender -> coins gifted to creator C in the ISO week
+                                     whose Monday is epoch day W (UTC); expires 15 days on
+    giftstream:board:creators_day:D  zset: creator -> coins received on epoch day D (UTC), one
+                                     per partition on a cluster; expires 3 days on
+    giftstream:board:names:R         hash: user -> display name as JSON text, for the members
+                                     of room R's session and week boards (R's creator's keys)
+    giftstream:board:creator_names   hash: creator -> display name as JSON text, for the
+                                     creators_day boards (one per partition on a cluster)
     giftstream:{pCC}:credited        hash, Redis Cluster only: partition CC's credit cursors,
                                      field pSS = the last ledger id of partition SS credited
     giftstream:partitions            string, Redis Cluster only: the partition count, set
@@ -257,6 +268,34 @@ class KeySpace:
         """The live-room set the room belongs in: its creator's partition's, so the room
         scripts touch it with the room's keys on one shard (one Redis: the one set)."""
         return self._of(room_id, LIVE_ROOMS.removeprefix(PREFIX))
+
+    # ---- leaderboards: counted by the script that credits the creator, in the creator's ----
+    # partition. A board of a period is named by its prefix and the period's epoch day (the
+    # week's Monday), which the script appends itself from the gift's own time: the period
+    # is the settlement's, not a gateway clock's.
+
+    def board_session(self, room_id: str) -> str:
+        return self._of(room_id, f"board:session:{room_id}")
+
+    def board_week_prefix(self, creator: str) -> str:
+        return self._of(creator, f"board:week:{creator}:")
+
+    def board_week(self, creator: str, week: int) -> str:
+        """The ISO week whose Monday is epoch day `week` (keys.iso_week)."""
+        return f"{self.board_week_prefix(creator)}{week}"
+
+    def board_creators_day_prefix(self, partition: int) -> str:
+        return f"{PREFIX}{self.tag(partition)}board:creators_day:"
+
+    def board_creators_day(self, partition: int, day: int) -> str:
+        """Creators of `partition` by coins received on epoch day `day`."""
+        return f"{self.board_creators_day_prefix(partition)}{day}"
+
+    def board_names(self, room_id: str) -> str:
+        return self._of(room_id, f"board:names:{room_id}")
+
+    def board_creator_names(self, partition: int) -> str:
+        return f"{PREFIX}{self.tag(partition)}board:creator_names"
 
     def all_live_rooms(self) -> list[str]:
         """Every partition's live-room set, partition 0 first: readers take their union (and

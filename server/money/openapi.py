@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from giftstream.protocol.rules import ID_CHARS, MAX_AMOUNT
+from giftstream.protocol.rules import BOARDS, ID_CHARS, MAX_AMOUNT
 from giftstream.protocol.signing import SIGNATURE_HEADER
 
 __all__ = ["OPENAPI_PATH", "openapi_document"]
@@ -57,7 +57,7 @@ def _errors(*codes: str) -> dict[str, Schema]:
         "400": "the body or a field is invalid (`bad_request`)",
         "401": "the signature is missing, malformed, stale or wrong (`bad_signature`)",
         "403": "refused for the user's age (`underage`)",
-        "404": "no such receipt (`unknown_receipt`)",
+        "404": "no such receipt (`unknown_receipt`) or room (`unknown_room`)",
         "409": "refused by the stored state (the `error` code says which rule)",
         "413": "the body is over 64 KiB (`payload_too_large`)",
         "422": "refused by the catalog (`unknown_package`, `below_minimum`)",
@@ -176,6 +176,24 @@ _SCHEMAS: dict[str, Schema] = {
             },
         }
     ),
+    "Leaderboard": _object(
+        {
+            "board": {"enum": list(BOARDS)},
+            "room": {"oneOf": [_ID, {"type": "null"}]},
+            "entries": {
+                "type": "array",
+                "maxItems": 10,
+                "items": _object(
+                    {
+                        "rank": {"type": "integer", "minimum": 1, "maximum": 10},
+                        "user": _ID,
+                        "name": {"type": "string"},
+                        "coins": _COUNT,
+                    }
+                ),
+            },
+        }
+    ),
     "Health": _object({"ok": {"type": "boolean"}, "redis": {"enum": ["up", "down"]}}),
 }
 
@@ -226,6 +244,29 @@ def openapi_document() -> dict[str, Any]:
         },
         "/v1/catalog": {
             "get": _operation("The gifts and the coin packages", _ref("Catalog"), _READ_ERRORS)
+        },
+        "/v1/leaderboards/{board}": {
+            "get": _operation(
+                "A leaderboard's top 10: session or week of a room, creators_day of none",
+                _ref("Leaderboard"),
+                (*_READ_ERRORS, "404"),
+                parameters=[
+                    {
+                        "name": "board",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": list(BOARDS)},
+                    },
+                    {
+                        "name": "room",
+                        "in": "query",
+                        "required": False,
+                        "description": "the room (its creator's id): required by session and"
+                        " week, refused by creators_day (400)",
+                        "schema": _ID,
+                    },
+                ],
+            )
         },
         OPENAPI_PATH: {"get": _operation("This document", {"type": "object"}, (), signed=False)},
         "/healthz": {method: _health(method) for method in ("get", "head")},

@@ -30,6 +30,7 @@ class Reason(StrEnum):
     DEBT = "debt"
     SPENDING_LIMIT = "spending_limit"
     ROOM_NOT_LIVE = "room_not_live"  # a gift to a room that has ended (on any gateway)
+    UNKNOWN_ROOM = "unknown_room"  # a leaderboard of a room that was never opened
     PAYOUT_HELD = "payout_held"  # the diamonds asked for are still on hold (chargebacks)
     PAYOUT_CAP = "payout_cap"  # past the creator's daily payout cap
     UNAVAILABLE = "unavailable"  # storage unreachable

@@ -52,6 +52,7 @@ from giftstream.server import scripts
 from giftstream.server.metrics import Metrics
 from giftstream.server.money import keys
 from giftstream.server.money.batcher import ScriptBatcher
+from giftstream.server.money.boards import Boards
 from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
 from giftstream.server.money.claims import Claims
 from giftstream.server.money.refusal import Reason, Refusal
@@ -106,6 +107,7 @@ class GiftRoom:
     sender_json: bytes
     gift_json: bytes
     log_size: int
+    name_json: bytes = b""  # the sender's name as JSON text, for the boards ('': the id)
 
     @property
     def event_args(self) -> tuple[bytes, bytes, bytes, int]:
@@ -268,6 +270,11 @@ class Wallet:
             else {}
         )
 
+    @functools.cached_property
+    def boards(self) -> Boards:
+        """The leaderboards this wallet's gifts count on, read by the same money time."""
+        return Boards(self._redis, self._keys, clock=self._clock)
+
     async def load_scripts(self) -> None:
         """Load every script up front; a later NOSCRIPT (Redis restarted or flushed) reloads it."""
         for script in self._scripts.values():
@@ -314,7 +321,9 @@ class Wallet:
         from it by a dropped connection. The result's `ts` is the ledger entry's.
 
         `in_room` (the gateway's gifts): the room must be live (else `room_not_live`), and
-        when it names a log the gift's event is written there with the settlement. Without
+        when it names a log the gift's event is written there with the settlement. A first
+        settlement counts on the leaderboards (boards.py) where the creator is credited: the
+        week's and the day's always, the room's session board only for a gift `in_room`. Without
         it (money-only callers: tools, tests) no room is checked or written.
 
         On a cluster the room's record is on the creator's shard: it is read before the
@@ -355,23 +364,29 @@ class Wallet:
 
         room_args = _NO_ROOM_ARGS if in_room is None else in_room.event_args
         if self._cluster is None:
+            ks = self._keys
             creator_keys = [
-                self._keys.wallet(creator),
-                self._keys.held(creator),
+                ks.wallet(creator),
+                ks.held(creator),
                 "" if in_room is None else in_room.record,
                 "" if in_room is None else in_room.log,
                 "",  # no credit outbox: the creator is credited here
+                "" if in_room is None else ks.board_session(room),
+                ks.board_week_prefix(creator),
+                ks.board_names(creator),
+                ks.board_creators_day_prefix(ks.partition(creator)),
+                ks.board_creator_names(ks.partition(creator)),
             ]
             ledger = self._ledger_key
         else:
             outbox = self._keys.credit_outbox(
                 self._keys.partition(sender), self._keys.partition(creator)
             )
-            creator_keys = [outbox] * 5  # the creator's keys are on another shard
+            creator_keys = [outbox] * 10  # the creator's keys are on another shard
             ledger = self._keys.ledger_of(sender)
             if in_room is None or not in_room.log:
                 room_args = _NO_ROOM_ARGS  # no log: the hub publishes the event itself
-        wallet, held, record, log_key, outbox_key = creator_keys
+        wallet, held, record, log_key, outbox_key, *board_keys = creator_keys
         return await self._movement(
             "send_gift",
             [
@@ -384,6 +399,7 @@ class Wallet:
                 record,
                 log_key,
                 outbox_key,
+                *board_keys,
             ],
             [
                 event,
@@ -402,6 +418,8 @@ class Wallet:
                 keys.COMBO_TTL_MS,
                 self.payout_hold_days,
                 *room_args,
+                "" if in_room is None else in_room.name_json,
+                int(in_room is not None),
             ],
             settled,
         )

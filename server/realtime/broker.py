@@ -15,7 +15,9 @@ seq bound lives in Redis so a room's seq never goes backwards, even across a cra
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -24,12 +26,16 @@ from types import TracebackType
 from typing import Any, NamedTuple, Protocol, Self
 
 from giftstream.protocol.codec import encode_event
-from giftstream.protocol.events import RoomEnded, ViewersEvent
+from giftstream.protocol.events import Leader, LeadersEvent, RoomEnded, ViewersEvent
 from giftstream.server.money import keys
+from giftstream.server.money.boards import Boards
 from giftstream.server.redis_cluster import RedisClient
 
 SEQ_BLOCK = 1024  # seqs reserved per Redis write
 GIFTS_REMEMBERED = 4096  # gift event ids a room remembers having published, newest kept
+LEADERS_GAP_S = 1.0  # a room's `leaders` events are at least this far apart
+LEADERS_WATCH_S = 3.0  # after a gift, its room's top 3 is checked this long (its count may
+# land on a cluster's board up to a second after the gift is published)
 
 Event = dict[str, Any]
 MakeEvent = Callable[[int], Event]  # builds a room event given its seq
@@ -39,11 +45,13 @@ Deliver = Callable[[str, Sequence[bytes]], None]  # (room id, one tick's encoded
 LIVE_ROOMS_KEY = keys.LIVE_ROOMS  # one Redis's live-room set (a cluster: one per partition)
 
 # A room's keys are named by the broker's `keys.KeySpace`: `room(id)` the room's hash (its
-# record: creator, title, live, started, creator_seen; the memory broker's seq bound
-# `seq_reserved`, the Redis broker's last seq `seq`, the viewer count last announced
-# `viewers_announced`), `room_log(id)` the Redis broker's log (a stream of its events, entry
-# ID 0-<seq>, fields `t` event type and `d` the encoded event), `room_presence(id)` its
-# viewers per gateway (field gateway id, value `<users>:<expires ms>`).
+# record: creator, title, live, started, opened (Redis's clock), creator_seen, creator_name
+# (JSON text, for the boards), leaders and leaders_at (the last `leaders` top, JSON, and
+# when); the memory broker's seq bound `seq_reserved`, the Redis broker's last seq `seq`,
+# the viewer count last announced `viewers_announced`), `room_log(id)` the Redis broker's
+# log (a stream of its events, entry ID 0-<seq>, fields `t` event type and `d` the encoded
+# event), `room_presence(id)` its viewers per gateway (field gateway id, value
+# `<users>:<expires ms>`).
 
 
 class History(NamedTuple):
@@ -135,6 +143,12 @@ class Broker(PresenceManager, Protocol):
         has changed since it was last announced."""
         ...
 
+    def announce_leaders(self, room_id: str) -> None:
+        """When the room has had gifts: at the next flush, a `leaders` event if the session
+        board's top 3 changed since last published and a second has passed since (else it is
+        asked again at the next announce). Once per change, whichever gateway asks."""
+        ...
+
     async def end_room(self, room_id: str, *, idle_ms: int | None = None) -> bool:
         """End the room: its queued events, then `room_ended`, its last, delivered like any
         event; Redis then no longer has it live. With `idle_ms`, only if its creator has not
@@ -159,6 +173,12 @@ class _RoomLog:
     outbox: list[Event] = field(default_factory=list)
     connections: int = 0
     viewers_announced: int = 0
+    # `leaders`: the top 3 last published and when (loop time); until when a gift's board
+    # count may still land (a cluster credits within a second); checks due at the flush
+    leaders: tuple[Leader, ...] = ()
+    leaders_at: float = -math.inf
+    watch_until: float = math.inf  # a followed room is checked once at its first announce
+    leaders_check: bool = False
 
 
 class MemoryBroker:
@@ -179,6 +199,7 @@ class MemoryBroker:
         self.keyspace = keyspace
         self._rooms: dict[str, _RoomLog] = {}
         self._dirty: dict[str, _RoomLog] = {}
+        self._boards = Boards(redis, keyspace)
 
     async def __aenter__(self) -> Self:
         return self
@@ -235,11 +256,15 @@ class MemoryBroker:
     def publish(self, room_id: str, make_event: MakeEvent) -> None:
         log = self._rooms[room_id]
         log.seq += 1
-        log.outbox.append(make_event(log.seq))
+        event = make_event(log.seq)
+        log.outbox.append(event)
         self._dirty[room_id] = log
+        if event["type"] == "gift":
+            log.watch_until = time.monotonic() + LEADERS_WATCH_S
 
     async def flush(self, room_ids: Collection[str] | None = None) -> None:
         if room_ids is None:
+            await self._check_leaders()
             logs = list(self._dirty.values())
             self._dirty.clear()
         else:
@@ -312,6 +337,36 @@ class MemoryBroker:
     def gift_log(self, room_id: str) -> str:
         return ""
 
+    def announce_leaders(self, room_id: str) -> None:
+        """Checked at the flush while a gift's count may still be landing on the board, or
+        while the last change waits for its second: this process is the room's only one."""
+        log = self._rooms[room_id]
+        if time.monotonic() <= log.watch_until:
+            log.leaders_check = True
+            if log.watch_until == math.inf:
+                log.watch_until = -math.inf  # the first announce's check, done
+
+    async def _check_leaders(self) -> None:
+        """The rooms' session top 3 read from Redis (where the money counts them); a changed
+        one is published, at most once a second a room."""
+        due = [log for log in self._rooms.values() if log.leaders_check]
+        if not due:
+            return
+        for log in due:
+            log.leaders_check = False
+        tops = await asyncio.gather(*(self._boards.leaders(log.room_id) for log in due))
+        now = time.monotonic()
+        for log, top in zip(due, tops, strict=True):
+            leaders = tuple(Leader(e.user, e.name, e.coins) for e in top)
+            if self._rooms.get(log.room_id) is not log or leaders == log.leaders:
+                continue
+            if now - log.leaders_at < LEADERS_GAP_S:
+                wait_until = log.leaders_at + LEADERS_GAP_S + LEADERS_WATCH_S
+                log.watch_until = max(log.watch_until, wait_until)
+                continue
+            log.leaders, log.leaders_at = leaders, now
+            self.publish(log.room_id, functools.partial(_leaders_event, log.room_id, leaders))
+
     def announce_viewers(self, room_id: str) -> None:
         log = self._rooms[room_id]
         if log.connections != log.viewers_announced:
@@ -336,6 +391,10 @@ class MemoryBroker:
 
     def presence(self, room_id: str) -> int:
         return self._rooms[room_id].connections
+
+
+def _leaders_event(room_id: str, top: tuple[Leader, ...], seq: int) -> Event:
+    return LeadersEvent(room=room_id, seq=seq, top=top).as_dict()
 
 
 def _viewers_event(room_id: str, count: int, seq: int) -> Event:

@@ -26,7 +26,7 @@ import orjson
 from redis.exceptions import NoScriptError
 from websockets.asyncio.server import ServerConnection
 
-from giftstream.protocol.codec import is_room_ended, join_room_frame
+from giftstream.protocol.codec import is_room_ended, join_room_frame, text_json
 from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.protocol.events import Joined, LiveRoom
 from giftstream.protocol.rules import ALL_ROOMS
@@ -164,9 +164,10 @@ class Hub:
             )
         return rooms
 
-    async def go_live(self, creator: str, title: str, now_ms: int) -> Room:
+    async def go_live(self, creator: str, title: str, now_ms: int, name: str = "") -> Room:
         """Open the creator's room (their room id is their user id), from any gateway; live
-        again is a no-op that keeps the room and updates its title."""
+        again is a no-op that keeps the room and updates its title. `name`, the creator's
+        display name, is what the creators_day board shows for them."""
         room = self.rooms.get(creator)
         if room is not None:
             if title and title != room.title:
@@ -176,9 +177,10 @@ class Hub:
         if not self.broker.shared:
             # the seq first: Redis never records a room live that this node could not number
             await self.broker.subscribe(creator, self._deliver)
+        ks = self.keyspace
         opened, stored_title, started = await self._open(
-            keys=[self.keyspace.room(creator), self.keyspace.live_rooms_of(creator)],
-            args=[creator, title, now_ms],
+            keys=[ks.room(creator), ks.live_rooms_of(creator), ks.board_session(creator)],
+            args=[creator, title, now_ms, text_json(name) if name else b""],
         )
         if creator in self.rooms:  # two go_live from the same creator raced; keep the first
             return self.rooms[creator]
@@ -387,9 +389,12 @@ class Hub:
         return self.broker.first_publication(room.id, event, ts_ms, replayed=replayed)
 
     def announce_viewers(self) -> None:
-        """A `viewers` event for each room whose count changed since it was last announced."""
+        """A `viewers` event for each room whose count changed since it was last announced,
+        and a `leaders` check for each room that had gifts (the broker knows which)."""
+        broker = self.broker
         for room_id in self.rooms:
-            self.broker.announce_viewers(room_id)
+            broker.announce_viewers(room_id)
+            broker.announce_leaders(room_id)
 
     async def flush(self) -> None:
         """Send every room's queued events, one frame per room; drop the rooms that ended."""

@@ -15,6 +15,9 @@ at-most-once, can miss nothing: the next read starts after the last entry read.
 
 History for `since` is the tail of the log this gateway has read, kept as bytes, so a `since`
 join and the live stream after it meet with no gap and no repeat, as with the memory broker.
+`leaders`: a gateway that reads a gift in a room's log asks `room_publish` (op 'l') at its
+next announce to compare the session board's top 3 with the last published, kept in the
+room's record; whichever gateway asks first after a change writes the one event.
 Presence: this gateway's users per room, in the room's presence hash with an expiry (Redis
 TIME), summed by `room_publish` ('v'), which announces `viewers` only on change: a dead
 gateway's viewers leave the count when its fields expire.
@@ -48,6 +51,9 @@ from giftstream.server.redis_cluster import RedisClient
 log = logging.getLogger(__name__)
 
 ROOM_ENDED = b"room_ended"
+GIFT = b"gift"
+LEADERS_GAP_MS = 1000  # a room's `leaders` events are at least this far apart
+LEADERS_TOO_SOON = 2  # room_publish's answer to 'l': changed, within the gap
 MAX_READS = 8  # XREADs a flush makes for a room that has more than one read's worth waiting
 
 
@@ -69,6 +75,7 @@ class _Followed:
     users: int = 0  # this gateway's viewers now
     written: int = 0  # this gateway's viewers as its presence field in Redis says
     remote: int = 0  # the other gateways' viewers, as last summed
+    leaders_due: bool = True  # a gift was read (or a check came too soon): check `leaders`
 
 
 class RedisBroker:
@@ -192,6 +199,14 @@ class RedisBroker:
         if b"v" not in followed.ops:
             followed.ops.append(b"v")
 
+    def announce_leaders(self, room_id: str) -> None:
+        """After a gift this gateway read in the room: `room_publish` compares the session's
+        top 3 with the one last published by any gateway, so one event goes out per change."""
+        followed = self._rooms[room_id]
+        if followed.leaders_due:
+            followed.leaders_due = False
+            followed.ops.extend((b"l", LEADERS_GAP_MS))
+
     async def end_room(self, room_id: str, *, idle_ms: int | None = None) -> bool:
         """One `room_publish` with the room's queued events and the end; then, if the room is
         followed here, its `room_ended` is read and delivered before this returns."""
@@ -229,6 +244,8 @@ class RedisBroker:
             ks.room_log(room_id),
             ks.room_presence(room_id),
             ks.live_rooms_of(room_id),
+            ks.board_session(room_id),
+            ks.board_names(room_id),
         ]
         return keys_, [self.history_size, room_id, room_json, *ops]
 
@@ -284,6 +301,8 @@ class RedisBroker:
                     followed.ops[:0] = ops  # written next tick
                 else:
                     self._note_viewers(followed, reply, followed.written)
+                    if int(reply[4]) == LEADERS_TOO_SOON:
+                        followed.leaders_due = True
             read: list[Any] = []
             for reply in replies:  # the XREADs, one per partition
                 if isinstance(reply, BaseException):
@@ -321,6 +340,8 @@ class RedisBroker:
                 seq = _seq_of(entry_id)
                 if seq <= followed.top_seq:
                     continue
+                if fields.get(b"t") == GIFT:
+                    followed.leaders_due = True
                 if seq != followed.top_seq + 1:
                     # trimmed away before this gateway read them: viewers see the gap in
                     # seq, and history restarts here so a `since` never skips it silently

@@ -6,7 +6,8 @@ from __future__ import annotations
 from giftstream.protocol.errors import ErrorCode, ProtocolError
 from giftstream.server.money.refusal import Reason, Refusal
 
-# The gift path's refusals: no other WebSocket request reaches the money layer.
+# The gift path's and the leaderboard request's refusals: no other WebSocket request reaches
+# the money layer.
 _ERROR_CODES: dict[Reason, ErrorCode] = {
     Reason.BAD_REQUEST: ErrorCode.BAD_REQUEST,
     Reason.BAD_COUNT: ErrorCode.BAD_COUNT,
@@ -16,6 +17,7 @@ _ERROR_CODES: dict[Reason, ErrorCode] = {
     Reason.SPENDING_LIMIT: ErrorCode.SPENDING_LIMIT,
     Reason.INSUFFICIENT_COINS: ErrorCode.INSUFFICIENT_COINS,
     Reason.ROOM_NOT_LIVE: ErrorCode.ROOM_NOT_LIVE,
+    Reason.UNKNOWN_ROOM: ErrorCode.UNKNOWN_ROOM,
 }
 
 

@@ -21,7 +21,13 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from giftstream.protocol.codec import encode_error, encode_reply, gift_json, sender_json
+from giftstream.protocol.codec import (
+    encode_error,
+    encode_reply,
+    gift_json,
+    sender_json,
+    text_json,
+)
 from giftstream.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from giftstream.protocol.events import (
     BalanceReply,
@@ -30,6 +36,8 @@ from giftstream.protocol.events import (
     Ended,
     GiftEvent,
     GiftOk,
+    Leader,
+    LeaderboardReply,
     Left,
     Live,
     Pong,
@@ -41,6 +49,7 @@ from giftstream.protocol.messages import (
     EndLive,
     GetBalance,
     GetCatalog,
+    GetLeaderboard,
     GoLive,
     Hello,
     Join,
@@ -52,6 +61,7 @@ from giftstream.protocol.messages import (
 )
 from giftstream.server.config import Limits
 from giftstream.server.metrics import Metrics
+from giftstream.server.money.boards import board_of
 from giftstream.server.money.catalog import Catalog, Gift
 from giftstream.server.money.refusal import Refusal
 from giftstream.server.money.wallet import GiftRoom, SettledGift, Wallet
@@ -363,6 +373,16 @@ class Session:
     async def on_catalog(self, message: GetCatalog) -> CatalogReply:
         return _catalog_reply(self.parts.catalog)
 
+    async def on_leaderboard(self, message: GetLeaderboard) -> LeaderboardReply:
+        """A board's top 10 (boards.py): any authenticated user, any room ever opened."""
+        board, room = board_of(message.board, message.room)
+        entries = await self.parts.wallet.boards.top(board, room)  # a Refusal maps in _outcome
+        return LeaderboardReply(
+            board=board.value,
+            room=room,
+            entries=tuple(Leader(e.user, e.name, e.coins, e.rank) for e in entries),
+        )
+
     async def on_join(self, message: Join) -> None:
         hub = self.parts.hub
         if message.since is not None:
@@ -386,7 +406,8 @@ class Session:
     async def on_go_live(self, message: GoLive) -> Live:
         if not self.user.can_go_live:
             raise ProtocolError(ErrorCode.FORBIDDEN, "only creators can go live")
-        room = await self.parts.hub.go_live(self.user.user, message.title, now_ms())
+        user = self.user
+        room = await self.parts.hub.go_live(user.user, message.title, now_ms(), user.name)
         return Live(room=room.id)
 
     async def on_end_live(self, message: EndLive) -> Ended:
@@ -476,6 +497,7 @@ class Session:
             sender_json=self._sender_json,
             gift_json=_gift_json(gift),
             log_size=self.parts.limits.history_size,
+            name_json=text_json(sender.name),
         )
 
         def publish(settled: SettledGift) -> None:
@@ -561,4 +583,5 @@ _HANDLERS: dict[type[Any], Callable[[Session, Any], Awaitable[Any]]] = {
     Ping: Session.on_ping,
     GetCatalog: Session.on_catalog,
     Hello: Session.on_hello_again,
+    GetLeaderboard: Session.on_leaderboard,
 }

@@ -8,6 +8,8 @@ asks another partition count than the data's is refused in one line."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from redis.cluster import RedisCluster as SyncRedisCluster
 from giftstream.server.money import keys
 from tests.conftest import JWT_SECRET, WEBHOOK_SECRET
 from tests.e2e.gateways import Member, gateway, gateway_args, start, stop_all
-from tests.helpers import AdminClient, TokenMaker, WsClient
+from tests.helpers import AdminClient, Frame, TokenMaker, WsClient
 from tests.processes import ServerProcess, run_cli
 
 ROOMS = ("cara", "dan")  # a room id is its creator's id: these sit in different partitions
@@ -162,6 +164,32 @@ async def test_gifts_on_a_cluster_reach_both_gateways_once(
         for member in members:
             assert member.gift_events() == dict.fromkeys(acked, 1), member.user
             assert member.seq_hole() is None, member.seq_hole()
+        # the boards, counted by credit.lua on the room's shard: 3 hearts (15 coins) each,
+        # ties by id; one `leaders` event per change, the same on both gateways
+        top = [("sa", 15), ("sb", 15)]
+
+        def leaders_of(member: Member) -> list[Frame]:
+            return [e for e in member.events() if e["type"] == "leaders"]
+
+        def final(member: Member) -> bool | None:
+            events = leaders_of(member)
+            if not events:
+                return None
+            return [(e["user"], e["coins"]) for e in events[-1]["top"]] == top or None
+
+        for viewer in viewers.values():
+            assert viewer.client is not None
+            await viewer.client.wait_until(functools.partial(final, viewer), DEADLINE_S, "leaders")
+        assert leaders_of(viewers["a"]) == leaders_of(viewers["b"])
+        tops = [e["top"] for e in leaders_of(viewers["a"])]
+        assert all(x != y for x, y in itertools.pairwise(tops)), tops
+        async with AdminClient(b.admin_url, WEBHOOK_SECRET) as admin:
+            status, board = await admin.call("GET", "/v1/leaderboards/session?room=cara")
+        assert status == 200
+        assert [(e["rank"], e["user"], e["coins"]) for e in board["entries"]] == [
+            (1, "sa", 15),
+            (2, "sb", 15),
+        ]
     finally:
         for member in members:
             await member.close()

@@ -75,6 +75,9 @@ class CreditingMachine(RuleBasedStateMachine):
         ]
         self.rounds: list[Round | None] = [None, None]
         self.gifts = 0
+        seconds, _ = self.run(self.redis.time())
+        self.now_ms = int(seconds) * 1000  # the boards' day (a test run crossing midnight
+        # would fail the day board's check: rare, and says so)
 
     def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -92,7 +95,7 @@ class CreditingMachine(RuleBasedStateMachine):
                     SPACE.gift_key(sender, key),
                     SPACE.combo(sender, creator),
                     SPACE.ledger_of(sender),
-                    *[outbox] * 4,
+                    *[outbox] * 9,  # the creator's keys and boards: on its own shard
                 ],
                 args=[
                     f"ev{self.gifts}",
@@ -114,6 +117,8 @@ class CreditingMachine(RuleBasedStateMachine):
                     json.dumps({"id": sender, "name": sender}),
                     '{"id":"rose","name":"Rose","coins":7,"animation":"rose.webp"}',
                     100,
+                    json.dumps(sender.upper()),  # the sender's name, for the boards
+                    1,  # sent in the room: counts on its session board
                 ],
             )
         )
@@ -168,6 +173,16 @@ class CreditingMachine(RuleBasedStateMachine):
             seqs = [int(json.loads(fields[b"d"])["seq"]) for _, fields in log]
             assert seqs == list(range(1, len(seqs) + 1)), (creator, seqs)
             assert len(seqs) * ECONOMICS.diamonds_for(7) == covered[creator], creator
+            # the boards count each credited gift once, with its credit (7 coins each)
+            session: Any = self.run(
+                self.redis.zrange(SPACE.board_session(creator), 0, -1, withscores=True)
+            )
+            assert sum(score for _, score in session) == 7 * len(seqs), creator
+            p = SPACE.partition(creator)
+            day: Any = self.run(
+                self.redis.zscore(SPACE.board_creators_day(p, keys.epoch_day(self.now_ms)), creator)
+            )
+            assert (day or 0) == 7 * len(seqs), creator
 
     def teardown(self) -> None:
         try:

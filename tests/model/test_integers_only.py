@@ -240,6 +240,11 @@ RAW_CALLS: dict[str, RawCall] = {
             keys.SINGLE.room("cara"),  # live (setup_raw); the gateway's call under the Redis broker
             keys.SINGLE.room_log("cara"),
             "",  # no credit outbox: one Redis
+            keys.SINGLE.board_session("cara"),
+            keys.SINGLE.board_week_prefix("cara"),
+            keys.SINGLE.board_names("cara"),
+            keys.SINGLE.board_creators_day_prefix(0),
+            keys.SINGLE.board_creator_names(0),
         ],
         [
             "ev-1",
@@ -261,6 +266,8 @@ RAW_CALLS: dict[str, RawCall] = {
             '{"id":"ann","name":"Ann"}',
             '{"id":"heart","name":"Heart","coins":5,"animation":"heart.webp"}',
             1024,
+            '"Ann"',  # the sender's name for the boards
+            1,  # sent in the room: counts on its session board
         ],
         {
             7: "count",
@@ -272,6 +279,7 @@ RAW_CALLS: dict[str, RawCall] = {
             14: "combo_ttl",
             15: "hold_days",
             19: "log_size",
+            21: "in_room",
         },
     ),
     "purchase": RawCall(

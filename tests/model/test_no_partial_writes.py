@@ -125,6 +125,7 @@ IN_ROOM = GiftRoom(
     sender_json=b'{"id":"ann","name":"Ann"}',
     gift_json=b'{"id":"heart","name":"Heart","coins":5,"animation":"heart.webp"}',
     log_size=1024,
+    name_json=b'"Ann"',
 )
 
 
@@ -317,6 +318,10 @@ RECEIPT_NEW, RECEIPT_OLD = keys.SINGLE.receipt("rc-np-1"), keys.SINGLE.receipt(R
 PAYOUT_RECORD = keys.SINGLE.payout("payout-key-np")
 SEEN, TOTALS = keys.SINGLE.earnings_seen("cara", DAY), keys.SINGLE.earnings("cara")
 WRONGTYPE = "error:WRONGTYPE"
+SESSION_BOARD = keys.SINGLE.board_session("cara")
+WEEK_BOARD = keys.SINGLE.board_week("cara", keys.iso_week(TODAY))
+DAY_BOARD = keys.SINGLE.board_creators_day(0, TODAY)
+NAMES, CREATOR_NAMES = keys.SINGLE.board_names("cara"), keys.SINGLE.board_creator_names(0)
 
 CASES = [
     # send_gift: key, debt, age, daily and weekly limits, balance; then ledger, sender,
@@ -462,6 +467,45 @@ CASES = [
         "error:not numbered 0-<seq>",
     ),
     Case("send_gift", "room record is a list", WrongType(ROOM, "list"), send_gift(), WRONGTYPE),
+    # the boards: each key's type is read before the first write
+    Case(
+        "send_gift",
+        "session board is a hash",
+        WrongType(SESSION_BOARD, "hash"),
+        send_gift(),
+        "error:not a zset",
+    ),
+    Case(
+        "send_gift",
+        "week board is a list",
+        WrongType(WEEK_BOARD, "list"),
+        send_gift(),
+        "error:not a zset",
+    ),
+    Case(
+        "send_gift",
+        "creators_day board is a set",
+        WrongType(DAY_BOARD, "set"),
+        send_gift(),
+        "error:not a zset",
+    ),
+    Case(
+        "send_gift", "names are a list", WrongType(NAMES, "list"), send_gift(), "error:not a hash"
+    ),
+    Case(
+        "send_gift",
+        "creator names are a string",
+        WrongType(CREATOR_NAMES, "string"),
+        send_gift(),
+        "error:not a hash",
+    ),
+    Case(
+        "send_gift",
+        "corrupt creator name",
+        hset(ROOM, creator_name="<b>Cara"),
+        send_gift(),
+        "error:not JSON text",
+    ),
     Case(
         "send_gift", "room log is a string", WrongType(ROOM_LOG, "string"), send_gift(), WRONGTYPE
     ),
@@ -775,7 +819,21 @@ async def test_a_failed_script_writes_nothing(
 
 # The keys each script writes (server/lua/*.lua, every redis.call that writes).
 WRITES = {
-    "send_gift": {keys.LEDGER, SENDER, CREATOR, HELD, GIFT_RECORD, COMBO, ROOM, ROOM_LOG},
+    "send_gift": {
+        keys.LEDGER,
+        SENDER,
+        CREATOR,
+        HELD,
+        GIFT_RECORD,
+        COMBO,
+        ROOM,
+        ROOM_LOG,
+        SESSION_BOARD,
+        WEEK_BOARD,
+        DAY_BOARD,
+        NAMES,
+        CREATOR_NAMES,
+    },
     "purchase": {keys.LEDGER, SENDER, RECEIPT_NEW},
     "refund": {keys.LEDGER, SENDER, RECEIPT_OLD},
     "payout": {keys.LEDGER, CREATOR, HELD, PAYOUT_RECORD},

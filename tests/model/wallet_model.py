@@ -150,6 +150,10 @@ class WalletModel:
     receipts: dict[str, Receipt] = field(default_factory=dict)
     payouts: dict[str, PayoutRecord] = field(default_factory=dict)
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    # the leaderboards a money-only gift counts on (the week's and the day's; no session):
+    # board key -> member -> coins, and names hash -> user -> name as JSON text
+    boards: dict[str, dict[str, int]] = field(default_factory=dict)
+    names: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -301,6 +305,15 @@ class WalletModel:
             "spent_week_coins": spent_week + coins,
         }
         self.combos[(sender, room)] = Streak(gift.id, combo, self.now)
+        day = keys.epoch_day(self.now)
+        for board, member in (
+            (keys.SINGLE.board_week(creator, keys.iso_week(day)), sender),
+            (keys.SINGLE.board_creators_day(0, day), creator),
+        ):
+            scores = self.boards.setdefault(board, {})
+            scores[member] = scores.get(member, 0) + coins
+        self.names.setdefault(keys.SINGLE.board_names(creator), {})[sender] = f'"{sender}"'
+        self.names.setdefault(keys.SINGLE.board_creator_names(0), {})[creator] = f'"{creator}"'
         return SettledGift(new_event, after, combo, diamonds, self.now, replayed=False)
 
     def purchase(
@@ -565,6 +578,11 @@ class WalletModel:
                 ),
                 None,
             )
+        for board, scores in self.boards.items():  # ZRANGE order: by score, then member
+            ranked = sorted(scores.items(), key=lambda item: (item[1], item[0].encode()))
+            out[board] = ("zset", [(m, float(c)) for m, c in ranked], 1)
+        for name, users in self.names.items():
+            out[name] = ("hash", dict(users), 1)
         return out
 
 

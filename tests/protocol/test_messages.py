@@ -17,6 +17,7 @@ from giftstream.protocol import (
     ErrorCode,
     GetBalance,
     GetCatalog,
+    GetLeaderboard,
     GoLive,
     Hello,
     Join,
@@ -103,6 +104,7 @@ def test_request_id_on_every_type() -> None:
         {"type": "watch", "rooms": ["*"]},
         {"type": "ping"},
         {"type": "catalog"},
+        {"type": "leaderboard", "board": "week", "room": "r"},
     ]
     for obj in requests:
         message = decode_frame(frame({**obj, "id": "req-9"}))
@@ -122,6 +124,7 @@ def test_message_type_values() -> None:
         "watch",
         "ping",
         "catalog",
+        "leaderboard",
     ]
     assert Watch.type is MessageType.WATCH and SendGift.type is MessageType.GIFT
 
@@ -446,3 +449,26 @@ def _parse_error(obj: dict[str, Any]) -> ProtocolError:
     with pytest.raises(ProtocolError) as caught:
         parse_message(obj)
     return caught.value
+
+
+def test_leaderboard_request() -> None:
+    """session and week name a room; creators_day names none (a room there is refused)."""
+    for board in ("session", "week"):
+        message = decode_frame(frame({"type": "leaderboard", "board": board, "room": "cara"}))
+        assert isinstance(message, GetLeaderboard)
+        assert (message.board, message.room) == (board, "cara")
+    message = decode_frame(frame({"type": "leaderboard", "board": "creators_day"}))
+    assert isinstance(message, GetLeaderboard)
+    assert (message.board, message.room) == ("creators_day", None)
+    bad: list[dict[str, Any]] = [
+        {"type": "leaderboard"},
+        {"type": "leaderboard", "board": "month", "room": "cara"},
+        {"type": "leaderboard", "board": 1, "room": "cara"},
+        {"type": "leaderboard", "board": "session"},
+        {"type": "leaderboard", "board": "week", "room": "not a room"},
+        {"type": "leaderboard", "board": "creators_day", "room": "cara"},
+    ]
+    for obj in bad:
+        with pytest.raises(ProtocolError) as info:
+            decode_frame(frame({**obj, "id": 7}))
+        assert (info.value.code, info.value.request_id) == (ErrorCode.BAD_REQUEST, 7), obj

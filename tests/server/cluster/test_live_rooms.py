@@ -20,20 +20,39 @@ async def test_room_scripts_touch_the_rooms_own_live_set(cluster_url: str) -> No
     opened = script_source("room_open")
     try:
         for creator in ("ann", "cara"):
-            room_keys = [SPACE.room(creator), SPACE.live_rooms_of(creator)]
-            reply = await client.eval(opened, 2, *room_keys, creator, "Show", 1000)
+            room_keys = [
+                SPACE.room(creator),
+                SPACE.live_rooms_of(creator),
+                SPACE.board_session(creator),
+            ]
+            reply = await client.eval(opened, 3, *room_keys, creator, "Show", 1000, "")
             assert reply[0] == 1
-        cara = [SPACE.room("cara"), SPACE.room_log("cara"), SPACE.room_presence("cara")]
+        cara = [
+            SPACE.room("cara"),
+            SPACE.room_log("cara"),
+            SPACE.room_presence("cara"),
+            SPACE.live_rooms_of("cara"),
+            SPACE.board_session("cara"),
+            SPACE.board_names("cara"),
+        ]
         publish = script_source("room_publish")
-        reply = await client.eval(
-            publish, 4, *cara, SPACE.live_rooms_of("cara"), 16, "cara", '"cara"', "end"
-        )
+        reply = await client.eval(publish, 6, *cara, 16, "cara", '"cara"', "end")
         assert reply[1] == 1  # ended by this call
         live: set[bytes | str] = set()
         for live_set in SPACE.all_live_rooms():
             live |= await client.smembers(live_set)
         assert live == {b"ann"}
         with pytest.raises(RedisClusterException, match="same key slot"):
-            await client.eval(opened, 2, SPACE.room("dan"), keys.LIVE_ROOMS, "dan", "", 1000)
+            await client.eval(
+                opened,
+                3,
+                SPACE.room("dan"),
+                keys.LIVE_ROOMS,
+                SPACE.board_session("dan"),
+                "dan",
+                "",
+                1000,
+                "",
+            )
     finally:
         await client.aclose()

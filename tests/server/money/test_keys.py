@@ -57,8 +57,17 @@ def test_a_users_keys_share_one_slot_on_a_cluster() -> None:
         CLUSTER.room_presence("ann"),
         CLUSTER.earnings("ann"),
         CLUSTER.earnings_seen("ann", "2025-11-24"),
+        CLUSTER.board_session("ann"),
+        CLUSTER.board_week_prefix("ann"),
+        CLUSTER.board_week("ann", 20416),
+        CLUSTER.board_names("ann"),
+        CLUSTER.board_creators_day(p, 20416),
+        CLUSTER.board_creator_names(p),
     ]
     assert CLUSTER.wallet("ann") == "giftstream:{p03}:wallet:ann"
+    assert CLUSTER.board_week("ann", 20416) == "giftstream:{p03}:board:week:ann:20416"
+    assert keys.SINGLE.board_session("cara") == "giftstream:board:session:cara"
+    assert keys.SINGLE.board_creators_day(0, 20416) == "giftstream:board:creators_day:20416"
     assert CLUSTER.ledger(p) == "giftstream:{p03}:ledger"
     assert {key_slot(name.encode()) for name in names} == {key_slot(b"{p03}")}
     other = next(f"u{i}" for i in range(100) if CLUSTER.partition(f"u{i}") != p)

@@ -21,6 +21,7 @@ GIFT_PATH = {
     Reason.SPENDING_LIMIT: ErrorCode.SPENDING_LIMIT,
     Reason.INSUFFICIENT_COINS: ErrorCode.INSUFFICIENT_COINS,
     Reason.ROOM_NOT_LIVE: ErrorCode.ROOM_NOT_LIVE,
+    Reason.UNKNOWN_ROOM: ErrorCode.UNKNOWN_ROOM,  # the leaderboard request's
 }
 
 
