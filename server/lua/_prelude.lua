@@ -190,18 +190,24 @@ end
 
 -- The checks of counting one gift at `ms` on the boards (every key's type), before any write;
 -- returns the plan `count_on_boards` carries out. `session` is '' when the gift counts on no
--- session board.
-local function board_plan(session, week_prefix, names, day_prefix, creator_names, ms)
+-- session board; when it counts, it also counts on the room's coins this session, the field
+-- `session_coins` of the room's record `record` (the ops feed's `coins`; room_open.lua sets
+-- it to 0): the same gifts, once, in the same step, so the two always agree.
+local function board_plan(session, record, week_prefix, names, day_prefix, creator_names, ms)
   local day = epoch_day(ms)
   local week = iso_week(day)
   local plan = {
-    session = session, names = names, creator_names = creator_names,
+    session = session, record = record, names = names, creator_names = creator_names,
     week = week_prefix .. string.format('%d', week),
     day = day_prefix .. string.format('%d', day),
     week_ttl = math.max(week * DAY_MS + WEEK_BOARD_MS - ms, 1),
     day_ttl = math.max(day * DAY_MS + DAY_BOARD_MS - ms, 1),
   }
-  if session ~= '' then want_type(session, 'zset') end
+  if session ~= '' then
+    want_type(session, 'zset')
+    want_type(record, 'hash')
+    stored_int(record, 'session_coins')  -- a corrupt total stops the script here, not midway
+  end
   want_type(plan.week, 'zset')
   want_type(plan.day, 'zset')
   want_type(names, 'hash')
@@ -212,6 +218,7 @@ end
 local function count_on_boards(plan, sender, sender_name, creator, creator_name, coins)
   if plan.session ~= '' then
     redis.call('ZINCRBY', plan.session, coins, sender)
+    redis.call('HINCRBY', plan.record, 'session_coins', coins)
   end
   redis.call('ZINCRBY', plan.week, coins, sender)
   redis.call('PEXPIRE', plan.week, plan.week_ttl)

@@ -10,7 +10,8 @@
 -- And the boards, as send_gift.lua counts them on one Redis, by the gift's own time (ts): the
 -- week's and the creators_day board, and, for a gift sent in the room (`session` 1) whose
 -- room is still in the session it was sent in (live, opened by Redis's clock at or before
--- ts: a room ended and opened again since is another session), the session board. An entry
+-- ts: a room ended and opened again since is another session), the session board and the
+-- room's coins this session (its record's `session_coins`). An entry
 -- from before the boards (coins 0) counts on none.
 -- KEYS[1]: the target's cursors hash giftstream:{pCC}:credited; then per entry: creator
 -- wallet, creator's held diamonds, room record, room log, the room's session board, the
@@ -73,7 +74,7 @@ for e = 1, entries do
     if in_room == 1 and live and stored_int(record, 'opened') <= ts then
       session = session_board
     end
-    boards = board_plan(session, week_prefix, names, day_prefix, creator_names, ts)
+    boards = board_plan(session, record, week_prefix, names, day_prefix, creator_names, ts)
     creator_name = name_json(has_room and redis.call('HGET', record, 'creator_name') or '',
       creator)
   end

@@ -1,8 +1,10 @@
 -- Opens a creator's room, from any gateway: live, in the live set, seen now (Redis's clock),
--- its viewer count to be announced afresh, and a new session: its session leaderboard empty
--- and no `leaders` published yet. `opened` is when, by Redis's clock (`started` is the
--- gateway's): credit.lua counts a gift on the session board only if settled since. A room already live stays as it is (its session board
--- too: a live room restored after a restart keeps it); a non-empty title replaces its title.
+-- its viewer count to be announced afresh, and a new session: its session leaderboard empty,
+-- its coins this session (`session_coins`, the ops feed's `coins`) 0 and no `leaders`
+-- published yet. `opened` is when, by Redis's clock (`started` is the gateway's): credit.lua
+-- counts a gift on the session board (and coins) only if settled since. A room already live
+-- stays as it is (its session board and coins too: a live room restored after a restart keeps
+-- them); a non-empty title replaces its title.
 -- KEYS: room record, the live-room set of the room's partition (its slot on a cluster), the
 -- room's session board.
 -- ARGV: creator (the room's id), title, started (ms), the creator's display name as JSON text
@@ -22,7 +24,7 @@ end
 local now = redis_now()
 redis.call('HSET', room_record, 'creator', creator, 'title', title, 'live', '1',
   'started', started, 'opened', now, 'creator_seen', now, 'viewers_announced', 0,
-  'creator_name', creator_name, 'leaders', '[]', 'leaders_at', 0)
+  'creator_name', creator_name, 'leaders', '[]', 'leaders_at', 0, 'session_coins', 0)
 redis.call('SADD', live_set, creator)
 redis.call('DEL', session_board)
 return {1, title, started}

@@ -1,10 +1,10 @@
 -- Settles one gift. Checks in the contract's order: the key (a replay answers with the first
 -- result, even at balance 0, and writes nothing: its event was written the first time), the
 -- room is live, debt, age, daily and weekly limits, balance. Then, and only then: ledger
--- entry, debit, credit, the creator's held diamonds, the boards (a first settlement only: a
--- replay returned above), key record (24 h), the day's and week's spend, the combo, and the
--- gift's event in the room's log. Time, day and week are Redis's
--- own (money_now).
+-- entry, debit, credit, the creator's held diamonds, the boards and the room's coins this
+-- session (a first settlement only: a replay returned above), key record (24 h), the day's
+-- and week's spend, the combo, and the gift's event in the room's log. Time, day and week are
+-- Redis's own (money_now).
 -- KEYS: sender wallet, creator wallet, key record, combo, ledger, creator's held diamonds,
 -- room record ('' for a caller that moves money only: no room check), room log ('' under the
 -- memory broker, whose hub publishes the event itself), credit outbox ('' on one Redis);
@@ -110,7 +110,7 @@ if not cluster then
   _held, due = held_buckets(held_key, today)
   -- the session board counts gifts in a live room (checked above); money-only callers have none
   local session = in_room == 1 and room_record ~= '' and session_board or ''
-  boards = board_plan(session, week_prefix, names, day_prefix, creator_names, now)
+  boards = board_plan(session, room_record, week_prefix, names, day_prefix, creator_names, now)
   creator_name = name_json(room_record ~= '' and redis.call('HGET', room_record, 'creator_name')
     or '', creator)
 end

@@ -178,6 +178,9 @@ class CreditingMachine(RuleBasedStateMachine):
                 self.redis.zrange(SPACE.board_session(creator), 0, -1, withscores=True)
             )
             assert sum(score for _, score in session) == 7 * len(seqs), creator
+            # and the room's coins this session (the ops feed's `coins`) with them
+            total: Any = self.run(self.redis.hget(SPACE.room(creator), "session_coins"))
+            assert int(total or 0) == 7 * len(seqs), creator
             p = SPACE.partition(creator)
             day: Any = self.run(
                 self.redis.zscore(SPACE.board_creators_day(p, keys.epoch_day(self.now_ms)), creator)

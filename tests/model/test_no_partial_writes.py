@@ -501,6 +501,13 @@ CASES = [
     ),
     Case(
         "send_gift",
+        "corrupt room coins this session",
+        hset(ROOM, session_coins="1.5"),
+        send_gift(),
+        "error:not an exact integer",
+    ),
+    Case(
+        "send_gift",
         "corrupt creator name",
         hset(ROOM, creator_name="<b>Cara"),
         send_gift(),
