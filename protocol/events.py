@@ -142,12 +142,16 @@ class Ended:
 
 @dataclass(frozen=True, slots=True)
 class LiveRoom:
-    """A watched room live when `watch` was answered, so a dashboard opened late lists it."""
+    """A watched room live when `watch` was answered, so a dashboard opened late lists it.
+    `coins`: gifted in the room this live session, counting exactly the gifts up to `seq`
+    (the room's seq when it was read), so a dashboard adds only the gift events after it."""
 
     room: str
     creator: str
     title: str
     viewers: int
+    coins: int = 0
+    seq: int = 0
 
     def as_dict(self) -> Wire:
         return {
@@ -155,6 +159,8 @@ class LiveRoom:
             "creator": self.creator,
             "title": self.title,
             "viewers": self.viewers,
+            "coins": self.coins,
+            "seq": self.seq,
         }
 
 

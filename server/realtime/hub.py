@@ -267,27 +267,41 @@ class Hub:
         for room_id in sorted(wanted - self.rooms.keys()):
             await self._load(room_id)
 
-    def live_rooms(self, room_ids: Iterable[str]) -> tuple[LiveRoom, ...]:
+    async def live_rooms(self, room_ids: Iterable[str]) -> tuple[LiveRoom, ...]:
         """The rooms followed here among `room_ids` ("*": all), most viewers first, at most
         `MAX_LIVE_LISTED`: what a `watch` answers, so a dashboard lists the rooms already
-        live (after `follow_live`, every live one), with the viewers a `joined` would say."""
+        live (after `follow_live`, every live one), with the viewers a `joined` would say
+        and the coins gifted this session (`session_coins`, counted by the money scripts with
+        the session board). With the Redis broker `coins` and `seq` are one atomic read of
+        the room's record, which the script that counts a gift also numbers its event in: the
+        coins are exactly those of the gifts up to `seq`. The memory broker numbers events
+        here after the script, so its `seq` (this node's) may be off by the gifts in flight."""
         wanted = set(room_ids)
         rooms = (
-            self.rooms.values()
+            list(self.rooms.values())
             if ALL_ROOMS in wanted
-            else (self.rooms[r] for r in wanted if r in self.rooms)
+            else [self.rooms[r] for r in wanted if r in self.rooms]
         )
-        listed = [
-            LiveRoom(
-                room=room.id,
-                creator=room.creator,
-                title=room.title,
-                viewers=self.broker.presence(room.id),
+        rooms.sort(key=lambda room: (-self.broker.presence(room.id), room.id))
+        rooms = rooms[:MAX_LIVE_LISTED]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.hmget(self.keyspace.room(room.id), ["session_coins", "seq"])
+            figures = await pipe.execute()
+        listed = []
+        for room, (coins, seq) in zip(rooms, figures, strict=True):
+            listed.append(
+                LiveRoom(
+                    room=room.id,
+                    creator=room.creator,
+                    title=room.title,
+                    viewers=self.broker.presence(room.id),
+                    coins=int(coins or 0),
+                    seq=int(seq or 0) if self.broker.shared else self.broker.top_seq(room.id),
+                )
             )
-            for room in rooms
-        ]
         listed.sort(key=lambda live: (-live.viewers, live.room))
-        return tuple(listed[:MAX_LIVE_LISTED])
+        return tuple(listed)
 
     async def catch_up(self, room: Room, since: int | None) -> None:
         """A `since` beyond what this gateway has read of a shared room (the client saw newer

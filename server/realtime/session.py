@@ -421,7 +421,8 @@ class Session:
             raise ProtocolError(ErrorCode.FORBIDDEN, "only ops users can watch the ops feed")
         self.parts.ops.watch(self.conn, message.rooms)
         await self.parts.hub.follow_live(message.rooms)
-        return Watching(rooms=message.rooms, live=self.parts.hub.live_rooms(message.rooms))
+        live = await self.parts.hub.live_rooms(message.rooms)
+        return Watching(rooms=message.rooms, live=live)
 
     async def on_gift(self, message: SendGift) -> GiftOk:
         now = time.monotonic()
