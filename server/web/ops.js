@@ -8,7 +8,14 @@ const $ = (id) => document.getElementById(id);
 const WINDOW_S = 300; // the chart's span: the last five minutes of stats lines
 const LATEST = 30;
 
-const rooms = new Map(); // room id -> {room, creator, title, viewers, coins, gifts}
+// room id -> {room, creator, title, viewers, coins, gifts, counted, recent}: `coins` is the
+// room's coins this live session: the server's figure from `watching.live` (exact up to the
+// room's seq `counted`) plus the gift events above that seq. A gift at or below it is already
+// in the figure (the feed starts before the `watching` reply), so it is never added twice;
+// `recent` keeps the last gifts' {seq, coins} to add back those above a snapshot that came
+// after them (a reconnect's `watching`).
+const rooms = new Map();
+const RECENT = 200;
 const points = []; // {ts, gifts, coins} from stats lines, oldest first
 const refusalHistory = []; // {ts, refusals} for the last minute's change
 let lastStats = null;
@@ -22,7 +29,7 @@ const client = new GiftstreamClient({
 function handle(frame) {
   switch (frame.type) {
     case "watching":
-      for (const live of frame.live || []) upsert(live.room, live);
+      for (const live of frame.live || []) snapshot(live);
       return drawRooms();
     case "room_opened":
       upsert(frame.room, { creator: frame.creator, title: frame.title });
@@ -49,16 +56,31 @@ function handle(frame) {
 }
 
 function upsert(id, fields) {
-  const room = rooms.get(id) || { room: id, creator: id, title: "", viewers: 0, coins: 0, gifts: 0 };
+  const room = rooms.get(id) ||
+    { room: id, creator: id, title: "", viewers: 0, coins: 0, gifts: 0, counted: 0, recent: [] };
   Object.assign(room, fields);
   rooms.set(id, room);
   return room;
 }
 
+// A `watching.live` entry: the server's coins this session, exact up to `seq`, plus the gifts
+// already received above it.
+function snapshot(live) {
+  const room = upsert(live.room, {
+    creator: live.creator, title: live.title, viewers: live.viewers,
+  });
+  if (typeof live.coins !== "number") return; // an older server: keep the coins seen
+  const seq = live.seq || 0;
+  room.counted = seq;
+  room.coins = live.coins + room.recent.filter((g) => g.seq > seq).reduce((sum, g) => sum + g.coins, 0);
+}
+
 function gift(event) {
   const coins = event.gift.coins * event.count;
   const room = upsert(event.room, {});
-  room.coins += coins;
+  if (event.seq > room.counted) room.coins += coins; // at or below: in the server's figure
+  room.recent.push({ seq: event.seq, coins });
+  if (room.recent.length > RECENT) room.recent.shift();
   room.gifts += event.count;
   const item = el("li");
   item.append(
@@ -79,6 +101,7 @@ function drawRooms() {
   fill($("live-rooms"), live.map((room) => {
     const row = el("tr");
     row.dataset.room = room.room;
+    row.dataset.coins = String(room.coins);
     row.append(el("td", "", room.room), el("td", "", room.title),
       el("td", "n", formatCount(room.viewers)), el("td", "n", formatCount(room.coins)));
     return row;

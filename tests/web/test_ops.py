@@ -57,3 +57,40 @@ async def test_the_dashboard_lists_rooms_live_before_it_opened(
     await creator.request({"type": "end_live"})
     await expect(page.locator('#live-rooms tr[data-room="dan"]')).to_have_count(0, timeout=SHOWN_MS)
     await creator.close()
+
+
+async def test_the_dashboard_shows_the_coins_of_the_session_before_it_opened(
+    app: App, tokens: TokenMaker, admin: AdminClient, open_page: OpenPage
+) -> None:
+    """A room's coins this session come from the server (`watching.live[].coins`), so a
+    dashboard opened late shows the gifts sent before it, then adds each later gift once;
+    a reload shows the same figure (no gift counted twice)."""
+    await admin.buy("ann", "coins_700")
+    creator, _ = await WsClient.login(app.ws_url, tokens("cara", "creator"))
+    await creator.request({"type": "go_live", "title": "Early gifts"})
+    viewer, _ = await WsClient.login(app.ws_url, tokens("ann", name="Ann"))
+    await viewer.request({"type": "join", "room": "cara"})
+    gift = {"type": "gift", "room": "cara", "gift": "doughnut", "count": 2, "key": "ops-early-1"}
+    assert (await viewer.request(gift))["type"] == "gift_ok"
+    opened = await open_page(f"/ops#token={tokens('otto', 'ops')}")
+    page = opened.page
+    await expect(page.locator("#live-rooms").locator("xpath=..")).to_contain_text(
+        "coins this session"
+    )
+    row = page.locator('#live-rooms tr[data-room="cara"]')
+    await expect(row).to_have_attribute("data-coins", "60", timeout=SHOWN_MS)
+    await expect(row.locator("td").nth(3)).to_have_text("60")
+    await viewer.request({**gift, "gift": "rose", "count": 1, "key": "ops-early-2"})
+    await expect(row).to_have_attribute("data-coins", "61", timeout=SHOWN_MS)
+    await expect(page.locator("#latest li").first).to_contain_text("Rose")
+    await expect(page.locator("#top-rooms tr").first).to_contain_text("61")
+    await page.reload()
+    await expect(row).to_have_attribute("data-coins", "61", timeout=SHOWN_MS)
+    # a new session starts at 0
+    await creator.request({"type": "end_live"})
+    await expect(row).to_have_count(0, timeout=SHOWN_MS)
+    await creator.request({"type": "go_live", "title": "Again"})
+    await expect(row).to_have_attribute("data-coins", "0", timeout=SHOWN_MS)
+    assert opened.problems() == []
+    for client in (viewer, creator):
+        await client.close()
