@@ -2,8 +2,10 @@
 
 Run: `.venv/bin/python -m tests.web.screenshots` (after `make install-dev`). It starts
 `giftstream serve --demo` on free ports in a temporary data dir, opens the page URLs the demo
-block prints, goes live as cara from her page, sends gifts from a few clients and Ann's
-buttons, and photographs both pages in Debian's Chromium.
+block prints, goes live as cara (over the WebSocket, so no page meets her room before it is
+made), sends gifts from a few clients and Ann's buttons, so the top 3 and the dashboard's
+coins this session are real, and photographs both pages in Debian's Chromium. The one
+refusal in the dashboard's table is the script's own, on purpose.
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ async def shoot(server: ServerProcess) -> None:
         desk = await browser.new_context(viewport={"width": 1100, "height": 860})
         ops = await desk.new_page()
         await ops.goto(urls["ops"])
-        creator = await phone.new_page()
-        await creator.goto(urls["creator"])
-        await creator.locator("#go-live-title").fill("Cooking night 🍳")
-        await creator.locator("#go-live button").click()
+        # cara goes live before any page asks for her room: a page opened first would join a
+        # room not yet made, and its `unknown_room` replies would show in the refusals table
+        cara, _ = await WsClient.login(ws_url, tokens("cara", "creator", name="Cara"))
+        live = await cara.request({"type": "go_live", "title": "Cooking night 🍳"})
+        assert live["type"] == "live", live
         viewer = await phone.new_page()
         await viewer.goto(urls["viewer"])
         await expect(viewer.locator("#title")).to_have_text("Cooking night 🍳", timeout=10000)
@@ -91,7 +94,7 @@ async def shoot(server: ServerProcess) -> None:
         refused = {"type": "gift", "room": "cara", "gift": "lion", "count": 1, "key": "shot-lion"}
         assert (await bob.request(refused))["code"] == "insufficient_coins"  # for the table
         await snap(ops, "ops.png", wait_for='#refusals tr[data-code="insufficient_coins"]')
-        for client in senders:
+        for client in (*senders, cara):
             await client.close()
         await browser.close()
 
