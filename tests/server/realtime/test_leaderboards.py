@@ -140,16 +140,17 @@ async def test_leaders_on_change_at_most_once_a_second_in_seq(
             {"user": "cat", "name": NAMES["cat"], "coins": 1},
         ]
         events = await top_becomes(watcher, final)
-        arrived = asyncio.get_running_loop().time()
         assert len(events) in (2, 3), events  # coalesced by the second's wait
         one_per_change(events)
         in_seq(watcher)
-        # unchanged: no more `leaders`, whatever else happens in the room
+        # unchanged: no more `leaders`, whatever else happens in the room; shown by the next
+        # change's event coming right after these in the room's seq, with nothing between
         await bob.request({"type": "leave", "room": "cara"})
         await watcher.wait_for_room_events(1, kind="viewers", timeout=10)
-        # an absence is shown by time passing: 2.5 s past the last change, nothing more
-        await asyncio.sleep(max(0.0, arrived + 2.5 - asyncio.get_running_loop().time()))
-        assert leaders(watcher) == events
+        await cat.request(gift("cat-gift-2", "heart", 4))  # 21: cat leads
+        marker = [final[2] | {"coins": 21}, final[0], final[1]]
+        await top_becomes(watcher, marker)
+        assert [e["top"] for e in leaders(watcher)] == [e["top"] for e in events] + [marker]
         assert (await watcher.request({"type": "ping"}))["type"] == "pong"
         for client in (creator, ann, bob, cat, watcher):
             await client.close()
@@ -212,9 +213,17 @@ async def test_two_gateways_publish_one_leaders_event_per_change(
             await sender.request(gift(f"two-gift-{i}", gift_id, count))
             await top_becomes(on_a, top)
             await top_becomes(on_b, top)
-        await asyncio.sleep(1.5)  # any duplicate a second gateway would write shows by now
+        # a duplicate either gateway wrote of a change would sit before the next change's
+        # event in the room's seq: one more change, and nothing else between
+        await bob.request(gift("two-gift-3", "heart", 2))  # bob 20
+        marker = [
+            {"user": "bob", "name": NAMES["bob"], "coins": 20},
+            {"user": "ann", "name": "Ann", "coins": 15},
+        ]
+        await top_becomes(on_a, marker)
+        await top_becomes(on_b, marker)
         assert leaders(on_a) == leaders(on_b)
-        assert [e["top"] for e in leaders(on_a)] == tops
+        assert [e["top"] for e in leaders(on_a)] == [*tops, marker]
         for viewer in (on_a, on_b):
             in_seq(viewer)
         for client in (creator, ann, bob, on_a, on_b):
