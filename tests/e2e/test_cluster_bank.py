@@ -54,7 +54,6 @@ from tests.helpers import AdminClient, TokenMaker, WsClient
 from tests.processes import ServerProcess, run_cli
 from tests.server.ledger.test_relay import NatsServer, jetstream_messages
 from tests.server.ledger.worker_process import WorkerProcess
-from tests.server.money.test_cluster_gifts import replicas_online
 
 CREATORS = ["cara", "dan", "eli"]  # the first one's master is killed
 SPACE = keys.KeySpace(partitions=keys.DEFAULT_PARTITIONS, cluster=True)
@@ -384,7 +383,7 @@ async def test_bank_on_a_cluster_with_durable_ack_through_a_master_killed(
     tmp_path: Path,
     jetstream: RelayConfig | str,
 ) -> None:
-    replicas_online(redis_cluster)
+    redis_cluster.wait_ok()  # every replica in sync before the load
     load = Load(rich=60, poor=15, acks_before_kill=500, acks_after_failover=500)
     outcome = await bank_on_cluster(
         redis_cluster, cluster_url, tmp_path, jetstream, durable=True, load=load, seed=14
@@ -410,7 +409,7 @@ async def test_bank_on_a_cluster_without_durable_ack_loses_only_whole_gifts(
     tmp_path: Path,
     jetstream: RelayConfig | str,
 ) -> None:
-    replicas_online(redis_cluster)
+    redis_cluster.wait_ok()  # every replica in sync before the load
     load = Load(rich=30, poor=8, acks_before_kill=250, acks_after_failover=250)
     outcome = await bank_on_cluster(
         redis_cluster, cluster_url, tmp_path, jetstream, durable=False, load=load, seed=41

@@ -31,21 +31,9 @@ ECONOMICS = Economics()
 DEADLINE_S = 60.0
 
 
-def replicas_online(cluster: RedisClusterProcesses) -> None:
-    """Until every master's replica is through its first sync: before that a WAIT for it
-    (a crediting take, a durable gift) waits in vain (a fresh cluster, a restarted node)."""
-    deadline = time.monotonic() + DEADLINE_S
-    for _ in range(100_000):
-        states = [m.info("replication").get("slave0") for m in cluster.masters()]
-        if all(isinstance(s, dict) and s.get("state") == "online" for s in states):
-            return
-        assert time.monotonic() < deadline, f"replicas not in sync: {states}"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 async def rc(cluster_url: str, redis_cluster: RedisClusterProcesses) -> AsyncIterator[RedisCluster]:
-    replicas_online(redis_cluster)
+    redis_cluster.wait_ok()  # every replica in sync: a WAIT for it can be met
     client = RedisCluster.from_url(cluster_url)
     yield client
     await client.aclose()
