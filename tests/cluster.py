@@ -278,6 +278,11 @@ class RedisClusterProcesses:
         if not replicas:
             raise RuntimeError(f"master {master.address} has no replica to promote")
         master.kill()
+        return master, self.wait_promoted(master, replicas)
+
+    def wait_promoted(self, master: ClusterNode, replicas: list[ClusterNode]) -> ClusterNode:
+        """Once `master` is dead: the replica promoted in its place, when every live node
+        sees all slots served again."""
         promoted: list[ClusterNode] = []
 
         def one_promoted() -> bool:
@@ -286,7 +291,7 @@ class RedisClusterProcesses:
 
         _wait(f"a replica of {master.address} promoted", one_promoted, FAILOVER_TIMEOUT_S)
         self.wait_ok(FAILOVER_TIMEOUT_S)
-        return master, promoted[0]
+        return promoted[0]
 
     def restart(self, node: ClusterNode) -> None:
         """Start a killed node again on its port: it rejoins (as a replica of its successor)."""

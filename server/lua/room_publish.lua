@@ -14,22 +14,36 @@
 -- A room that has ended (live=0) takes no more events: its `room_ended` was the last.
 -- KEYS: room record, room log, room presence, the live-room set of the room's partition, the
 -- room's session board and names.
--- ARGV: log size, room id, room id as JSON, then the ops.
+-- ARGV: log size, room id, room id as JSON, the highest seq the calling gateway has delivered
+-- in the room, then the ops.
+-- The delivered seq lifts `seq_reserved` to at least it before any op is numbered (a lift
+-- only, never lower): after a failover of the room's shard lost the last events, the first
+-- call of any gateway that delivered them puts the room's numbering back above them, so no
+-- seq a viewer has seen is given again (docs/reliability.md, "On a Redis Cluster").
 -- Reply: {viewers now (-1 when no 'v'), ended by this call (0/1), live after (0/1), last seq,
--- leaders (-1 no 'l', 0 unchanged, 1 published, 2 changed but within the gap: ask again)}.
+-- leaders (-1 no 'l', 0 unchanged, 1 published, 2 changed but within the gap: ask again),
+-- the room's seq as found, before the lift (below the delivered seq: the room stepped back)}.
 local room_record, room_log, presence, live_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local session_board, names = KEYS[5], KEYS[6]
 local log_size = int_arg(1, 1, 2^31)
 local room_id, room_json = ARGV[2], ARGV[3]
+local delivered = int_arg(4, 0, 2^53 - 1)
 local state = redis.call('HGET', room_record, 'live')
 local live, open = state == '1', state ~= '0'
 local seq = room_seq(room_record, room_log)
+local found = seq
 local now = redis_now()
 local viewers, ended, leaders = -1, 0, -1
 -- the leaders' reads, checked here before any write
 want_type(session_board, 'zset')
 want_type(names, 'hash')
 local leaders_at = stored_int(room_record, 'leaders_at')
+
+-- every check above; the first write: the lift
+if delivered > seq then
+  redis.call('HSET', room_record, 'seq_reserved', delivered)
+  seq = delivered
+end
 
 local function append(kind, data)
   seq = seq + 1
@@ -65,7 +79,7 @@ local function presence_sum()
   return sum
 end
 
-local i = 4
+local i = 5
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'e' then
@@ -116,4 +130,4 @@ while i <= #ARGV do
     error('giftstream: unknown room op ' .. tostring(op))
   end
 end
-return {viewers, ended, live and 1 or 0, seq, leaders}
+return {viewers, ended, live and 1 or 0, seq, leaders, found}

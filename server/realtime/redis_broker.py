@@ -21,6 +21,11 @@ room's record; whichever gateway asks first after a change writes the one event.
 Presence: this gateway's users per room, in the room's presence hash with an expiry (Redis
 TIME), summed by `room_publish` ('v'), which announces `viewers` only on change: a dead
 gateway's viewers leave the count when its fields expire.
+Every `room_publish` carries the highest seq this gateway has delivered in the room, and the
+script lifts the room's numbering to at least it: a failover that lost the room's last events
+(asynchronous replication on a cluster) cannot make the next events re-use seqs viewers have
+seen, once any gateway that delivered them has called (within about a second). The XREAD goes
+on after the last entry read, which is at most that seq, so it meets the newly numbered events.
 """
 
 from __future__ import annotations
@@ -217,18 +222,21 @@ class RedisBroker:
             if followed is not None:
                 followed.ops = []
             try:
-                reply = await self._run_publish(room_id, [*ops, *end_op])
+                delivered = followed.top_seq if followed is not None else 0
+                reply = await self._run_publish(room_id, delivered, [*ops, *end_op])
             except BaseException:
                 if followed is not None:
                     followed.ops[:0] = ops
                 raise
         if followed is not None and self._rooms.get(room_id) is followed:
-            self._note_viewers(followed, reply, followed.written)
+            self._note_reply(followed, reply, delivered)
             await self.flush((room_id,))
         return int(reply[1]) == 1
 
-    async def _run_publish(self, room_id: str, ops: Sequence[bytes | str | int]) -> Any:
-        keys_, args = self._publish_call(room_id, orjson.dumps(room_id), ops)
+    async def _run_publish(
+        self, room_id: str, delivered: int, ops: Sequence[bytes | str | int]
+    ) -> Any:
+        keys_, args = self._publish_call(room_id, orjson.dumps(room_id), delivered, ops)
         try:
             return await self.redis.evalsha(self._publish.sha, len(keys_), *keys_, *args)
         except NoScriptError:
@@ -236,8 +244,10 @@ class RedisBroker:
             return await self.redis.evalsha(self._publish.sha, len(keys_), *keys_, *args)
 
     def _publish_call(
-        self, room_id: str, room_json: bytes, ops: Sequence[bytes | str | int]
+        self, room_id: str, room_json: bytes, delivered: int, ops: Sequence[bytes | str | int]
     ) -> tuple[list[str], list[Any]]:
+        """`delivered`: the highest seq this gateway has delivered in the room, the floor the
+        script lifts the room's numbering to."""
         ks = self.keyspace
         keys_ = [
             ks.room(room_id),
@@ -247,7 +257,7 @@ class RedisBroker:
             ks.board_session(room_id),
             ks.board_names(room_id),
         ]
-        return keys_, [self.history_size, room_id, room_json, *ops]
+        return keys_, [self.history_size, room_id, room_json, delivered, *ops]
 
     async def flush(self, room_ids: Collection[str] | None = None) -> None:
         """One round trip: presence changes (and the periodic refresh), each room's queued
@@ -263,7 +273,7 @@ class RedisBroker:
             if refresh:
                 self._next_refresh = loop.time() + self.presence_refresh_s
             presence_sent: dict[_Followed, int] = {}
-            published: list[tuple[_Followed, list[bytes | str | int]]] = []
+            published: list[tuple[_Followed, int, list[bytes | str | int]]] = []
             async with self.redis.pipeline(transaction=False) as pipe:
                 if room_ids is None:
                     for followed in targets:
@@ -274,8 +284,11 @@ class RedisBroker:
                 for followed in targets:
                     if followed.ops:
                         ops, followed.ops = followed.ops, []
-                        published.append((followed, ops))
-                        keys_, args = self._publish_call(followed.room_id, followed.room_json, ops)
+                        delivered = followed.top_seq
+                        published.append((followed, delivered, ops))
+                        keys_, args = self._publish_call(
+                            followed.room_id, followed.room_json, delivered, ops
+                        )
                         pipe.evalsha(self._publish.sha, len(keys_), *keys_, *args)
                 reads = _reads_by_partition(targets)
                 for streams in reads:
@@ -283,7 +296,7 @@ class RedisBroker:
                 try:
                     results = await pipe.execute(raise_on_error=False) if len(pipe) else []
                 except BaseException:
-                    for followed, ops in published:
+                    for followed, _, ops in published:
                         followed.ops[:0] = ops
                     raise
             replies = iter(results)
@@ -294,15 +307,13 @@ class RedisBroker:
                     failed.append(reply)
                 else:
                     followed.written = users
-            for followed, ops in published:
+            for followed, delivered, ops in published:
                 reply = next(replies)
                 if isinstance(reply, BaseException):
                     failed.append(reply)
                     followed.ops[:0] = ops  # written next tick
                 else:
-                    self._note_viewers(followed, reply, followed.written)
-                    if int(reply[4]) == LEADERS_TOO_SOON:
-                        followed.leaders_due = True
+                    self._note_reply(followed, reply, delivered)
             read: list[Any] = []
             for reply in replies:  # the XREADs, one per partition
                 if isinstance(reply, BaseException):
@@ -357,11 +368,28 @@ class RedisBroker:
                 followed.deliver(followed.room_id, batch)
         return more
 
-    def _note_viewers(self, followed: _Followed, reply: Any, own: int) -> None:
-        """A `room_publish` reply's viewer sum (when it counted): the other gateways' part."""
+    def _note_reply(self, followed: _Followed, reply: Any, delivered: int) -> None:
+        """A `room_publish` reply: its viewer sum (when it counted) less this gateway's part,
+        whether `leaders` must be asked again, and whether the room had stepped back below
+        what this gateway delivered (a failover lost its last events: lifted by this call)."""
         viewers = int(reply[0])
         if viewers >= 0:
-            followed.remote = max(0, viewers - own)
+            followed.remote = max(0, viewers - followed.written)
+        if int(reply[4]) == LEADERS_TOO_SOON:
+            followed.leaders_due = True
+        found = int(reply[5])
+        if found < delivered:
+            # The log now ends below this gateway's read position. That position stays: the
+            # last entry read is at most `delivered` (entries at or below the seq delivered
+            # move it no further), so the events numbered from now on, above `delivered`, are
+            # all after it; those numbered before this lift re-used seqs and are lost here.
+            log.warning(
+                "room %s had stepped back to seq %d below the %d delivered here (a failover "
+                "lost its last events?): its numbering is lifted above it",
+                followed.room_id,
+                found,
+                delivered,
+            )
 
     def _write_presence(self, pipe: Any, followed: _Followed, users: int) -> None:
         pipe.evalsha(

@@ -36,7 +36,7 @@ async def test_room_scripts_touch_the_rooms_own_live_set(cluster_url: str) -> No
             SPACE.board_names("cara"),
         ]
         publish = script_source("room_publish")
-        reply = await client.eval(publish, 6, *cara, 16, "cara", '"cara"', "end")
+        reply = await client.eval(publish, 6, *cara, 16, "cara", '"cara"', 0, "end")
         assert reply[1] == 1  # ended by this call
         live: set[bytes | str] = set()
         for live_set in SPACE.all_live_rooms():
