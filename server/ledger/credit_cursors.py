@@ -15,12 +15,8 @@ from dataclasses import dataclass, field
 
 from giftstream.server.ledger.entries import stream_id_key
 from giftstream.server.money import keys
+from giftstream.server.money.crediting import read_cursor_ids
 from giftstream.server.redis_cluster import RedisClient
-
-
-def cursor_field(source: int) -> str:
-    """The field of source partition `source` in a cursors hash (KeySpace names it)."""
-    return keys.KeySpace.credit_cursor_field(source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +42,6 @@ async def read_credit_cursors(redis: RedisClient, keyspace: keys.KeySpace) -> Cr
     credit with its cursor, which crediting then applies again."""
     if not keyspace.cluster:
         return CreditCursors(keyspace, everything=True)
-    async with redis.pipeline(transaction=False) as pipe:
-        for target in range(keyspace.partitions):
-            pipe.hgetall(keyspace.credit_cursors(target))
-        replies = await pipe.execute()
-    cursors: dict[tuple[int, int], tuple[int, int]] = {}
-    by_field = {cursor_field(s): s for s in range(keyspace.partitions)}
-    for target, reply in enumerate(replies):
-        for name, value in reply.items():
-            source = by_field.get(keys.text(name))
-            if source is not None:
-                cursors[(target, source)] = stream_id_key(keys.text(value))
+    read = await read_cursor_ids(redis, keyspace)
+    cursors = {(target, source): stream_id_key(last) for (source, target), last in read.items()}
     return CreditCursors(keyspace, cursors)

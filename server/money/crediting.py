@@ -74,6 +74,24 @@ _EVENT_PARTS = ("room_json", "sender_json", "gift_json")
 Cursors = dict[tuple[int, int], str]  # (source, target) -> last outbox id credited
 
 
+async def read_cursor_ids(redis: RedisClient, keyspace: keys.KeySpace) -> Cursors:
+    """Every partition's cursors hash (one HGETALL each, pipelined: on a cluster each to its
+    shard), as (source, target) -> the last outbox id credited; a field that names no
+    partition is no cursor. The runner's step 1, and what the audit counts as credited."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for target in range(keyspace.partitions):
+            pipe.hgetall(keyspace.credit_cursors(target))
+        hashes = await pipe.execute()
+    by_field = {keyspace.credit_cursor_field(s): s for s in range(keyspace.partitions)}
+    cursors: Cursors = {}
+    for target, stored in enumerate(hashes):
+        for name, value in stored.items():
+            source = by_field.get(keys.text(name))
+            if source is not None:
+                cursors[(source, target)] = keys.text(value)
+    return cursors
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One gift's creator part, as its outbox holds it."""
@@ -165,15 +183,7 @@ class Crediting:
 
     async def read_cursors(self) -> Cursors:
         """Step 1: every (source, target) cursor, read in one cluster pipeline."""
-        async with self._redis.pipeline() as pipe:
-            for c in self._partitions:
-                pipe.hgetall(self._keys.credit_cursors(c))
-            hashes = await pipe.execute()
-        cursors: Cursors = {}
-        for c, stored in enumerate(hashes):
-            for field, value in stored.items():
-                cursors[(int(keys.text(field).removeprefix("p")), c)] = keys.text(value)
-        return cursors
+        return await read_cursor_ids(self._redis, self._keys)
 
     async def take(self, source: int, cursors: Cursors) -> dict[int, list[Entry]] | None:
         """Step 2: the uncredited entries of `source`, by target partition (only those with

@@ -16,7 +16,6 @@ import orjson
 from redis.asyncio.cluster import RedisCluster
 
 from giftstream.server.ledger.connect import open_ledger_redis
-from giftstream.server.ledger.credit_cursors import cursor_field
 from giftstream.server.money import keys
 
 PARTITIONS = 8
@@ -116,7 +115,7 @@ class ClusterLedger:
 
     async def set_cursor(self, sender: str, creator: str, stream_id: str) -> None:
         cursors = self.space.credit_cursors(self.space.partition(creator))
-        source = cursor_field(self.space.partition(sender))
+        source = self.space.credit_cursor_field(self.space.partition(sender))
         await self.redis.hset(cursors, source, stream_id)
 
     async def payout(self, creator: str, diamonds: int) -> str:
