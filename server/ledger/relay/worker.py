@@ -365,8 +365,10 @@ class Relay:
         entries = [(keys.text(raw_id), fields) for raw_id, fields in (reply[0][1] if reply else [])]
         if not entries:
             return 0
-        self._check_lease()  # the read may have blocked: read, not published, still pending
         await self._check_replicated()
+        # the read may have blocked, and the wait for the replicas taken up to a second: the
+        # lease is checked last, right before publishing (read, not published, still pending)
+        self._check_lease()
         batch = [
             self.jetstream.message(stream_id, fields)
             for stream_id, fields in entries
