@@ -28,18 +28,20 @@ would take the id for other params later. One Redis has no claims at all: exactl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError, MovedError, RedisError, TimeoutError, TryAgainError
 
 from giftstream.server import scripts
 from giftstream.server.money import keys
 from giftstream.server.money.refusal import Reason, Refusal
-from giftstream.server.money.same_connection import Replicas, script_then_wait
+from giftstream.server.money.same_connection import (
+    FAILOVER_ERRORS,
+    Replicas,
+    script_through_failover,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,43 +121,39 @@ class Claims:
     async def _claim(self, claim_key: str, owner: str, params: str) -> Claim | None:
         """Write or confirm the claim and wait for its replicas: None when it is (owner,
         params)'s, else the other claim (nothing written)."""
-        for _ in range(ATTEMPTS):
-            node, replicas = await self._replicas.of(claim_key)
-            try:
-                reply, acked = await script_then_wait(
-                    node,
-                    self._script,
-                    [claim_key],
-                    [owner, params, self._now()],
-                    replicas,
-                    self._wait_ms,
-                )
-            except (MovedError, TryAgainError, ConnectionError, TimeoutError):
-                # a failover: the slot moved, or its master died, maybe after the script ran
-                # (a claim is idempotent: asked again, the same owner and params answer ok)
-                with contextlib.suppress(RedisError):
-                    await self._redis.exists(claim_key)  # the client follows it, renewing its map
-                continue
-            status = keys.text(reply[0])
-            if status == "taken":
-                return Claim(keys.text(reply[1]), keys.text(reply[2]))
-            if status != "ok":
-                raise RuntimeError(f"claim.lua replied {reply!r}")
-            if acked >= replicas:
-                return None
-            self._held_back()
-            log.warning(
-                "claim %s: %s of %d replicas acked within %d ms",
-                claim_key,
-                acked,
-                replicas,
+        try:
+            reply, acked, replicas = await script_through_failover(
+                self._redis,
+                self._replicas,
+                self._script,
+                [claim_key],
+                [owner, params, self._now()],
                 self._wait_ms,
+                attempts=ATTEMPTS,
             )
+        except FAILOVER_ERRORS as exc:
             raise Refusal(
-                Reason.UNAVAILABLE,
-                "the claim is not on its replicas yet; retry the same request",
-            )
-        raise Refusal(Reason.UNAVAILABLE, "the cluster is failing over; retry the same request")
+                Reason.UNAVAILABLE, "the cluster is failing over; retry the same request"
+            ) from exc
+        status = keys.text(reply[0])
+        if status == "taken":
+            return Claim(keys.text(reply[1]), keys.text(reply[2]))
+        if status != "ok":
+            raise RuntimeError(f"claim.lua replied {reply!r}")
+        if acked >= replicas:
+            return None
+        self._held_back()
+        log.warning(
+            "claim %s: %s of %d replicas acked within %d ms",
+            claim_key,
+            acked,
+            replicas,
+            self._wait_ms,
+        )
+        raise Refusal(
+            Reason.UNAVAILABLE,
+            "the claim is not on its replicas yet; retry the same request",
+        )
 
 
 def _refuse_receipt(receipt: str, taken: Claim | None) -> None:

@@ -22,13 +22,21 @@ what it missed).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    TimeoutError,
+    TryAgainError,
+)
 
 REPLICAS_REFRESH_S = 5.0  # how often a master's own count of replicas is asked again
 
@@ -88,6 +96,41 @@ async def script_then_wait(
                 raise result
         return reply, int(_text(acked))
     raise NoScriptError(f"script {script.sha} not loaded on {node.name}")
+
+
+FAILOVER_ERRORS = (MovedError, TryAgainError, ConnectionError, TimeoutError)
+
+
+async def script_through_failover(
+    redis: RedisCluster,
+    replicas: Replicas,
+    script: AsyncScript,
+    keys: Sequence[str],
+    args: Sequence[Any],
+    timeout_ms: int,
+    *,
+    mark_key: str | None = None,
+    attempts: int = 3,
+) -> tuple[Any, int, int]:
+    """`script_then_wait` on the master of `keys[0]` now: (reply, replicas acked, replicas
+    asked). A failover meanwhile (the slot moved, its master died, maybe after the script ran)
+    lets the client renew its slot map and asks again, `attempts` times in all, then raises
+    the last error: for idempotent scripts only (a gift key, a claim: asked again, the first
+    result comes back)."""
+    for attempt in range(attempts):
+        node, wanted = await replicas.of(keys[0])
+        try:
+            reply, acked = await script_then_wait(
+                node, script, keys, args, wanted, timeout_ms, mark_key
+            )
+        except FAILOVER_ERRORS:
+            if attempt == attempts - 1:
+                raise
+            with contextlib.suppress(RedisError):
+                await redis.exists(keys[0])  # the client follows it, renewing its map
+            continue
+        return reply, acked, wanted
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def replicated(node: ClusterNode, mark_key: str, replicas: int, timeout_ms: int) -> bool:

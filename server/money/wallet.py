@@ -25,7 +25,6 @@ undone (a metric counts it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -39,12 +38,7 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
-    ConnectionError,
-    MovedError,
-    RedisError,
     ResponseError,
-    TimeoutError,
-    TryAgainError,
 )
 
 from giftstream.protocol.rules import KEY_RULE, MAX_AMOUNT, MAX_COUNT, is_count, is_key
@@ -56,7 +50,7 @@ from giftstream.server.money.boards import Boards
 from giftstream.server.money.catalog import MAX_COINS, Economics, Gift, Package
 from giftstream.server.money.claims import Claims
 from giftstream.server.money.refusal import Reason, Refusal
-from giftstream.server.money.same_connection import Replicas, script_then_wait
+from giftstream.server.money.same_connection import Replicas, script_through_failover
 from giftstream.server.redis_cluster import RedisClient
 
 log = logging.getLogger(__name__)
@@ -788,29 +782,19 @@ class Wallet:
         self._cluster_writes += 1
         if not durable:
             return await script(keys=script_keys, args=args, client=self._cluster)
-        for _ in range(DURABLE_ATTEMPTS):
-            node, replicas = await self._replicas.of(script_keys[0])
-            try:
-                reply, acked = await script_then_wait(
-                    node,
-                    script,
-                    script_keys,
-                    args,
-                    replicas,
-                    self._durable_ack_timeout_ms,
-                    mark_key=self._keys.durable_mark(script_keys[0]),
-                )
-            except (MovedError, TryAgainError, ConnectionError, TimeoutError) as exc:
-                # the slot moved or its master died (maybe after the script ran: a gift key
-                # answers the retry with its first result, so asking again is safe)
-                moved: Exception = exc
-                with contextlib.suppress(RedisError):
-                    await self._cluster.exists(script_keys[0])  # the client follows it
-                continue
-            if acked < replicas:
-                self._durable_short(f"WAIT: {acked} of {replicas} replicas acked in time")
-            return reply
-        raise moved
+        reply, acked, replicas = await script_through_failover(
+            self._cluster,
+            self._replicas,
+            script,
+            script_keys,
+            args,
+            self._durable_ack_timeout_ms,
+            mark_key=self._keys.durable_mark(script_keys[0]),
+            attempts=DURABLE_ATTEMPTS,
+        )
+        if acked < replicas:
+            self._durable_short(f"WAIT: {acked} of {replicas} replicas acked in time")
+        return reply
 
 
 CLUSTER_CALLS_IN_FLIGHT = 64  # a cluster's money calls at once (each holds a connection)
